@@ -1,0 +1,3 @@
+from diffcore.cli import main
+
+main()

@@ -1,0 +1,20 @@
+"""The import surface promised to plugin authors: import from here, nothing else in the core.
+
+    from diffcore.api import hookimpl, ModelBundle, GuidanceProcessor, Branch
+"""
+
+from diffcore.config.spec import Spec, component, component_list
+from diffcore.errors import CheckpointError, ConfigError, DiffcoreError, PluginError
+from diffcore.hookspecs import hookimpl
+from diffcore.jobs import JobContext, JobSettings, is_main_process
+from diffcore.models import GenerationRequest, ModelBundle
+from diffcore.nn.attention import Attention, attention_layers, patch_attention, resolve_layers
+from diffcore.registry import NoConfig
+from diffcore.sampling.guidance import COND, UNCOND, Branch, GuidanceProcessor, StepInfo
+
+__all__ = [
+    "COND", "UNCOND", "Attention", "Branch", "CheckpointError", "ConfigError", "DiffcoreError",
+    "GenerationRequest", "GuidanceProcessor", "JobContext", "JobSettings", "ModelBundle", "NoConfig",
+    "PluginError", "Spec", "StepInfo", "attention_layers", "component", "component_list", "hookimpl",
+    "is_main_process", "patch_attention", "resolve_layers",
+]

@@ -1,0 +1,160 @@
+"""The ``diffcore`` command line. User errors print one paragraph and exit 1; ``--debug`` shows
+the traceback. Plugins add commands through the ``register_commands`` hook."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import attrs
+import click
+
+from diffcore import __version__
+from diffcore.errors import DiffcoreError
+
+
+class DiffcoreGroup(click.Group):
+    """Turns DiffcoreError into a short message (no traceback unless --debug)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DiffcoreError as exc:
+            if ctx.params.get("debug") or os.environ.get("DIFFCORE_DEBUG"):
+                raise
+            click.secho(f"Error: {exc}", err=True, fg="red")
+            ctx.exit(1)
+
+
+@click.group(cls=DiffcoreGroup)
+@click.version_option(__version__, prog_name="diffcore")
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+def cli(debug: bool) -> None:
+    """diffcore: diffusion and flow-matching models as plugins, jobs as TOML files."""
+
+
+@cli.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config value, e.g. --set sampler.steps=30 (value parsed as TOML).")
+@click.option("--processes", type=int, default=1, show_default=True,
+              help="Start N processes with torchrun (data split across ranks).")
+@click.pass_context
+def run(ctx: click.Context, job_file: str, overrides: tuple[str, ...], processes: int) -> None:
+    """Run the job described by JOB_FILE."""
+    from diffcore.jobs.runner import prepare
+    from diffcore.jobs.runner import run as run_job
+
+    debug = bool(ctx.parent and ctx.parent.params.get("debug"))
+    if processes > 1:
+        prepare(job_file, list(overrides))  # fail fast, in this process, on a bad file
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "diffcore", "run", job_file, *[a for o in overrides for a in ("--set", o)]]
+        ctx.exit(subprocess.call(cmd))
+    run_job(job_file, list(overrides), debug=debug)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins(as_json: bool) -> None:
+    """Installed plugins, their versions, what each registers, and load errors."""
+    from diffcore.plugins import get_plugins
+
+    pm = get_plugins()
+    for kind in pm.registries:
+        pm.registry(kind)
+    rows = [attrs.asdict(p, filter=lambda a, _: a.name != "traceback") for p in pm.info.values()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        status = click.style("BROKEN", fg="red") if row["error"] else ""
+        click.echo(f"{row['name']} ({row['distribution']} {row['version']}) {status}".rstrip())
+        if row["error"]:
+            click.echo(textwrap.indent(f"failed to load: {row['error']}", "    "))
+        for kind, names in row["registered"].items():
+            click.echo(f"    {kind}: {', '.join(names)}")
+
+
+@cli.command("list")
+@click.argument("kind", required=False)
+def list_components(kind: str | None) -> None:
+    """Registered components of KIND (or all kinds) with their config fields and defaults."""
+    from diffcore.errors import ConfigError, did_you_mean
+    from diffcore.plugins import get_plugins
+    from diffcore.registry import KINDS
+
+    if kind is not None and kind not in KINDS:
+        raise ConfigError(f"unknown kind {kind!r}{did_you_mean(kind, KINDS)}; kinds: {', '.join(KINDS)}")
+    pm = get_plugins()
+    for k in [kind] if kind else KINDS:
+        click.secho(f"{k}:", bold=True)
+        for comp in pm.registry(k):
+            click.echo(f"  {comp.name}  [{comp.plugin}]  {comp.description}")
+            for line in describe_fields(comp.config):
+                click.echo(f"      {line}")
+
+
+def describe_fields(cls: type) -> list[str]:
+    """``name: type = default`` for each field of an attrs config class."""
+    out = []
+    for a in attrs.fields(attrs.resolve_types(cls)):
+        if "component" in a.metadata:
+            continue
+        default = a.default
+        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+            default = "(table)"
+        shown = "(required)" if default is attrs.NOTHING else f"= {default!r}"
+        tp = a.type if isinstance(a.type, str) else getattr(a.type, "__name__", str(a.type))
+        out.append(f"{a.name}: {str(tp).replace('typing.', '')} {shown}")
+    return out
+
+
+@cli.group()
+def config() -> None:
+    """Inspect job files."""
+
+
+@config.command("show")
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+def config_show(job_file: str, overrides: tuple[str, ...]) -> None:
+    """Print the fully resolved config (extends merged, overrides applied, defaults filled)."""
+    import tomli_w
+
+    from diffcore.jobs.runner import prepare
+
+    click.echo(tomli_w.dumps(prepare(job_file, list(overrides)).resolved()), nl=False)
+
+
+@config.command("validate")
+@click.argument("job_files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+def config_validate(job_files: tuple[str, ...], overrides: tuple[str, ...]) -> None:
+    """Check job files without running them."""
+    from diffcore.jobs.runner import prepare
+
+    for f in job_files:
+        job = prepare(f, list(overrides))
+        click.echo(f"{f}: ok ({job.kind} job)")
+
+
+@functools.cache
+def _load_plugin_commands() -> None:
+    from diffcore.plugins import get_plugins
+
+    get_plugins().add_commands(cli)
+
+
+def main() -> None:
+    try:
+        _load_plugin_commands()
+    except DiffcoreError as exc:
+        click.secho(f"Error: {exc}", err=True, fg="red")
+        sys.exit(1)
+    cli(prog_name="diffcore")
