@@ -83,7 +83,10 @@ def _merge(doc: Document, base: dict[str, Any], new: dict[str, Any], prefix: str
     """Deep merge: tables merge key by key, everything else (arrays included) replaces."""
     for key, value in new.items():
         path = f"{prefix}.{key}" if prefix else key
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
+        if isinstance(value, dict):
+            if not isinstance(base.get(key), dict):
+                base[key] = {}
+                _forget_below(doc, path)
             _merge(doc, base[key], value, path, source)
         else:
             base[key] = value
@@ -108,11 +111,11 @@ def parse_path(path: str) -> list[str | int]:
             pos += 1
         m = _SEGMENT.match(path, pos)
         if not m:
-            raise ConfigError(f"cannot parse key path {path!r} at character {pos + 1}", path="--set")
+            raise ConfigError(f"cannot parse key path {path!r} at character {pos + 1}", file="--set", path="--set")
         parts.append(m.group(1) if m.group(1) is not None else int(m.group(2)))
         pos = m.end()
     if not parts or not isinstance(parts[0], str):
-        raise ConfigError(f"cannot parse key path {path!r}", path="--set")
+        raise ConfigError(f"cannot parse key path {path!r}", file="--set", path="--set")
     return parts
 
 
@@ -133,7 +136,7 @@ def _parse_value(text: str) -> Any:
 def apply_override(doc: Document, text: str) -> None:
     """Apply ``path=value`` (value parsed as TOML, else taken as a string)."""
     if "=" not in text:
-        raise ConfigError(f"expected KEY=VALUE, found {text!r}", path="--set")
+        raise ConfigError(f"expected KEY=VALUE, found {text!r}", file="--set", path="--set")
     key, _, value = text.partition("=")
     parts = parse_path(key.strip())
     node: Any = doc.data
@@ -143,20 +146,20 @@ def apply_override(doc: Document, text: str) -> None:
         if isinstance(part, int):
             if not isinstance(node, list) or part >= len(node):
                 size = len(node) if isinstance(node, list) else "not a list"
-                raise ConfigError(f"--set {key}: index {part} is out of range ({size})", path=here)
+                raise ConfigError(f"--set {key}: index {part} is out of range ({size})", file="--set", path=here)
             node = node[part]
         else:
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {format_path(parts[:i])} is not a table", path=here)
+                raise ConfigError(f"--set {key}: {format_path(parts[:i])} is not a table", file="--set", path=here)
             node = node.setdefault(part, [] if isinstance(nxt, int) else {})
     last = parts[-1]
     if isinstance(last, int):
         if not isinstance(node, list) or last > len(node):
-            raise ConfigError(f"--set {key}: index {last} is out of range", path=format_path(parts))
+            raise ConfigError(f"--set {key}: index {last} is out of range", file="--set", path=format_path(parts))
         if last == len(node):
             node.append(None)
     elif not isinstance(node, dict):
-        raise ConfigError(f"--set {key}: {format_path(parts[:-1])} is not a table", path=format_path(parts))
+        raise ConfigError(f"--set {key}: {format_path(parts[:-1])} is not a table", file="--set", path=format_path(parts))
     node[last] = _parse_value(value.strip())
     doc.origins[format_path(parts)] = "--set"
 

@@ -131,8 +131,11 @@ class _Walk:
             if not isinstance(data, list):
                 raise self.error(path, f"expected an array of tables ([[{path}]]), found {_found(data)}")
             return [self.component(d, kind, f"{path}[{i}]") for i, d in enumerate(data)]
+        default = field.metadata.get("component_default")
+        key = NAME_KEY.get(kind, "name")
+        if isinstance(data, dict) and key not in data and default is not None:
+            data = {**default, **data}  # `[sampler] eta = 1` tunes the default sampler
         if data is None:
-            default = field.metadata.get("component_default")
             if default is None:
                 if field.default is None:
                     return None

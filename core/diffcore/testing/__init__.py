@@ -1,0 +1,35 @@
+"""Helpers for testing diffcore plugins (yours or ours).
+
+The pytest plugin (``diffcore.testing.pytest_plugin``, registered through the ``pytest11``
+entry point) gives the fixture ``diffcore_plugins``: a fresh plugin manager with the core's
+built-ins and, by default, the installed entry points, made the process-wide one for the test.
+Conformance checks for guidance processors and model families live in ``conformance``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from diffcore.plugins import Plugins, get_plugins, reset_plugins
+
+
+@contextmanager
+def plugins_for_test(*extra: Any, entry_points: bool = True) -> Iterator[Plugins]:
+    """A fresh plugin manager (built-ins, entry points, ``extra`` plugin objects), installed as the
+    process-wide one inside the block and restored after it."""
+    import diffcore.plugins as plugins_module
+
+    previous = plugins_module._plugins
+    pm = Plugins().load(entry_points=entry_points)
+    for i, obj in enumerate(extra):
+        pm.register_module(obj, name=getattr(obj, "__name__", f"test-plugin-{i}"), distribution="test")
+    reset_plugins(pm)
+    try:
+        yield pm
+    finally:
+        reset_plugins(previous)
+
+
+__all__ = ["Plugins", "get_plugins", "plugins_for_test", "reset_plugins"]

@@ -1,0 +1,91 @@
+"""One test per hook: a plugin implementing it is called and what it registers is used."""
+
+from __future__ import annotations
+
+import attrs
+import click
+from click.testing import CliRunner
+
+from diffcore.hookspecs import hookimpl
+from diffcore.testing import plugins_for_test
+
+
+@attrs.frozen
+class Cfg:
+    value: int = 1
+
+
+def _factory(cfg, **kwargs):
+    return ("built", cfg.value, kwargs)
+
+
+def _plugin_for(kind: str):
+    class Plugin:
+        pass
+
+    def impl(self, register):
+        register(f"test-{kind}", _factory, config=Cfg, description=f"a test {kind}")
+
+    impl.__name__ = f"register_{kind}"
+    setattr(Plugin, impl.__name__, hookimpl(impl))
+    return Plugin()
+
+
+def _check(kind: str):
+    with plugins_for_test(_plugin_for(kind), entry_points=False) as pm:
+        comp = pm.registry(kind).get(f"test-{kind}")
+        assert comp.description == f"a test {kind}" and comp.plugin == "test-plugin-0"
+        assert comp.build(Cfg(3), extra=1) == ("built", 3, {"extra": 1})
+        assert pm.info["test-plugin-0"].registered == {kind: [f"test-{kind}"]}
+
+
+def test_hook_register_models():
+    _check("models")
+
+
+def test_hook_register_schedules():
+    _check("schedules")
+
+
+def test_hook_register_samplers():
+    _check("samplers")
+
+
+def test_hook_register_guidance():
+    _check("guidance")
+
+
+def test_hook_register_conditioners():
+    _check("conditioners")
+
+
+def test_hook_register_trainers():
+    _check("trainers")
+
+
+def test_hook_register_datasets():
+    _check("datasets")
+
+
+def test_hook_register_jobs():
+    _check("jobs")
+
+
+def test_hook_register_commands():
+    class Plugin:
+        @hookimpl
+        def register_commands(self, cli):
+            @cli.command()
+            def hello():
+                """Say hello."""
+                click.echo("hello from a plugin")
+
+    from diffcore.cli import cli
+
+    with plugins_for_test(Plugin(), entry_points=False) as pm:
+        pm.add_commands(cli)
+        try:
+            result = CliRunner().invoke(cli, ["hello"])
+        finally:
+            cli.commands.pop("hello", None)
+    assert result.exit_code == 0 and "hello from a plugin" in result.output
