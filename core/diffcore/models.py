@@ -21,9 +21,17 @@ class ModelBundle:
     prediction_type: str = "flow"        # "flow" (velocity) | "epsilon" | "v"
     default_steps: int = 28
     default_schedule: dict[str, Any] = attrs.Factory(lambda: {"name": "flow"})
+    # discrete-time models (epsilon / v): training sigmas indexed by timestep, e.g.
+    # ``diffcore.sampling.schedules.ddpm_sigma_table()``; the denoiser then passes ``forward`` that
+    # fractional timestep instead of sigma. None: the network takes sigma itself.
+    sigma_table: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
-        """The network's raw prediction at noise level ``sigma`` (shape (batch,)) given conditioning."""
+        """The network's raw prediction at noise level ``sigma`` (shape (batch,)) given conditioning.
+
+        Called by the denoiser (``diffcore.sampling.denoisers``): flow models get ``x`` and sigma
+        as they are; epsilon / v models get ``x / sqrt(sigma^2 + 1)`` and, with ``sigma_table``
+        set, the fractional training timestep in place of sigma."""
         return self.network(x, sigma, **cond)
 
     def conditions(self, request: Any) -> dict[str, dict[str, Any]]:
