@@ -51,6 +51,11 @@ def register_jobs(register):
     """Register job kinds, dispatched on ``[job] kind`` by ``diffcore run``."""
 
 
+@hookspec(historic=True)
+def register_hookspecs(add):
+    """Declare hookspecs of your own: call ``add(module_or_class)`` (e.g. a ``register_rewards`` kind)."""
+
+
 @hookspec
 def register_commands(cli):
     """Add click commands to the ``diffcore`` command group."""

@@ -43,6 +43,9 @@ class Plugins:
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager("diffcore")
         self.pm.add_hookspecs(hookspecs)
+        # plugins may add hookspecs of their own (e.g. the guidance plugin's register_rewards);
+        # historic, so a plugin registered later still gets the call
+        self.pm.hook.register_hookspecs.call_historic(kwargs={"add": self.pm.add_hookspecs})
         self.registries: dict[str, Registry] = {k: Registry(k) for k in KINDS}
         self.info: dict[str, PluginInfo] = {}
         self._filled = False
@@ -57,8 +60,18 @@ class Plugins:
         if entry_points:
             for ep in _selected(md.entry_points(group=GROUP)):
                 self._load_entry_point(ep)
-        self.pm.check_pending()
+        self._check_pending()
         return self
+
+    def _check_pending(self) -> None:
+        """A hook implementation no hookspec declares is a misspelling: name the plugin and the hook."""
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            name = self.pm.get_name(exc.plugin) or "?"
+            info = self.info.get(name)
+            where = f"{name} ({info.distribution} {info.version})" if info else name
+            raise PluginError(f"plugin {where}: {exc}") from None
 
     def _load_entry_point(self, ep: md.EntryPoint) -> None:
         dist = ep.dist.name if ep.dist else ep.name
@@ -67,23 +80,31 @@ class Plugins:
             return  # the same distribution seen twice on sys.path
         try:
             module = ep.load()
-            self.register_module(module, name=ep.name, distribution=dist, version=version)
+            self.register_module(module, name=ep.name, distribution=dist, version=version, check=False)
         except Exception as exc:
             if _strict():
                 raise PluginError(f"plugin {ep.name} ({dist} {version}) failed to load: {exc!r}") from exc
             self.info[ep.name] = PluginInfo(ep.name, dist, version, ep.value, error=f"{type(exc).__name__}: {exc}",
                                             traceback=traceback.format_exc())
 
-    def register_module(self, module: Any, *, name: str, distribution: str = "", version: str = "") -> None:
-        """Register a plugin object (module or class instance) under ``name``."""
+    def register_module(self, module: Any, *, name: str, distribution: str = "", version: str = "",
+                        check: bool = True) -> None:
+        """Register a plugin object (module or class instance) under ``name``.
+
+        ``check``: fail now on a hook implementation no hookspec declares (``load`` checks once at
+        the end instead, so a plugin may implement a hookspec that a later plugin adds)."""
         try:
             self.pm.register(module, name=name)
-            self.pm.check_pending()
-        except pluggy.PluginValidationError as exc:
-            self.pm.unregister(name=name)
+        except (pluggy.PluginValidationError, ValueError) as exc:
             raise PluginError(f"plugin {name} ({distribution} {version}): {exc}") from exc
         self.info[name] = PluginInfo(name, distribution or name, version or "?",
                                      getattr(module, "__name__", type(module).__name__))
+        if check:
+            try:
+                self._check_pending()
+            except PluginError:
+                self.unregister(name)
+                raise
         self._filled = False
 
     def unregister(self, name: str) -> None:
@@ -93,16 +114,24 @@ class Plugins:
 
     # -- registries ------------------------------------------------------------------------
     def registry(self, kind: str) -> Registry:
-        """The registry of ``kind``, filled by calling every plugin's ``register_<kind>`` hook."""
+        """The registry of ``kind``, filled by calling every plugin's ``register_<kind>`` hook.
+
+        Kinds beyond the core's work the same way once a plugin adds a ``register_<kind>`` hookspec."""
+        if kind not in KINDS and kind not in self.registries:
+            if not hasattr(self.pm.hook, f"register_{kind}"):
+                raise PluginError(f"unknown component kind {kind!r}; no plugin declares a register_{kind} hook")
+            self._filled = False
+            self.registries[kind] = Registry(kind)
         if not self._filled:
             self._fill()
         return self.registries[kind]
 
     def _fill(self) -> None:
-        self.registries = {k: Registry(k) for k in KINDS}
+        kinds = list(self.registries)
+        self.registries = {k: Registry(k) for k in kinds}
         for info in self.info.values():
             info.registered = {}
-        for kind in KINDS:
+        for kind in kinds:
             hook = getattr(self.pm.hook, f"register_{kind}")
             for impl in hook.get_hookimpls():
                 try:

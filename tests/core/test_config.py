@@ -102,7 +102,7 @@ BAD = [
     ("unknown-key", {"job.toml": HEAD + "stpes = 3\n"}, [], "job.stpes",
      ["unknown key 'stpes'", 'did you mean "steps"']),
     ("unknown-component", {"job.toml": HEAD + '[sampler]\nname = "tyo"\n'}, [], "sampler.name",
-     ["unknown sampler 'tyo'", 'did you mean "toy"', "registered: toy"]),
+     ["unknown sampler 'tyo'", 'did you mean "toy"', "heun, toy (see `diffcore list samplers`)"]),
     ("missing-extends", {"job.toml": 'extends = "nope.toml"\n' + HEAD}, [], "extends",
      ["does not exist", "nope.toml"]),
     ("extends-cycle", {"job.toml": 'extends = "b.toml"\n' + HEAD, "b.toml": 'extends = "job.toml"\n'}, [],

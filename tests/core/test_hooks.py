@@ -89,3 +89,30 @@ def test_hook_register_commands():
         finally:
             cli.commands.pop("hello", None)
     assert result.exit_code == 0 and "hello from a plugin" in result.output
+
+
+def test_hook_register_hookspecs():
+    import pluggy
+
+    spec = pluggy.HookspecMarker("diffcore")
+
+    class RewardSpecs:
+        @spec
+        def register_rewards(register):
+            """Register reward functions."""
+
+    class Declares:
+        @hookimpl
+        def register_hookspecs(self, add):
+            add(RewardSpecs)
+
+    class Contributes:
+        @hookimpl
+        def register_rewards(self, register):
+            register("sharpness", _factory, config=Cfg, description="a test reward")
+
+    # the contributor registers before the declaring plugin: pending until load() ends
+    with plugins_for_test(entry_points=False) as pm:
+        pm.register_module(Contributes(), name="contributes", check=False)
+        pm.register_module(Declares(), name="declares")
+        assert pm.registry("rewards").get("sharpness").plugin == "contributes"

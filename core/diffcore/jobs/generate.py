@@ -33,7 +33,7 @@ class GenerateSettings(JobSettings):
     progress: bool = True
 
 
-@attrs.define
+@attrs.define(kw_only=True)
 class GenerateJob:
     job: GenerateSettings = attrs.Factory(GenerateSettings)
     model: Spec = component("models")
