@@ -1,0 +1,5 @@
+"""Datasets (digits, image-folder, cifar10) and the resumable, rank-aware index sampler.
+
+Every dataset yields ``{"image": (C, H, W) float in [-1, 1], "label": int64 scalar}``.
+``catalog`` registers them without importing torch; ``datasets`` and ``sampler`` hold the code.
+"""
