@@ -1,0 +1,207 @@
+"""FLUX.1 transformer keys: BFL <-> diffusers <-> ComfyUI, and telling them (and variants) apart.
+
+One table (``_pairs``) lists, per BFL tensor, the diffusers tensors it is made of; both directions
+read it. Fused tensors (``qkv``, ``linear1``) are split by sizes read from the tensors themselves,
+never from constants, so the converters work for any width (diffusers' own converter assumes
+hidden 3072). The final adaLN is stored (shift, scale) by BFL and (scale, shift) by diffusers.
+Converters consume their input (pop as they go) and pass keys they do not know through unchanged,
+so a loader reports them instead of silently dropping them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+import attrs
+import torch
+from torch import Tensor
+
+from diffcore.errors import CheckpointError
+from diffcore_flux1.model import VARIANTS, FluxParams
+
+COMFY_PREFIX = "model.diffusion_model."
+FINAL_ADALN = "final_layer.adaLN_modulation.1"
+
+_TOP = [
+    ("img_in", ["x_embedder"]),
+    ("txt_in", ["context_embedder"]),
+    ("time_in.in_layer", ["time_text_embed.timestep_embedder.linear_1"]),
+    ("time_in.out_layer", ["time_text_embed.timestep_embedder.linear_2"]),
+    ("vector_in.in_layer", ["time_text_embed.text_embedder.linear_1"]),
+    ("vector_in.out_layer", ["time_text_embed.text_embedder.linear_2"]),
+    ("guidance_in.in_layer", ["time_text_embed.guidance_embedder.linear_1"]),
+    ("guidance_in.out_layer", ["time_text_embed.guidance_embedder.linear_2"]),
+    ("final_layer.linear", ["proj_out"]),
+    (FINAL_ADALN, ["norm_out.linear"]),
+]
+_DOUBLE = [
+    ("img_mod.lin", ["norm1.linear"]),
+    ("txt_mod.lin", ["norm1_context.linear"]),
+    ("img_attn.qkv", ["attn.to_q", "attn.to_k", "attn.to_v"]),
+    ("txt_attn.qkv", ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]),
+    ("img_attn.proj", ["attn.to_out.0"]),
+    ("txt_attn.proj", ["attn.to_add_out"]),
+    ("img_mlp.0", ["ff.net.0.proj"]),
+    ("img_mlp.2", ["ff.net.2"]),
+    ("txt_mlp.0", ["ff_context.net.0.proj"]),
+    ("txt_mlp.2", ["ff_context.net.2"]),
+]
+_DOUBLE_NORMS = [
+    ("img_attn.norm.query_norm.scale", "attn.norm_q.weight"),
+    ("img_attn.norm.key_norm.scale", "attn.norm_k.weight"),
+    ("txt_attn.norm.query_norm.scale", "attn.norm_added_q.weight"),
+    ("txt_attn.norm.key_norm.scale", "attn.norm_added_k.weight"),
+]
+_SINGLE = [
+    ("modulation.lin", ["norm.linear"]),
+    ("linear1", ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]),
+    ("linear2", ["proj_out"]),
+]
+_SINGLE_NORMS = [("norm.query_norm.scale", "attn.norm_q.weight"), ("norm.key_norm.scale", "attn.norm_k.weight")]
+
+
+def _blocks(keys: Iterable[str], prefix: str) -> list[int]:
+    pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
+    return sorted({int(m.group(1)) for k in keys if (m := pattern.match(k))})
+
+
+def _pairs(keys: Iterable[str], layout: str) -> list[tuple[str, list[str]]]:
+    """(BFL key, [diffusers keys]) for every tensor the block counts in ``keys`` imply."""
+    keys = list(keys)
+    double_prefix, single_prefix = ("double_blocks", "single_blocks") if layout == "bfl" else \
+        ("transformer_blocks", "single_transformer_blocks")
+    out = []
+
+    def linear(bfl: str, diff: list[str]) -> None:
+        out.extend((f"{bfl}.{p}", [f"{d}.{p}" for d in diff]) for p in ("weight", "bias"))
+
+    for bfl, diff in _TOP:
+        linear(bfl, diff)
+    for i in _blocks(keys, double_prefix):
+        for bfl, diff in _DOUBLE:
+            linear(f"double_blocks.{i}.{bfl}", [f"transformer_blocks.{i}.{d}" for d in diff])
+        out.extend((f"double_blocks.{i}.{b}", [f"transformer_blocks.{i}.{d}"]) for b, d in _DOUBLE_NORMS)
+    for i in _blocks(keys, single_prefix):
+        for bfl, diff in _SINGLE:
+            linear(f"single_blocks.{i}.{bfl}", [f"single_transformer_blocks.{i}.{d}" for d in diff])
+        out.extend((f"single_blocks.{i}.{b}", [f"single_transformer_blocks.{i}.{d}"]) for b, d in _SINGLE_NORMS)
+    return out
+
+
+def _swap_halves(t: Tensor) -> Tensor:
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def diffusers_to_bfl(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """diffusers ``FluxTransformer2DModel`` keys -> BFL keys (fusing q, k, v [, mlp])."""
+    out = {}
+    for bfl, diff in _pairs(sd, "diffusers"):
+        if all(d in sd for d in diff):
+            parts = [sd.pop(d) for d in diff]
+            t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            out[bfl] = _swap_halves(t) if bfl.startswith(FINAL_ADALN) else t
+    out.update(sd)  # unknown keys travel on, to be reported by the loader
+    sd.clear()
+    return out
+
+
+def bfl_to_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """BFL keys -> diffusers ``FluxTransformer2DModel`` keys (splitting ``qkv`` and ``linear1``).
+
+    The hidden width comes from ``img_in``'s output rows; ``linear1`` is [q | k | v | mlp_in]
+    with q, k, v each that wide and the MLP taking the rest."""
+    out = {}
+    if "img_in.weight" not in sd:
+        raise CheckpointError("not a FLUX.1 transformer in BFL layout: no img_in.weight")
+    hidden = sd["img_in.weight"].shape[0]
+    for bfl, diff in _pairs(sd, "bfl"):
+        if bfl not in sd:
+            continue
+        t = sd.pop(bfl)
+        if bfl.startswith(FINAL_ADALN):
+            t = _swap_halves(t)
+        if len(diff) == 1:
+            out[diff[0]] = t
+            continue
+        sizes = [hidden] * 3 + ([t.shape[0] - 3 * hidden] if len(diff) == 4 else [])
+        if sum(sizes) != t.shape[0] or min(sizes) <= 0:
+            raise CheckpointError(f"{bfl} has {t.shape[0]} rows; expected {len(diff)} parts of hidden {hidden} "
+                                  f"(3 x {hidden}{' + MLP' if len(diff) == 4 else ''})")
+        out.update(zip(diff, t.split(sizes, dim=0)))
+    out.update(sd)
+    sd.clear()
+    return out
+
+
+def strip_comfy(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """ComfyUI (``model.diffusion_model.*``) -> BFL. Other parts of an all-in-one file (VAE, text
+    encoders) are not the transformer's and are left out."""
+    out = {k[len(COMFY_PREFIX):]: v for k, v in sd.items() if k.startswith(COMFY_PREFIX)}
+    sd.clear()
+    return out
+
+
+def detect_layout(keys: Iterable[str]) -> str:
+    """``"bfl"``, ``"diffusers"`` or ``"comfyui"`` from a transformer checkpoint's key names."""
+    keys = set(keys)
+    if any(k.startswith(COMFY_PREFIX) for k in keys):
+        return "comfyui"
+    if "img_in.weight" in keys or any(k.startswith("double_blocks.") for k in keys):
+        return "bfl"
+    if "x_embedder.weight" in keys or any(k.startswith("transformer_blocks.") for k in keys):
+        return "diffusers"
+    raise CheckpointError("not a FLUX.1 transformer checkpoint: none of img_in.weight (BFL), x_embedder.weight "
+                          f"(diffusers) or {COMFY_PREFIX}* (ComfyUI) is present; "
+                          f"first keys: {', '.join(sorted(keys)[:5])}")
+
+
+def to_bfl(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Any supported layout -> BFL (the ``rename`` to give ``diffcore.io.checkpoint.load_model``)."""
+    layout = detect_layout(sd)
+    if layout == "comfyui":
+        return strip_comfy(sd)
+    return diffusers_to_bfl(sd) if layout == "diffusers" else sd
+
+
+def _bfl_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Tensor]:
+    return to_bfl({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+
+
+def infer_params(shapes: Mapping[str, tuple[int, ...]], axes_dim: tuple[int, ...] | None = None) -> FluxParams:
+    """``FluxParams`` from tensor shapes in any layout. RoPE axes are not in a checkpoint: give
+    ``axes_dim`` unless the head dim is FLUX.1's 128 (axes (16, 56, 56))."""
+    sd = _bfl_shapes(shapes)
+    try:
+        hidden, in_channels = sd["img_in.weight"].shape
+        head_dim = sd["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+        mlp_hidden = sd["double_blocks.0.img_mlp.0.weight"].shape[0]
+        out_channels = sd["final_layer.linear.weight"].shape[0]
+        vec_in_dim, context_in_dim = sd["vector_in.in_layer.weight"].shape[1], sd["txt_in.weight"].shape[1]
+    except KeyError as exc:
+        raise CheckpointError(f"not a complete FLUX.1 transformer: {exc.args[0]} is missing") from None
+    if axes_dim is None and head_dim != 128:
+        raise CheckpointError(f"head dim {head_dim} is not FLUX.1's 128: pass the RoPE axes (axes_dim), "
+                              f"they are not stored in checkpoints")
+    return FluxParams(
+        in_channels=in_channels, out_channels=out_channels, vec_in_dim=vec_in_dim, context_in_dim=context_in_dim,
+        hidden_size=hidden, mlp_ratio=mlp_hidden / hidden, num_heads=hidden // head_dim,
+        depth=len(_blocks(sd, "double_blocks")), depth_single_blocks=len(_blocks(sd, "single_blocks")),
+        axes_dim=axes_dim or (16, 56, 56), qkv_bias="double_blocks.0.img_attn.qkv.bias" in sd,
+        guidance_embed="guidance_in.in_layer.weight" in sd)
+
+
+def detect_variant(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """The first ``VARIANTS`` row whose shapes match: guidance embedding -> dev, none -> schnell,
+    384 input channels -> fill-dev, 128 -> canny-dev. Kontext-dev has dev's shapes and depth-dev
+    canny-dev's, so those two are only reached by naming them."""
+    found = infer_params(shapes, axes_dim=(0,))  # axes are not in the file: compare everything else
+    for name, params in VARIANTS.items():
+        if attrs.evolve(params, axes_dim=(0,)) == found:
+            return name
+    dev = VARIANTS["dev"]
+    differs = {f.name: getattr(found, f.name) for f in attrs.fields(FluxParams)
+               if f.name != "axes_dim" and getattr(found, f.name) != getattr(dev, f.name)}
+    raise CheckpointError(f"FLUX.1 weights of no known variant ({', '.join(VARIANTS)}); "
+                          f"they differ from dev in {differs}")

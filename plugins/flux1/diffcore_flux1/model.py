@@ -1,0 +1,119 @@
+"""The FLUX.1 transformer (Black Forest Labs 2024), in BFL's layout: 19 double-stream (MMDiT)
+blocks, 38 single-stream blocks, 3-axis RoPE, sigma / guidance / pooled-CLIP modulation.
+
+Variants differ only in numbers, so they are rows of ``VARIANTS`` (``diffcore_flux1.params``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor, nn
+
+from diffcore_flux1.layers import (
+    DoubleStreamBlock,
+    EmbedND,
+    LastLayer,
+    MLPEmbedder,
+    SingleStreamBlock,
+    timestep_embedding,
+)
+from diffcore_flux1.params import VARIANTS, FluxParams
+
+__all__ = ["VARIANTS", "Flux", "FluxParams", "attention_alias", "params_from_diffusers_config"]
+
+
+class Flux(nn.Module):
+    """Velocity (noise - x0) for packed image tokens, given text tokens, pooled text and sigma."""
+
+    def __init__(self, params: FluxParams):
+        super().__init__()
+        self.params = p = params
+        if p.hidden_size % p.num_heads:
+            raise ValueError(f"hidden_size {p.hidden_size} is not divisible by num_heads {p.num_heads}")
+        head_dim = p.hidden_size // p.num_heads
+        if sum(p.axes_dim) != head_dim or any(d % 2 for d in p.axes_dim):
+            raise ValueError(f"rope axes {p.axes_dim} must be even and sum to the head dim {head_dim} "
+                             f"(= hidden_size {p.hidden_size} / num_heads {p.num_heads})")
+        self.pe_embedder = EmbedND(p.axes_dim, p.theta)
+        self.img_in = nn.Linear(p.in_channels, p.hidden_size)
+        self.time_in = MLPEmbedder(256, p.hidden_size)
+        self.vector_in = MLPEmbedder(p.vec_in_dim, p.hidden_size)
+        self.guidance_in = MLPEmbedder(256, p.hidden_size) if p.guidance_embed else nn.Identity()
+        self.txt_in = nn.Linear(p.context_in_dim, p.hidden_size)
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio, p.qkv_bias) for _ in range(p.depth))
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio) for _ in range(p.depth_single_blocks))
+        self.final_layer = LastLayer(p.hidden_size, p.out_channels)
+
+    def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
+                y: Tensor, guidance: Tensor | None = None) -> Tensor:
+        """img (B, L_img, in_channels), txt (B, L_txt, context_in_dim), ids (B or 1, L, 3) or (L, 3),
+        timesteps = sigma (B,), y pooled (B, vec_in_dim), guidance (B,) for guidance-distilled variants
+        (ignored by the others). Returns (B, L_img, out_channels)."""
+        p = self.params
+        if img.ndim != 3 or txt.ndim != 3:
+            raise ValueError(f"img and txt must be (batch, tokens, channels), got {tuple(img.shape)} and "
+                             f"{tuple(txt.shape)}")
+        if img.shape[-1] != p.in_channels or txt.shape[-1] != p.context_in_dim:
+            raise ValueError(f"expected img with {p.in_channels} channels and txt with {p.context_in_dim}, "
+                             f"got {img.shape[-1]} and {txt.shape[-1]}")
+        pe = self.pe_embedder(torch.cat((_batched(txt_ids, txt), _batched(img_ids, img)), dim=1))
+
+        vec = self.time_in(timestep_embedding(timesteps, 256))
+        if p.guidance_embed:
+            if guidance is None:
+                raise ValueError("this FLUX.1 variant is guidance-distilled: pass guidance (e.g. 3.5) per sample")
+            vec = vec + self.guidance_in(timestep_embedding(guidance, 256))
+        vec = vec + self.vector_in(y)
+        img, txt = self.img_in(img), self.txt_in(txt)
+
+        for block in self.double_blocks:
+            img, txt = block(img, txt, vec, pe)
+        x = torch.cat((txt, img), dim=1)
+        for block in self.single_blocks:
+            x = block(x, vec, pe)
+        return self.final_layer(x[:, txt.shape[1]:], vec)
+
+
+def _batched(ids: Tensor, tokens: Tensor) -> Tensor:
+    """(L, axes) or (1 or B, L, axes) ids -> (B, L, axes) for ``tokens`` (B, L, channels)."""
+    ids = ids[None] if ids.ndim == 2 else ids
+    if ids.ndim != 3 or ids.shape[1] != tokens.shape[1] or ids.shape[0] not in (1, tokens.shape[0]):
+        raise ValueError(f"position ids {tuple(ids.shape)} do not match {tokens.shape[1]} tokens in a batch of "
+                         f"{tokens.shape[0]} (expected ({tokens.shape[0]} or 1, {tokens.shape[1]}, axes) or "
+                         f"({tokens.shape[1]}, axes))")
+    return ids.expand(tokens.shape[0], -1, -1)
+
+
+_ALIASES = (
+    (re.compile(r"transformer_blocks\.(\d+)(\.attn)?"), "double_blocks.{}"),
+    (re.compile(r"single_transformer_blocks\.(\d+)(\.attn)?"), "single_blocks.{}"),
+    (re.compile(r"(double_blocks|single_blocks)\.(\d+)\.(attend|attn|img_attn|txt_attn)"), None),
+)
+
+
+def attention_alias(name: str) -> str:
+    """Our attention layer name for diffusers' (``transformer_blocks.8.attn`` -> ``double_blocks.8``,
+    ``single_transformer_blocks.3`` -> ``single_blocks.3``); other names pass through unchanged."""
+    for pattern, template in _ALIASES:
+        m = pattern.fullmatch(name)
+        if m:
+            return template.format(m.group(1)) if template else f"{m.group(1)}.{m.group(2)}"
+    return name
+
+
+def params_from_diffusers_config(config: dict) -> FluxParams:
+    """``FluxParams`` from a diffusers ``FluxTransformer2DModel`` ``config.json``."""
+    heads, head_dim = config.get("num_attention_heads", 24), config.get("attention_head_dim", 128)
+    if config.get("patch_size", 1) != 1:
+        raise ValueError(f"FLUX.1 transformers have patch_size 1, this config has {config['patch_size']}")
+    return FluxParams(
+        in_channels=config.get("in_channels", 64),
+        out_channels=config.get("out_channels") or config.get("in_channels", 64),
+        vec_in_dim=config.get("pooled_projection_dim", 768), context_in_dim=config.get("joint_attention_dim", 4096),
+        hidden_size=heads * head_dim, num_heads=heads, depth=config.get("num_layers", 19),
+        depth_single_blocks=config.get("num_single_layers", 38),
+        axes_dim=tuple(config.get("axes_dims_rope", (16, 56, 56))), guidance_embed=config.get("guidance_embeds", False))

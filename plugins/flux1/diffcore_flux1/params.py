@@ -1,0 +1,58 @@
+"""FLUX.1 variants as data: the transformer's and the autoencoder's numbers, one row per variant.
+
+Values from BFL ``src/flux/util.py`` (``configs``, ``ae_params``), checked against diffusers'
+``FluxTransformer2DModel`` / ``AutoencoderKL`` (see the tests). No torch here, so the plugin can
+validate a job file without importing it.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+
+@attrs.frozen
+class FluxParams:
+    in_channels: int = 64          # packed latent: 16 VAE channels x 2 x 2 (+ image conditions for fill / control)
+    out_channels: int = 64
+    vec_in_dim: int = 768          # pooled CLIP-L
+    context_in_dim: int = 4096     # T5-XXL hidden
+    hidden_size: int = 3072
+    mlp_ratio: float = 4.0
+    num_heads: int = 24
+    depth: int = 19
+    depth_single_blocks: int = 38
+    axes_dim: tuple[int, ...] = attrs.field(default=(16, 56, 56), converter=tuple)
+    theta: int = 10_000
+    qkv_bias: bool = True
+    guidance_embed: bool = True
+
+
+DEV = FluxParams()
+VARIANTS: dict[str, FluxParams] = {
+    "dev": DEV,
+    "schnell": attrs.evolve(DEV, guidance_embed=False),
+    "kontext-dev": DEV,                              # reference image enters as extra tokens (t = 1)
+    "fill-dev": attrs.evolve(DEV, in_channels=384),  # noisy 64 | masked image 64 | mask 256
+    "canny-dev": attrs.evolve(DEV, in_channels=128),  # noisy 64 | control latents 64
+    "depth-dev": attrs.evolve(DEV, in_channels=128),
+    "tiny": FluxParams(in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=48, hidden_size=64,
+                       num_heads=2, depth=2, depth_single_blocks=2, axes_dim=(8, 12, 12)),
+}
+
+
+@attrs.frozen
+class AutoEncoderParams:
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = attrs.field(default=(1, 2, 4, 4), converter=tuple)
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    scale_factor: float = 0.3611
+    shift_factor: float = 0.1159
+
+
+AE_VARIANTS: dict[str, AutoEncoderParams] = {
+    "flux1": AutoEncoderParams(),
+    "tiny": AutoEncoderParams(ch=32, ch_mult=(1, 2), num_res_blocks=1),
+}

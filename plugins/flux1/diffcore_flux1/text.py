@@ -1,0 +1,57 @@
+"""FLUX.1's text conditioning: T5-v1.1-XXL's last hidden state (the token sequence, 4096 wide)
+and CLIP ViT-L/14's pooled output (768), as BFL's ``HFEmbedder`` pair and diffusers'
+``FluxPipeline`` compute them: padded to a fixed length, no attention mask.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from diffcore.errors import CheckpointError
+
+CLIP_LENGTH = 77
+
+
+class FluxTextEncoder(nn.Module):
+    """``encode(prompts) -> (txt (B, max_length, d_t5), vec (B, d_clip))``."""
+
+    def __init__(self, t5: nn.Module, t5_tokenizer, clip: nn.Module, clip_tokenizer, max_length: int = 512):
+        super().__init__()
+        self.t5, self.clip = t5.eval().requires_grad_(False), clip.eval().requires_grad_(False)
+        self.t5_tokenizer, self.clip_tokenizer = t5_tokenizer, clip_tokenizer
+        self.max_length = max_length
+
+    @classmethod
+    def from_folder(cls, path: str | Path, *, max_length: int = 512, dtype: torch.dtype | None = None,
+                    device: str | torch.device = "cpu") -> FluxTextEncoder:
+        """From a diffusers FLUX.1 folder: ``text_encoder`` / ``tokenizer`` (CLIP) and
+        ``text_encoder_2`` / ``tokenizer_2`` (T5), read locally only."""
+        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+        path = Path(path)
+        missing = [d for d in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2") if not (path / d).is_dir()]
+        if missing:
+            raise CheckpointError(f"{path}: not a diffusers FLUX.1 folder with text encoders; missing "
+                                  f"{', '.join(d + '/' for d in missing)}")
+        kw = {"local_files_only": True, **({"dtype": dtype} if dtype is not None else {})}
+        clip = CLIPTextModel.from_pretrained(path / "text_encoder", **kw).to(device)
+        t5 = T5EncoderModel.from_pretrained(path / "text_encoder_2", **kw).to(device)
+        return cls(t5, AutoTokenizer.from_pretrained(path / "tokenizer_2", local_files_only=True),
+                   clip, AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True), max_length)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        device = next(self.t5.parameters()).device
+        ids = self._ids(self.t5_tokenizer, prompts, self.max_length, device)
+        txt = self.t5(input_ids=ids).last_hidden_state
+        ids = self._ids(self.clip_tokenizer, prompts, CLIP_LENGTH, device)
+        vec = self.clip(input_ids=ids).pooler_output
+        return txt, vec
+
+    @staticmethod
+    def _ids(tokenizer, prompts: list[str], length: int, device: torch.device) -> Tensor:
+        return tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+                         return_tensors="pt").input_ids.to(device)

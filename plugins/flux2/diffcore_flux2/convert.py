@@ -1,0 +1,231 @@
+"""FLUX.2 transformer weights: BFL <-> diffusers <-> ComfyUI keys, layout and variant detection.
+
+BFL's layout is ours (``Flux2``'s state dict). diffusers (``Flux2Transformer2DModel``) splits the
+double blocks' fused qkv into to_q / to_k / to_v, renames everything else and stores the final
+adaLN as (scale, shift) where BFL has (shift, scale). ComfyUI files are BFL's keys under
+``model.diffusion_model.``. Every dimension is read from tensor shapes, so any size converts;
+the functions work on meta tensors too, which is how shapes alone are checked.
+
+diffusers' single-file loader calls every FLUX.2 file "flux-2-dev"; ``detect_variant`` reads the
+hidden size, block counts, text width and guidance embedding instead. klein and klein-base share
+every shape (base is the undistilled model), so only a name hint (``"base"`` in the file name)
+tells them apart.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from diffcore.errors import CheckpointError
+from diffcore_flux2.params import VARIANTS, Flux2Params
+
+COMFYUI_PREFIX = "model.diffusion_model."
+
+_TOP = {  # BFL -> diffusers
+    "img_in.weight": "x_embedder.weight",
+    "txt_in.weight": "context_embedder.weight",
+    "time_in.in_layer.weight": "time_guidance_embed.timestep_embedder.linear_1.weight",
+    "time_in.out_layer.weight": "time_guidance_embed.timestep_embedder.linear_2.weight",
+    "guidance_in.in_layer.weight": "time_guidance_embed.guidance_embedder.linear_1.weight",
+    "guidance_in.out_layer.weight": "time_guidance_embed.guidance_embedder.linear_2.weight",
+    "double_stream_modulation_img.lin.weight": "double_stream_modulation_img.linear.weight",
+    "double_stream_modulation_txt.lin.weight": "double_stream_modulation_txt.linear.weight",
+    "single_stream_modulation.lin.weight": "single_stream_modulation.linear.weight",
+    "final_layer.linear.weight": "proj_out.weight",
+}
+_FINAL_ADALN = ("final_layer.adaLN_modulation.1.weight", "norm_out.linear.weight")  # halves swapped
+_DOUBLE = {
+    "img_attn.norm.query_norm.scale": "attn.norm_q.weight",
+    "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
+    "img_attn.proj.weight": "attn.to_out.0.weight",
+    "img_mlp.0.weight": "ff.linear_in.weight",
+    "img_mlp.2.weight": "ff.linear_out.weight",
+    "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
+    "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
+    "txt_attn.proj.weight": "attn.to_add_out.weight",
+    "txt_mlp.0.weight": "ff_context.linear_in.weight",
+    "txt_mlp.2.weight": "ff_context.linear_out.weight",
+}
+_DOUBLE_QKV = {
+    "img_attn.qkv.weight": ("attn.to_q.weight", "attn.to_k.weight", "attn.to_v.weight"),
+    "txt_attn.qkv.weight": ("attn.add_q_proj.weight", "attn.add_k_proj.weight", "attn.add_v_proj.weight"),
+}
+_SINGLE = {
+    "linear1.weight": "attn.to_qkv_mlp_proj.weight",
+    "linear2.weight": "attn.to_out.weight",
+    "norm.query_norm.scale": "attn.norm_q.weight",
+    "norm.key_norm.scale": "attn.norm_k.weight",
+}
+_BFL_BLOCK = re.compile(r"(double|single)_blocks\.(\d+)\.(.+)")
+_DIFFUSERS_BLOCK = re.compile(r"(single_)?transformer_blocks\.(\d+)\.(.+)")
+
+
+def _swap_halves(t: Tensor) -> Tensor:
+    first, second = t.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def detect_layout(keys: Sequence[str] | Mapping[str, object]) -> str:
+    """``"bfl"``, ``"diffusers"`` or ``"comfyui"`` for a FLUX.2 transformer's keys."""
+    keys = list(keys)
+    if any(k.startswith(COMFYUI_PREFIX + "double_stream_modulation_img.") for k in keys):
+        return "comfyui"
+    if "double_stream_modulation_img.lin.weight" in keys:
+        return "bfl"
+    if "double_stream_modulation_img.linear.weight" in keys:
+        return "diffusers"
+    shown = ", ".join(keys[:5])
+    raise CheckpointError(f"not a FLUX.2 transformer: none of its {len(keys)} keys is a shared double-stream "
+                          f"modulation (double_stream_modulation_img.lin/.linear, also under {COMFYUI_PREFIX}); "
+                          f"first keys: {shown}")
+
+
+def bfl_to_diffusers(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """BFL keys -> ``Flux2Transformer2DModel`` keys; consumes ``state`` (pops as it goes)."""
+    out: dict[str, Tensor] = {}
+    for key in list(state):
+        if key in _TOP:
+            out[_TOP[key]] = state.pop(key)
+        elif key == _FINAL_ADALN[0]:
+            out[_FINAL_ADALN[1]] = _swap_halves(state.pop(key))
+        elif m := _BFL_BLOCK.fullmatch(key):
+            kind, index, name = m.groups()
+            if kind == "double" and name in _DOUBLE_QKV:
+                for new, part in zip(_DOUBLE_QKV[name], state.pop(key).chunk(3, dim=0)):
+                    out[f"transformer_blocks.{index}.{new}"] = part
+            elif kind == "double" and name in _DOUBLE:
+                out[f"transformer_blocks.{index}.{_DOUBLE[name]}"] = state.pop(key)
+            elif kind == "single" and name in _SINGLE:
+                out[f"single_transformer_blocks.{index}.{_SINGLE[name]}"] = state.pop(key)
+    _leftovers(state, "BFL")
+    return out
+
+
+_TOP_BACK = {v: k for k, v in _TOP.items()}
+_DOUBLE_BACK = {v: k for k, v in _DOUBLE.items()}
+_SINGLE_BACK = {v: k for k, v in _SINGLE.items()}
+_QKV_PART = {new: (fused, i) for fused, news in _DOUBLE_QKV.items() for i, new in enumerate(news)}
+
+
+def diffusers_to_bfl(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``Flux2Transformer2DModel`` keys -> BFL keys (q, k, v fused back); consumes ``state``."""
+    out: dict[str, Tensor] = {}
+    qkv: dict[str, list[Tensor | None]] = {}
+    for key in list(state):
+        if key in _TOP_BACK:
+            out[_TOP_BACK[key]] = state.pop(key)
+        elif key == _FINAL_ADALN[1]:
+            out[_FINAL_ADALN[0]] = _swap_halves(state.pop(key))
+        elif m := _DIFFUSERS_BLOCK.fullmatch(key):
+            single, index, name = m.groups()
+            if single and name in _SINGLE_BACK:
+                out[f"single_blocks.{index}.{_SINGLE_BACK[name]}"] = state.pop(key)
+            elif not single and name in _DOUBLE_BACK:
+                out[f"double_blocks.{index}.{_DOUBLE_BACK[name]}"] = state.pop(key)
+            elif not single and name in _QKV_PART:
+                fused, part = _QKV_PART[name]
+                qkv.setdefault(f"double_blocks.{index}.{fused}", [None] * 3)[part] = state.pop(key)
+    for key, parts in qkv.items():
+        if any(p is None for p in parts):
+            absent = [n for n, p in zip("qkv", parts) if p is None]
+            raise CheckpointError(f"diffusers FLUX.2 checkpoint lacks the {'/'.join(absent)} projection(s) "
+                                  f"that fuse into {key}")
+        out[key] = torch.cat(parts, dim=0)
+    _leftovers(state, "diffusers")
+    return out
+
+
+def _leftovers(state: Mapping[str, Tensor], layout: str) -> None:
+    if state:
+        keys = sorted(state)
+        raise CheckpointError(f"{len(keys)} key(s) of this {layout}-layout FLUX.2 checkpoint have no counterpart "
+                              f"in FLUX.2's transformer: {', '.join(keys[:5])}")
+
+
+def to_bfl(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Any FLUX.2 layout (BFL, diffusers, ComfyUI) -> BFL keys, the ``rename`` for ``load_model``."""
+    layout = detect_layout(state)
+    if layout == "diffusers":
+        return diffusers_to_bfl(state)
+    if layout == "comfyui":
+        outside = [k for k in state if not k.startswith(COMFYUI_PREFIX)]
+        if outside:
+            raise CheckpointError(f"ComfyUI FLUX.2 file holds {len(outside)} tensor(s) outside "
+                                  f"{COMFYUI_PREFIX} (text encoder or VAE?): {', '.join(sorted(outside)[:5])}; "
+                                  f"load the diffusion model file alone")
+        state = {k[len(COMFYUI_PREFIX):]: state.pop(k) for k in list(state)}
+    _leftovers({k: v for k, v in state.items() if not _is_bfl_key(k)}, "BFL")
+    return state
+
+
+def _is_bfl_key(key: str) -> bool:
+    if key in _TOP or key == _FINAL_ADALN[0]:
+        return True
+    m = _BFL_BLOCK.fullmatch(key)
+    return bool(m) and m.group(3) in (_SINGLE if m.group(1) == "single" else {**_DOUBLE, **_DOUBLE_QKV})
+
+
+def meta_state(shapes: Mapping[str, Sequence[int]]) -> dict[str, Tensor]:
+    """Shapes (``diffcore.io.checkpoint.tensor_shapes``) as meta tensors, so the converters run on them."""
+    return {k: torch.empty(tuple(s), device="meta") for k, s in shapes.items()}
+
+
+def params_from_state(state: Mapping[str, Tensor]) -> Flux2Params:
+    """The shape of the transformer behind a state dict in any layout (tensors or meta tensors).
+
+    The RoPE split cannot be read from weights: 128-dim heads get FLUX.2's (32, 32, 32, 32),
+    other head sizes four equal axes.
+    """
+    sd = to_bfl(dict(state))
+    try:
+        hidden, in_channels = sd["img_in.weight"].shape
+        context = sd["txt_in.weight"].shape[1]
+    except KeyError as exc:
+        raise CheckpointError(f"FLUX.2 checkpoint lacks {exc.args[0]}") from None
+    depth = _count(sd, "double_blocks")
+    single = _count(sd, "single_blocks")
+    norm = sd.get("double_blocks.0.img_attn.norm.query_norm.scale", sd.get("single_blocks.0.norm.query_norm.scale"))
+    if norm is None:
+        raise CheckpointError("FLUX.2 checkpoint has neither double nor single blocks")
+    head_dim = norm.shape[0]
+    mlp = (sd["single_blocks.0.linear2.weight"].shape[1] - hidden if single
+           else sd["double_blocks.0.img_mlp.2.weight"].shape[1])
+    if hidden % head_dim or head_dim % 8:
+        raise CheckpointError(f"FLUX.2 checkpoint: hidden size {hidden} with {head_dim}-dim heads "
+                              f"(head dim must divide the hidden size and split into 4 even RoPE axes)")
+    return Flux2Params(hidden_size=hidden, num_heads=hidden // head_dim, depth=depth, depth_single_blocks=single,
+                       context_in_dim=context, guidance_embed="guidance_in.in_layer.weight" in sd,
+                       in_channels=in_channels, mlp_ratio=mlp / hidden, axes_dim=(head_dim // 4,) * 4)
+
+
+def _count(sd: Mapping[str, Tensor], prefix: str) -> int:
+    indices = {int(m.group(2)) for k in sd if (m := _BFL_BLOCK.fullmatch(k)) and m.group(1) + "_blocks" == prefix}
+    if indices and indices != set(range(len(indices))):
+        raise CheckpointError(f"FLUX.2 checkpoint's {prefix} are not numbered 0..{len(indices) - 1}: "
+                              f"{sorted(indices)}")
+    return len(indices)
+
+
+def detect_variant(state: Mapping[str, Tensor], hint: str = "") -> str:
+    """The row of ``VARIANTS`` whose shapes match the state dict (any layout; meta tensors are fine).
+
+    klein-base-* has klein-*'s shapes: the base variant is returned only when ``hint`` (a file
+    name, say) contains "base".
+    """
+    p = params_from_state(state)
+    matches = [name for name, row in VARIANTS.items() if row == p]
+    if not matches:
+        raise CheckpointError(
+            f"FLUX.2 checkpoint matches no known variant: hidden {p.hidden_size} ({p.num_heads} heads), "
+            f"{p.depth} double + {p.depth_single_blocks} single blocks, text width {p.context_in_dim}, "
+            f"guidance embedding {'yes' if p.guidance_embed else 'no'}; known: "
+            + "; ".join(f"{n} {v.hidden_size}/{v.depth}+{v.depth_single_blocks}/{v.context_in_dim}"
+                        for n, v in VARIANTS.items()))
+    base = [n for n in matches if "base" in n]
+    if base and "base" in hint.lower():
+        return base[0]
+    return next((n for n in matches if "base" not in n), matches[0])

@@ -1,0 +1,219 @@
+"""FLUX.2 transformer layers (after BFL's flux2 ``model.py``), in BFL's checkpoint layout.
+
+What changed from FLUX.1: no biases anywhere; a SwiGLU MLP whose input projection is fused
+[gate | up]; and the adaLN modulation is computed once per forward from the timestep (+ guidance)
+embedding and shared by every block, so blocks hold no modulation weights. The softmax part of
+each joint attention is a diffcore ``Attention`` child named ``attn``, which gives the layer its
+name (``double_blocks.3``, ``single_blocks.10``) for attention patches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from diffcore.nn.attention import Attention
+
+TIME_DIM = 256
+Mod = tuple[Tensor, Tensor, Tensor]  # shift, scale, gate: each (batch, 1, hidden)
+
+
+def timestep_embedding(t: Tensor, dim: int = TIME_DIM, max_period: float = 10000.0,
+                       time_factor: float = 1000.0) -> Tensor:
+    """cos | sin features of ``time_factor * t`` (the DDPM sinusoid, cos half first as in BFL)."""
+    t = time_factor * t.float()
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def rope(pos: Tensor, dim: int, theta: int) -> Tensor:
+    """Rotation matrices (..., n, dim/2, 2, 2) for positions (..., n) (RoFormer, Su et al. 2021),
+    computed in float64 so large positions keep their phase."""
+    scale = torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim
+    angles = pos.to(torch.float64)[..., None] * (1.0 / theta**scale)
+    cos, sin = angles.cos(), angles.sin()
+    out = torch.stack([cos, -sin, sin, cos], dim=-1)
+    return rearrange(out, "... (i j) -> ... i j", i=2, j=2).float()
+
+
+def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
+    """Rotate adjacent feature pairs of ``x`` (batch, heads, tokens, head_dim) by ``pe``."""
+    pairs = rearrange(x.float(), "... (d two) -> ... d 1 two", two=2)
+    out = pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]
+    return rearrange(out, "... d two -> ... (d two)").type_as(x)
+
+
+class EmbedND(nn.Module):
+    """RoPE over several position axes: ids (batch, tokens, axes) -> (batch, 1, tokens, head_dim/2, 2, 2);
+    axis ``i`` rotates ``axes_dim[i]`` consecutive features of each head."""
+
+    def __init__(self, theta: int, axes_dim: tuple[int, ...]):
+        super().__init__()
+        self.theta, self.axes_dim = theta, tuple(axes_dim)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if ids.shape[-1] != len(self.axes_dim):
+            raise ValueError(f"position ids have {ids.shape[-1]} axes, the model's RoPE has {len(self.axes_dim)} "
+                             f"({self.axes_dim}); FLUX.2 ids are [t, h, w, l]")
+        pe = torch.cat([rope(ids[..., i], d, self.theta) for i, d in enumerate(self.axes_dim)], dim=-3)
+        return pe.unsqueeze(1)
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden, bias=False)
+        self.out_layer = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.scale
+
+
+class QKNorm(nn.Module):
+    """Per-head RMSNorm of queries and keys (Dehghani et al. 2023), learnable scale."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.query_norm = RMSNorm(head_dim)
+        self.key_norm = RMSNorm(head_dim)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return self.query_norm(q).to(v), self.key_norm(k).to(v)
+
+
+class SwiGLU(nn.Module):
+    """silu(gate) * up over the two halves of a fused [gate | up] projection (Shazeer 2020)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+def swiglu_mlp(hidden: int, mlp_hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(hidden, 2 * mlp_hidden, bias=False), SwiGLU(),
+                         nn.Linear(mlp_hidden, hidden, bias=False))
+
+
+def layer_norm(hidden: int) -> nn.LayerNorm:
+    return nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return (1 + scale) * x + shift
+
+
+class Modulation(nn.Module):
+    """``sets`` (shift, scale, gate) triples from the conditioning vector; one instance serves all blocks."""
+
+    def __init__(self, hidden: int, sets: int):
+        super().__init__()
+        self.sets = sets
+        self.lin = nn.Linear(hidden, 3 * sets * hidden, bias=False)
+
+    def forward(self, vec: Tensor) -> tuple[Mod, ...]:
+        out = rearrange(self.lin(F.silu(vec)), "b (s three d) -> s three b 1 d", s=self.sets, three=3)
+        return tuple((m[0], m[1], m[2]) for m in out)
+
+
+class StreamAttention(nn.Module):
+    """One stream's projections around the joint attention: fused qkv with QK-norm in, ``proj`` out."""
+
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
+        self.norm = QKNorm(hidden // heads)
+        self.proj = nn.Linear(hidden, hidden, bias=False)
+
+    def heads_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
+        q, k = self.norm(q, k, v)
+        return q, k, v
+
+
+class DoubleStreamBlock(nn.Module):
+    """Separate image and text weights, one attention over the sequence [txt, img]."""
+
+    def __init__(self, hidden: int, heads: int, mlp_hidden: int):
+        super().__init__()
+        self.img_norm1, self.img_norm2 = layer_norm(hidden), layer_norm(hidden)
+        self.img_attn = StreamAttention(hidden, heads)
+        self.img_mlp = swiglu_mlp(hidden, mlp_hidden)
+        self.txt_norm1, self.txt_norm2 = layer_norm(hidden), layer_norm(hidden)
+        self.txt_attn = StreamAttention(hidden, heads)
+        self.txt_mlp = swiglu_mlp(hidden, mlp_hidden)
+        self.attn = Attention()
+
+    def forward(self, img: Tensor, txt: Tensor, pe: Tensor,
+                img_mod: tuple[Mod, Mod], txt_mod: tuple[Mod, Mod]) -> tuple[Tensor, Tensor]:
+        (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = img_mod
+        (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = txt_mod
+        img_q, img_k, img_v = self.img_attn.heads_qkv(modulate(self.img_norm1(img), img_shift1, img_scale1))
+        txt_q, txt_k, txt_v = self.txt_attn.heads_qkv(modulate(self.txt_norm1(txt), txt_shift1, txt_scale1))
+        q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
+        out = rearrange(self.attn(apply_rope(q, pe), apply_rope(k, pe), v), "b h l d -> b l (h d)")
+        txt_out, img_out = out[:, :txt.shape[1]], out[:, txt.shape[1]:]
+
+        img = img + img_gate1 * self.img_attn.proj(img_out)
+        img = img + img_gate2 * self.img_mlp(modulate(self.img_norm2(img), img_shift2, img_scale2))
+        txt = txt + txt_gate1 * self.txt_attn.proj(txt_out)
+        txt = txt + txt_gate2 * self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """Parallel attention + MLP (Dehghani et al. 2023): ``linear1`` = [q|k|v|gate|up], ``linear2``
+    takes [attention | MLP] back to the hidden size."""
+
+    def __init__(self, hidden: int, heads: int, mlp_hidden: int):
+        super().__init__()
+        self.heads, self.hidden, self.mlp_hidden = heads, hidden, mlp_hidden
+        self.pre_norm = layer_norm(hidden)
+        self.linear1 = nn.Linear(hidden, 3 * hidden + 2 * mlp_hidden, bias=False)
+        self.norm = QKNorm(hidden // heads)
+        self.mlp_act = SwiGLU()
+        self.linear2 = nn.Linear(hidden + mlp_hidden, hidden, bias=False)
+        self.attn = Attention()
+
+    def forward(self, x: Tensor, pe: Tensor, mod: Mod) -> Tensor:
+        shift, scale, gate = mod
+        qkv, mlp = self.linear1(modulate(self.pre_norm(x), shift, scale)).split(
+            [3 * self.hidden, 2 * self.mlp_hidden], dim=-1)
+        q, k, v = rearrange(qkv, "b l (three h d) -> three b h l d", three=3, h=self.heads)
+        q, k = self.norm(q, k, v)
+        attn = rearrange(self.attn(apply_rope(q, pe), apply_rope(k, pe), v), "b h l d -> b l (h d)")
+        return x + gate * self.linear2(torch.cat([attn, self.mlp_act(mlp)], dim=-1))
+
+
+class LastLayer(nn.Module):
+    """adaLN with BFL's (shift, scale) order, then the projection to the latent channels."""
+
+    def __init__(self, hidden: int, out_channels: int):
+        super().__init__()
+        self.norm_final = layer_norm(hidden)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden, bias=False))
+        self.linear = nn.Linear(hidden, out_channels, bias=False)
+
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+        shift, scale = rearrange(self.adaLN_modulation(vec), "b (two d) -> two b 1 d", two=2)
+        return self.linear(modulate(self.norm_final(x), shift, scale))

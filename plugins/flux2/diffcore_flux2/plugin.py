@@ -1,0 +1,110 @@
+"""diffcore plugin: the ``flux2`` model family and its ``flux2`` schedule. Imports no torch;
+the factories do, when called.
+
+Weights load from local files only: a diffusers FLUX.2 folder (``transformer/``, ``vae/``,
+``text_encoder/``, ``tokenizer/``), or a single transformer file (BFL, ComfyUI or diffusers
+keys) with ``vae`` (BFL's ``ae.safetensors`` or a diffusers ``vae/`` folder) and
+``text_encoder`` (a diffusers folder holding ``text_encoder/`` and ``tokenizer/``) set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from diffcore.errors import ConfigError, did_you_mean
+from diffcore.hookspecs import hookimpl
+from diffcore.registry import NoConfig
+from diffcore_flux2.params import DEFAULTS, TEXT_ENCODERS, VARIANTS
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _variant(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if value != "auto" and value not in VARIANTS:
+        raise ConfigError(f"unknown FLUX.2 variant {value!r}{did_you_mean(value, VARIANTS)}; "
+                          f"known: auto, {', '.join(VARIANTS)}", path=attribute.name)
+
+
+def _dtype(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if value not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {value!r}", path=attribute.name)
+
+
+def _local(instance: Any, attribute: attrs.Attribute, value: str | None) -> None:
+    if value and not Path(value).expanduser().exists():
+        raise ConfigError(f"no such file or folder: {value} (diffcore reads local files only; download the "
+                          f"model first)", path=attribute.name)
+
+
+@attrs.frozen
+class Flux2Config:
+    """``variant = "auto"`` reads it from the transformer's shapes (klein-base only when its path
+    says "base"); ``guidance``: dev's embedded guidance (default 4.0); klein-base wants true CFG
+    (``cfg_scale = 4.0`` in the job), distilled klein neither."""
+
+    variant: str = attrs.field(default="auto", validator=_variant)
+    path: str = attrs.field(default="", validator=_local)
+    vae: str | None = attrs.field(default=None, validator=_local)
+    text_encoder: str | None = attrs.field(default=None, validator=_local)
+    dtype: str = attrs.field(default="bfloat16", validator=_dtype)
+    guidance: float | None = None
+    max_sequence_length: int = attrs.field(default=512, validator=attrs.validators.gt(0))
+
+
+def build_flux2(config: Flux2Config, device: Any = "cpu") -> Any:
+    """A ``Flux2Bundle`` on ``device`` from the local files ``config`` names."""
+    import torch
+
+    from diffcore_flux2.bundle import Flux2Bundle
+    from diffcore_flux2.load import load_ae, load_transformer, transformer_params
+    from diffcore_flux2.text import Flux2TextEncoder, TextSpec
+
+    if not config.path:
+        raise ConfigError("set path to a local FLUX.2 diffusers folder or transformer .safetensors file", path="path")
+    dtype = getattr(torch, config.dtype)
+    root = Path(config.path).expanduser()
+    folder = root if root.is_dir() and (root / "transformer").is_dir() else None
+    weights = folder / "transformer" if folder else root
+    variant, _ = transformer_params(weights, None if config.variant == "auto" else config.variant)
+    if variant is None:
+        raise ConfigError(f"{weights}: its shapes match no FLUX.2 variant; set variant to one of "
+                          f"{', '.join(VARIANTS)}", path="variant")
+    network = load_transformer(weights, variant=variant, dtype=dtype, device=device)
+
+    vae_path = config.vae or (folder / "vae" if folder and (folder / "vae").is_dir() else None)
+    if vae_path is None:
+        raise ConfigError(f"{root} has no vae/ folder: set vae to FLUX.2's ae.safetensors", path="vae")
+    vae = load_ae(vae_path, variant="tiny" if variant.startswith("tiny") else "flux2", dtype=dtype, device=device)
+
+    text_path = config.text_encoder or (folder if folder and (folder / "text_encoder").is_dir() else None)
+    if text_path is None:
+        raise ConfigError(f"{root} has no text encoder: set text_encoder to a local diffusers FLUX.2 folder "
+                          f"(text_encoder/, tokenizer/)", path="text_encoder")
+    chat, layers = TEXT_ENCODERS[variant]
+    text = Flux2TextEncoder.from_folder(text_path, TextSpec(chat, layers), max_length=config.max_sequence_length,
+                                        dtype=dtype, device=device)
+    defaults = DEFAULTS[variant]
+    return Flux2Bundle(network=network.eval(), vae=vae, text=text, default_steps=defaults.steps,
+                       default_schedule={"name": "flux2"},
+                       guidance=config.guidance if config.guidance is not None else defaults.guidance)
+
+
+def flux2_schedule(config: NoConfig, **_: Any) -> Any:
+    from diffcore_flux2.bundle import Flux2Timer
+
+    return Flux2Timer(config)
+
+
+@hookimpl
+def register_models(register):
+    register("flux2", build_flux2, config=Flux2Config,
+             description="FLUX.2 dev / klein / klein-base (Black Forest Labs): rectified-flow DiT, LLM text encoder")
+
+
+@hookimpl
+def register_schedules(register):
+    register("flux2", flux2_schedule, config=NoConfig,
+             description="FLUX.2: flow matching shifted by BFL's empirical mu (image tokens and step count)")
