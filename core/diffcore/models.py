@@ -46,6 +46,14 @@ class ModelBundle:
         """Latents to images in [-1, 1], (batch, channels, height, width)."""
         return latents
 
+    def image_shape(self, request: Any) -> tuple[int, ...]:
+        """(channels, height, width) of the images ``decode`` returns; pixel-space models: the latent shape."""
+        return self.latent_shape(request)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] to the latents ``decode`` inverts (img2img starts from these)."""
+        return images
+
     def attention_alias(self, name: str) -> str:
         """Map another tool's layer name (diffusers' ``transformer_blocks.8.attn``) to ours."""
         return name

@@ -71,3 +71,20 @@ def read_params(path: str | Path) -> dict[str, Any] | None:
     with Image.open(path) as im:
         text = im.text.get(PARAMS_KEY) if hasattr(im, "text") else None
     return None if text is None else json.loads(text)
+
+
+def load_image(path: str | Path, *, size: tuple[int, int] | None = None, channels: int = 3) -> torch.Tensor:
+    """An image file as a (C, H, W) tensor in [-1, 1]; ``size`` = (height, width) resizes (Lanczos).
+    A missing or unreadable file is a ConfigError naming it."""
+    from diffcore.errors import ConfigError
+
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read image {str(path)!r}: {exc}") from None
+    image = image.convert("L" if channels == 1 else "RGB")
+    if size is not None and (image.height, image.width) != tuple(size):
+        image = image.resize((size[1], size[0]), Image.LANCZOS)
+    array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(image.height, image.width, -1)
+    return array.permute(2, 0, 1).float() / 127.5 - 1

@@ -1,7 +1,11 @@
 """The ``generate`` job: sample images from any registered model family.
 
 Class-conditional families take ``class_label`` / ``class_grid``; text families take
-``prompt``. Each image is a PNG with its parameters in a text chunk; a grid PNG sums them up.
+``prompt`` (a string, a list, or ``prompt_file`` with one prompt per line). ``init_image`` +
+``strength`` is image-to-image (the schedule starts ``strength`` of the way from the end, as in
+diffusers); ``reference_image``, ``image`` and ``mask`` reach the family in ``request.extra``
+(Kontext / FLUX.2 editing, Fill). Each image is a PNG with its parameters in a text chunk; a
+grid PNG sums them up.
 """
 
 from __future__ import annotations
@@ -24,7 +28,14 @@ class GenerateSettings(JobSettings):
     class_grid: bool = False
     samples_per_class: int = attrs.field(default=8, validator=v.gt(0))
     prompt: str | list[str] | None = None
+    prompt_file: str | None = None
     negative_prompt: str | None = None
+    seeds: list[int] | None = None            # several seeds: every prompt / label once per seed
+    init_image: str | None = None
+    strength: float = attrs.field(default=1.0, validator=[v.gt(0), v.le(1)])
+    reference_image: str | list[str] | None = None
+    image: str | None = None
+    mask: str | None = None
     height: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
     width: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
     num_steps: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
@@ -66,29 +77,36 @@ def run_generate(config: GenerateJob, ctx: JobContext) -> list[Any]:
     steps = s.num_steps or bundle.default_steps
     labels = class_labels(s, getattr(bundle, "num_classes", None))
     prompts = _prompts(s)
-    total = len(labels) if labels is not None else (len(prompts) if prompts else s.num_samples)
+    per_seed = len(labels) if labels is not None else (len(prompts) if prompts else s.num_samples)
+    extra = _image_inputs(s)
 
     images, params = [], []
-    generator = torch.Generator("cpu").manual_seed(s.seed)
-    for start in range(0, total, s.batch_size):
-        n = min(s.batch_size, total - start)
-        request = GenerationRequest(
-            batch=n, labels=labels[start:start + n].to(device) if labels is not None else None,
-            prompts=prompts[start:start + n] if prompts else None,
-            negative_prompts=[s.negative_prompt or ""] * n if prompts else None, height=s.height, width=s.width)
-        shape = bundle.latent_shape(request)
-        noise = torch.randn((n, *shape), generator=generator).to(device)
-        seq_len = math.prod(shape[1:]) if len(shape) == 3 else None
-        sigmas = schedule.sigmas(steps, seq_len=seq_len).to(device)
-        with torch.no_grad():
-            latents = sample(bundle, noise, bundle.conditions(request), sigmas, sampler, guidance=guidance,
-                             generator=generator, disable=not s.progress)
-            images.append(bundle.decode(latents).float().clamp(-1, 1).cpu())
-        for i in range(n):
-            params.append({"model": config.model.name, "sampler": config.sampler.name, "steps": steps,
-                           "cfg_scale": s.cfg_scale, "seed": s.seed, "index": start + i,
-                           **({"class_label": int(labels[start + i])} if labels is not None else {}),
-                           **({"prompt": prompts[start + i]} if prompts else {})})
+    for seed in s.seeds or [s.seed]:
+        generator = torch.Generator("cpu").manual_seed(seed)
+        for start in range(0, per_seed, s.batch_size):
+            n = min(s.batch_size, per_seed - start)
+            request = GenerationRequest(
+                batch=n, labels=labels[start:start + n].to(device) if labels is not None else None,
+                prompts=prompts[start:start + n] if prompts else None,
+                negative_prompts=[s.negative_prompt or ""] * n if prompts else None, height=s.height,
+                width=s.width, extra=dict(extra))
+            shape = bundle.latent_shape(request)
+            noise = torch.randn((n, *shape), generator=generator).to(device)
+            seq_len = math.prod(shape[1:]) if len(shape) == 3 else None
+            sigmas = schedule.sigmas(steps, seq_len=seq_len).to(device)
+            x0 = None
+            if s.init_image is not None:
+                x0, sigmas = _img2img_start(bundle, s, request, sigmas, device)
+            with torch.no_grad():
+                latents = sample(bundle, noise, bundle.conditions(request), sigmas, sampler, guidance=guidance,
+                                 generator=generator, disable=not s.progress, x0=x0)
+                images.append(bundle.decode(latents).float().clamp(-1, 1).cpu())
+            for i in range(n):
+                params.append({"model": config.model.name, "sampler": config.sampler.name, "steps": steps,
+                               "cfg_scale": s.cfg_scale, "seed": seed, "index": start + i,
+                               **({"strength": s.strength} if s.init_image else {}),
+                               **({"class_label": int(labels[start + i])} if labels is not None else {}),
+                               **({"prompt": prompts[start + i]} if prompts else {})})
     images_t = torch.cat(images)
     if is_main_process():
         ctx.output_dir.mkdir(parents=True, exist_ok=True)
@@ -131,10 +149,52 @@ def class_labels(s: GenerateSettings, num_classes: int | None):
 
 
 def _prompts(s: GenerateSettings) -> list[str] | None:
-    if s.prompt is None:
+    from diffcore.errors import ConfigError
+
+    if s.prompt is not None and s.prompt_file is not None:
+        raise ConfigError("give either prompt or prompt_file, not both", path="job.prompt_file")
+    if s.prompt_file is not None:
+        try:
+            lines = open(s.prompt_file, encoding="utf-8").read().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"cannot read prompt_file: {exc}", path="job.prompt_file") from None
+        prompts = [line.strip() for line in lines if line.strip()]
+    elif s.prompt is not None:
+        prompts = [s.prompt] if isinstance(s.prompt, str) else list(s.prompt)
+    else:
         return None
-    prompts = [s.prompt] if isinstance(s.prompt, str) else list(s.prompt)
     return [p for p in prompts for _ in range(s.num_samples)]
+
+
+def _image_inputs(s: GenerateSettings) -> dict[str, Any]:
+    """The job's image files as tensors in [-1, 1], for the family's ``conditions`` to use."""
+    from diffcore.io.images import load_image
+
+    size = (s.height, s.width) if s.height and s.width else None
+    extra: dict[str, Any] = {}
+    if s.reference_image is not None:
+        refs = [s.reference_image] if isinstance(s.reference_image, str) else s.reference_image
+        extra["reference_images"] = [load_image(r) for r in refs]
+    if s.image is not None:
+        extra["image"] = load_image(s.image, size=size)
+    if s.mask is not None:
+        mask = load_image(s.mask, size=size, channels=1)
+        extra["mask"] = (mask + 1) / 2  # white (1) = repaint
+    return extra
+
+
+def _img2img_start(bundle: Any, s: GenerateSettings, request: Any, sigmas: Any, device: str) -> tuple[Any, Any]:
+    """Encode ``init_image`` and drop the first ``1 - strength`` of the schedule (diffusers' rule:
+    ``int(steps * strength)`` steps are run)."""
+    from diffcore.io.images import load_image
+
+    channels, height, width = bundle.image_shape(request)
+    image = load_image(s.init_image, size=(height, width), channels=channels).to(device)
+    x0 = bundle.encode(image[None])
+    x0 = x0.expand(request.batch, *x0.shape[1:])
+    steps = len(sigmas) - 1
+    run = max(1, min(steps, int(steps * s.strength)))
+    return x0, sigmas[steps - run:]
 
 
 def _default_schedule(bundle: Any) -> Any:
