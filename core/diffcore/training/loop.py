@@ -1,0 +1,241 @@
+"""The training loop: batch -> loss -> backward (accumulated) -> gradient average -> clip ->
+optimizer step -> EMA -> log / sample / checkpoint. One function, read top to bottom.
+
+Processes. ``accelerate`` starts the process group (gloo on CPU, NCCL on GPU; ``torchrun`` or
+``accelerate launch``) and picks the device. The data sampler gives each rank its contiguous
+share of every global batch (``batch_size`` is global, per forward). Gradients are averaged by
+hand once per optimizer step rather than by wrapping the network in DDP: a family's bundle
+reaches into its network (``DiTBundle.num_classes`` reads ``network.params``), which a DDP
+wrapper would hide. Only rank 0 writes files.
+
+Randomness. Noise, timesteps and label dropout for micro batch ``a`` of rank ``r`` at step
+``s`` come from a generator seeded with ``(seed, s, a * world_size + r)``: a run on W processes
+with A accumulation steps sees the same data and noise as a one-process run with A * W
+accumulation steps and the same per-process batch, and resuming needs no generator state.
+Global RNG states (model dropout, augmentation in the main process) are saved per rank.
+
+Exact resume. A checkpoint holds weights, EMA, optimizer, the step (the learning rate is a
+function of it), the data position and every rank's RNG states, so training 200 steps straight
+and 100 + resume + 100 give bit-identical weights on CPU in fp32 (with ``num_workers = 0``, or
+deterministic datasets: worker processes restart their own random streams).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from diffcore.data.sampler import ShuffledIndices
+from diffcore.errors import CheckpointError, ConfigError
+from diffcore.training import checkpoint
+from diffcore.training.ema import EMA
+from diffcore.training.optim import build_optimizer, lr_at
+
+
+@attrs.define
+class TrainResult:
+    step: int
+    losses: list[tuple[int, float]]          # (step, loss averaged over processes and micro batches)
+    checkpoint: Path | None                  # the last checkpoint written
+    ema: EMA
+
+
+def train(s: Any, *, bundle: Any, trainer: Any, dataset: Any, output_dir: str | Path,
+          config: dict[str, Any] | None = None, preview: Callable[[Any, int], None] | None = None,
+          stop_after: int | None = None) -> TrainResult:
+    """Train ``trainer`` on ``dataset`` with the knobs of ``s`` (a ``TrainSettings``).
+
+    ``preview(bundle, step)`` is called on rank 0 every ``s.sample_every`` steps with the EMA
+    weights swapped in, in eval mode and without gradients. ``stop_after`` ends the run after
+    that step (with a checkpoint) while the schedule still plans for ``s.steps``: a planned
+    interruption.
+    """
+    output_dir = Path(output_dir)
+    accelerator = Accelerator(cpu=s.device == "cpu" or not torch.cuda.is_available())
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    main = accelerator.is_main_process
+    if s.batch_size % world:
+        raise ConfigError(f"batch_size {s.batch_size} is not divisible by the {world} processes", path="job.batch_size")
+    micro_batch = s.batch_size // world
+    end = s.steps if stop_after is None else min(stop_after, s.steps)
+
+    # model, optimizer, EMA
+    network: nn.Module = bundle.network.to(device)
+    network.train()
+    if s.gradient_checkpointing:
+        if not hasattr(network, "gradient_checkpointing"):
+            raise ConfigError(f"{type(network).__name__} has no gradient_checkpointing switch",
+                              path="job.gradient_checkpointing")
+        network.gradient_checkpointing = True
+    params = list(trainer.trainable_parameters())
+    if world > 1:  # identical starting weights on every rank, as DDP would broadcast them
+        for t in network.state_dict().values():
+            dist.broadcast(t, src=0)
+    optimizer = build_optimizer(network, params, s.optimizer, lr=s.lr, weight_decay=s.weight_decay)
+    ema = EMA(network, decay=s.ema_decay, warmup=s.ema_warmup)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.mixed_precision == "bf16")
+
+    # data: each rank's share of every global batch, in an order fixed by the seed
+    sampler = ShuffledIndices(len(dataset), s.seed, rank=rank, world_size=world, batch_size=s.batch_size)
+
+    # resume, or seed this process
+    step = 0
+    root = output_dir / "checkpoints"
+    if main:
+        checkpoint.remove_stale(root)
+    path = checkpoint.resolve(s.resume, root) if s.resume else None
+    restored_rng = False
+    if path is not None:
+        saved = checkpoint.load(path, device)
+        try:
+            network.load_state_dict(saved["model"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path}: the weights do not fit this model: {exc}") from None
+        ema.load_state_dict({k: v for k, v in saved["ema"].items() if k in ema.shadow}, saved["state"]["ema"])
+        optimizer.load_state_dict(saved["optimizer"])
+        sampler.load_state_dict(saved["state"]["sampler"])
+        step = saved["state"]["step"]
+        if main:  # steps logged after this checkpoint are about to be redone
+            _truncate_log(output_dir / "log.jsonl", step)
+        if len(saved["rng"]) == world:
+            checkpoint.set_rng_state(saved["rng"][rank])
+            restored_rng = True
+        elif main:
+            print(f"resuming on {world} processes from a {len(saved['rng'])}-process checkpoint: data and noise "
+                  "continue exactly, the global RNG streams (dropout) are reseeded", file=sys.stderr)
+        if main:
+            print(f"resumed from {path} at step {step}", file=sys.stderr)
+    if not restored_rng:
+        torch.manual_seed(s.seed + rank)
+        random.seed(s.seed + rank)
+        np.random.seed(s.seed + rank)
+    # the loader's own generator keeps it from drawing worker seeds out of the global RNG
+    loader = DataLoader(dataset, batch_size=micro_batch, sampler=sampler, num_workers=s.num_workers,
+                        generator=torch.Generator().manual_seed(s.seed), pin_memory=device.type == "cuda")
+    batches = iter(loader)
+
+    losses: list[tuple[int, float]] = []
+    last: Path | None = path
+    log_file = output_dir / "log.jsonl"
+    progress = tqdm(total=end, initial=step, disable=not main or not sys.stderr.isatty(), desc="train")
+    t0, logged_at = time.perf_counter(), step
+    while step < end:
+        lr = lr_at(step, lr=s.lr, warmup_steps=s.warmup_steps, schedule=s.lr_schedule, total_steps=s.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # forward and backward over grad_accum micro batches, gradients summed in .grad
+        loss_sum = torch.zeros((), device=device)
+        for micro_step in range(s.grad_accum):
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            generator = torch.Generator().manual_seed(_seed(s.seed, step, micro_step * world + rank))
+            with autocast:
+                loss = trainer.loss(bundle, batch, generator)
+            (loss / s.grad_accum).backward()
+            loss_sum += loss.detach()
+        if world > 1:
+            average_gradients(params, world)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm) if s.max_grad_norm > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(network)
+        step += 1
+        progress.update(1)
+
+        if step % s.log_every == 0 or step == end:
+            loss_mean = accelerator.reduce(loss_sum / s.grad_accum, reduction="mean").item()
+            losses.append((step, loss_mean))
+            if main:
+                dt = (time.perf_counter() - t0) / (step - logged_at)
+                record = {"step": step, "loss": loss_mean, "lr": lr, "sec_per_step": dt,
+                          "grad_norm": None if grad_norm is None else grad_norm.item()}
+                output_dir.mkdir(parents=True, exist_ok=True)
+                with open(log_file, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                progress.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}")
+                if progress.disable:
+                    print(f"step {step}/{s.steps} | loss {loss_mean:.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms/step",
+                          file=sys.stderr)
+            t0, logged_at = time.perf_counter(), step
+
+        if main and preview is not None and s.sample_every and step % s.sample_every == 0:
+            network.eval()
+            with ema.applied(network), torch.no_grad(), autocast:
+                preview(bundle, step)
+            network.train()
+
+        if (s.checkpoint_every and step % s.checkpoint_every == 0) or step == end:
+            last = save_checkpoint(root, step, s, network=network, ema=ema, optimizer=optimizer, lr=lr,
+                                   samples=step * s.grad_accum * s.batch_size, sampler=sampler,
+                                   config=config or {}, accelerator=accelerator)
+    progress.close()
+    return TrainResult(step=step, losses=losses, checkpoint=last, ema=ema)
+
+
+def save_checkpoint(root: Path, step: int, s: Any, *, network: nn.Module, ema: EMA, optimizer: Any, lr: float,
+                    samples: int, sampler: ShuffledIndices, config: dict[str, Any], accelerator: Accelerator) -> Path:
+    """Gather every rank's RNG states, then rank 0 writes the checkpoint folder atomically."""
+    rngs = [checkpoint.rng_state()]
+    if accelerator.num_processes > 1:
+        rngs = [None] * accelerator.num_processes
+        dist.all_gather_object(rngs, checkpoint.rng_state())
+    path = checkpoint.step_dir(root, step)
+    if accelerator.is_main_process:
+        model = network.state_dict()
+        ema_model = {**model, **ema.state_dict()}  # a full model file: averaged weights, other tensors as they are
+        checkpoint.save(
+            root, step, model=model, ema=ema_model, optimizer=optimizer.state_dict(), rng=rngs,
+            scheduler={"lr_schedule": s.lr_schedule, "lr": s.lr, "warmup_steps": s.warmup_steps,
+                       "total_steps": s.steps, "last_lr": lr},
+            state={"step": step, "samples": samples, "sampler": sampler.state_at(samples),
+                   "world_size": accelerator.num_processes, "ema": ema.counters()},
+            config=config, keep_last=s.keep_last)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def average_gradients(params: list[nn.Parameter], world_size: int, bucket_numel: int = 1 << 25) -> None:
+    """All-reduce mean of the gradients in flat buckets (what DDP does after backward)."""
+    grads = []
+    for p in params:
+        if p.grad is None:  # unused this step on this rank; others may have one
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for i, g in enumerate(grads):
+        bucket.append(g)
+        size += g.numel()
+        if i == len(grads) - 1 or size >= bucket_numel or grads[i + 1].dtype != g.dtype:
+            flat = torch.cat([b.reshape(-1) for b in bucket])
+            dist.all_reduce(flat)
+            flat /= world_size
+            for b, part in zip(bucket, flat.split([b.numel() for b in bucket])):
+                b.copy_(part.view_as(b))
+            bucket, size = [], 0
+
+
+def _truncate_log(log_file: Path, step: int) -> None:
+    if log_file.is_file():
+        lines = log_file.read_text().splitlines(keepends=True)
+        log_file.write_text("".join(x for x in lines if json.loads(x)["step"] <= step))
+
+
+def _seed(*parts: int) -> int:
+    """A 64-bit seed mixing ``parts`` (numpy's SeedSequence hash: nearby tuples give unrelated seeds)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0])
+
