@@ -8,13 +8,15 @@ from diffcore.errors import CheckpointError, ConfigError, DiffcoreError, PluginE
 from diffcore.hookspecs import hookimpl
 from diffcore.jobs import JobContext, JobSettings, is_main_process
 from diffcore.models import GenerationRequest, ModelBundle
-from diffcore.nn.attention import Attention, attention_layers, patch_attention, resolve_layers
+from diffcore.nn.attention import Attention, AttentionContext, attention_layers, patch_attention, resolve_layers
+from diffcore.plugins import registry
 from diffcore.registry import NoConfig
-from diffcore.sampling.guidance import COND, UNCOND, Branch, GuidanceProcessor, StepInfo
+from diffcore.sampling.engine import sample
+from diffcore.sampling.guidance import COND, UNCOND, Branch, BranchPatch, GuidanceProcessor, StepInfo
 
 __all__ = [
-    "COND", "UNCOND", "Attention", "Branch", "CheckpointError", "ConfigError", "DiffcoreError",
-    "GenerationRequest", "GuidanceProcessor", "JobContext", "JobSettings", "ModelBundle", "NoConfig",
-    "PluginError", "Spec", "StepInfo", "attention_layers", "component", "component_list", "hookimpl",
-    "is_main_process", "patch_attention", "resolve_layers",
+    "COND", "UNCOND", "Attention", "AttentionContext", "Branch", "BranchPatch", "CheckpointError", "ConfigError",
+    "DiffcoreError", "GenerationRequest", "GuidanceProcessor", "JobContext", "JobSettings", "ModelBundle",
+    "NoConfig", "PluginError", "Spec", "StepInfo", "attention_layers", "component", "component_list", "hookimpl",
+    "is_main_process", "patch_attention", "registry", "resolve_layers", "sample",
 ]

@@ -4,12 +4,22 @@ Model code computes q, k, v its own way and calls an ``Attention`` module for th
 Attention-level guidance (PAG, NAG, ...) never touches the blocks: within ``patch_attention``
 the named ``Attention`` modules run a patch on chosen rows of the batch (one guidance branch)
 and plain scaled-dot-product attention on the others.
+
+Two extensions keep guidance methods that work *inside* a branch cheap and general:
+
+- several patches on the same rows of a layer compose: each later patch receives the earlier
+  one as its ``attend`` (so NAG-PAG on ``cond`` and another patch on ``cond`` both apply);
+- a patch may see the q, k, v of *other* rows of the same forward (``context=``): NAG reads the
+  negative branch's keys and values while it rewrites the positive rows, with no extra forward.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import functools
 from collections.abc import Callable, Iterator, Mapping
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,12 +28,26 @@ from torch import nn
 from diffcore.errors import ConfigError, did_you_mean
 
 # patch(q, k, v, attend) -> out; q, k, v are (batch, heads, tokens, head_dim) for the patched rows,
-# ``attend`` is the unpatched attention so a patch can call it (NAG needs both outputs).
-AttentionPatch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Callable[..., torch.Tensor]], torch.Tensor]
+# ``attend`` is the unpatched attention (or the previous patch on these rows) so a patch can call
+# it (NAG needs both outputs). A patch entered with ``context=`` also gets ``context=AttentionContext``.
+AttentionPatch = Callable[..., torch.Tensor]
+
+
+class AttentionContext(NamedTuple):
+    """Another branch's rows of the same forward, as a ``context=`` patch sees them: its q, k, v
+    and ``attend`` (plain attention under that branch's own mask)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+Route = tuple[slice, AttentionPatch, "slice | None"]
 
 
 class Attention(nn.Module):
@@ -31,18 +55,41 @@ class Attention(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.routes: list[tuple[slice, AttentionPatch]] = []
+        self.routes: list[Route] = []
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        out = attend(q, k, v, mask)
         if not self.routes:
-            return out
-        out = out.clone()
-        for rows, patch in self.routes:
-            m = mask[rows] if mask is not None and mask.shape[0] > 1 else mask
-            out[rows] = patch(q[rows], k[rows], v[rows], lambda q, k, v: attend(q, k, v, m))
+            return attend(q, k, v, mask)
+        chains: dict[tuple[int, int, int], list[Route]] = {}
+        for route in self.routes:
+            chains.setdefault(route[0].indices(q.shape[0]), []).append(route)
+        covered = {i for key in chains for i in range(*key)}
+        if len(covered) == q.shape[0]:   # every row is patched: plain attention would be thrown away
+            out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        else:
+            out = attend(q, k, v, mask).clone()
+        for chain in chains.values():
+            rows = chain[0][0]
+            inner = functools.partial(attend, mask=_rows(mask, rows))
+            for _, patch, context in chain:
+                ctx = None if context is None else AttentionContext(
+                    q[context], k[context], v[context], functools.partial(attend, mask=_rows(mask, context)))
+                inner = _bind(patch, inner, ctx)
+            out[rows] = inner(q[rows], k[rows], v[rows])
         return out
+
+
+def _rows(mask: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    """The mask of some batch rows (a mask broadcast over the batch applies to all of them)."""
+    return mask[rows] if mask is not None and mask.ndim == 4 and mask.shape[0] > 1 else mask
+
+
+def _bind(patch: AttentionPatch, inner: Callable[..., torch.Tensor],
+          context: AttentionContext | None) -> Callable[..., torch.Tensor]:
+    if context is None:
+        return lambda q, k, v: patch(q, k, v, inner)
+    return lambda q, k, v: patch(q, k, v, inner, context=context)
 
 
 def attention_layers(model: nn.Module) -> dict[str, Attention]:
@@ -55,10 +102,20 @@ def attention_layers(model: nn.Module) -> dict[str, Attention]:
 
 
 def resolve_layers(model: nn.Module, names: list[str], aliases: Callable[[str], str] | None = None) -> dict[str, Attention]:
-    """Map user-given layer names (or a family's aliases) to modules; unknown names are an error."""
+    """Map user-given layer names (or a family's aliases) to modules; unknown names are an error.
+
+    A name with ``*``, ``?`` or ``[`` is a shell-style pattern over the model's own layer names
+    (``"*"`` is every layer, ``"blocks.1?.attn"`` blocks 10 to 19); it must match at least one."""
     layers = attention_layers(model)
     found = {}
     for name in names:
+        if any(c in name for c in "*?["):
+            matched = [layer for layer in layers if fnmatch.fnmatchcase(layer, name)]
+            if not matched:
+                raise ConfigError(f"attention layer pattern {name!r} matches no layer; "
+                                  f"this model has: {', '.join(_compact(layers))}")
+            found.update((layer, layers[layer]) for layer in matched)
+            continue
         key = aliases(name) if aliases else name
         if key not in layers:
             listing = ", ".join(_compact(layers))
@@ -69,15 +126,21 @@ def resolve_layers(model: nn.Module, names: list[str], aliases: Callable[[str], 
 
 
 @contextlib.contextmanager
-def patch_attention(layers: Mapping[str, Attention], rows: slice, patch: AttentionPatch) -> Iterator[None]:
-    """Within the block, ``layers`` apply ``patch`` to the batch rows ``rows``."""
-    route = (rows, patch)
-    for layer in layers.values():
+def patch_attention(layers: Mapping[str, Attention], rows: slice, patch: AttentionPatch,
+                    context: slice | None = None) -> Iterator[None]:
+    """Within the block, ``layers`` apply ``patch`` to the batch rows ``rows``.
+
+    Patches on the same rows of a layer compose in the order they were entered: each receives
+    the previous one as ``attend``. With ``context`` (other rows of the same batch), the patch is
+    called as ``patch(q, k, v, attend, context=AttentionContext(...))`` with those rows' q, k, v."""
+    route = (rows, patch, context)
+    unique = {id(layer): layer for layer in layers.values()}.values()   # two names of one layer patch it once
+    for layer in unique:
         layer.routes.append(route)
     try:
         yield
     finally:
-        for layer in layers.values():
+        for layer in unique:
             layer.routes.remove(route)
 
 

@@ -6,6 +6,8 @@ Every model evaluation the sampler asks for becomes one guided step:
 2. branches whose conditioning tensors have equal shapes (and equal non-tensor values) run as
    one forward, their rows concatenated along the batch; a branch's attention patch applies to
    its own rows only (``diffcore.nn.attention.patch_attention``);
+   processors' ``BranchPatch``es patch the rows of a branch that runs anyway (``cond`` too), and
+   one with a ``context`` branch sees that branch's rows of the same forward;
 3. the processors' ``combine`` run in order on the raw predictions, starting from ``cond``;
 4. the guided raw prediction becomes the x0 estimate the sampler sees.
 """
@@ -22,7 +24,7 @@ from diffcore.errors import PluginError
 from diffcore.models import ModelBundle
 from diffcore.nn.attention import attention_layers, patch_attention, resolve_layers
 from diffcore.sampling.denoisers import Denoiser, add_noise, make_denoiser
-from diffcore.sampling.guidance import COND, Branch, GuidanceProcessor, StepInfo
+from diffcore.sampling.guidance import COND, Branch, BranchPatch, GuidanceProcessor, StepInfo
 
 __all__ = ["GuidedDenoiser", "add_noise", "sample"]
 
@@ -68,7 +70,7 @@ class GuidedDenoiser:
         info = StepInfo(x=x, sigma=sigma, step=self.step_index(sigma), num_steps=len(self.sigmas) - 1,
                         prediction_type=self.bundle.prediction_type,
                         to_denoised=lambda raw: den.to_denoised(x, sigma, raw),
-                        from_denoised=lambda x0: den.from_denoised(x, sigma, x0))
+                        from_denoised=lambda x0: den.from_denoised(x, sigma, x0), conditions=self.conditions)
         active = [p for p in self.guidance if p.active(info)]
         branches = {"cond": COND}
         for processor in active:
@@ -77,18 +79,31 @@ class GuidedDenoiser:
                 if known != branch or known.patch != branch.patch:
                     raise PluginError(f"two guidance processors declare different branches named {branch.name!r}: "
                                       f"{known} and {branch}")
+        patches = [(processor, bp) for processor in active for bp in processor.patches(info)]
+        for processor, bp in patches:
+            for name in filter(None, (bp.branch, bp.context)):
+                if name not in branches:
+                    raise PluginError(f"{type(processor).__name__} patches attention on branch {name!r}, which no "
+                                      f"active processor runs this step (running: {', '.join(branches)})")
         x_in, time = den.inputs(x, sigma)
-        preds = self.run_branches(list(branches.values()), x_in, time, extra)
+        preds = self.run_branches(list(branches.values()), x_in, time, extra, [bp for _, bp in patches])
         pred = preds["cond"]
         for processor in active:
             pred = processor.combine(pred, preds, info)
         return den.to_denoised(x, sigma, pred)
 
     def run_branches(self, branches: list[Branch], x_in: torch.Tensor, time: torch.Tensor,
-                     extra: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+                     extra: Mapping[str, Any], patches: Sequence[BranchPatch] = ()) -> dict[str, torch.Tensor]:
         """Raw predictions per branch name, one forward per group of batchable branches."""
         preds = {}
-        for group in self._groups(branches):
+        groups = self._groups(branches)
+        where = {b.name: (i, j) for i, group in enumerate(groups) for j, b in enumerate(group)}
+        for bp in patches:
+            if bp.context is not None and where[bp.context][0] != where[bp.branch][0]:
+                raise PluginError(f"an attention patch on branch {bp.branch!r} needs the rows of {bp.context!r} in the "
+                                  f"same forward, but their conditioning cannot be batched together (different keys, "
+                                  f"shapes or values)")
+        for index, group in enumerate(groups):
             kwargs = [{**self._conditioning(b), **extra} for b in group]
             n, batch = len(group), x_in.shape[0]
             if n == 1:
@@ -97,11 +112,16 @@ class GuidedDenoiser:
                 args = (torch.cat([x_in] * n), torch.cat([time] * n),
                         {k: torch.cat([kw[k] for kw in kwargs]) if torch.is_tensor(v) else v
                          for k, v in kwargs[0].items()})
+            rows = [slice(j * batch, (j + 1) * batch) for j in range(n)]
             with contextlib.ExitStack() as stack:
                 for j, b in enumerate(group):
                     if b.patch is not None:
-                        stack.enter_context(patch_attention(self._resolve(b.layers), slice(j * batch, (j + 1) * batch),
-                                                            b.patch))
+                        stack.enter_context(patch_attention(self._resolve(b.layers), rows[j], b.patch))
+                for bp in patches:
+                    if where[bp.branch][0] == index:
+                        context = rows[where[bp.context][1]] if bp.context is not None else None
+                        stack.enter_context(patch_attention(self._resolve(bp.layers), rows[where[bp.branch][1]],
+                                                            bp.patch, context=context))
                 out = self.bundle.forward(args[0], args[1], **args[2])
             for j, b in enumerate(group):
                 preds[b.name] = out[j * batch:(j + 1) * batch] if n > 1 else out

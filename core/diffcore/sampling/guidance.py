@@ -6,11 +6,15 @@ layers. The engine runs every branch the active processors ask for, batching bra
 forward where shapes allow, and hands each processor the raw predictions (the network's own
 output space: velocity, epsilon or v) to combine. Processors run in order; each gets the
 previous one's result as ``pred``.
+
+A processor may also patch the attention of a branch that runs anyway (``patches``): the
+``cond`` branch itself, or a branch another processor declared. That costs no forward pass;
+NAG-PAG works this way, and NAG reads the negative branch's rows through ``context``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -33,6 +37,23 @@ COND = Branch("cond")
 UNCOND = Branch("uncond", cond="uncond")
 
 
+@attrs.frozen
+class BranchPatch:
+    """An attention patch on a branch that runs anyway (no extra forward pass).
+
+    ``branch``: the branch whose rows are patched (``cond``, or one any active processor declares).
+    ``layers``: attention layers (names, aliases or patterns; empty = every attention layer).
+    ``context``: another branch whose rows the patch sees as ``context=AttentionContext(q, k, v,
+    attend)``; the engine then runs both branches in one forward, and it is an error when their
+    conditioning cannot share one. Patches on the same rows and layer compose in processor order.
+    """
+
+    patch: AttentionPatch = attrs.field(eq=False)
+    layers: tuple[str, ...] = ()
+    branch: str = "cond"
+    context: str | None = None
+
+
 @attrs.define
 class StepInfo:
     """What a processor may look at in one step."""
@@ -45,6 +66,8 @@ class StepInfo:
     to_denoised: Callable[[torch.Tensor], torch.Tensor]   # raw prediction -> x0 estimate
     from_denoised: Callable[[torch.Tensor], torch.Tensor] # x0 estimate -> raw prediction
     extra: dict[str, Any] = attrs.Factory(dict)
+    # conditioning kwargs per branch key ("cond", "uncond", ...), as the model bundle gave them
+    conditions: Mapping[str, Mapping[str, Any]] = attrs.Factory(dict)
 
     @property
     def progress(self) -> float:
@@ -64,6 +87,10 @@ class GuidanceProcessor:
 
     def branches(self, step: StepInfo) -> list[Branch]:
         """Branches needed this step besides ``cond`` (which always runs)."""
+        return []
+
+    def patches(self, step: StepInfo) -> list[BranchPatch]:
+        """Attention patches on branches that run anyway (``cond`` or declared ones) this step."""
         return []
 
     def combine(self, pred: torch.Tensor, preds: dict[str, torch.Tensor], step: StepInfo) -> torch.Tensor:

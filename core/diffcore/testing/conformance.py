@@ -16,19 +16,20 @@ import torch
 
 from diffcore.models import GenerationRequest, ModelBundle
 from diffcore.nn.attention import attention_layers
-from diffcore.sampling.guidance import Branch, GuidanceProcessor, StepInfo
+from diffcore.sampling.guidance import Branch, BranchPatch, GuidanceProcessor, StepInfo
 
 PREDICTION_TYPES = ("flow", "epsilon", "v")
 
 
-def _step(bundle: ModelBundle, x: torch.Tensor, step: int, num_steps: int) -> StepInfo:
+def _step(bundle: ModelBundle, x: torch.Tensor, step: int, num_steps: int,
+          conditions: dict[str, Any] | None = None) -> StepInfo:
     from diffcore.sampling.denoisers import make_denoiser
 
     denoiser = make_denoiser(bundle)
     sigma = torch.full((x.shape[0],), 1.0 - step / num_steps * 0.9)
     return StepInfo(x=x, sigma=sigma, step=step, num_steps=num_steps, prediction_type=bundle.prediction_type,
                     to_denoised=lambda raw: denoiser.to_denoised(x, sigma, raw),
-                    from_denoised=lambda d: denoiser.from_denoised(x, sigma, d))
+                    from_denoised=lambda d: denoiser.from_denoised(x, sigma, d), conditions=conditions or {})
 
 
 def check_model_family(bundle: ModelBundle, request: GenerationRequest, *, seed: int = 0) -> None:
@@ -63,8 +64,10 @@ def check_model_family(bundle: ModelBundle, request: GenerationRequest, *, seed:
 
 def check_guidance_processor(processor: GuidanceProcessor, bundle: ModelBundle, request: GenerationRequest,
                              *, num_steps: int = 10, seed: int = 0) -> None:
-    """Branches are well-formed, combine keeps shape and dtype, never mutates its inputs, is
-    deterministic, honours its window, and a whole sampling run with it stays finite."""
+    """Branches and patches are well-formed, combine keeps shape and dtype, never mutates its
+    inputs, is deterministic (for the same step: a processor with state across steps, such as
+    momentum, must give the same result when a step is combined again), honours its window, and
+    a whole sampling run with it stays finite."""
     from diffcore.sampling.engine import sample
     from diffcore.sampling.samplers import euler
 
@@ -73,7 +76,7 @@ def check_guidance_processor(processor: GuidanceProcessor, bundle: ModelBundle, 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g)
     for step in range(num_steps):
-        info = _step(bundle, x, step, num_steps)
+        info = _step(bundle, x, step, num_steps, conditions)
         if not processor.active(info):
             assert not (processor.start <= info.progress < processor.stop), "active() must follow start/stop"
             continue
@@ -83,6 +86,11 @@ def check_guidance_processor(processor: GuidanceProcessor, bundle: ModelBundle, 
         assert len(set(names)) == len(names) and "cond" not in names, "branch names must be unique and not 'cond'"
         for b in branches:
             assert b.cond in conditions, f"branch {b.name!r} uses conditioning {b.cond!r} the model does not provide"
+        for bp in processor.patches(info):
+            assert isinstance(bp, BranchPatch), "patches() must return BranchPatch objects"
+            for target in filter(None, (bp.branch, bp.context)):
+                assert target == "cond" or target in names, \
+                    f"a patch targets branch {target!r}, which is neither 'cond' nor one of the processor's own branches"
         preds = {"cond": torch.randn(shape, generator=g), **{n: torch.randn(shape, generator=g) for n in names}}
         before = {k: v.clone() for k, v in preds.items()}
         out = processor.combine(preds["cond"], preds, info)

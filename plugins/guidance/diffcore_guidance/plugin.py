@@ -1,0 +1,45 @@
+"""diffcore plugin ``guidance``: guidance processors, the ``rewards`` component kind, the
+``train-guidance`` job and the ``layers`` / ``rewards`` commands. Imports no torch: every
+factory imports its module when a job builds it.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+from diffcore_guidance import config as _config
+
+# the same marker as diffcore.api.hookimpl (project "diffcore"), without importing torch through the api
+hookimpl = pluggy.HookimplMarker("diffcore")
+
+
+@hookimpl
+def register_hookspecs(add):
+    from diffcore_guidance import hookspecs
+
+    add(hookspecs)
+
+
+@hookimpl
+def register_guidance(register):
+    _config.register_guidance(register)
+
+
+@hookimpl
+def register_rewards(register):
+    _config.register_rewards(register)
+
+
+@hookimpl
+def register_jobs(register):
+    from diffcore_guidance.job import TrainGuidanceJob, run_train_guidance
+
+    register("train-guidance", run_train_guidance, config=TrainGuidanceJob,
+             description="collect a base model's sampling trajectories and train a learned guidance model on them")
+
+
+@hookimpl
+def register_commands(cli):
+    from diffcore_guidance.cli import add_commands
+
+    add_commands(cli)
