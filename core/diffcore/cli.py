@@ -110,7 +110,7 @@ def describe_fields(cls: type) -> list[str]:
         if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
             default = "(table)"
         shown = "(required)" if default is attrs.NOTHING else f"= {default!r}"
-        tp = a.type if isinstance(a.type, str) else getattr(a.type, "__name__", str(a.type))
+        tp = a.type.__name__ if isinstance(a.type, type) else str(a.type)
         out.append(f"{a.name}: {str(tp).replace('typing.', '')} {shown}")
     return out
 

@@ -116,8 +116,14 @@ def diffusers_config(params: DiTParams) -> dict[str, Any]:
 
 
 def checkpoint_file(path: str | Path) -> Path:
-    """A safetensors file, or a training checkpoint folder's ``ema.safetensors`` (else ``model.safetensors``)."""
+    """A safetensors file, a training checkpoint folder's ``ema.safetensors`` (else
+    ``model.safetensors``), or a training run's folder (its newest checkpoint)."""
     path = Path(path)
+    if path.is_dir() and not any((path / n).is_file() for n in ("ema.safetensors", "model.safetensors")):
+        steps = sorted(p for p in [*path.glob("step-*"), *path.glob("checkpoints/step-*")]
+                       if p.is_dir() and not p.name.endswith(".tmp"))
+        if steps:
+            path = max(steps, key=lambda p: p.name)
     if path.is_dir():
         for name in ("ema.safetensors", "model.safetensors"):
             if (path / name).is_file():
