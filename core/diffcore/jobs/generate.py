@@ -4,8 +4,9 @@ Class-conditional families take ``class_label`` / ``class_grid``; text families 
 ``prompt`` (a string, a list, or ``prompt_file`` with one prompt per line). ``init_image`` +
 ``strength`` is image-to-image (the schedule starts ``strength`` of the way from the end, as in
 diffusers); ``reference_image``, ``image`` and ``mask`` reach the family in ``request.extra``
-(Kontext / FLUX.2 editing, Fill). Each image is a PNG with its parameters in a text chunk; a
-grid PNG sums them up.
+(Kontext / FLUX.2 editing, Fill). ``cfg_scale`` left unset is the bundle's ``default_cfg_scale``
+(1.0, no CFG, for bundles without one). Each image is a PNG with its parameters in a text
+chunk; a grid PNG sums them up.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class GenerateSettings(JobSettings):
     height: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
     width: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
     num_steps: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
-    cfg_scale: float = attrs.field(default=1.0, validator=v.ge(0))
+    cfg_scale: float | None = attrs.field(default=None, validator=v.optional(v.ge(0)))  # None: the model's default
     grid: bool = True
     progress: bool = True
 
@@ -71,7 +72,8 @@ def run_generate(config: GenerateJob, ctx: JobContext) -> list[Any]:
     s = config.job
     device = pick_device(s.device)
     bundle = config.model.build(device=device)
-    guidance = build_guidance(config.guidance, s.cfg_scale)
+    cfg_scale = s.cfg_scale if s.cfg_scale is not None else getattr(bundle, "default_cfg_scale", 1.0)
+    guidance = build_guidance(config.guidance, cfg_scale)
     sampler = config.sampler.build()
     schedule = config.schedule.build() if config.schedule else _default_schedule(bundle)
     steps = s.num_steps or bundle.default_steps
@@ -103,7 +105,7 @@ def run_generate(config: GenerateJob, ctx: JobContext) -> list[Any]:
                 images.append(bundle.decode(latents).float().clamp(-1, 1).cpu())
             for i in range(n):
                 params.append({"model": config.model.name, "sampler": config.sampler.name, "steps": steps,
-                               "cfg_scale": s.cfg_scale, "seed": seed, "index": start + i,
+                               "cfg_scale": cfg_scale, "seed": seed, "index": start + i,
                                **({"strength": s.strength} if s.init_image else {}),
                                **({"class_label": int(labels[start + i])} if labels is not None else {}),
                                **({"prompt": prompts[start + i]} if prompts else {})})

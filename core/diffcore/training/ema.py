@@ -39,9 +39,10 @@ class EMA:
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
         d = self.decay_at(self.num_updates)
-        for name, p in module.named_parameters():
-            if name in self.shadow:
-                self.shadow[name].lerp_(p.detach().float(), 1 - d)
+        pairs = [(self.shadow[name], p.detach()) for name, p in module.named_parameters() if name in self.shadow]
+        if pairs:  # one fused kernel over all tensors instead of a Python loop per parameter
+            shadows, params = zip(*pairs)
+            torch._foreach_lerp_(list(shadows), [p.float() for p in params], 1 - d)
         self.num_updates += 1
 
     @torch.no_grad()

@@ -143,9 +143,38 @@ def strip_comfy(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+# (what the file is, a key prefix or name only it has); checked in order on keys without their
+# all-in-one prefix. FLUX.2 shares FLUX.1's BFL block names, so its shared modulation decides.
+_FOREIGN = (
+    ("a FLUX.2 transformer (shared double_stream_modulation_img / single_stream_modulation weights): "
+     "load it with the flux2 family", ("double_stream_modulation_img.", "single_stream_modulation.")),
+    ("an SDXL UNet (input_blocks.* with label_emb.*, the original layout)", ("label_emb.",)),
+    ("an SDXL UNet (down_blocks.* with add_embedding.*, the diffusers layout)", ("add_embedding.",)),
+    ("a Stable Diffusion 1.x / 2.x UNet (input_blocks.*)", ("input_blocks.",)),
+    ("a Stable Diffusion UNet (down_blocks.*, the diffusers layout)", ("down_blocks.", "conv_in.weight")),
+    ("an SD3 / SD3.5 MMDiT (joint_blocks.*)", ("joint_blocks.",)),
+    ("an SD3 / SD3.5 or DiT transformer (pos_embed.*, the diffusers layout)", ("pos_embed.",)),
+    ("an autoencoder (set it as vae)", ("encoder.down.", "encoder.down_blocks.", "decoder.up.", "decoder.up_blocks.")),
+    ("a T5 text encoder", ("encoder.block.", "shared.weight")),
+    ("a CLIP text encoder", ("text_model.",)),
+)
+
+
+def identify_foreign(keys: Iterable[str]) -> str | None:
+    """What a checkpoint that is not a FLUX.1 transformer looks like, from its keys (None: it may be one)."""
+    bare = {k.removeprefix(COMFY_PREFIX).removeprefix("diffusion_model.") for k in keys}
+    for what, markers in _FOREIGN:
+        if any(k.startswith(markers) for k in bare):
+            return what
+    return None
+
+
 def detect_layout(keys: Iterable[str]) -> str:
     """``"bfl"``, ``"diffusers"`` or ``"comfyui"`` from a transformer checkpoint's key names."""
     keys = set(keys)
+    foreign = identify_foreign(keys)
+    if foreign is not None:
+        raise CheckpointError(f"not a FLUX.1 transformer: the keys are those of {foreign}")
     if any(k.startswith(COMFY_PREFIX) for k in keys):
         return "comfyui"
     if "img_in.weight" in keys or any(k.startswith("double_blocks.") for k in keys):

@@ -27,36 +27,46 @@ def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0, t
     return emb.to(t.dtype) if t.is_floating_point() else emb
 
 
-def rope(ids: Tensor, axes_dim: tuple[int, ...], theta: float) -> Tensor:
-    """Rotary angles for positions ``ids`` (batch, tokens, axes) -> (batch, 1, tokens, head_dim/2, 2)
-    holding (cos, sin); axis ``i`` of the position owns ``axes_dim[i]`` channels of each head."""
+class Rotary(NamedTuple):
+    """RoPE as two tables broadcastable over (batch, heads, tokens, head_dim), computed once per
+    forward: ``cos`` of each channel's angle, and ``sin`` with the sign of the pair's rotation
+    folded in (-sin on even channels, +sin on odd), so rotating is ``x * cos + swap(x) * sin``."""
+
+    cos: Tensor
+    sin: Tensor
+
+
+def rope(ids: Tensor, axes_dim: tuple[int, ...], theta: float) -> Rotary:
+    """Rotary tables for positions ``ids`` (batch, tokens, axes) -> (batch, 1, tokens, head_dim);
+    axis ``i`` of the position owns ``axes_dim[i]`` channels (``axes_dim[i] / 2`` pairs) of each head."""
     # float64 as in BFL and diffusers: positions up to ~100 times 1/theta^(k/d) lose digits in float32
     f64 = torch.float64 if ids.device.type != "mps" else torch.float32
     angles = []
     for i, dim in enumerate(axes_dim):
         omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=f64, device=ids.device) / dim)
         angles.append(ids[..., i].to(f64)[..., None] * omega)
-    angle = torch.cat(angles, dim=-1)
-    return torch.stack([angle.cos(), angle.sin()], dim=-1).float()[:, None]
+    angle = torch.cat(angles, dim=-1).repeat_interleave(2, dim=-1)  # both channels of a pair share it
+    sign = torch.tensor([-1.0, 1.0], dtype=f64, device=ids.device).repeat(angle.shape[-1] // 2)
+    return Rotary(angle.cos().float()[:, None], (angle.sin() * sign).float()[:, None])
 
 
-def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
-    """Rotate consecutive channel pairs (x[2i], x[2i+1]) of ``x`` (batch, heads, tokens, head_dim)."""
-    pairs = rearrange(x.float(), "... (d two) -> ... d two", two=2)
-    re, im = pairs.unbind(-1)
-    cos, sin = pe.unbind(-1)
-    out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1)
-    return rearrange(out, "... d two -> ... (d two)").type_as(x)
+def apply_rope(x: Tensor, pe: Rotary) -> Tensor:
+    """Rotate consecutive channel pairs (x[2i], x[2i+1]) of ``x`` (batch, heads, tokens, head_dim)
+    by their angles: (x0 cos - x1 sin, x1 cos + x0 sin), in float32 as BFL and diffusers do."""
+    x32 = x.float()
+    even, odd = rearrange(x32, "... (d two) -> ... d two", two=2).unbind(-1)
+    swapped = rearrange(torch.stack((odd, even), dim=-1), "... d two -> ... (d two)")
+    return (x32 * pe.cos + swapped * pe.sin).type_as(x)
 
 
 class EmbedND(nn.Module):
-    """RoPE angles for n-axis positions (FLUX.1: (t, row, col), axes (16, 56, 56), theta 10000)."""
+    """RoPE tables for n-axis positions (FLUX.1: (t, row, col), axes (16, 56, 56), theta 10000)."""
 
     def __init__(self, axes_dim: tuple[int, ...], theta: float):
         super().__init__()
         self.axes_dim, self.theta = tuple(axes_dim), theta
 
-    def forward(self, ids: Tensor) -> Tensor:
+    def forward(self, ids: Tensor) -> Rotary:
         if ids.shape[-1] != len(self.axes_dim):
             raise ValueError(f"position ids have {ids.shape[-1]} axes, this model uses {len(self.axes_dim)} "
                              f"(rope axes {self.axes_dim})")
@@ -83,8 +93,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.scale
+        return F.rms_norm(x.float(), (x.shape[-1],), self.scale.float(), self.eps).to(x.dtype)
 
 
 class QKNorm(nn.Module):
@@ -120,6 +129,14 @@ class ModulationOut(NamedTuple):
     shift: Tensor
     scale: Tensor
     gate: Tensor
+
+    def modulate(self, x: Tensor) -> Tensor:
+        """adaLN: (1 + scale) * x + shift."""
+        return (1 + self.scale) * x + self.shift
+
+    def residual(self, x: Tensor, update: Tensor) -> Tensor:
+        """The gated residual: x + gate * update."""
+        return x + self.gate * update
 
 
 class Modulation(nn.Module):
@@ -157,21 +174,21 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = mlp(hidden, mlp_hidden)
         self.attend = Attention()
 
-    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Rotary) -> tuple[Tensor, Tensor]:
         img_mod1, img_mod2 = self.img_mod(vec)
         txt_mod1, txt_mod2 = self.txt_mod(vec)
-        img_q, img_k, img_v = self.img_attn.heads((1 + img_mod1.scale) * self.img_norm1(img) + img_mod1.shift)
-        txt_q, txt_k, txt_v = self.txt_attn.heads((1 + txt_mod1.scale) * self.txt_norm1(txt) + txt_mod1.shift)
+        img_q, img_k, img_v = self.img_attn.heads(img_mod1.modulate(self.img_norm1(img)))
+        txt_q, txt_k, txt_v = self.txt_attn.heads(txt_mod1.modulate(self.txt_norm1(txt)))
 
         q = apply_rope(torch.cat((txt_q, img_q), dim=2), pe)
         k = apply_rope(torch.cat((txt_k, img_k), dim=2), pe)
         attn = rearrange(self.attend(q, k, torch.cat((txt_v, img_v), dim=2)), "B H L D -> B L (H D)")
         txt_attn, img_attn = attn[:, :txt.shape[1]], attn[:, txt.shape[1]:]
 
-        img = img + img_mod1.gate * self.img_attn.proj(img_attn)
-        img = img + img_mod2.gate * self.img_mlp((1 + img_mod2.scale) * self.img_norm2(img) + img_mod2.shift)
-        txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_mod2.gate * self.txt_mlp((1 + txt_mod2.scale) * self.txt_norm2(txt) + txt_mod2.shift)
+        img = img_mod1.residual(img, self.img_attn.proj(img_attn))
+        img = img_mod2.residual(img, self.img_mlp(img_mod2.modulate(self.img_norm2(img))))
+        txt = txt_mod1.residual(txt, self.txt_attn.proj(txt_attn))
+        txt = txt_mod2.residual(txt, self.txt_mlp(txt_mod2.modulate(self.txt_norm2(txt))))
         return img, txt
 
 
@@ -191,14 +208,13 @@ class SingleStreamBlock(nn.Module):
         self.modulation = Modulation(hidden, double=False)
         self.attend = Attention()
 
-    def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
+    def forward(self, x: Tensor, vec: Tensor, pe: Rotary) -> Tensor:
         (mod,) = self.modulation(vec)
-        qkv, mlp_in = self.linear1((1 + mod.scale) * self.pre_norm(x) + mod.shift).split(
-            [3 * self.hidden, self.mlp_hidden], dim=-1)
+        qkv, mlp_in = self.linear1(mod.modulate(self.pre_norm(x))).split([3 * self.hidden, self.mlp_hidden], dim=-1)
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
         attn = rearrange(self.attend(apply_rope(q, pe), apply_rope(k, pe), v), "B H L D -> B L (H D)")
-        return x + mod.gate * self.linear2(torch.cat((attn, self.mlp_act(mlp_in)), dim=2))
+        return mod.residual(x, self.linear2(torch.cat((attn, self.mlp_act(mlp_in)), dim=2)))
 
 
 class LastLayer(nn.Module):

@@ -4,42 +4,153 @@
   comes from its ``config.json``;
 - a single file or weights-only folder (BFL ``flux1-dev.safetensors`` / ``ae.safetensors``,
   ComfyUI ``model.diffusion_model.*``, diffusers keys): the variant is named, or detected from
-  the tensor shapes (see ``convert.detect_variant``).
+  the tensor shapes (see ``convert.detect_variant``); the autoencoder's shape is read from its
+  tensors.
+
+Before anything is read, each file is checked: a truncated download, another model family's file
+(FLUX.2, SDXL, SD3, a VAE where the transformer belongs) or a diffusers folder of another
+pipeline is one line saying so.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from diffcore.errors import CheckpointError
-from diffcore.io.checkpoint import load_model, tensor_shapes
-from diffcore_flux1.convert import detect_variant, to_bfl
+from diffcore.io.checkpoint import checkpoint_files, load_model, tensor_shapes
+from diffcore_flux1.convert import detect_variant, identify_foreign, infer_params, to_bfl
 from diffcore_flux1.model import VARIANTS, Flux, FluxParams, params_from_diffusers_config
 from diffcore_flux1.vae import AE_VARIANTS, AutoEncoder, AutoEncoderParams, vae_to_bfl
 
+MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 
-def _component(path: Path, name: str) -> tuple[Path, dict | None]:
-    """(weights location, diffusers config or None) for component ``name`` under ``path``."""
+
+def check_safetensors(path: str | Path) -> None:
+    """Every ``.safetensors`` file behind ``path`` is whole: its header parses and the file holds
+    all the bytes the header promises (an interrupted download is the usual culprit)."""
+    for file in checkpoint_files(path):
+        if file.suffix != ".safetensors":
+            continue
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if length < 0 or length > MAX_HEADER:
+                raise CheckpointError(f"{file}: not a safetensors file ({size} bytes, no valid header length); "
+                                      f"an incomplete download or another format")
+            if 8 + length > size:
+                raise CheckpointError(f"{file}: truncated: {size:,} bytes, but its header alone is {length:,} "
+                                      f"(incomplete download? fetch it again)")
+            try:
+                header = json.loads(f.read(length))
+                end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+                raise CheckpointError(f"{file}: not a safetensors file: its header does not parse ({exc})") from None
+        if 8 + length + end > size:
+            raise CheckpointError(f"{file}: truncated: {size:,} bytes of the {8 + length + end:,} its header "
+                                  f"describes (incomplete download? fetch it again)")
+
+
+def component(path: Path, name: str) -> tuple[Path, dict | None]:
+    """(weights location, diffusers config or None) for component ``name`` under ``path``; a
+    diffusers folder of a pipeline other than FLUX.1's is refused by name."""
+    index = path / "model_index.json" if path.is_dir() else None
+    if index is not None and index.is_file():
+        pipeline = _read_json(index).get("_class_name", "")
+        if pipeline.startswith("Flux2"):
+            raise CheckpointError(f"{path} is a FLUX.2 pipeline ({pipeline}): load it with the flux2 family")
+        if pipeline and not pipeline.startswith("Flux"):
+            raise CheckpointError(f"{path} is a diffusers {pipeline} folder, not FLUX.1")
     if path.is_dir() and (path / name).is_dir():
         path = path / name
-    config = path / "config.json" if path.is_dir() else None
-    return path, json.loads(config.read_text()) if config is not None and config.is_file() else None
+    config_file = path / "config.json" if path.is_dir() else None
+    config = _read_json(config_file) if config_file is not None and config_file.is_file() else None
+    expected = {"transformer": "FluxTransformer2DModel", "vae": "AutoencoderKL"}[name]
+    found = (config or {}).get("_class_name", expected)
+    if found != expected:
+        hint = ": load it with the flux2 family" if found.startswith("Flux2") else ""
+        raise CheckpointError(f"{path}: config.json describes a {found}, not FLUX.1's {expected}{hint}")
+    return path, config
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{file}: unreadable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return data
+
+
+def transformer_params(path: str | Path, variant: str | None = None) -> tuple[str, FluxParams]:
+    """(variant name, ``FluxParams``) of the transformer at ``path``. The sizes always come from the
+    files (config.json, else a ``VARIANTS`` row matching the shapes, else the shapes themselves, so
+    pruned or resized models load); ``variant`` names the role and defaults, and must fit the
+    weights (Kontext-dev has dev's shapes, Depth-dev Canny-dev's: name them to get theirs).
+    Without ``variant`` the role is read from the weights: dev, schnell, fill-dev or canny-dev."""
+    if variant is not None and variant not in VARIANTS:
+        raise CheckpointError(f"unknown FLUX.1 variant {variant!r}; known: {', '.join(VARIANTS)}")
+    path, config = component(Path(path), "transformer")
+    check_safetensors(path)
+    shapes = tensor_shapes(path)
+    foreign = identify_foreign(shapes)
+    if foreign is not None:
+        raise CheckpointError(f"{path}: not a FLUX.1 transformer: the keys are those of {foreign}")
+    if config is not None:
+        params = params_from_diffusers_config(config)
+    else:
+        try:
+            params = VARIANTS[detect_variant(shapes)]
+        except CheckpointError:
+            # no row has these sizes; the RoPE axes (never stored) come from the named variant or a
+            # row with the same head dim (FLUX.1's 128 -> (16, 56, 56))
+            found = infer_params(shapes, axes_dim=(0,))
+            head_dim = found.hidden_size // found.num_heads
+            rows = [VARIANTS[variant]] if variant is not None else []
+            axes = next((r.axes_dim for r in [*rows, *VARIANTS.values()] if r.hidden_size // r.num_heads == head_dim),
+                        None)
+            if axes is None:
+                raise
+            params = infer_params(shapes, axes_dim=axes)
+    name = variant or next((k for k, row in VARIANTS.items() if row == params), None) or _role_name(params)
+    _check_role(name, params, path)
+    return name, params
+
+
+def _role(params: FluxParams) -> tuple[str, bool]:
+    """What a transformer does, from its channels: text ("text"), control map ("control") or Fill
+    ("fill") conditioning, and whether it is guidance-distilled."""
+    extra = params.in_channels - params.out_channels
+    return ("text" if extra == 0 else "control" if extra == params.out_channels else "fill"), params.guidance_embed
+
+
+def _role_name(params: FluxParams) -> str:
+    kind, guided = _role(params)
+    return {"text": "dev" if guided else "schnell", "control": "canny-dev", "fill": "fill-dev"}[kind]
+
+
+def _check_role(name: str, params: FluxParams, path: Path) -> None:
+    if _role(VARIANTS[name]) != _role(params):
+        found, guided = _role(params)
+        raise CheckpointError(f"{path}: the weights are not FLUX.1 {name}: they take {params.in_channels} input "
+                              f"channels ({found} conditioning) {'with' if guided else 'without'} a guidance "
+                              f"embedding, which is {_role_name(params)}'s kind")
 
 
 def load_transformer(path: str | Path, *, variant: str | None = None, params: FluxParams | None = None,
                      dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Flux:
     """The FLUX.1 transformer from ``path``; ``params`` > ``variant`` > config.json > detection."""
-    path, config = _component(Path(path), "transformer")
-    if params is None and variant is not None:
-        if variant not in VARIANTS:
-            raise CheckpointError(f"unknown FLUX.1 variant {variant!r}; known: {', '.join(VARIANTS)}")
-        params = VARIANTS[variant]
+    weights, _ = component(Path(path), "transformer")
     if params is None:
-        params = params_from_diffusers_config(config) if config else VARIANTS[detect_variant(tensor_shapes(path))]
-    return load_model(lambda: Flux(params), path, rename=to_bfl, dtype=dtype, device=device).eval()
+        _, params = transformer_params(path, variant)
+    else:
+        check_safetensors(weights)
+    return load_model(lambda: Flux(params), weights, rename=to_bfl, dtype=dtype, device=device).eval()
 
 
 def vae_params_from_diffusers_config(config: dict) -> AutoEncoderParams:
@@ -54,12 +165,53 @@ def vae_params_from_diffusers_config(config: dict) -> AutoEncoderParams:
         shift_factor=config.get("shift_factor", 0.1159))
 
 
-def load_vae(path: str | Path, *, variant: str = "flux1", params: AutoEncoderParams | None = None,
+def vae_diffusers_config(params: AutoEncoderParams) -> dict:
+    """The ``config.json`` of a diffusers ``AutoencoderKL`` with these parameters (FLUX.1: no quant convs)."""
+    levels = len(params.ch_mult)
+    return {"_class_name": "AutoencoderKL", "in_channels": params.in_channels, "out_channels": params.out_ch,
+            "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+            "block_out_channels": [params.ch * m for m in params.ch_mult], "layers_per_block": params.num_res_blocks,
+            "act_fn": "silu", "latent_channels": params.z_channels, "norm_num_groups": 32,
+            "scaling_factor": params.scale_factor, "shift_factor": params.shift_factor, "use_quant_conv": False,
+            "use_post_quant_conv": False, "mid_block_add_attention": True, "force_upcast": True}
+
+
+def vae_params_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> AutoEncoderParams:
+    """``AutoEncoderParams`` read off an autoencoder's tensor shapes (any layout); the latent
+    scale and shift are not stored, so FLUX.1's are assumed."""
+    sd = vae_to_bfl({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+    if any(k.startswith(("encoder.quant_conv.", "quant_conv.", "decoder.post_quant_conv.", "post_quant_conv."))
+           for k in sd):
+        raise CheckpointError("an autoencoder with quant convs (FLUX.2's or Stable Diffusion's), not FLUX.1's")
+    try:
+        ch = sd["encoder.conv_in.weight"].shape[0]
+        levels = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.down.")})
+        widths = [sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in levels]
+        blocks = len({k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")})
+        z_channels = sd["decoder.conv_in.weight"].shape[1]
+        io = sd["encoder.conv_in.weight"].shape[1], sd["decoder.conv_out.weight"].shape[0]
+    except KeyError as exc:
+        raise CheckpointError(f"not a complete FLUX.1 autoencoder: {exc.args[0]} is missing") from None
+    if any(w % ch for w in widths):
+        raise CheckpointError(f"autoencoder level widths {widths} are not multiples of conv_in's {ch}")
+    return AutoEncoderParams(in_channels=io[0], out_ch=io[1], ch=ch, ch_mult=tuple(w // ch for w in widths),
+                             num_res_blocks=blocks, z_channels=z_channels)
+
+
+def load_vae(path: str | Path, *, variant: str | None = None, params: AutoEncoderParams | None = None,
              dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> AutoEncoder:
-    """The FLUX.1 autoencoder from ``path`` (BFL ``ae.safetensors``, a diffusers ``vae/`` folder, ...)."""
-    path, config = _component(Path(path), "vae")
-    if params is None:
-        if config is None and variant not in AE_VARIANTS:
+    """The FLUX.1 autoencoder from ``path`` (BFL ``ae.safetensors``, a diffusers ``vae/`` folder, ...):
+    ``params`` > ``variant`` (``AE_VARIANTS``) > config.json > the tensor shapes."""
+    path, config = component(Path(path), "vae")
+    check_safetensors(path)
+    if params is None and variant is not None:
+        if variant not in AE_VARIANTS:
             raise CheckpointError(f"unknown FLUX.1 VAE variant {variant!r}; known: {', '.join(AE_VARIANTS)}")
-        params = vae_params_from_diffusers_config(config) if config else AE_VARIANTS[variant]
+        params = AE_VARIANTS[variant]
+    if params is None:
+        params = vae_params_from_diffusers_config(config) if config else vae_params_from_shapes(tensor_shapes(path))
     return load_model(lambda: AutoEncoder(params), path, rename=vae_to_bfl, dtype=dtype, device=device).eval()
+
+
+__all__ = ["check_safetensors", "component", "load_transformer", "load_vae", "transformer_params",
+           "vae_diffusers_config", "vae_params_from_diffusers_config", "vae_params_from_shapes"]

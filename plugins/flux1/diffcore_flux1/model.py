@@ -21,7 +21,7 @@ from diffcore_flux1.layers import (
 )
 from diffcore_flux1.params import VARIANTS, FluxParams
 
-__all__ = ["VARIANTS", "Flux", "FluxParams", "attention_alias", "params_from_diffusers_config"]
+__all__ = ["VARIANTS", "Flux", "FluxParams", "attention_alias", "diffusers_config", "params_from_diffusers_config"]
 
 
 class Flux(nn.Module):
@@ -60,7 +60,10 @@ class Flux(nn.Module):
         if img.shape[-1] != p.in_channels or txt.shape[-1] != p.context_in_dim:
             raise ValueError(f"expected img with {p.in_channels} channels and txt with {p.context_in_dim}, "
                              f"got {img.shape[-1]} and {txt.shape[-1]}")
-        pe = self.pe_embedder(torch.cat((_batched(txt_ids, txt), _batched(img_ids, img)), dim=1))
+        txt_ids, img_ids = _batched(txt_ids, txt), _batched(img_ids, img)
+        if txt_ids.shape[0] != img_ids.shape[0]:
+            txt_ids, img_ids = (ids.expand(img.shape[0], -1, -1) for ids in (txt_ids, img_ids))
+        pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))  # once per forward, shared by every block
 
         vec = self.time_in(timestep_embedding(timesteps, 256))
         if p.guidance_embed:
@@ -79,13 +82,14 @@ class Flux(nn.Module):
 
 
 def _batched(ids: Tensor, tokens: Tensor) -> Tensor:
-    """(L, axes) or (1 or B, L, axes) ids -> (B, L, axes) for ``tokens`` (B, L, channels)."""
+    """(L, axes) or (1 or B, L, axes) ids -> (1 or B, L, axes) for ``tokens`` (B, L, channels).
+    Ids shared by the batch stay one row: the RoPE tables are computed once and broadcast."""
     ids = ids[None] if ids.ndim == 2 else ids
     if ids.ndim != 3 or ids.shape[1] != tokens.shape[1] or ids.shape[0] not in (1, tokens.shape[0]):
         raise ValueError(f"position ids {tuple(ids.shape)} do not match {tokens.shape[1]} tokens in a batch of "
                          f"{tokens.shape[0]} (expected ({tokens.shape[0]} or 1, {tokens.shape[1]}, axes) or "
                          f"({tokens.shape[1]}, axes))")
-    return ids.expand(tokens.shape[0], -1, -1)
+    return ids
 
 
 _ALIASES = (
@@ -117,3 +121,20 @@ def params_from_diffusers_config(config: dict) -> FluxParams:
         hidden_size=heads * head_dim, num_heads=heads, depth=config.get("num_layers", 19),
         depth_single_blocks=config.get("num_single_layers", 38),
         axes_dim=tuple(config.get("axes_dims_rope", (16, 56, 56))), guidance_embed=config.get("guidance_embeds", False))
+
+
+def diffusers_config(params: FluxParams) -> dict:
+    """The ``config.json`` of a diffusers ``FluxTransformer2DModel`` with these parameters. diffusers
+    fixes what FLUX.1 never varies (MLP ratio 4, biases on q, k, v, theta 10000); other values
+    have no diffusers form."""
+    fixed = {"mlp_ratio": 4.0, "qkv_bias": True, "theta": 10_000}
+    differs = {k: getattr(params, k) for k, v in fixed.items() if getattr(params, k) != v}
+    if differs:
+        raise ValueError(f"diffusers' FluxTransformer2DModel cannot express {differs} (it fixes {fixed})")
+    head_dim = params.hidden_size // params.num_heads
+    return {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": params.in_channels,
+            "out_channels": params.out_channels, "num_layers": params.depth,
+            "num_single_layers": params.depth_single_blocks, "attention_head_dim": head_dim,
+            "num_attention_heads": params.num_heads, "joint_attention_dim": params.context_in_dim,
+            "pooled_projection_dim": params.vec_in_dim, "guidance_embeds": params.guidance_embed,
+            "axes_dims_rope": list(params.axes_dim)}

@@ -41,6 +41,39 @@ VARIANTS: dict[str, FluxParams] = {
 
 
 @attrs.frozen
+class SamplingDefaults:
+    """What a variant samples with unless the job says otherwise: steps, embedded guidance, the
+    schedule's resolution shift (FLUX's mu line; schnell is distilled on the unshifted one) and
+    the T5 sequence length."""
+
+    steps: int = 28
+    guidance: float = 3.5
+    shift: bool = True
+    max_sequence_length: int = 512
+
+
+# diffusers' pipeline defaults (FluxPipeline, FluxKontextPipeline, FluxFillPipeline), BFL's CLI where
+# diffusers has none (cli_control: canny 30, depth 10); Kontext 28 steps / 2.5 as BFL's cli_kontext guides
+DEFAULTS: dict[str, SamplingDefaults] = {
+    "dev": SamplingDefaults(),
+    "schnell": SamplingDefaults(steps=4, shift=False, max_sequence_length=256),
+    "kontext-dev": SamplingDefaults(guidance=2.5),
+    "fill-dev": SamplingDefaults(steps=50, guidance=30.0),
+    "canny-dev": SamplingDefaults(steps=50, guidance=30.0),
+    "depth-dev": SamplingDefaults(steps=50, guidance=10.0),
+    "tiny": SamplingDefaults(),
+}
+
+# (width, height) Kontext was trained at; a reference image is resized to the closest aspect ratio
+# (BFL ``sampling.PREFERED_KONTEXT_RESOLUTIONS``, diffusers ``PREFERRED_KONTEXT_RESOLUTIONS``)
+KONTEXT_RESOLUTIONS: tuple[tuple[int, int], ...] = (
+    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104),
+    (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752), (1456, 720), (1504, 688),
+    (1568, 672),
+)
+
+
+@attrs.frozen
 class AutoEncoderParams:
     in_channels: int = 3
     out_ch: int = 3

@@ -1,9 +1,11 @@
-"""diffcore plugin: the ``flux1`` model family. Imports no torch; ``build_flux1`` does, when called.
+"""diffcore plugin: the ``flux1`` model family and the ``flux1-convert`` job. Imports no torch;
+``build_flux1`` and the job do, when called.
 
 Weights load from local files only: a diffusers FLUX.1 folder (``model_index.json`` with
 ``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``text_encoder_2/``,
 ``tokenizer_2/``), or a single transformer file (BFL ``flux1-dev.safetensors``, ComfyUI, or
-diffusers keys) with ``vae`` (``ae.safetensors``) and ``text_encoders`` (a diffusers folder) set.
+diffusers keys) with BFL's ``ae.safetensors`` next to it (or ``vae`` set) and ``text_encoders``
+(a diffusers folder) set.
 """
 
 from __future__ import annotations
@@ -16,26 +18,26 @@ import attrs
 
 from diffcore.errors import ConfigError, did_you_mean
 from diffcore.hookspecs import hookimpl
-from diffcore_flux1.params import VARIANTS
+from diffcore_flux1.params import DEFAULTS, VARIANTS
 
-DTYPES = ("bfloat16", "float16", "float32")
-TEXT_TO_IMAGE = ("dev", "schnell", "kontext-dev", "tiny")  # the rest need image inputs the bundle does not take yet
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+OFFLOAD = ("none", "model", "sequential")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+BFL_AE = "ae.safetensors"
 
 
 def _variant(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-    if value not in VARIANTS:
+    if value != "auto" and value not in VARIANTS:
         raise ConfigError(f"unknown FLUX.1 variant {value!r}{did_you_mean(value, VARIANTS)}; "
-                          f"known: {', '.join(VARIANTS)}", path=attribute.name)
-    if value not in TEXT_TO_IMAGE:
-        raise ConfigError(f"variant {value!r} needs image conditioning (mask / control image), which the flux1 "
-                          f"bundle does not take yet; text-to-image variants: {', '.join(TEXT_TO_IMAGE)}",
-                          path=attribute.name)
+                          f"known: auto, {', '.join(VARIANTS)}", path=attribute.name)
 
 
-def _dtype(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-    if value not in DTYPES:
-        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {value!r}", path=attribute.name)
+def _choice(choices: tuple[str, ...]) -> Any:
+    def check(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+        if value not in choices:
+            raise ConfigError(f"{attribute.name} must be one of {', '.join(choices)}, got {value!r}"
+                              f"{did_you_mean(str(value), choices)}", path=attribute.name)
+    return check
 
 
 def _local(instance: Any, attribute: attrs.Attribute, value: str | None) -> None:
@@ -52,50 +54,86 @@ def _local(instance: Any, attribute: attrs.Attribute, value: str | None) -> None
 @attrs.frozen
 class Flux1Config:
     """``path``: diffusers folder or transformer file; ``vae`` / ``text_encoders`` override or
-    complete it; ``guidance``: the embedded guidance (dev default 3.5; schnell ignores it)."""
+    complete it. ``variant = "auto"`` reads it from the shapes (dev, schnell, fill-dev,
+    canny-dev; name kontext-dev and depth-dev, whose shapes are dev's and canny-dev's); it sets
+    the defaults below. ``guidance``: the embedded guidance (variant default: dev 3.5, Kontext
+    2.5, Fill 30). ``dtype = "auto"``: bfloat16 on CUDA, float32 elsewhere. ``offload``: see
+    ``diffcore_flux1.offload``. ``resize_references``: snap Kontext references to the nearest
+    training resolution (BFL, diffusers)."""
 
-    variant: str = attrs.field(default="dev", validator=_variant)
+    variant: str = attrs.field(default="auto", validator=_variant)
     path: str = attrs.field(default="", validator=_local)
     vae: str | None = attrs.field(default=None, validator=_local)
     text_encoders: str | None = attrs.field(default=None, validator=_local)
-    dtype: str = attrs.field(default="bfloat16", validator=_dtype)
-    guidance: float = 3.5
+    dtype: str = attrs.field(default="auto", validator=_choice(DTYPES))
+    offload: str = attrs.field(default="none", validator=_choice(OFFLOAD))
+    guidance: float | None = None
     max_sequence_length: int | None = attrs.field(default=None)  # T5 tokens: 512, schnell 256
+    resize_references: bool = True
+
+
+def resolve_dtype(name: str, device: Any) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, name)
 
 
 def build_flux1(config: Flux1Config, device: Any = "cpu") -> Any:
-    """A ``FluxBundle`` on ``device`` from the local files ``config`` names."""
-    import torch
-
+    """A ``FluxBundle`` computing on ``device`` from the local files ``config`` names. Paths and
+    files are checked before anything loads; then the text encoders load (they run first), the
+    autoencoder, and the transformer."""
     from diffcore_flux1.bundle import FluxBundle
-    from diffcore_flux1.load import load_transformer, load_vae
+    from diffcore_flux1.load import check_safetensors, load_transformer, load_vae, transformer_params
+    from diffcore_flux1.offload import Offload
     from diffcore_flux1.text import FluxTextEncoder
 
     if not config.path:
         raise ConfigError("set path to a local FLUX.1 diffusers folder or transformer .safetensors file", path="path")
-    dtype = getattr(torch, config.dtype)
     root = Path(config.path).expanduser()
     folder = root if root.is_dir() and (root / "transformer").is_dir() else None
-    network = load_transformer(root, variant=config.variant, dtype=dtype, device=device)
+    variant, params = transformer_params(root, None if config.variant == "auto" else config.variant)
+    defaults = DEFAULTS[variant or ("dev" if params.guidance_embed else "schnell")]
 
-    vae_path = config.vae or (folder / "vae" if folder and (folder / "vae").is_dir() else None)
+    vae_path = Path(config.vae).expanduser() if config.vae else None
+    if vae_path is None and folder is not None and (folder / "vae").is_dir():
+        vae_path = folder / "vae"
+    if vae_path is None and root.is_file() and (root.parent / BFL_AE).is_file():
+        vae_path = root.parent / BFL_AE
     if vae_path is None:
-        raise ConfigError(f"{root} has no vae/ folder: set vae to FLUX.1's ae.safetensors", path="vae")
-    vae = load_vae(vae_path, variant="tiny" if config.variant == "tiny" else "flux1", dtype=dtype, device=device)
-
+        where = f"no {BFL_AE} next to {root}" if root.is_file() else f"{root} has no vae/ folder"
+        raise ConfigError(f"{where}: set vae to FLUX.1's autoencoder ({BFL_AE} or a diffusers vae/ folder)",
+                          path="vae")
+    check_safetensors(vae_path / "vae" if (vae_path / "vae").is_dir() else vae_path)
     text_path = config.text_encoders or (folder if folder and (folder / "text_encoder").is_dir() else None)
     if text_path is None:
         raise ConfigError(f"{root} has no text encoders: set text_encoders to a local diffusers FLUX.1 folder "
                           f"(text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/)", path="text_encoders")
-    schnell = config.variant == "schnell"
-    text = FluxTextEncoder.from_folder(text_path, max_length=config.max_sequence_length or (256 if schnell else 512),
-                                       dtype=dtype, device=device)
-    return FluxBundle(network=network, vae=vae, text=text, guidance=config.guidance,
-                      default_steps=4 if schnell else 28,
-                      default_schedule={"name": "flow"} if schnell else {"name": "flux"})
+
+    dtype = resolve_dtype(config.dtype, device)
+    offload = Offload(config.offload, device)
+    text = FluxTextEncoder.from_folder(text_path, max_length=config.max_sequence_length or defaults.max_sequence_length,
+                                       dtype=dtype, device=offload.storage)
+    vae = load_vae(vae_path, dtype=dtype, device=offload.storage)
+    network = load_transformer(root, params=params, dtype=dtype, device=offload.storage)
+    for name, module in (("text", text), ("vae", vae), ("network", network)):
+        offload.add(name, module)
+    return FluxBundle(network=network, vae=vae, text=text, offload=offload, dtype=dtype,
+                      guidance=config.guidance if config.guidance is not None else defaults.guidance,
+                      default_steps=defaults.steps, default_schedule={"name": "flux" if defaults.shift else "flow"},
+                      resize_references=config.resize_references)
 
 
 @hookimpl
 def register_models(register):
     register("flux1", build_flux1, config=Flux1Config,
-             description="FLUX.1 dev / schnell / Kontext (Black Forest Labs): rectified-flow MMDiT, T5 + CLIP")
+             description="FLUX.1 dev / schnell / Kontext / Fill / Canny / Depth (Black Forest Labs): MMDiT, T5 + CLIP")
+
+
+@hookimpl
+def register_jobs(register):
+    from diffcore_flux1.convert_job import ConvertJob, run_convert
+
+    register("flux1-convert", run_convert, config=ConvertJob,
+             description="Rewrite a FLUX.1 transformer (and autoencoder) as a BFL single file or a diffusers folder")

@@ -43,8 +43,9 @@ class FluxTextEncoder(nn.Module):
                    clip, AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True), max_length)
 
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        device = next(self.t5.parameters()).device
+    def encode(self, prompts: list[str], device: str | torch.device | None = None) -> tuple[Tensor, Tensor]:
+        """``device``: where the encoders compute (under offload hooks their parameters read as meta)."""
+        device = device if device is not None else next(self.t5.parameters()).device
         ids = self._ids(self.t5_tokenizer, prompts, self.max_length, device)
         txt = self.t5(input_ids=ids).last_hidden_state
         ids = self._ids(self.clip_tokenizer, prompts, CLIP_LENGTH, device)

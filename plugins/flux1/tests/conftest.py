@@ -93,3 +93,71 @@ def tiny_pipeline(tmp_path_factory):
     folder = tmp_path_factory.mktemp("flux1-tiny")
     pipe.save_pretrained(folder)
     return folder, pipe
+
+
+# an 8x autoencoder (four levels), so Fill's mask is unshuffled 8 x 8 into 256 channels as in FLUX.1
+TINY_VAE8_DIFFUSERS = {**TINY_VAE_DIFFUSERS, "down_block_types": ("DownEncoderBlock2D",) * 4,
+                       "up_block_types": ("UpDecoderBlock2D",) * 4, "block_out_channels": (32,) * 4}
+
+
+def narrow_posterior(vae):
+    """Log-variance at diffusers' clamp (-30), so a sampled latent is the mean to ~1e-7: the
+    pipelines that sample the masked or control image's latents (Fill, Control) then agree with
+    ours, which take the mean."""
+    with torch.no_grad():
+        z = vae.config.latent_channels
+        vae.encoder.conv_out.weight[z:] = 0
+        vae.encoder.conv_out.bias[z:] = -100
+    return vae
+
+
+@pytest.fixture(scope="session")
+def image_variants(tiny_pipeline, tmp_path_factory):
+    """Tiny Fill (384 input channels) and Canny (128) transformers as BFL single files with an 8x
+    ``ae.safetensors`` beside them, and diffusers' FluxFillPipeline / FluxControlPipeline on the
+    same weights and tiny_pipeline's text encoders. Returns (folder, fill_pipe, control_pipe)."""
+    from diffusers import AutoencoderKL, FluxControlPipeline, FluxFillPipeline, FluxTransformer2DModel
+
+    from diffcore.io.checkpoint import save_file_atomic
+    from diffcore_flux1.convert import diffusers_to_bfl
+    from diffcore_flux1.vae import vae_diffusers_to_bfl
+
+    folder = tmp_path_factory.mktemp("flux1-image-variants")
+    pipe = tiny_pipeline[1]
+    vae = narrow_posterior(randomize(AutoencoderKL(**TINY_VAE8_DIFFUSERS), seed=3, std=0.05))
+    save_file_atomic(vae_diffusers_to_bfl(dict(vae.state_dict())), folder / "ae.safetensors")
+    text = dict(text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, text_encoder_2=pipe.text_encoder_2,
+                tokenizer_2=pipe.tokenizer_2)
+    made = []
+    for name, in_channels, cls, seed in (("fill", 384, FluxFillPipeline, 4), ("canny", 128, FluxControlPipeline, 5)):
+        transformer = randomize(FluxTransformer2DModel(**{**TINY_DIFFUSERS, "in_channels": in_channels},
+                                                       out_channels=64, guidance_embeds=True), seed=seed, std=0.05)
+        save_file_atomic(diffusers_to_bfl(dict(transformer.state_dict())), folder / f"flux1-{name}-tiny.safetensors")
+        made.append(cls(scheduler=pipe.scheduler, vae=vae, transformer=transformer, **text))
+    return folder, made[0], made[1]
+
+
+@pytest.fixture
+def run_job():
+    """``run_job(folder, model_table, **job_fields)``: write a generate job file in ``folder``, run it
+    through ``diffcore.jobs.runner.run``; returns (images in [-1, 1], the first PNG's parameters)."""
+    import json
+
+    import tomli_w
+    from PIL import Image
+
+    from diffcore.jobs.runner import run
+    from diffcore.testing import plugins_for_test
+
+    def run_job(folder, model, **job):
+        table = {"job": {"kind": "generate", "output_dir": str(folder / "out"), "prompt": "a red cat",
+                         "num_samples": 1, "batch_size": 1, "progress": False, "device": "cpu", "grid": False,
+                         "seed": 7, **job},
+                 "model": {"family": "flux1", "dtype": "float32", "max_sequence_length": 16, **model}}
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "job.toml").write_text(tomli_w.dumps(table))
+        with plugins_for_test():
+            images = run(folder / "job.toml")
+        return images, json.loads(Image.open(folder / "out" / "sample-0000.png").text["parameters"])
+
+    return run_job

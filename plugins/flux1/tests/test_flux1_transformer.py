@@ -14,7 +14,7 @@ from diffcore_flux1.convert import (
     infer_params,
     to_bfl,
 )
-from diffcore_flux1.model import VARIANTS, Flux, attention_alias
+from diffcore_flux1.model import VARIANTS, Flux, attention_alias, diffusers_config, params_from_diffusers_config
 from diffcore_flux1.sampling import prepare_kontext_ids
 
 TOL = 1e-5
@@ -46,18 +46,35 @@ def test_parity_with_diffusers(diffusers_flux, flux_inputs, guidance):
 
 
 @torch.no_grad()
-def test_parity_kontext_ids_and_fill_channels(diffusers_flux, flux_inputs):
-    """Reference tokens at t = 1 exercise the first RoPE axis; 384 input channels is Fill's img_in."""
+def test_parity_kontext_reference_tokens(diffusers_flux, flux_inputs):
+    """A Kontext step as FluxKontextPipeline runs it: the reference's tokens (its own 3 x 6 grid,
+    t = 1) appended after the target's 4 x 5, the output sliced back to the target."""
+    ref = diffusers_flux(guidance=True)
+    ours = ours_from(ref)
+    inputs = flux_inputs()
+    reference = torch.randn(2, 18, 64, generator=torch.Generator().manual_seed(1))
+    ids = torch.cat([inputs["img_ids"], prepare_kontext_ids(3, 6)[0]], dim=0)
+    joint = {**inputs, "img": torch.cat([inputs["img"], reference], dim=1), "img_ids": ids}
+    expected = run_diffusers(ref, joint)[:, :20]
+    got = ours(**joint)[:, :20]
+    err = (got - expected).abs().max().item()
+    assert err <= TOL, f"max abs err {err:.3g}"
+    assert (got - ours(**inputs)).abs().max() > 1e-2  # the reference tokens matter
+    batched = {**joint, "img_ids": ids[None].expand(2, -1, -1), "txt_ids": inputs["txt_ids"][None]}
+    assert torch.equal(ours(**batched)[:, :20], got)  # BFL's (batch, tokens, 3) ids give the same
+
+
+@torch.no_grad()
+def test_parity_fill_input(diffusers_flux, flux_inputs):
+    """Fill-dev's img_in takes [noisy 64 | masked-image latents 64 | mask 256] = 384 channels."""
     ref = diffusers_flux(guidance=True, in_channels=384, out_channels=64)
     ours = ours_from(ref, in_channels=384)
     inputs = flux_inputs(in_channels=384)
-    inputs["img"] = torch.cat([inputs["img"], torch.randn(2, 20, 384)], dim=1)
-    inputs["img_ids"] = torch.cat([inputs["img_ids"], prepare_kontext_ids(4, 5)[0]], dim=0)
     expected = run_diffusers(ref, inputs)
-    err = (ours(**inputs) - expected).abs().max().item()
+    got = ours(**inputs)
+    err = (got - expected).abs().max().item()
+    assert got.shape == (2, 20, 64) and expected.abs().max() > 1.0
     assert err <= TOL, f"max abs err {err:.3g}"
-    batched = {**inputs, "img_ids": inputs["img_ids"][None].expand(2, -1, -1), "txt_ids": inputs["txt_ids"][None]}
-    assert torch.allclose(ours(**batched), expected, atol=TOL)  # BFL's (batch, tokens, 3) ids
 
 
 def test_conversion_round_trip_and_detection(diffusers_flux):
@@ -93,7 +110,9 @@ def test_converter_passes_unknown_keys_through(diffusers_flux):
 @pytest.mark.parametrize("variant, kwargs, bfl_keys", [
     ("dev", dict(guidance_embeds=True), 780),
     ("schnell", dict(), 776),
+    ("kontext-dev", dict(guidance_embeds=True), 780),
     ("fill-dev", dict(guidance_embeds=True, in_channels=384, out_channels=64), 780),
+    ("canny-dev", dict(guidance_embeds=True, in_channels=128, out_channels=64), 780),
 ])
 def test_full_size_keys_match_diffusers(variant, kwargs, bfl_keys):
     from diffusers import FluxTransformer2DModel
@@ -105,8 +124,12 @@ def test_full_size_keys_match_diffusers(variant, kwargs, bfl_keys):
     bfl = ours.state_dict()
     assert len(bfl) == bfl_keys
     assert {k: tuple(v.shape) for k, v in bfl_to_diffusers(dict(bfl)).items()} == expected
-    assert detect_variant(expected) == variant
-    assert detect_variant({k: tuple(v.shape) for k, v in bfl.items()}) == variant
+    detected = "dev" if variant == "kontext-dev" else variant  # Kontext has dev's shapes: only its name tells
+    assert detect_variant(expected) == detected
+    assert detect_variant({k: tuple(v.shape) for k, v in bfl.items()}) == detected
+    config = diffusers_config(VARIANTS[variant])
+    assert params_from_diffusers_config(config) == VARIANTS[variant]
+    assert {k: v for k, v in ref.config.items() if k in config} == {**config, "axes_dims_rope": (16, 56, 56)}
 
 
 def test_variant_table():

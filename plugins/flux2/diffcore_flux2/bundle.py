@@ -2,8 +2,18 @@
 
 The sampler's latent is the normalised, patchified one laid out as an image, (128, H/16, W/16):
 each position is one transformer token, so a schedule's ``seq_len`` is the number of positions
-and ``forward`` only packs, adds the position ids and unpacks. Reference images (editing) enter
-as ``request.extra["reference_images"]``: pixel tensors (3, H, W) in [-1, 1], encoded once.
+and ``forward`` only packs, adds the position ids and unpacks.
+
+Images reach ``conditions`` in ``request.extra`` as the generate job loads them:
+
+- ``reference_images``: a list of (3, H, W) in [-1, 1]; editing appends their tokens at
+  t = 10, 20, ... (pixel caps and crops: ``diffcore_flux2.images``).
+- ``image`` + ``mask`` ((1, H, W) in [0, 1], 1 = repaint): inpainting with the normal model.
+  As in diffusers' ``Flux2KleinInpaintPipeline`` the image is also the first reference, and
+  the kept region is held to it by ``sampling.keep_known`` inside ``forward``. The channel-concat
+  Fill checkpoint is FLUX.1's; FLUX.2 has none.
+
+img2img (``init_image`` + ``strength`` in the job) goes through ``image_shape`` and ``encode``.
 """
 
 from __future__ import annotations
@@ -17,92 +27,158 @@ from torch import Tensor
 
 from diffcore.errors import ConfigError
 from diffcore.models import ModelBundle
+from diffcore_flux2.images import (
+    inpaint_size,
+    prepare_reference,
+    reference_cap,
+    reference_size,
+    resize,
+    token_mask,
+)
 from diffcore_flux2.model import attention_alias
-from diffcore_flux2.sampling import get_schedule, image_ids, pack, reference_tokens, text_ids, unpack
+from diffcore_flux2.sampling import get_schedule, image_ids, keep_known, pack, reference_tokens, text_ids, unpack
 from diffcore_flux2.text import Flux2TextEncoder
 from diffcore_flux2.vae import AutoEncoder
 
 
 @attrs.define(eq=False)
 class Flux2Bundle(ModelBundle):
-    """``network`` is a ``Flux2``; ``guidance`` is dev's embedded guidance (klein ignores it)."""
+    """``network`` is a ``Flux2``. ``guidance``: dev's embedded guidance (klein has none);
+    ``default_cfg_scale``: the CFG scale the generate job uses when the job sets none (4.0 for
+    klein-base, 1.0, one forward, otherwise); ``reference_max_pixels``: None for BFL's caps
+    (2024^2 for one reference, 1024^2 each for several), or one cap for all (diffusers: 1024^2)."""
 
     vae: AutoEncoder | None = None
     text: Flux2TextEncoder | None = None
     guidance: float = 4.0
+    default_cfg_scale: float = 1.0
     default_size: int = 1024
+    reference_max_pixels: int | None = None
 
     def forward(self, x: Tensor, sigma: Tensor, txt: Tensor | None = None, guidance: Tensor | None = None,
-                ref: Tensor | None = None, ref_ids: Tensor | None = None) -> Tensor:
+                ref: Tensor | None = None, ref_ids: Tensor | None = None, known: Tensor | None = None,
+                known_mask: Tensor | None = None) -> Tensor:
         if txt is None:
             raise ConfigError("FLUX.2 needs text conditioning: txt, the stacked LLM hidden states")
         _, _, h, w = x.shape
         dtype = self.network.img_in.weight.dtype
         out = self.network(pack(x), image_ids(h, w, device=x.device), sigma, txt.to(dtype),
                            text_ids(txt.shape[1], device=x.device), guidance=guidance, ref=ref, ref_ids=ref_ids)
-        return unpack(out, h, w)
+        v = unpack(out, h, w)
+        if known is not None:
+            v = keep_known(v, x, sigma, known, known_mask)
+        return v
 
     def conditions(self, request: Any) -> dict[str, dict[str, Any]]:
         """``cond`` from the prompts and ``uncond`` from the negative prompts ("" by default, as
         klein-base's CFG uses), or precomputed ``txt`` (optionally ``uncond_txt``) from
-        ``request.extra``; each with the embedded guidance and the reference tokens."""
+        ``request.extra``; each with the embedded guidance, the reference tokens and, for
+        inpainting, the encoded image (``known``) and the token mask (``known_mask``)."""
         extra = _field(request, "extra") or {}
-        if "txt" in extra:
-            branches = {"cond": extra["txt"]}
-            if "uncond_txt" in extra:
-                branches["uncond"] = extra["uncond_txt"]
-        else:
-            prompts = _field(request, "prompts")
-            if not prompts:
-                raise ConfigError("FLUX.2 is a text-to-image model: give a prompt", path="job.prompt")
-            if self.text is None:
-                raise ConfigError("this FLUX.2 bundle has no text encoder: set text_encoder to a local diffusers "
-                                  "FLUX.2 folder (text_encoder/, tokenizer/)", path="model.text_encoder")
-            negatives = _field(request, "negative_prompts") or [""] * len(prompts)
-            txt = self.text.encode(list(prompts) + list(negatives))
-            branches = {"cond": txt[:len(prompts)], "uncond": txt[len(prompts):]}
+        branches = self._text(request, extra)
         device = self.network.img_in.weight.device
         batch = branches["cond"].shape[0]
         shared: dict[str, Tensor] = {}
         if self.network.params.guidance_embed:
             shared["guidance"] = torch.full((batch,), self.guidance, device=device)
-        if extra.get("reference_images"):
-            ref, ref_ids = self.encode_references(extra["reference_images"])
-            shared["ref"] = ref.expand(batch, -1, -1)
-            shared["ref_ids"] = ref_ids.expand(batch, -1, -1)
+
+        image, mask = extra.get("image"), extra.get("mask")
+        if (image is None) != (mask is None):
+            raise ConfigError("inpainting needs both image (what to repaint) and mask (white = repaint)",
+                              path="job.mask" if mask is None else "job.image")
+        references = list(extra.get("reference_images") or [])
+        latents = self.reference_latents(references, others=int(image is not None))
+        if image is not None:
+            height, width = self.image_size(request)
+            known = self.encode(resize(image, height, width)[None].to(device))
+            f = self.downscale
+            shared["known"] = known.expand(batch, -1, -1, -1)
+            shared["known_mask"] = token_mask(mask.to(device), height, width, height // f, width // f).expand(
+                batch, -1, -1, -1)
+            latents.insert(0, known)
+        if latents:
+            ref, ref_ids = reference_tokens(latents)
+            shared["ref"] = ref[None].to(self.network.img_in.weight).expand(batch, -1, -1)
+            shared["ref_ids"] = ref_ids[None].to(device).expand(batch, -1, -1)
         return {key: {"txt": txt.to(device), **shared} for key, txt in branches.items()}
 
-    def encode_references(self, images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        """Pixel images (3, H, W) in [-1, 1], sides multiples of 16 -> tokens (1, N, 128), ids (1, N, 4)."""
-        if self.vae is None:
-            raise ConfigError("reference images need the autoencoder: set vae", path="model.vae")
-        p, f = next(self.vae.parameters()), self.vae.downscale
-        latents = []
-        for i, img in enumerate(images):
-            if img.ndim != 3 or img.shape[0] != 3 or img.shape[1] % f or img.shape[2] % f:
-                raise ConfigError(f"reference image {i} has shape {tuple(img.shape)}; expected (3, H, W) with H and W "
-                                  f"multiples of {f}", path="extra.reference_images")
-            latents.append(self.vae.encode(img[None].to(p)))
-        ref, ids = reference_tokens(latents)
-        return ref[None].to(self.network.img_in.weight), ids[None].to(p.device)
+    def _text(self, request: Any, extra: Mapping[str, Any]) -> dict[str, Tensor]:
+        if "txt" in extra:
+            branches = {"cond": extra["txt"]}
+            if "uncond_txt" in extra:
+                branches["uncond"] = extra["uncond_txt"]
+            return branches
+        prompts = _field(request, "prompts")
+        if not prompts:
+            raise ConfigError("FLUX.2 is a text-to-image model: give a prompt", path="job.prompt")
+        if self.text is None:
+            raise ConfigError("this FLUX.2 bundle has no text encoder: set text_encoder to a local diffusers "
+                              "FLUX.2 folder (text_encoder/, tokenizer/)", path="model.text_encoder")
+        negatives = _field(request, "negative_prompts") or [""] * len(prompts)
+        txt = self.text.encode(list(prompts) + list(negatives))
+        return {"cond": txt[:len(prompts)], "uncond": txt[len(prompts):]}
+
+    def reference_latents(self, images: Sequence[Tensor], others: int = 0) -> list[Tensor]:
+        """Reference pixels, each prepared (capped, cropped) and encoded -> latents (1, C, h, w).
+        ``others``: references the model sees besides these (the image to repaint), which count
+        towards BFL's one-or-several rule."""
+        if not images:
+            return []
+        self._need_vae("reference images")
+        cap = self.reference_max_pixels or reference_cap(len(images) + others)
+        p = next(self.vae.parameters())
+        return [self.encode(prepare_reference(img, cap, self.downscale, index=i)[None].to(p.device))
+                for i, img in enumerate(images)]
+
+    def image_size(self, request: Any) -> tuple[int, int]:
+        """Output (height, width) in pixels: the request's; where it gives none, the image to
+        repaint's (capped at 1024^2, sides floored to multiples of 16, as diffusers), else the
+        first reference's after its preparation (diffusers' editing), else ``default_size``."""
+        extra = _field(request, "extra") or {}
+        f = self.downscale
+        references = extra.get("reference_images") or []
+        if extra.get("image") is not None:
+            size = inpaint_size(*extra["image"].shape[-2:], f)
+        elif references:
+            cap = self.reference_max_pixels or reference_cap(len(references))
+            size = reference_size(*references[0].shape[-2:], cap, f)
+        else:
+            size = (self.default_size, self.default_size)
+        height = _field(request, "height") or size[0]
+        width = _field(request, "width") or size[1]
+        if height % f or width % f or not height or not width:
+            raise ConfigError(f"FLUX.2 images must be positive multiples of {f} pixels on each side, got "
+                              f"{width}x{height}", path="job.height" if height % f or not height else "job.width")
+        return height, width
+
+    @property
+    def downscale(self) -> int:
+        """Pixels per latent token along each side."""
+        return self.vae.downscale if self.vae is not None else 16
 
     def latent_shape(self, request: Any) -> tuple[int, int, int]:
-        per_token = self.vae.downscale if self.vae is not None else 16
-        height = _field(request, "height") or self.default_size
-        width = _field(request, "width") or self.default_size
-        if height % per_token or width % per_token:
-            raise ConfigError(f"FLUX.2 images must be multiples of {per_token} pixels on each side, got "
-                              f"{width}x{height}", path="job.height" if height % per_token else "job.width")
-        return (self.network.params.in_channels, height // per_token, width // per_token)
+        height, width = self.image_size(request)
+        return (self.network.params.in_channels, height // self.downscale, width // self.downscale)
+
+    def image_shape(self, request: Any) -> tuple[int, int, int]:
+        return (3, *self.image_size(request))
+
+    def encode(self, images: Tensor) -> Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> normalised patchified latents in float32 (the posterior mean)."""
+        self._need_vae("img2img, editing and inpainting")
+        return self.vae.encode(images.to(next(self.vae.parameters()))).float()
 
     def decode(self, latents: Tensor) -> Tensor:
-        if self.vae is None:
-            raise ConfigError("this FLUX.2 bundle has no autoencoder: set vae to a local ae.safetensors",
-                              path="model.vae")
+        self._need_vae("decoding")
         return self.vae.decode(latents.to(next(self.vae.parameters()).dtype))
 
     def attention_alias(self, name: str) -> str:
         return attention_alias(name)
+
+    def _need_vae(self, what: str) -> None:
+        if self.vae is None:
+            raise ConfigError(f"{what} needs FLUX.2's autoencoder: set vae to a local ae.safetensors or diffusers "
+                              f"vae/ folder", path="model.vae")
 
 
 @attrs.frozen

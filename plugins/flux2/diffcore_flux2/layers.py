@@ -33,25 +33,34 @@ def timestep_embedding(t: Tensor, dim: int = TIME_DIM, max_period: float = 10000
 
 
 def rope(pos: Tensor, dim: int, theta: int) -> Tensor:
-    """Rotation matrices (..., n, dim/2, 2, 2) for positions (..., n) (RoFormer, Su et al. 2021),
-    computed in float64 so large positions keep their phase."""
-    scale = torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim
-    angles = pos.to(torch.float64)[..., None] * (1.0 / theta**scale)
-    cos, sin = angles.cos(), angles.sin()
-    out = torch.stack([cos, -sin, sin, cos], dim=-1)
-    return rearrange(out, "... (i j) -> ... i j", i=2, j=2).float()
+    """Unit complex rotations (..., n, dim/2) for positions (..., n) (RoFormer, Su et al. 2021):
+    feature pair ``i`` turns by ``pos / theta^(2i/dim)``. Angles in float64 (float32 on MPS) so
+    large positions keep their phase."""
+    f64 = torch.float64 if pos.device.type != "mps" else torch.float32
+    scale = torch.arange(0, dim, 2, dtype=f64, device=pos.device) / dim
+    angles = pos.to(f64)[..., None] * (1.0 / theta**scale)
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
 
 def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
-    """Rotate adjacent feature pairs of ``x`` (batch, heads, tokens, head_dim) by ``pe``."""
-    pairs = rearrange(x.float(), "... (d two) -> ... d 1 two", two=2)
-    out = pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]
-    return rearrange(out, "... d two -> ... (d two)").type_as(x)
+    """Rotate adjacent feature pairs of ``x`` (batch, tokens, ..., head_dim) by ``pe`` (batch, tokens,
+    head_dim/2), in float32: each pair is a complex number, so the rotation is one complex multiply
+    (BFL FLUX.1's ``freqs_cis``), the same arithmetic as the 2x2 matrices and diffusers' cos/sin."""
+    pairs = torch.view_as_complex(rearrange(x.float(), "... (d two) -> ... d two", two=2).contiguous())
+    pe = pe.reshape(*pe.shape[:2], *(1,) * (x.ndim - 3), pe.shape[-1])
+    return rearrange(torch.view_as_real(pairs * pe), "... d two -> ... (d two)").type_as(x)
+
+
+def joint_attention(attn: Attention, qk: Tensor, v: Tensor) -> Tensor:
+    """``attn`` over token-major [q, k] (batch, tokens, 2, heads, head_dim) and v (batch, tokens, heads,
+    head_dim), seen by ``attn`` (and any patch on it) as (batch, heads, tokens, head_dim) -> (batch, tokens, hidden)."""
+    q, k = rearrange(qk, "b l two h d -> two b h l d")
+    return rearrange(attn(q, k, rearrange(v, "b l h d -> b h l d")), "b h l d -> b l (h d)")
 
 
 class EmbedND(nn.Module):
-    """RoPE over several position axes: ids (batch, tokens, axes) -> (batch, 1, tokens, head_dim/2, 2, 2);
-    axis ``i`` rotates ``axes_dim[i]`` consecutive features of each head."""
+    """RoPE over several position axes: ids (batch, tokens, axes) -> (batch, tokens, head_dim/2)
+    complex rotations; axis ``i`` rotates ``axes_dim[i]`` consecutive features of each head."""
 
     def __init__(self, theta: int, axes_dim: tuple[int, ...]):
         super().__init__()
@@ -61,8 +70,7 @@ class EmbedND(nn.Module):
         if ids.shape[-1] != len(self.axes_dim):
             raise ValueError(f"position ids have {ids.shape[-1]} axes, the model's RoPE has {len(self.axes_dim)} "
                              f"({self.axes_dim}); FLUX.2 ids are [t, h, w, l]")
-        pe = torch.cat([rope(ids[..., i], d, self.theta) for i, d in enumerate(self.axes_dim)], dim=-3)
-        return pe.unsqueeze(1)
+        return torch.cat([rope(ids[..., i], d, self.theta) for i, d in enumerate(self.axes_dim)], dim=-1)
 
 
 class MLPEmbedder(nn.Module):
@@ -85,20 +93,21 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.scale
+        return F.rms_norm(x.float(), self.scale.shape, self.scale.float(), self.eps).type_as(x)
 
 
 class QKNorm(nn.Module):
-    """Per-head RMSNorm of queries and keys (Dehghani et al. 2023), learnable scale."""
+    """Per-head RMSNorm of queries and keys (Dehghani et al. 2023), learnable scales, applied to
+    both in one pass: ``qk`` is (..., 2, heads, head_dim), queries at index 0, keys at 1."""
 
     def __init__(self, head_dim: int):
         super().__init__()
         self.query_norm = RMSNorm(head_dim)
         self.key_norm = RMSNorm(head_dim)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        return self.query_norm(q).to(v), self.key_norm(k).to(v)
+    def forward(self, qk: Tensor) -> Tensor:
+        scale = rearrange([self.query_norm.scale, self.key_norm.scale], "two d -> two 1 d").float()
+        return (F.rms_norm(qk.float(), scale.shape[-1:], None, self.query_norm.eps) * scale).type_as(qk)
 
 
 class SwiGLU(nn.Module):
@@ -119,7 +128,13 @@ def layer_norm(hidden: int) -> nn.LayerNorm:
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return (1 + scale) * x + shift
+    """``(1 + scale) * x + shift`` as one fused multiply-add."""
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+def gated(x: Tensor, gate: Tensor, update: Tensor) -> Tensor:
+    """The gated residual ``x + gate * update`` as one fused multiply-add."""
+    return torch.addcmul(x, gate, update)
 
 
 class Modulation(nn.Module):
@@ -145,10 +160,10 @@ class StreamAttention(nn.Module):
         self.norm = QKNorm(hidden // heads)
         self.proj = nn.Linear(hidden, hidden, bias=False)
 
-    def heads_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
-        q, k = self.norm(q, k, v)
-        return q, k, v
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Normalised [q, k] (batch, tokens, 2, heads, head_dim) and v (batch, tokens, heads, head_dim)."""
+        qkv = rearrange(self.qkv(x), "b l (three h d) -> b l three h d", three=3, h=self.heads)
+        return self.norm(qkv[:, :, :2]), qkv[:, :, 2]
 
 
 class DoubleStreamBlock(nn.Module):
@@ -168,22 +183,26 @@ class DoubleStreamBlock(nn.Module):
                 img_mod: tuple[Mod, Mod], txt_mod: tuple[Mod, Mod]) -> tuple[Tensor, Tensor]:
         (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = img_mod
         (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = txt_mod
-        img_q, img_k, img_v = self.img_attn.heads_qkv(modulate(self.img_norm1(img), img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.heads_qkv(modulate(self.txt_norm1(txt), txt_shift1, txt_scale1))
-        q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
-        out = rearrange(self.attn(apply_rope(q, pe), apply_rope(k, pe), v), "b h l d -> b l (h d)")
+        img_qk, img_v = self.img_attn.project(modulate(self.img_norm1(img), img_shift1, img_scale1))
+        txt_qk, txt_v = self.txt_attn.project(modulate(self.txt_norm1(txt), txt_shift1, txt_scale1))
+        qk = apply_rope(torch.cat([txt_qk, img_qk], dim=1), pe)
+        out = joint_attention(self.attn, qk, torch.cat([txt_v, img_v], dim=1))
         txt_out, img_out = out[:, :txt.shape[1]], out[:, txt.shape[1]:]
 
-        img = img + img_gate1 * self.img_attn.proj(img_out)
-        img = img + img_gate2 * self.img_mlp(modulate(self.img_norm2(img), img_shift2, img_scale2))
-        txt = txt + txt_gate1 * self.txt_attn.proj(txt_out)
-        txt = txt + txt_gate2 * self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2))
+        img = gated(img, img_gate1, self.img_attn.proj(img_out))
+        img = gated(img, img_gate2, self.img_mlp(modulate(self.img_norm2(img), img_shift2, img_scale2)))
+        txt = gated(txt, txt_gate1, self.txt_attn.proj(txt_out))
+        txt = gated(txt, txt_gate2, self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2)))
         return img, txt
 
 
 class SingleStreamBlock(nn.Module):
     """Parallel attention + MLP (Dehghani et al. 2023): ``linear1`` = [q|k|v|gate|up], ``linear2``
-    takes [attention | MLP] back to the hidden size."""
+    takes [attention | MLP] back to the hidden size.
+
+    ``keep``: the tokens whose output is used, for the last block, where only the image tokens
+    go on to the final layer; the others still give keys and values, but their MLP and output
+    projection are skipped and only the kept tokens are returned."""
 
     def __init__(self, hidden: int, heads: int, mlp_hidden: int):
         super().__init__()
@@ -195,14 +214,19 @@ class SingleStreamBlock(nn.Module):
         self.linear2 = nn.Linear(hidden + mlp_hidden, hidden, bias=False)
         self.attn = Attention()
 
-    def forward(self, x: Tensor, pe: Tensor, mod: Mod) -> Tensor:
+    def forward(self, x: Tensor, pe: Tensor, mod: Mod, keep: slice | None = None) -> Tensor:
         shift, scale, gate = mod
-        qkv, mlp = self.linear1(modulate(self.pre_norm(x), shift, scale)).split(
-            [3 * self.hidden, 2 * self.mlp_hidden], dim=-1)
-        q, k, v = rearrange(qkv, "b l (three h d) -> three b h l d", three=3, h=self.heads)
-        q, k = self.norm(q, k, v)
-        attn = rearrange(self.attn(apply_rope(q, pe), apply_rope(k, pe), v), "b h l d -> b l (h d)")
-        return x + gate * self.linear2(torch.cat([attn, self.mlp_act(mlp)], dim=-1))
+        h = modulate(self.pre_norm(x), shift, scale)
+        if keep is None:
+            qkv, mlp = self.linear1(h).split([3 * self.hidden, 2 * self.mlp_hidden], dim=-1)
+        else:
+            qkv_weight, mlp_weight = self.linear1.weight.split([3 * self.hidden, 2 * self.mlp_hidden])
+            qkv, mlp = F.linear(h, qkv_weight), F.linear(h[:, keep], mlp_weight)
+        qkv = rearrange(qkv, "b l (three h d) -> b l three h d", three=3, h=self.heads)
+        attn = joint_attention(self.attn, apply_rope(self.norm(qkv[:, :, :2]), pe), qkv[:, :, 2])
+        if keep is not None:
+            x, attn = x[:, keep], attn[:, keep]
+        return gated(x, gate, self.linear2(torch.cat([attn, self.mlp_act(mlp)], dim=-1)))
 
 
 class LastLayer(nn.Module):

@@ -86,10 +86,13 @@ class Flux2(nn.Module):
         for block in self.double_blocks:
             img, txt = self._run(block, img, txt, pe, img_mod, txt_mod)
         seq = torch.cat([txt, img], dim=1)
-        for block in self.single_blocks:
-            seq = self._run(block, seq, pe, single_mod)
-        img = seq[:, txt.shape[1]:txt.shape[1] + tokens]
-        return self.final_layer(img, vec).to(x.dtype)
+        image = slice(txt.shape[1], txt.shape[1] + tokens)  # the last block computes outputs for these only
+        for i, block in enumerate(self.single_blocks):
+            last = i == len(self.single_blocks) - 1
+            seq = self._run(block, seq, pe, single_mod, image if last else None)
+        if not self.single_blocks:
+            seq = seq[:, image]
+        return self.final_layer(seq, vec).to(x.dtype)
 
     def _run(self, block: nn.Module, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled():

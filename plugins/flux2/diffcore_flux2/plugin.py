@@ -9,6 +9,7 @@ keys) with ``vae`` (BFL's ``ae.safetensors`` or a diffusers ``vae/`` folder) and
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -41,17 +42,23 @@ def _local(instance: Any, attribute: attrs.Attribute, value: str | None) -> None
 
 @attrs.frozen
 class Flux2Config:
-    """``variant = "auto"`` reads it from the transformer's shapes (klein-base only when its path
-    says "base"); ``guidance``: dev's embedded guidance (default 4.0); klein-base wants true CFG
-    (``cfg_scale = 4.0`` in the job), distilled klein neither."""
+    """``variant = "auto"`` reads it from the transformer's shapes; klein and klein-base share
+    them, so base is chosen when the diffusers folder's ``model_index.json`` says
+    ``"is_distilled": false`` or the path says "base". ``guidance``: dev's embedded guidance
+    (default 4.0), or klein-base's default true-CFG scale (4.0, against the empty prompt; the
+    job's ``cfg_scale`` overrides it); distilled klein runs one forward at a fixed 1.0.
+    ``reference_max_pixels``: unset for BFL's caps on reference images (2024^2 for one, 1024^2
+    each for several); 1048576 matches diffusers' pipelines, which cap every reference at 1024^2."""
 
     variant: str = attrs.field(default="auto", validator=_variant)
     path: str = attrs.field(default="", validator=_local)
     vae: str | None = attrs.field(default=None, validator=_local)
     text_encoder: str | None = attrs.field(default=None, validator=_local)
     dtype: str = attrs.field(default="bfloat16", validator=_dtype)
-    guidance: float | None = None
+    guidance: float | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.ge(0)))
     max_sequence_length: int = attrs.field(default=512, validator=attrs.validators.gt(0))
+    reference_max_pixels: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(64 * 64)))
 
 
 def build_flux2(config: Flux2Config, device: Any = "cpu") -> Any:
@@ -72,6 +79,9 @@ def build_flux2(config: Flux2Config, device: Any = "cpu") -> Any:
     if variant is None:
         raise ConfigError(f"{weights}: its shapes match no FLUX.2 variant; set variant to one of "
                           f"{', '.join(VARIANTS)}", path="variant")
+    if config.variant == "auto" and folder is not None and _undistilled(folder):
+        variant = {"klein-4b": "klein-base-4b", "klein-9b": "klein-base-9b"}.get(variant, variant)
+    steps, guidance, cfg_scale = sampling_defaults(variant, config.guidance)
     network = load_transformer(weights, variant=variant, dtype=dtype, device=device)
 
     vae_path = config.vae or (folder / "vae" if folder and (folder / "vae").is_dir() else None)
@@ -86,10 +96,31 @@ def build_flux2(config: Flux2Config, device: Any = "cpu") -> Any:
     chat, layers = TEXT_ENCODERS[variant]
     text = Flux2TextEncoder.from_folder(text_path, TextSpec(chat, layers), max_length=config.max_sequence_length,
                                         dtype=dtype, device=device)
+    return Flux2Bundle(network=network.eval(), vae=vae, text=text, default_steps=steps,
+                       default_schedule={"name": "flux2"}, guidance=guidance, default_cfg_scale=cfg_scale,
+                       reference_max_pixels=config.reference_max_pixels)
+
+
+def sampling_defaults(variant: str, guidance: float | None = None) -> tuple[int, float, float]:
+    """(steps, embedded guidance, CFG scale) by BFL's CLI defaults: dev 50 steps at embedded
+    guidance 4.0, one forward; klein 4 steps, one forward (guidance fixed at 1.0); klein-base
+    50 steps with true CFG 4.0. ``guidance`` overrides the embedded guidance or the CFG scale."""
     defaults = DEFAULTS[variant]
-    return Flux2Bundle(network=network.eval(), vae=vae, text=text, default_steps=defaults.steps,
-                       default_schedule={"name": "flux2"},
-                       guidance=config.guidance if config.guidance is not None else defaults.guidance)
+    if guidance is not None and not (VARIANTS[variant].guidance_embed or defaults.true_cfg) \
+            and guidance != defaults.guidance:
+        raise ConfigError(f"FLUX.2 {variant} is guidance-distilled and runs at guidance {defaults.guidance}; "
+                          f"got {guidance} (leave guidance unset)", path="guidance")
+    guidance = defaults.guidance if guidance is None else guidance
+    return defaults.steps, guidance, guidance if defaults.true_cfg else 1.0
+
+
+def _undistilled(folder: Path) -> bool:
+    """A diffusers klein folder records ``is_distilled`` in ``model_index.json`` (false: klein-base)."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(index, dict) and index.get("is_distilled") is False
 
 
 def flux2_schedule(config: NoConfig, **_: Any) -> Any:

@@ -10,6 +10,10 @@ from diffcore_flux2.model import VARIANTS, Flux2
 from diffcore_flux2.vae import AE_VARIANTS, AutoEncoder, ae_to_bfl
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "packaging: builds wheels and installs them into a fresh virtual "
+                                       "environment (about 30 s)")
+
 
 def _randomise(module: torch.nn.Module, std: float, seed: int) -> None:
     """Replace the init (zeros / ones in norms would hide layout errors) with N(0, std) weights."""
@@ -107,3 +111,33 @@ def tiny_llm():
                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
                          tie_word_embeddings=False)
     return Qwen3ForCausalLM(config).eval(), tokenizer
+
+
+@pytest.fixture
+def flux2_folder(tmp_path, diffusers_transformer, diffusers_vae, tiny_llm):
+    """``make(guidance)`` -> (a diffusers-layout FLUX.2 folder of tiny models, the diffusers modules)."""
+
+    def make(guidance: bool):
+        root = tmp_path / ("dev" if guidance else "klein-base")
+        parts = dict(transformer=diffusers_transformer(guidance), vae=diffusers_vae, text_encoder=tiny_llm[0],
+                     tokenizer=tiny_llm[1])
+        for name, part in parts.items():
+            part.save_pretrained(root / name)
+        return root, parts
+
+    return make
+
+
+@pytest.fixture
+def make_pipeline():
+    """``make(cls, parts, **kw)``: a diffusers FLUX.2 pipeline with the scheduler its configs name."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    def make(cls, parts, **kw):
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                    max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+        pipe = cls(scheduler=scheduler, **parts, **kw)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return make

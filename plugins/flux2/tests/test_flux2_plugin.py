@@ -23,36 +23,11 @@ SEQ = 16  # text tokens: short, to keep the tiny runs fast
 END_TO_END = 5e-5
 
 
-@pytest.fixture
-def flux2_folder(tmp_path, diffusers_transformer, diffusers_vae, tiny_llm):
-    """``make(guidance)`` -> (a diffusers-layout FLUX.2 folder of tiny models, the diffusers modules)."""
-
-    def make(guidance: bool):
-        root = tmp_path / ("dev" if guidance else "klein-base")
-        parts = dict(transformer=diffusers_transformer(guidance), vae=diffusers_vae, text_encoder=tiny_llm[0],
-                     tokenizer=tiny_llm[1])
-        for name, part in parts.items():
-            part.save_pretrained(root / name)
-        return root, parts
-
-    return make
-
-
 def _build(root, **overrides):
     with plugins_for_test() as pm:
         component = pm.registry("models").get("flux2")
         return component.build(component.config(path=str(root), dtype="float32", max_sequence_length=SEQ,
                                                 **overrides))
-
-
-def _pipeline(cls, parts, **kw):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096)
-    pipe = cls(scheduler=scheduler, **parts, **kw)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def test_registered_model_and_schedule():
@@ -65,7 +40,7 @@ def test_registered_model_and_schedule():
         schedule.sigmas(4)
 
 
-def test_klein_base_cfg_edit_matches_klein_pipeline(flux2_folder):
+def test_klein_base_cfg_edit_matches_klein_pipeline(flux2_folder, make_pipeline):
     """Prompt + one reference image, true CFG 4.0 against the empty prompt, 3 steps, decoded:
     diffcore (bundle.conditions -> engine with euler + CFG -> bundle.decode) vs Flux2KleinPipeline."""
     from PIL import Image
@@ -78,7 +53,7 @@ def test_klein_base_cfg_edit_matches_klein_pipeline(flux2_folder):
     prompt, h, w, steps = "a red cat on the mat", 4, 6, 3
     noise = torch.randn(1, 16, h, w, generator=torch.Generator().manual_seed(0))
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    pipe = _pipeline(Flux2KleinPipeline, parts, is_distilled=False)
+    pipe = make_pipeline(Flux2KleinPipeline, parts, is_distilled=False)
     expected = pipe(image=[image], prompt=prompt, latents=noise, height=4 * h, width=4 * w, num_inference_steps=steps,
                     guidance_scale=4.0, max_sequence_length=SEQ, text_encoder_out_layers=(1, 2, 3),
                     output_type="pt").images
@@ -98,14 +73,14 @@ def test_klein_base_cfg_edit_matches_klein_pipeline(flux2_folder):
     assert err <= END_TO_END
 
 
-def test_dev_embedded_guidance_matches_flux2_pipeline(flux2_folder):
+def test_dev_embedded_guidance_matches_flux2_pipeline(flux2_folder, make_pipeline):
     from diffusers import Flux2Pipeline
 
     root, parts = flux2_folder(True)
     bundle = _build(root, guidance=3.5)
     prompt, h, w, steps = "a blue dog", 6, 4, 4
     noise = torch.randn(1, 16, h, w, generator=torch.Generator().manual_seed(3))
-    expected = _pipeline(Flux2Pipeline, parts)(prompt=prompt, latents=noise, height=4 * h, width=4 * w,
+    expected = make_pipeline(Flux2Pipeline, parts)(prompt=prompt, latents=noise, height=4 * h, width=4 * w,
                                                num_inference_steps=steps, guidance_scale=3.5, max_sequence_length=SEQ,
                                                text_encoder_out_layers=(1, 2, 3), output_type="pt").images
     request = GenerationRequest(batch=1, prompts=[prompt], height=4 * h, width=4 * w)

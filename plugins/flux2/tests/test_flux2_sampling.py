@@ -79,7 +79,9 @@ def test_dev_sampling_run_matches_flux2_pipeline(diffusers_transformer, diffuser
           f"{(same_sigmas - expected).abs().max().item():.3g} (pipeline sigmas); "
           f"latents max {expected.abs().max():.3g}")
     assert err <= 1e-5
-    assert torch.equal(same_sigmas, expected)
+    # with the pipeline's own sigmas only the arithmetic order differs (complex RoPE, fused
+    # multiply-adds, joint QK-norm): float32 rounding
+    assert (same_sigmas - expected).abs().max() <= 2e-6
 
 
 def test_klein_base_cfg_run_with_two_references_matches_klein_pipeline(diffusers_transformer, diffusers_vae,
