@@ -186,8 +186,8 @@ def _image_inputs(s: GenerateSettings) -> dict[str, Any]:
 
 
 def _img2img_start(bundle: Any, s: GenerateSettings, request: Any, sigmas: Any, device: str) -> tuple[Any, Any]:
-    """Encode ``init_image`` and drop the first ``1 - strength`` of the schedule (diffusers' rule:
-    ``int(steps * strength)`` steps are run)."""
+    """Encode ``init_image`` and drop the first ``1 - strength`` of the schedule, by diffusers'
+    rule: skip ``int(steps - steps * strength)`` steps, run the rest (at least one)."""
     from diffcore.io.images import load_image
 
     channels, height, width = bundle.image_shape(request)
@@ -195,8 +195,8 @@ def _img2img_start(bundle: Any, s: GenerateSettings, request: Any, sigmas: Any, 
     x0 = bundle.encode(image[None])
     x0 = x0.expand(request.batch, *x0.shape[1:])
     steps = len(sigmas) - 1
-    run = max(1, min(steps, int(steps * s.strength)))
-    return x0, sigmas[steps - run:]
+    skip = min(int(max(steps - steps * s.strength, 0)), steps - 1)
+    return x0, sigmas[skip:]
 
 
 def _default_schedule(bundle: Any) -> Any:

@@ -9,8 +9,7 @@ from typing import Any
 import attrs
 import torch
 
-from diffcore.errors import ConfigError
-from diffcore.models import ModelBundle
+from diffcore.api import ConfigError, ModelBundle
 
 
 def _field(request: Any, key: str) -> Any:

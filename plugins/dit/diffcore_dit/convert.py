@@ -19,7 +19,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from diffcore.errors import CheckpointError
+from diffcore.api import CheckpointError
 from diffcore_dit.params import DiTParams
 
 EMB = "transformer_blocks.{}.norm1.emb."

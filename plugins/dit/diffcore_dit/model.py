@@ -15,8 +15,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from diffcore.errors import ConfigError
-from diffcore.nn.attention import Attention
+from diffcore.api import Attention, ConfigError
 from diffcore_dit.params import DiTParams
 
 TIME_DIM = 256

@@ -6,8 +6,7 @@ from typing import Any
 
 import attrs
 
-from diffcore.errors import ConfigError, did_you_mean
-from diffcore.hookspecs import hookimpl
+from diffcore.api import ConfigError, did_you_mean, hookimpl
 from diffcore_dit.params import VARIANTS, DiTParams
 
 DTYPES = ("float32", "bfloat16")

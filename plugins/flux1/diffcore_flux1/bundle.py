@@ -21,8 +21,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from diffcore.errors import ConfigError
-from diffcore.models import ModelBundle
+from diffcore.api import ConfigError, ModelBundle
 from diffcore_flux1.images import fill_condition, fit, kontext_size, token_multiple
 from diffcore_flux1.model import attention_alias
 from diffcore_flux1.offload import Offload

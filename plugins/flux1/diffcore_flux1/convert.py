@@ -17,7 +17,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from diffcore.errors import CheckpointError
+from diffcore.api import CheckpointError
 from diffcore_flux1.model import VARIANTS, FluxParams
 
 COMFY_PREFIX = "model.diffusion_model."

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from diffcore.errors import CheckpointError
-from diffcore.io.checkpoint import checkpoint_files, load_model, tensor_shapes
+from diffcore.api import CheckpointError, checkpoint_files, load_model, tensor_shapes
 from diffcore_flux1.convert import detect_variant, identify_foreign, infer_params, to_bfl
 from diffcore_flux1.model import VARIANTS, Flux, FluxParams, params_from_diffusers_config
 from diffcore_flux1.vae import AE_VARIANTS, AutoEncoder, AutoEncoderParams, vae_to_bfl

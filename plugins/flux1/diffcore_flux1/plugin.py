@@ -16,8 +16,7 @@ from typing import Any
 
 import attrs
 
-from diffcore.errors import ConfigError, did_you_mean
-from diffcore.hookspecs import hookimpl
+from diffcore.api import ConfigError, did_you_mean, hookimpl
 from diffcore_flux1.params import DEFAULTS, VARIANTS
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -94,7 +93,7 @@ def build_flux1(config: Flux1Config, device: Any = "cpu") -> Any:
     root = Path(config.path).expanduser()
     folder = root if root.is_dir() and (root / "transformer").is_dir() else None
     variant, params = transformer_params(root, None if config.variant == "auto" else config.variant)
-    defaults = DEFAULTS[variant or ("dev" if params.guidance_embed else "schnell")]
+    defaults = DEFAULTS[variant]
 
     vae_path = Path(config.vae).expanduser() if config.vae else None
     if vae_path is None and folder is not None and (folder / "vae").is_dir():

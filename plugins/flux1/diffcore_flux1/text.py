@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from diffcore.errors import CheckpointError
+from diffcore.api import CheckpointError
 
 CLIP_LENGTH = 77
 

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from diffcore.errors import CheckpointError
-from diffcore.nn.attention import Attention
+from diffcore.api import Attention, CheckpointError
 from diffcore_flux1.params import AE_VARIANTS, AutoEncoderParams
 
 __all__ = ["AE_VARIANTS", "AutoEncoder", "AutoEncoderParams", "pack", "unpack", "vae_bfl_to_diffusers",

@@ -101,7 +101,8 @@ def one_line(exc_info) -> str:
 
 FOREIGN = {
     "flux2-bfl": ({"img_in.weight": (64, 16), "double_blocks.0.img_attn.qkv.weight": (192, 64),
-                   "double_stream_modulation_img.lin.weight": (384, 64), "single_stream_modulation.lin.weight": (192, 64)},
+                   "double_stream_modulation_img.lin.weight": (384, 64),
+                   "single_stream_modulation.lin.weight": (192, 64)},
                   "FLUX.2 transformer"),
     "flux2-diffusers": ({"x_embedder.weight": (64, 16), "transformer_blocks.0.attn.to_q.weight": (64, 64),
                          "double_stream_modulation_img.linear.weight": (384, 64)}, "FLUX.2 transformer"),
@@ -141,10 +142,10 @@ def test_foreign_diffusers_folders_are_named(tmp_path):
     with pytest.raises(CheckpointError, match="is a FLUX.2 pipeline \\(Flux2KleinPipeline\\): load it with the "
                                               "flux2 family"):
         load_transformer(tmp_path / "klein")
-    (tmp_path / "t2" ).mkdir()
+    (tmp_path / "t2").mkdir()
     (tmp_path / "t2" / "config.json").write_text(json.dumps({"_class_name": "Flux2Transformer2DModel"}))
-    with pytest.raises(CheckpointError, match="describes a Flux2Transformer2DModel, not FLUX.1's FluxTransformer2DModel: "
-                                              "load it with the flux2 family"):
+    with pytest.raises(CheckpointError, match="describes a Flux2Transformer2DModel, not FLUX.1's "
+                                              "FluxTransformer2DModel: load it with the flux2 family"):
         load_transformer(tmp_path / "t2")
 
 

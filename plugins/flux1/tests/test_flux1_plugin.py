@@ -54,11 +54,12 @@ def test_engine_matches_diffusers_pipeline(tiny_pipeline):
 
     shape = bundle.latent_shape(request)
     noise = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
-    sigmas = registry("schedules").get("flux").build().sigmas(3, seq_len=shape[1] * shape[2])
-    latents = sample(bundle, noise, {"cond": conditions["cond"]}, sigmas, euler, disable=True)
-    kwargs = dict(height=32, width=32, num_inference_steps=3, guidance_scale=3.5, max_sequence_length=16,
+    sigmas = registry("schedules").get("flux").build().sigmas(4, seq_len=shape[1] * shape[2])
+    given = bundle.conditions(GenerationRequest(batch=1, height=32, width=32, extra={"txt": txt, "vec": vec}))
+    latents = sample(bundle, noise, given, sigmas, euler, disable=True)  # diffusers' own embeddings
+    kwargs = dict(height=32, width=32, num_inference_steps=4, guidance_scale=3.5, max_sequence_length=16,
                   latents=rearrange(noise, "b c h w -> b (h w) c"))
-    expected = pipe(PROMPT, output_type="latent", **kwargs).images
+    expected = pipe(prompt_embeds=txt, pooled_prompt_embeds=vec, output_type="latent", **kwargs).images
     err = (rearrange(latents, "b c h w -> b (h w) c") - expected).abs().max().item()
     assert expected.abs().max() > 1.0 and err <= 1e-5, f"latents max abs err {err:.3g}"
     image = pipe(PROMPT, output_type="pt", **kwargs).images  # [0, 1]
@@ -206,11 +207,13 @@ def test_variant_defaults(tiny_pipeline, diffusers_flux, tmp_path, run_job):
 
     folder, pipe = tiny_pipeline
     dev = build(folder, max_sequence_length=None)
-    assert (dev.default_steps, dev.guidance, dev.default_schedule, dev.text.max_length) == (28, 3.5, {"name": "flux"}, 512)
+    assert (dev.default_steps, dev.guidance, dev.default_schedule) == (28, 3.5, {"name": "flux"})
+    assert dev.text.max_length == 512
     transformer = diffusers_flux(guidance=False)
     save_file_atomic(diffusers_to_bfl(dict(transformer.state_dict())), tmp_path / "flux1-schnell-tiny.safetensors")
     save_file_atomic(vae_diffusers_to_bfl(dict(pipe.vae.state_dict())), tmp_path / "ae.safetensors")
-    model = {"path": str(tmp_path / "flux1-schnell-tiny.safetensors"), "variant": "schnell", "text_encoders": str(folder)}
+    model = {"path": str(tmp_path / "flux1-schnell-tiny.safetensors"), "variant": "schnell",
+             "text_encoders": str(folder)}
     schnell = build_flux1(Flux1Config(**model, dtype="float32"))
     assert (schnell.default_steps, schnell.default_schedule, schnell.text.max_length) == (4, {"name": "flow"}, 256)
     images, params = run_job(tmp_path / "job", model, height=32, width=32)

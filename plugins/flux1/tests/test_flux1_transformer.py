@@ -15,6 +15,7 @@ from diffcore_flux1.convert import (
     to_bfl,
 )
 from diffcore_flux1.model import VARIANTS, Flux, attention_alias, diffusers_config, params_from_diffusers_config
+from diffcore_flux1.params import DEFAULTS
 from diffcore_flux1.sampling import prepare_kontext_ids
 
 TOL = 1e-5
@@ -129,7 +130,9 @@ def test_full_size_keys_match_diffusers(variant, kwargs, bfl_keys):
     assert detect_variant({k: tuple(v.shape) for k, v in bfl.items()}) == detected
     config = diffusers_config(VARIANTS[variant])
     assert params_from_diffusers_config(config) == VARIANTS[variant]
-    assert {k: v for k, v in ref.config.items() if k in config} == {**config, "axes_dims_rope": (16, 56, 56)}
+    with torch.device("meta"):  # the config.json the convert job writes builds the same model in diffusers
+        rebuilt = FluxTransformer2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    assert {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} == expected
 
 
 def test_variant_table():
@@ -139,6 +142,11 @@ def test_variant_table():
     assert not VARIANTS["schnell"].guidance_embed and VARIANTS["kontext-dev"] == dev
     assert VARIANTS["fill-dev"].in_channels == 384 and VARIANTS["canny-dev"].in_channels == 128
     assert VARIANTS["depth-dev"].in_channels == 128 and VARIANTS["fill-dev"].out_channels == 64
+    assert DEFAULTS.keys() == VARIANTS.keys()
+    assert [(DEFAULTS[v].steps, DEFAULTS[v].guidance) for v in ("dev", "kontext-dev", "fill-dev")] == \
+        [(28, 3.5), (28, 2.5), (50, 30.0)]
+    assert (DEFAULTS["schnell"].steps, DEFAULTS["schnell"].shift, DEFAULTS["schnell"].max_sequence_length) == \
+        (4, False, 256)
     with pytest.raises(ValueError, match=r"rope axes \(8, 12, 10\) must be even and sum to the head dim 32"):
         Flux(attrs.evolve(VARIANTS["tiny"], axes_dim=(8, 12, 10)))
     with pytest.raises(ValueError, match="hidden_size 64 is not divisible by num_heads 3"):

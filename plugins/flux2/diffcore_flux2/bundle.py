@@ -25,8 +25,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from diffcore.errors import ConfigError
-from diffcore.models import ModelBundle
+from diffcore.api import ConfigError, ModelBundle
 from diffcore_flux2.images import (
     inpaint_size,
     prepare_reference,

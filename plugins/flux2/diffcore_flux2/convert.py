@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from diffcore.errors import CheckpointError
+from diffcore.api import CheckpointError
 from diffcore_flux2.params import VARIANTS, Flux2Params
 
 COMFYUI_PREFIX = "model.diffusion_model."

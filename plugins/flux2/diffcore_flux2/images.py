@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from diffcore.errors import ConfigError
-from diffcore.io.images import to_pil
+from diffcore.api import ConfigError, to_pil
 
 MIN_SIDE, MAX_ASPECT = 64, 8
 ONE_REFERENCE_PIXELS = 2024**2

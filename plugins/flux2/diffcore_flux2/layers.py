@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from diffcore.nn.attention import Attention
+from diffcore.api import Attention
 
 TIME_DIM = 256
 Mod = tuple[Tensor, Tensor, Tensor]  # shift, scale, gate: each (batch, 1, hidden)

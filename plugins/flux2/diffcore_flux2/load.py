@@ -7,8 +7,7 @@ import os
 
 import torch
 
-from diffcore.errors import CheckpointError, did_you_mean
-from diffcore.io.checkpoint import load_model, tensor_shapes
+from diffcore.api import CheckpointError, did_you_mean, load_model, tensor_shapes
 from diffcore_flux2.convert import detect_variant, meta_state, params_from_state, to_bfl
 from diffcore_flux2.model import Flux2
 from diffcore_flux2.params import AE_VARIANTS, VARIANTS, Flux2Params

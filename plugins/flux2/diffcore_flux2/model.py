@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from diffcore.errors import ConfigError
+from diffcore.api import ConfigError
 from diffcore_flux2.layers import (
     TIME_DIM,
     DoubleStreamBlock,

@@ -15,9 +15,7 @@ from typing import Any
 
 import attrs
 
-from diffcore.errors import ConfigError, did_you_mean
-from diffcore.hookspecs import hookimpl
-from diffcore.registry import NoConfig
+from diffcore.api import ConfigError, NoConfig, did_you_mean, hookimpl
 from diffcore_flux2.params import DEFAULTS, TEXT_ENCODERS, VARIANTS
 
 DTYPES = ("bfloat16", "float16", "float32")

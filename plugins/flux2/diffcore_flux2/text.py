@@ -20,7 +20,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from diffcore.errors import CheckpointError
+from diffcore.api import CheckpointError
 
 # BFL flux2 system_messages.py, the one dev's prompts are encoded under
 SYSTEM_MESSAGE = ("You are an AI that reasons about image descriptions. You give structured responses focusing on "

@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from diffcore.errors import CheckpointError
-from diffcore.nn.attention import Attention
+from diffcore.api import Attention, CheckpointError
 from diffcore_flux2.params import AE_VARIANTS, AutoEncoderParams
 
 __all__ = ["AutoEncoder", "AutoEncoderParams", "AE_VARIANTS", "patchify", "unpatchify",

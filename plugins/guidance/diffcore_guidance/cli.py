@@ -79,7 +79,7 @@ def add_commands(cli: Any) -> None:
         """Rewards for train-guidance jobs (a component kind of diffcore-guidance), with their fields."""
         import attrs
 
-        from diffcore.plugins import get_plugins
+        from diffcore.api import get_plugins
 
         for comp in get_plugins().registry("rewards"):
             click.echo(f"{comp.name}  [{comp.plugin}]  {comp.description}")

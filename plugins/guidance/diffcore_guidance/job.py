@@ -47,8 +47,7 @@ from typing import Any, Literal
 import attrs
 from attrs import validators as v
 
-from diffcore.config.spec import Spec, component
-from diffcore.jobs import JobContext, JobSettings
+from diffcore.api import JobContext, JobSettings, Spec, component
 
 
 @attrs.define

@@ -5,12 +5,8 @@ factory imports its module when a job builds it.
 
 from __future__ import annotations
 
-import pluggy
-
+from diffcore.api import hookimpl
 from diffcore_guidance import config as _config
-
-# the same marker as diffcore.api.hookimpl (project "diffcore"), without importing torch through the api
-hookimpl = pluggy.HookimplMarker("diffcore")
 
 
 @hookimpl
