@@ -6,7 +6,8 @@ Class-conditional families take ``class_label`` / ``class_grid``; text families 
 diffusers); ``reference_image``, ``image`` and ``mask`` reach the family in ``request.extra``
 (Kontext / FLUX.2 editing, Fill). ``cfg_scale`` left unset is the bundle's ``default_cfg_scale``
 (1.0, no CFG, for bundles without one). Each image is a PNG with its parameters in a text
-chunk; a grid PNG sums them up.
+chunk; a grid PNG sums them up. ``generate_images`` is the sampling itself, shared with the
+``serve`` job.
 """
 
 from __future__ import annotations
@@ -63,23 +64,40 @@ def pick_device(name: str) -> str:
 
 
 def run_generate(config: GenerateJob, ctx: JobContext) -> list[Any]:
-    import torch
-
     from diffcore.io.images import make_grid, save_png
-    from diffcore.models import GenerationRequest
-    from diffcore.sampling.engine import sample
 
     s = config.job
     device = pick_device(s.device)
     bundle = config.model.build(device=device)
-    cfg_scale = s.cfg_scale if s.cfg_scale is not None else getattr(bundle, "default_cfg_scale", 1.0)
-    guidance = build_guidance(config.guidance, cfg_scale)
     sampler = config.sampler.build()
-    schedule = config.schedule.build() if config.schedule else _default_schedule(bundle)
+    schedule = config.schedule.build() if config.schedule else default_schedule(bundle)
+    images, params = generate_images(bundle, s, sampler, schedule, config.guidance, device=device,
+                                     names={"model": config.model.name, "sampler": config.sampler.name})
+    if is_main_process():
+        ctx.output_dir.mkdir(parents=True, exist_ok=True)
+        for i, (img, p) in enumerate(zip(images, params)):
+            save_png(ctx.output_dir / f"sample-{i:04d}.png", img, p)
+        if s.grid:
+            nrow = s.samples_per_class if s.class_grid else math.ceil(math.sqrt(len(images)))
+            grid = make_grid(images, nrow=nrow)
+            save_png(ctx.output_dir / "grid.png", grid, {"model": config.model.name, "images": len(images)})
+    return images
+
+
+def generate_images(bundle: Any, s: GenerateSettings, sampler: Any, schedule: Any, guidance: list[Spec], *,
+                    device: str, names: dict[str, str]) -> tuple[Any, list[dict[str, Any]]]:
+    """Sample what ``s`` asks for with a built model, sampler and schedule: (N, C, H, W) images in
+    [-1, 1] on the CPU and each image's parameters (``names``, the model and sampler, first).
+    The ``generate`` job and the ``serve`` job's requests both come through here."""
+    import torch
+
+    from diffcore.models import GenerationRequest
+    from diffcore.sampling.engine import sample
+
+    cfg_scale = s.cfg_scale if s.cfg_scale is not None else getattr(bundle, "default_cfg_scale", 1.0)
+    chain = build_guidance(guidance, cfg_scale)
     steps = s.num_steps or bundle.default_steps
-    labels = class_labels(s, getattr(bundle, "num_classes", None))
-    prompts = _prompts(s)
-    per_seed = len(labels) if labels is not None else (len(prompts) if prompts else s.num_samples)
+    labels, prompts, per_seed = sample_plan(s, bundle)
     extra = _image_inputs(s)
 
     images, params = [], []
@@ -100,25 +118,23 @@ def run_generate(config: GenerateJob, ctx: JobContext) -> list[Any]:
             if s.init_image is not None:
                 x0, sigmas = _img2img_start(bundle, s, request, sigmas, device)
             with torch.no_grad():
-                latents = sample(bundle, noise, bundle.conditions(request), sigmas, sampler, guidance=guidance,
+                latents = sample(bundle, noise, bundle.conditions(request), sigmas, sampler, guidance=chain,
                                  generator=generator, disable=not s.progress, x0=x0)
                 images.append(bundle.decode(latents).float().clamp(-1, 1).cpu())
             for i in range(n):
-                params.append({"model": config.model.name, "sampler": config.sampler.name, "steps": steps,
-                               "cfg_scale": cfg_scale, "seed": seed, "index": start + i,
+                params.append({**names, "steps": steps, "cfg_scale": cfg_scale, "seed": seed, "index": start + i,
                                **({"strength": s.strength} if s.init_image else {}),
                                **({"class_label": int(labels[start + i])} if labels is not None else {}),
                                **({"prompt": prompts[start + i]} if prompts else {})})
-    images_t = torch.cat(images)
-    if is_main_process():
-        ctx.output_dir.mkdir(parents=True, exist_ok=True)
-        for i, (img, p) in enumerate(zip(images_t, params)):
-            save_png(ctx.output_dir / f"sample-{i:04d}.png", img, p)
-        if s.grid:
-            nrow = s.samples_per_class if s.class_grid else math.ceil(math.sqrt(len(images_t)))
-            grid = make_grid(images_t, nrow=nrow)
-            save_png(ctx.output_dir / "grid.png", grid, {"model": config.model.name, "images": len(images_t)})
-    return images_t
+    return torch.cat(images), params
+
+
+def sample_plan(s: GenerateSettings, bundle: Any) -> tuple[Any, list[str] | None, int]:
+    """The class labels (or None), the prompts (or None) and how many images one seed makes."""
+    labels = class_labels(s, getattr(bundle, "num_classes", None))
+    prompts = _prompts(s)
+    per_seed = len(labels) if labels is not None else (len(prompts) if prompts else s.num_samples)
+    return labels, prompts, per_seed
 
 
 def build_guidance(specs: list[Spec], cfg_scale: float) -> list[Any]:
@@ -199,7 +215,7 @@ def _img2img_start(bundle: Any, s: GenerateSettings, request: Any, sigmas: Any, 
     return x0, sigmas[skip:]
 
 
-def _default_schedule(bundle: Any) -> Any:
+def default_schedule(bundle: Any) -> Any:
     from diffcore.config.structure import structure
     from diffcore.plugins import registry
 

@@ -1,0 +1,406 @@
+"""The ``serve`` job: one model, loaded once, answering image requests over HTTP.
+
+    [job]
+    kind = "serve"
+    port = 8000                  # 0: any free port (the address is printed at start)
+
+    [model]
+    family = "dit"
+
+    [[guidance]]                 # the chain of every request that gives no `guidance`
+    name = "nag-pag"
+    layers = ["blocks.2.attn"]
+
+Endpoints, JSON in and out:
+
+- ``GET /health``; ``GET /layers``: the model's attention layer names (for ``layers = [...]``).
+- ``POST /generate``: the ``generate`` job's ``[job]`` settings (``class_label``, ``prompt``,
+  ``num_samples``, ``num_steps``, ``cfg_scale``, ``seed``, ``strength``, ...) and ``guidance``, an
+  array of tables like the job file's ``[[guidance]]``; ``init_image``, ``reference_image``,
+  ``image`` and ``mask`` are base64-encoded PNGs rather than file names. The answer is
+  ``{"images": [base64 PNG, ...], "parameters": [...]}``, each PNG carrying its parameters in the
+  text chunk the generate job writes.
+- ``POST /text-to-image``, ``POST /image-to-image``: seed 003's API. ``num_inference_steps`` and
+  ``guidance_scale`` are ``num_steps`` and ``cfg_scale``; ``nag_pag_scale`` and
+  ``nag_pag_applied_layers`` set the ``nag-pag`` entry of the chain (added when there is none);
+  the input image is ``image`` (base64) or ``image_url`` as a ``data:`` URL.
+
+A request goes through the code that checks job files (``diffcore.config.structure``), so a
+mistake is HTTP 400 with the message the job file would get, path included (``at
+guidance[0].scale: ...``); anything else is a 500 with one line, the traceback in the server's log.
+
+Why the standard library's ``ThreadingHTTPServer`` and no web framework: the model runs one
+request at a time behind a lock (a second generation would only split the same accelerator and
+double the memory), so an asynchronous stack buys nothing here, and the core stays installable
+with torch alone. The threads keep ``/health`` answering while a generation runs. The server is
+for trusted networks: it binds to 127.0.0.1 unless told otherwise, and component fields can name
+files on the server (learned guidance's ``checkpoint``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import socket
+import sys
+import tempfile
+import threading
+import traceback
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+from attrs import validators as v
+
+from diffcore.config.spec import Spec, component, component_list
+from diffcore.config.structure import structure, unstructure
+from diffcore.errors import ConfigError, DiffcoreError
+from diffcore.jobs import JobContext, JobSettings
+from diffcore.jobs.generate import GenerateSettings
+
+
+@attrs.define
+class ServeSettings(JobSettings):
+    host: str = "127.0.0.1"
+    port: int = attrs.field(default=8000, validator=[v.ge(0), v.le(65535)])   # 0: any free port
+    max_batch: int = attrs.field(default=4, validator=v.gt(0))   # most images one request may ask for
+
+
+@attrs.define(kw_only=True)
+class ServeJob:
+    job: ServeSettings = attrs.Factory(ServeSettings)
+    model: Spec = component("models")
+    sampler: Spec = component("samplers", default={"name": "euler"})
+    schedule: Spec | None = component("schedules", optional=True)
+    guidance: list[Spec] = component_list("guidance")
+
+
+@attrs.define
+class _RequestGuidance:
+    """A request's ``guidance`` array, structured exactly as a job file's ``[[guidance]]``."""
+
+    guidance: list[Spec] = component_list("guidance")
+
+
+# generate settings that belong to the server: its device, its files, its terminal
+SERVER_ONLY = ("output_dir", "device", "prompt_file", "progress", "grid")
+IMAGE_KEYS = ("init_image", "reference_image", "image", "mask")
+SEED_NAMES = {"num_inference_steps": "num_steps", "guidance_scale": "cfg_scale"}
+NAG_PAG_FIELDS = {"nag_pag_scale": "scale", "nag_pag_applied_layers": "layers"}
+# diffusers' StableDiffusionImg2ImgPipeline default, and the value in seed 003's example
+IMG2IMG_STRENGTH = 0.8
+MAX_BODY = 64 << 20
+ENDPOINTS = {"/health": "GET", "/layers": "GET", "/generate": "POST", "/text-to-image": "POST",
+             "/image-to-image": "POST"}
+
+
+class Service:
+    """The loaded model and what every request starts from. Requests are checked in parallel; the
+    model runs one generation at a time."""
+
+    def __init__(self, config: ServeJob):
+        from diffcore.jobs.generate import default_schedule, pick_device
+
+        self.settings = config.job
+        self.device = pick_device(config.job.device)
+        self.bundle = config.model.build(device=self.device)
+        self.sampler = config.sampler.build()
+        self.schedule = config.schedule.build() if config.schedule else default_schedule(self.bundle)
+        self.names = {"model": config.model.name, "sampler": config.sampler.name}
+        self.guidance = [unstructure(spec) for spec in config.guidance]   # as a request would write them
+        self.lock = threading.Lock()
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "model": self.names["model"], "device": self.device}
+
+    def layers(self) -> dict[str, Any]:
+        from diffcore.nn.attention import attention_layers
+
+        return {"layers": list(attention_layers(self.bundle.network))}
+
+    def generate(self, body: Any, renames: dict[str, str] | None = None) -> dict[str, Any]:
+        """``POST /generate``; ``renames`` maps generate names back to the ones the request used."""
+        from diffcore.jobs.generate import generate_images
+
+        try:
+            with tempfile.TemporaryDirectory(prefix="diffcore-serve-") as folder:
+                settings, guidance = self.parse(body, Path(folder))
+                with self.lock:
+                    images, params = generate_images(self.bundle, settings, self.sampler, self.schedule, guidance,
+                                                     device=self.device, names=self.names)
+        except ConfigError as exc:
+            raise _renamed(exc, renames or {}) from None
+        return {"images": [_png_base64(image, p) for image, p in zip(images, params)], "parameters": params}
+
+    def parse(self, body: Any, folder: Path) -> tuple[GenerateSettings, list[Spec]]:
+        """The request as the generate code takes it, its images written to ``folder``."""
+        from diffcore.jobs.generate import sample_plan
+
+        body = _json_object(body)
+        for key in SERVER_ONLY:
+            if key in body:
+                raise ConfigError("set by the server's job file, not per request", path=key)
+        tables = body.pop("guidance", self.guidance)
+        base = {"device": self.device, "seed": self.settings.seed, "num_samples": 1,
+                "batch_size": self.settings.max_batch, "progress": False, "grid": False}
+        settings = structure({**base, **body}, GenerateSettings)
+        guidance = structure({"guidance": tables}, _RequestGuidance).guidance
+        count = sample_plan(settings, self.bundle)[2] * len(settings.seeds or [settings.seed])
+        if count > self.settings.max_batch:
+            raise ConfigError(f"this request asks for {count} images; this server makes at most "
+                              f"{self.settings.max_batch} per request (its job.max_batch)")
+        self.check_layers(guidance)
+        return attrs.evolve(settings, **_write_images(settings, folder)), guidance
+
+    def check_layers(self, guidance: list[Spec]) -> None:
+        """A layer the model lacks is the request's mistake: say where before sampling starts
+        (the engine would raise the same message at the first step, without the path)."""
+        from diffcore.nn.attention import resolve_layers
+
+        for i, spec in enumerate(guidance):
+            layers = getattr(spec.config, "layers", None)
+            if layers:
+                try:
+                    resolve_layers(self.bundle.network, list(layers), self.bundle.attention_alias)
+                except ConfigError as exc:
+                    raise ConfigError(exc.detail, path=f"guidance[{i}].layers") from None
+
+    def seed_api(self, body: Any, *, image_to_image: bool) -> dict[str, Any]:
+        """``POST /text-to-image`` and ``/image-to-image``: seed 003's names put into generate's."""
+        body, renames = _json_object(body), {}
+        for seed_name, name in SEED_NAMES.items():
+            if seed_name in body:
+                if name in body:
+                    raise ConfigError(f"give {seed_name} or {name}, not both", path=seed_name)
+                body[name] = body.pop(seed_name)
+                renames[name] = seed_name
+        self._nag_pag(body, renames)
+        given = [key for key in ("image", "image_url") if key in body]
+        if not image_to_image:
+            if given:
+                raise ConfigError("/text-to-image takes no input image; send it to /image-to-image", path=given[0])
+            return self.generate(body, renames)
+        if len(given) != 1 or "init_image" in body:
+            raise ConfigError("give the input image once: image (base64 PNG) or image_url (a data: URL)",
+                              path="image")
+        image = body.pop(given[0])
+        if given[0] == "image_url" and isinstance(image, str) and not image.startswith("data:"):
+            raise ConfigError("this server does not download images (it has no network access); send the image "
+                              "itself, base64-encoded in image or as a data: URL", path="image_url")
+        body["init_image"] = image
+        renames["init_image"] = given[0]
+        body.setdefault("strength", IMG2IMG_STRENGTH)
+        return self.generate(body, renames)
+
+    def _nag_pag(self, body: dict[str, Any], renames: dict[str, str]) -> None:
+        """``nag_pag_*`` tune the chain's ``nag-pag`` entry, or add one at its end."""
+        from diffcore.plugins import registry
+
+        given = {key: body.pop(key) for key in NAG_PAG_FIELDS if key in body}
+        if not given:
+            return
+        if "nag-pag" not in registry("guidance"):
+            raise ConfigError("needs the nag-pag guidance processor, from diffcore-guidance, which is not "
+                              "installed here", path=next(iter(given)))
+        tables = body.get("guidance", self.guidance)
+        if not isinstance(tables, list):
+            raise ConfigError("expected an array of tables ([[guidance]]), found something else", path="guidance")
+        tables = [dict(t) if isinstance(t, dict) else t for t in tables]
+        i = next((i for i, t in enumerate(tables) if isinstance(t, dict) and t.get("name") == "nag-pag"), None)
+        if i is None:
+            i = len(tables)
+            tables.append({"name": "nag-pag"})
+        for key, value in given.items():
+            tables[i][NAG_PAG_FIELDS[key]] = value
+            renames[f"guidance[{i}].{NAG_PAG_FIELDS[key]}"] = key
+        body["guidance"] = tables
+
+
+def _json_object(body: Any) -> dict[str, Any]:
+    """The request's settings; ``null`` means the server's default, as if the key were absent."""
+    if not isinstance(body, dict):
+        raise ConfigError(f"expected a JSON object of settings, found {type(body).__name__}")
+    return {key: value for key, value in body.items() if value is not None}
+
+
+def _renamed(exc: ConfigError, renames: dict[str, str]) -> ConfigError:
+    """``exc`` in the request's own names: seed 003's where it used them, and without the
+    ``job.`` the generate code's own checks put in front of a setting."""
+    path, detail = (exc.path or "").removeprefix("job."), exc.detail
+    for name, used in renames.items():
+        if path == name or path.startswith((f"{name}.", f"{name}[")):
+            path = used + path[len(name):]
+            detail = detail.replace(repr(name.rsplit(".", 1)[-1]), repr(used))  # attrs names the field
+            break
+    return ConfigError(detail, file=exc.file, path=path or None)
+
+
+def _write_images(s: GenerateSettings, folder: Path) -> dict[str, Any]:
+    """The request's base64 images as files, so they load exactly as a job file's images do."""
+    files: dict[str, Any] = {}
+    for key in IMAGE_KEYS:
+        value = getattr(s, key)
+        if isinstance(value, list):
+            files[key] = [_write_image(data, folder / f"{key}-{i}", f"{key}[{i}]") for i, data in enumerate(value)]
+        elif value is not None:
+            files[key] = _write_image(value, folder / key, key)
+    return files
+
+
+def _write_image(data: str, path: Path, where: str) -> str:
+    from PIL import Image, UnidentifiedImageError
+
+    if data.startswith("data:"):
+        header, _, data = data.partition(",")
+        if not header.endswith(";base64"):
+            raise ConfigError(f"expected a base64 data: URL (data:image/png;base64,...), found {header!r}",
+                              path=where)
+    try:
+        raw = base64.b64decode("".join(data.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ConfigError(f"expected a base64-encoded PNG, found text that is not base64 ({exc})", path=where) from None
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            image.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        reason = "no image format Pillow reads" if isinstance(exc, UnidentifiedImageError) else str(exc)
+        raise ConfigError(f"expected a base64-encoded PNG, found {len(raw)} bytes of {reason}", path=where) from None
+    path.write_bytes(raw)
+    return str(path)
+
+
+def _png_base64(image: Any, params: dict[str, Any]) -> str:
+    """The PNG the generate job would write for this image (same ``parameters`` chunk), base64."""
+    from PIL import PngImagePlugin
+
+    from diffcore.io.images import PARAMS_KEY, to_pil
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PARAMS_KEY, json.dumps(params, sort_keys=True, default=str))
+    buffer = io.BytesIO()
+    to_pil(image).save(buffer, format="PNG", pnginfo=info)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, message: str, allow: str | None = None):
+        super().__init__(message)
+        self.status, self.allow = status, allow
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Routes a request to the server's ``Service`` and turns every outcome into JSON."""
+
+    server: DiffcoreServer
+    server_version = "diffcore"
+
+    def do_GET(self) -> None:
+        self.respond("GET")
+
+    def do_POST(self) -> None:
+        self.respond("POST")
+
+    def respond(self, method: str) -> None:
+        allow = None
+        try:
+            status, payload = 200, self.dispatch(method, urlsplit(self.path).path.rstrip("/") or "/")
+        except _HTTPError as exc:
+            status, payload, allow = exc.status, {"error": str(exc)}, exc.allow
+        except DiffcoreError as exc:    # the request's mistake: the message a job file would get
+            path = getattr(exc, "path", None)
+            status, payload = 400, {"error": str(exc), **({"path": path} if path else {})}
+        except Exception as exc:
+            traceback.print_exc(file=sys.stderr)
+            first = (str(exc).strip().splitlines() or [""])[0]
+            status, payload = 500, {"error": f"internal error: {type(exc).__name__}" + (f": {first}" if first else "")}
+        self.send_json(status, payload, allow)
+
+    def dispatch(self, method: str, path: str) -> dict[str, Any]:
+        service = self.server.service
+        if path not in ENDPOINTS:
+            listing = ", ".join(f"{m} {p}" for p, m in ENDPOINTS.items())
+            raise _HTTPError(404, f"no endpoint {path}; this server has: {listing}")
+        if method != ENDPOINTS[path]:
+            raise _HTTPError(405, f"{path} takes {ENDPOINTS[path]}, not {method}", allow=ENDPOINTS[path])
+        if path == "/health":
+            return service.health()
+        if path == "/layers":
+            return service.layers()
+        body = self.read_json()
+        if path == "/generate":
+            return service.generate(body)
+        return service.seed_api(body, image_to_image=path == "/image-to-image")
+
+    def read_json(self) -> Any:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise _HTTPError(411, "a POST needs a Content-Length header with the body's size in bytes")
+        if int(length) > MAX_BODY:
+            raise _HTTPError(413, f"the body has {length} bytes; this server takes at most {MAX_BODY}")
+        try:
+            return json.loads(self.rfile.read(int(length)), parse_constant=_no_constant)
+        except ValueError as exc:   # JSONDecodeError and UnicodeDecodeError both are
+            raise ConfigError(f"the request body is not JSON: {exc}") from None
+
+    def send_json(self, status: int, payload: dict[str, Any], allow: str | None = None) -> None:
+        data = json.dumps(payload).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            if allow:
+                self.send_header("Allow", allow)
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass    # the client went away; nothing left to tell it
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+class DiffcoreServer(ThreadingHTTPServer):
+    """A threading HTTP server holding the ``Service`` its handlers use."""
+
+    service: Service
+
+    def __init__(self, host: str, port: int):
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            super().__init__((host, port), Handler)
+        except OSError as exc:
+            raise DiffcoreError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def make_server(config: ServeJob) -> DiffcoreServer:
+    """Bind first (a busy port fails before a long model load), then load the model."""
+    server = DiffcoreServer(config.job.host, config.job.port)
+    try:
+        server.service = Service(config)
+    except BaseException:
+        server.server_close()
+        raise
+    return server
+
+
+def run_serve(config: ServeJob, ctx: JobContext) -> None:
+    server = None
+    try:
+        server = make_server(config)
+        print(f"diffcore serve: {config.model.name} on {server.url} (Ctrl-C stops)", flush=True)
+        server.serve_forever()
+    except KeyboardInterrupt:   # handler threads are daemons: a generation in flight does not hold the exit
+        print("diffcore serve: stopped", flush=True)
+    finally:
+        if server is not None:
+            server.server_close()
