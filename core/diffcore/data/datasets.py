@@ -34,7 +34,11 @@ class DigitsDataset(Dataset):
     """
 
     def __init__(self, image_size: int = 8, split: str = "train"):
-        from sklearn.datasets import load_digits
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError:
+            raise ConfigError("the digits dataset is scikit-learn's bundled copy: pip install scikit-learn "
+                              "(or pip install 'diffcore[digits]')") from None
 
         digits = load_digits()
         images = rearrange(torch.from_numpy(digits.images).float() / 8.0 - 1.0, "n h w -> n 1 h w")
