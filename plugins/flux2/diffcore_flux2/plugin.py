@@ -18,7 +18,7 @@ import attrs
 from diffcore.api import ConfigError, NoConfig, did_you_mean, hookimpl
 from diffcore_flux2.params import DEFAULTS, TEXT_ENCODERS, VARIANTS
 
-DTYPES = ("bfloat16", "float16", "float32")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 def _variant(instance: Any, attribute: attrs.Attribute, value: str) -> None:
@@ -52,7 +52,7 @@ class Flux2Config:
     path: str = attrs.field(default="", validator=_local)
     vae: str | None = attrs.field(default=None, validator=_local)
     text_encoder: str | None = attrs.field(default=None, validator=_local)
-    dtype: str = attrs.field(default="bfloat16", validator=_dtype)
+    dtype: str = attrs.field(default="auto", validator=_dtype)   # auto: bfloat16 on CUDA, float32 elsewhere
     guidance: float | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.ge(0)))
     max_sequence_length: int = attrs.field(default=512, validator=attrs.validators.gt(0))
     reference_max_pixels: int | None = attrs.field(
@@ -69,7 +69,8 @@ def build_flux2(config: Flux2Config, device: Any = "cpu") -> Any:
 
     if not config.path:
         raise ConfigError("set path to a local FLUX.2 diffusers folder or transformer .safetensors file", path="path")
-    dtype = getattr(torch, config.dtype)
+    dtype = getattr(torch, config.dtype) if config.dtype != "auto" else (
+        torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
     root = Path(config.path).expanduser()
     folder = root if root.is_dir() and (root / "transformer").is_dir() else None
     weights = folder / "transformer" if folder else root
