@@ -13,10 +13,9 @@ thread by default: on a shared two-core machine a second thread mostly measures 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from compare import interleaved, report
 
 HIDDEN, HEADS, DOUBLE, SINGLE = 512, 8, 2, 4
 CONTEXT, IMAGE_GRID, TEXT_TOKENS = 15360, (16, 16), 64
@@ -66,12 +65,6 @@ def runners(ours: torch.nn.Module, reference: torch.nn.Module, a: dict[str, torc
     return run_ours, run_diffusers
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
@@ -84,21 +77,12 @@ def main() -> None:
     run_ours, run_diffusers = runners(ours, reference, inputs())
     with torch.inference_mode():
         err = (run_ours() - run_diffusers()).abs().max().item()
-        for _ in range(args.warmup):
-            run_ours(), run_diffusers()
-        times: dict[str, list[float]] = {"diffcore": [], "diffusers": []}
-        for i in range(args.iters):
-            pair = [("diffcore", run_ours), ("diffusers", run_diffusers)]
-            for name, fn in pair if i % 2 == 0 else pair[::-1]:
-                times[name].append(timed(fn))
-    ratios = [a / b for a, b in zip(times["diffcore"], times["diffusers"])]
-    ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
+        times = interleaved(run_ours, run_diffusers, iters=args.iters, warmup=args.warmup)
     print(f"FLUX.2 step, hidden {HIDDEN} ({HEADS} heads), {DOUBLE} + {SINGLE} blocks, "
           f"{IMAGE_GRID[0] * IMAGE_GRID[1]} + {TEXT_TOKENS} tokens, context {CONTEXT}, fp32, "
           f"{args.threads} threads, {args.iters} interleaved iterations")
     print(f"max abs difference of the outputs: {err:.3g}")
-    print(f"median ms: diffcore {ms['diffcore']:.2f}, diffusers {ms['diffusers']:.2f}")
-    print(f"median ratio diffcore / diffusers: {statistics.median(ratios):.3f} (target <= 0.9)")
+    report(times, "diffusers", target=0.9)
 
 
 if __name__ == "__main__":

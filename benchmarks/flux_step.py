@@ -11,10 +11,9 @@ median of the per-iteration time ratios is the figure (target: diffcore <= 0.9x 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from compare import interleaved, report
 
 HEADS, HEAD_DIM = 8, 64
 CONFIG = dict(in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=HEAD_DIM,
@@ -73,32 +72,14 @@ def main() -> None:
 
     with torch.inference_mode():
         err = (run_ours() - run_ref()).abs().max().item()
-        for _ in range(args.warmup):
-            run_ours(), run_ref()
-        # wall clock, and the CPU time of this process: on a shared machine the second counts only
-        # the time the forward actually ran (with one thread it is the forward's own work)
-        times = {(name, clock): [] for name in ("diffcore", "diffusers") for clock in ("wall", "cpu")}
-        for i in range(args.iters):
-            order = [("diffcore", run_ours), ("diffusers", run_ref)]
-            for name, fn in order if i % 2 == 0 else order[::-1]:
-                wall, cpu = time.perf_counter(), time.process_time()
-                fn()
-                times[name, "cpu"].append(time.process_time() - cpu)
-                times[name, "wall"].append(time.perf_counter() - wall)
+        times = interleaved(run_ours, run_ref, iters=args.iters, warmup=args.warmup)
 
     print(f"FLUX.1 transformer forward, hidden {HEADS * HEAD_DIM} ({HEADS} heads x {HEAD_DIM}), "
           f"{CONFIG['num_layers']} double + {CONFIG['num_single_layers']} single blocks, "
           f"{GRID[0] * GRID[1]} image + {TEXT_TOKENS} text tokens, fp32, {args.threads} thread(s), "
           f"{args.iters} interleaved iterations; torch {torch.__version__}")
     print(f"max abs difference of the outputs: {err:.2e}")
-    for clock in ("wall", "cpu"):
-        ours_t, ref_t = times["diffcore", clock], times["diffusers", clock]
-        ratios = [a / b for a, b in zip(ours_t, ref_t)]
-        low, _, high = statistics.quantiles(ratios, n=4)
-        print(f"{clock:>4}: median diffcore {statistics.median(ours_t) * 1e3:.1f} ms, diffusers "
-              f"{statistics.median(ref_t) * 1e3:.1f} ms; median ratio diffcore / diffusers "
-              f"{statistics.median(ratios):.3f} (quartiles {low:.3f} .. {high:.3f})")
-
+    report(times, "diffusers", target=0.9)
 
 if __name__ == "__main__":
     main()

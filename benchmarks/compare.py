@@ -1,0 +1,38 @@
+"""The timing harness the side-by-side benchmarks share: run two callables interleaved (the order
+alternating each iteration, so drift and other processes' load hit both alike) and report the
+median ratio on the wall clock and on this process's CPU time (on a shared machine the second
+counts only the time the work itself ran)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def interleaved(ours: Callable[[], Any], reference: Callable[[], Any], *, iters: int,
+                warmup: int) -> dict[str, dict[str, list[float]]]:
+    """Seconds per call: ``{"ours" | "reference": {"wall": [...], "cpu": [...]}}``."""
+    for _ in range(warmup):
+        ours(), reference()
+    times = {name: {"wall": [], "cpu": []} for name in ("ours", "reference")}
+    pair = [("ours", ours), ("reference", reference)]
+    for i in range(iters):
+        for name, fn in pair if i % 2 == 0 else pair[::-1]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            times[name]["cpu"].append(time.process_time() - cpu)
+            times[name]["wall"].append(time.perf_counter() - wall)
+    return times
+
+
+def report(times: dict[str, dict[str, list[float]]], reference_name: str, target: float) -> None:
+    """One line per clock: medians, median ratio ours / reference, and its quartiles."""
+    for clock in ("wall", "cpu"):
+        ours, ref = times["ours"][clock], times["reference"][clock]
+        ratios = [a / b for a, b in zip(ours, ref)]
+        low, _, high = statistics.quantiles(ratios, n=4)
+        print(f"{clock:>4}: median diffcore {statistics.median(ours) * 1e3:.1f} ms, {reference_name} "
+              f"{statistics.median(ref) * 1e3:.1f} ms; median ratio {statistics.median(ratios):.3f} "
+              f"(quartiles {low:.3f} .. {high:.3f}; target <= {target})")
