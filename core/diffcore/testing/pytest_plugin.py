@@ -12,3 +12,12 @@ def diffcore_plugins():
     """A fresh plugin manager for one test; register test plugins with ``.register_module(obj, name=...)``."""
     with plugins_for_test() as pm:
         yield pm
+
+
+@pytest.fixture
+def reference_matmuls():
+    """Run the test's linear layers on ``F.linear`` (the GEMM the reference uses), for bit-level parity."""
+    from diffcore.nn.linear import reference_matmuls
+
+    with reference_matmuls():
+        yield

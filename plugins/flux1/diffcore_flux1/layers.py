@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from diffcore.api import Attention
+from diffcore.api import Attention, GeluMLP, Linear, linear, plain
 
 
 def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0, time_factor: float = 1000.0) -> Tensor:
@@ -76,9 +76,9 @@ class EmbedND(nn.Module):
 class MLPEmbedder(nn.Module):
     def __init__(self, in_dim: int, hidden_dim: int):
         super().__init__()
-        self.in_layer = nn.Linear(in_dim, hidden_dim)
+        self.in_layer = Linear(in_dim, hidden_dim)
         self.silu = nn.SiLU()
-        self.out_layer = nn.Linear(hidden_dim, hidden_dim)
+        self.out_layer = Linear(hidden_dim, hidden_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out_layer(self.silu(self.in_layer(x)))
@@ -114,9 +114,9 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
         self.norm = QKNorm(dim // num_heads)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
 
     def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(batch, tokens, dim) -> normalised q, k and v, each (batch, heads, tokens, head_dim)."""
@@ -145,15 +145,11 @@ class Modulation(nn.Module):
     def __init__(self, dim: int, double: bool):
         super().__init__()
         self.multiplier = 6 if double else 3
-        self.lin = nn.Linear(dim, self.multiplier * dim)
+        self.lin = Linear(dim, self.multiplier * dim)
 
     def forward(self, vec: Tensor) -> list[ModulationOut]:
         out = self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)
         return [ModulationOut(*out[i:i + 3]) for i in range(0, self.multiplier, 3)]
-
-
-def mlp(hidden: int, mlp_hidden: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(hidden, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, hidden))
 
 
 class DoubleStreamBlock(nn.Module):
@@ -166,12 +162,12 @@ class DoubleStreamBlock(nn.Module):
         self.img_norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.img_attn = SelfAttention(hidden, num_heads, qkv_bias)
         self.img_norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.img_mlp = mlp(hidden, mlp_hidden)
+        self.img_mlp = GeluMLP(hidden, mlp_hidden)
         self.txt_mod = Modulation(hidden, double=True)
         self.txt_norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.txt_attn = SelfAttention(hidden, num_heads, qkv_bias)
         self.txt_norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.txt_mlp = mlp(hidden, mlp_hidden)
+        self.txt_mlp = GeluMLP(hidden, mlp_hidden)
         self.attend = Attention()
 
     def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Rotary) -> tuple[Tensor, Tensor]:
@@ -200,21 +196,30 @@ class SingleStreamBlock(nn.Module):
         super().__init__()
         self.hidden, self.num_heads = hidden, num_heads
         self.mlp_hidden = int(hidden * mlp_ratio)
-        self.linear1 = nn.Linear(hidden, 3 * hidden + self.mlp_hidden)
-        self.linear2 = nn.Linear(hidden + self.mlp_hidden, hidden)
+        self.linear1 = Linear(hidden, 3 * hidden + self.mlp_hidden)
+        self.linear2 = Linear(hidden + self.mlp_hidden, hidden)
         self.norm = QKNorm(hidden // num_heads)
         self.pre_norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.mlp_act = nn.GELU(approximate="tanh")
         self.modulation = Modulation(hidden, double=False)
         self.attend = Attention()
 
     def forward(self, x: Tensor, vec: Tensor, pe: Rotary) -> Tensor:
         (mod,) = self.modulation(vec)
-        qkv, mlp_in = self.linear1(mod.modulate(self.pre_norm(x))).split([3 * self.hidden, self.mlp_hidden], dim=-1)
+        qkv, mlp = self.project_in(mod.modulate(self.pre_norm(x)))
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
         attn = rearrange(self.attend(apply_rope(q, pe), apply_rope(k, pe), v), "B H L D -> B L (H D)")
-        return mod.residual(x, self.linear2(torch.cat((attn, self.mlp_act(mlp_in)), dim=2)))
+        return mod.residual(x, self.linear2(torch.cat((attn, mlp), dim=2)))
+
+    def project_in(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``linear1`` -> (qkv, GELU(mlp_in)). When ``linear1`` is plain, as two matmuls on row
+        blocks of its weight, so the GELU runs inside the second (oneDNN post-op)."""
+        sizes = [3 * self.hidden, self.mlp_hidden]
+        if not plain(self.linear1):
+            qkv, mlp_in = self.linear1(x).split(sizes, dim=-1)
+            return qkv, F.gelu(mlp_in, approximate="tanh")
+        (w_qkv, w_mlp), (b_qkv, b_mlp) = self.linear1.weight.split(sizes), self.linear1.bias.split(sizes)
+        return linear(x, w_qkv, b_qkv), linear(x, w_mlp, b_mlp, "gelu_tanh")
 
 
 class LastLayer(nn.Module):
@@ -223,8 +228,8 @@ class LastLayer(nn.Module):
     def __init__(self, hidden: int, out_channels: int):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden, out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.linear = Linear(hidden, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(hidden, 2 * hidden))
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)

@@ -11,6 +11,8 @@ import re
 import torch
 from torch import Tensor, nn
 
+from diffcore.api import Linear
+
 from diffcore_flux1.layers import (
     DoubleStreamBlock,
     EmbedND,
@@ -37,11 +39,11 @@ class Flux(nn.Module):
             raise ValueError(f"rope axes {p.axes_dim} must be even and sum to the head dim {head_dim} "
                              f"(= hidden_size {p.hidden_size} / num_heads {p.num_heads})")
         self.pe_embedder = EmbedND(p.axes_dim, p.theta)
-        self.img_in = nn.Linear(p.in_channels, p.hidden_size)
+        self.img_in = Linear(p.in_channels, p.hidden_size)
         self.time_in = MLPEmbedder(256, p.hidden_size)
         self.vector_in = MLPEmbedder(p.vec_in_dim, p.hidden_size)
         self.guidance_in = MLPEmbedder(256, p.hidden_size) if p.guidance_embed else nn.Identity()
-        self.txt_in = nn.Linear(p.context_in_dim, p.hidden_size)
+        self.txt_in = Linear(p.context_in_dim, p.hidden_size)
         self.double_blocks = nn.ModuleList(
             DoubleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio, p.qkv_bias) for _ in range(p.depth))
         self.single_blocks = nn.ModuleList(

@@ -23,6 +23,7 @@ def convert(folder, **job):
         return run(folder / "job.toml")
 
 
+@pytest.mark.usefixtures("reference_matmuls")
 @torch.no_grad()
 def test_round_trip_bfl_diffusers_bfl(tmp_path, diffusers_flux, diffusers_vae, flux_inputs):
     from diffusers import AutoencoderKL, FluxTransformer2DModel

@@ -28,6 +28,7 @@ def check(model, ref, inputs):
         assert (model(**inputs) - expected_output(ref, inputs)).abs().max() <= 1e-5
 
 
+@pytest.mark.usefixtures("reference_matmuls")
 @pytest.mark.parametrize("shard", [None, "40KB"], ids=["single", "sharded"])
 def test_diffusers_folder(tmp_path, diffusers_flux, flux_inputs, shard):
     ref = diffusers_flux()
@@ -39,6 +40,7 @@ def test_diffusers_folder(tmp_path, diffusers_flux, flux_inputs, shard):
     check(load_transformer(tmp_path), ref, flux_inputs())  # pipeline root: transformer/ + config.json
 
 
+@pytest.mark.usefixtures("reference_matmuls")
 def test_bfl_single_file(tmp_path, diffusers_flux, flux_inputs):
     ref = diffusers_flux()
     file = tmp_path / "flux1-tiny.safetensors"
@@ -49,6 +51,7 @@ def test_bfl_single_file(tmp_path, diffusers_flux, flux_inputs):
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
 
 
+@pytest.mark.usefixtures("reference_matmuls")
 def test_comfyui_file(tmp_path, diffusers_flux, flux_inputs):
     ref = diffusers_flux()
     state = {f"model.diffusion_model.{k}": v for k, v in diffusers_to_bfl(dict(ref.state_dict())).items()}
@@ -73,6 +76,7 @@ def test_variant_named_or_read_from_the_weights(tmp_path, diffusers_flux):
     assert str(file) in str(info.value) and "4 missing key(s): guidance_in.in_layer.weight" in str(info.value)
 
 
+@pytest.mark.usefixtures("reference_matmuls")
 def test_both_layouts_give_identical_outputs(tmp_path, diffusers_flux, flux_inputs):
     """The same weights as a BFL file and as a diffusers folder: bit-identical once the mapped
     weights sit in fresh allocations (a view of the file is only 8-byte aligned, and BLAS may

@@ -175,6 +175,7 @@ def test_bundle_errors(tiny_pipeline):
     assert list(conditions) == ["cond"] and conditions["cond"]["guidance"].tolist() == [3.5]
 
 
+@pytest.mark.usefixtures("reference_matmuls")
 @torch.no_grad()
 def test_offload_modes_give_the_same_images(tiny_pipeline, tmp_path, run_job):
     """"model" moves each component to the device only while it runs, "sequential" streams each

@@ -63,6 +63,7 @@ def test_ids_match_diffusers_pipeline():
     assert (kontext[..., 0] == 1).all() and torch.equal(kontext[..., 1:], ids[:1, :, 1:])
 
 
+@pytest.mark.usefixtures("reference_matmuls")
 @torch.no_grad()
 def test_denoise_matches_diffusers_euler_loop(diffusers_flux, flux_inputs):
     ref = diffusers_flux(guidance=True)

@@ -4,6 +4,7 @@ import attrs
 import pytest
 import torch
 
+import diffcore.nn.linear as linear_module
 from diffcore.errors import CheckpointError, ConfigError
 from diffcore.nn.attention import attention_layers, patch_attention, resolve_layers
 from diffcore_flux1.convert import (
@@ -33,6 +34,7 @@ def run_diffusers(ref, inputs, guidance=True):
                guidance=inputs["guidance"] if guidance else None).sample
 
 
+@pytest.mark.usefixtures("reference_matmuls")
 @pytest.mark.parametrize("guidance", [True, False], ids=["dev", "schnell"])
 @torch.no_grad()
 def test_parity_with_diffusers(diffusers_flux, flux_inputs, guidance):
@@ -46,6 +48,7 @@ def test_parity_with_diffusers(diffusers_flux, flux_inputs, guidance):
     assert err <= TOL, f"max abs err {err:.3g}"
 
 
+@pytest.mark.usefixtures("reference_matmuls")
 @torch.no_grad()
 def test_parity_kontext_reference_tokens(diffusers_flux, flux_inputs):
     """A Kontext step as FluxKontextPipeline runs it: the reference's tokens (its own 3 x 6 grid,
@@ -65,6 +68,7 @@ def test_parity_kontext_reference_tokens(diffusers_flux, flux_inputs):
     assert torch.equal(ours(**batched)[:, :20], got)  # BFL's (batch, tokens, 3) ids give the same
 
 
+@pytest.mark.usefixtures("reference_matmuls")
 @torch.no_grad()
 def test_parity_fill_input(diffusers_flux, flux_inputs):
     """Fill-dev's img_in takes [noisy 64 | masked-image latents 64 | mask 256] = 384 channels."""

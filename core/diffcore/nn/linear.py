@@ -1,0 +1,99 @@
+"""Linear layers whose fp32 inference on CPU runs through oneDNN.
+
+Why: PyTorch sends every fp32 ``F.linear`` on CPU to MKL's sgemm. On AMD CPUs MKL takes a generic
+AVX2 path even where AVX-512 is there; oneDNN (also inside every x86 PyTorch build) dispatches on
+the CPU's real features and can apply the bias and a GELU inside the matmul. Measured on the
+AMD EPYC (Zen 4) CI machine, one thread: 10-30% less time per matmul at the shapes of a DiT, with
+fp32 accuracy of the same order (error against float64 within 2x of MKL's). See
+``benchmarks/flux_step.py``.
+
+Only inference takes this path (no autograd formula exists for the oneDNN op): anything that
+needs gradients, any other dtype or device, and builds without oneDNN use ``F.linear``. Set
+``DIFFCORE_ONEDNN_LINEAR=0`` to always use ``F.linear`` (for bit-identical comparisons with code
+that does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# activation name -> (oneDNN post-op, its algorithm)
+_POST_OPS = {None: ("none", ""), "gelu_tanh": ("gelu", "tanh"), "gelu": ("gelu", "none")}
+
+
+def _onednn_available() -> bool:
+    if os.environ.get("DIFFCORE_ONEDNN_LINEAR", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+ONEDNN = _onednn_available()
+
+
+@contextlib.contextmanager
+def reference_matmuls() -> Iterator[None]:
+    """Within: every ``linear`` runs ``F.linear``, the GEMM that diffusers and plain PyTorch use, so
+    a model can be compared with its reference bit for bit (the parity tests do)."""
+    global ONEDNN
+    saved, ONEDNN = ONEDNN, False
+    try:
+        yield
+    finally:
+        ONEDNN = saved
+
+
+def _fallback(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None) -> Tensor:
+    y = F.linear(x, weight, bias)
+    if activation is None:
+        return y
+    return F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
+    """``activation(x @ weight.T + bias)``; ``activation`` is None, ``"gelu"`` or ``"gelu_tanh"``."""
+    if activation not in _POST_OPS:
+        raise ValueError(f"activation must be one of {sorted(map(str, _POST_OPS))}, got {activation!r}")
+    if (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() >= 2
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad)))):
+        attr, algorithm = _POST_OPS[activation]
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
+    return _fallback(x, weight, bias, activation)
+
+
+def plain(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a ``Linear`` with nothing wrapped around its forward (no peft adapter,
+    no accelerate offload hook, no torch hook), so calling ``linear`` on its weight directly is
+    the same as calling the layer: only then may a caller fuse work into its matmul."""
+    return (type(layer) is Linear and "forward" not in layer.__dict__ and not layer._forward_hooks
+            and not layer._forward_pre_hooks)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same state-dict keys, same place for peft's LoRA) with the
+    oneDNN inference path of ``linear``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class GeluMLP(nn.Sequential):
+    """``Linear -> GELU -> Linear`` whose keys are ``0.*`` and ``2.*`` like ``nn.Sequential``'s,
+    with the GELU applied inside the first matmul when oneDNN runs it."""
+
+    def __init__(self, dim: int, hidden: int, *, approximate: str = "tanh", bias: bool = True):
+        super().__init__(Linear(dim, hidden, bias=bias), nn.GELU(approximate=approximate),
+                         Linear(hidden, dim, bias=bias))
+        self.activation = "gelu_tanh" if approximate == "tanh" else "gelu"
+
+    def forward(self, x: Tensor) -> Tensor:
+        up, act, down = self
+        if plain(up):
+            return down(linear(x, up.weight, up.bias, self.activation))
+        return down(act(up(x)))
