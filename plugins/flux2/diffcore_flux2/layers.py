@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from diffcore.api import Attention
+from diffcore.api import Attention, Linear, linear, plain
 
 TIME_DIM = 256
 Mod = tuple[Tensor, Tensor, Tensor]  # shift, scale, gate: each (batch, 1, hidden)
@@ -76,8 +76,8 @@ class EmbedND(nn.Module):
 class MLPEmbedder(nn.Module):
     def __init__(self, in_dim: int, hidden: int):
         super().__init__()
-        self.in_layer = nn.Linear(in_dim, hidden, bias=False)
-        self.out_layer = nn.Linear(hidden, hidden, bias=False)
+        self.in_layer = Linear(in_dim, hidden, bias=False)
+        self.out_layer = Linear(hidden, hidden, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out_layer(F.silu(self.in_layer(x)))
@@ -119,8 +119,8 @@ class SwiGLU(nn.Module):
 
 
 def swiglu_mlp(hidden: int, mlp_hidden: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(hidden, 2 * mlp_hidden, bias=False), SwiGLU(),
-                         nn.Linear(mlp_hidden, hidden, bias=False))
+    return nn.Sequential(Linear(hidden, 2 * mlp_hidden, bias=False), SwiGLU(),
+                         Linear(mlp_hidden, hidden, bias=False))
 
 
 def layer_norm(hidden: int) -> nn.LayerNorm:
@@ -143,7 +143,7 @@ class Modulation(nn.Module):
     def __init__(self, hidden: int, sets: int):
         super().__init__()
         self.sets = sets
-        self.lin = nn.Linear(hidden, 3 * sets * hidden, bias=False)
+        self.lin = Linear(hidden, 3 * sets * hidden, bias=False)
 
     def forward(self, vec: Tensor) -> tuple[Mod, ...]:
         out = rearrange(self.lin(F.silu(vec)), "b (s three d) -> s three b 1 d", s=self.sets, three=3)
@@ -156,9 +156,9 @@ class StreamAttention(nn.Module):
     def __init__(self, hidden: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
+        self.qkv = Linear(hidden, 3 * hidden, bias=False)
         self.norm = QKNorm(hidden // heads)
-        self.proj = nn.Linear(hidden, hidden, bias=False)
+        self.proj = Linear(hidden, hidden, bias=False)
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Normalised [q, k] (batch, tokens, 2, heads, head_dim) and v (batch, tokens, heads, head_dim)."""
@@ -208,20 +208,22 @@ class SingleStreamBlock(nn.Module):
         super().__init__()
         self.heads, self.hidden, self.mlp_hidden = heads, hidden, mlp_hidden
         self.pre_norm = layer_norm(hidden)
-        self.linear1 = nn.Linear(hidden, 3 * hidden + 2 * mlp_hidden, bias=False)
+        self.linear1 = Linear(hidden, 3 * hidden + 2 * mlp_hidden, bias=False)
         self.norm = QKNorm(hidden // heads)
         self.mlp_act = SwiGLU()
-        self.linear2 = nn.Linear(hidden + mlp_hidden, hidden, bias=False)
+        self.linear2 = Linear(hidden + mlp_hidden, hidden, bias=False)
         self.attn = Attention()
 
     def forward(self, x: Tensor, pe: Tensor, mod: Mod, keep: slice | None = None) -> Tensor:
         shift, scale, gate = mod
         h = modulate(self.pre_norm(x), shift, scale)
-        if keep is None:
-            qkv, mlp = self.linear1(h).split([3 * self.hidden, 2 * self.mlp_hidden], dim=-1)
-        else:
-            qkv_weight, mlp_weight = self.linear1.weight.split([3 * self.hidden, 2 * self.mlp_hidden])
-            qkv, mlp = F.linear(h, qkv_weight), F.linear(h[:, keep], mlp_weight)
+        sizes = [3 * self.hidden, 2 * self.mlp_hidden]
+        if keep is not None and plain(self.linear1):  # the MLP half of linear1 for the kept tokens only
+            qkv_weight, mlp_weight = self.linear1.weight.split(sizes)
+            qkv, mlp = linear(h, qkv_weight), linear(h[:, keep], mlp_weight)
+        else:  # a hooked or adapter-wrapped linear1 must run as a module
+            qkv, mlp = self.linear1(h).split(sizes, dim=-1)
+            mlp = mlp if keep is None else mlp[:, keep]
         qkv = rearrange(qkv, "b l (three h d) -> b l three h d", three=3, h=self.heads)
         attn = joint_attention(self.attn, apply_rope(self.norm(qkv[:, :, :2]), pe), qkv[:, :, 2])
         if keep is not None:
@@ -235,8 +237,8 @@ class LastLayer(nn.Module):
     def __init__(self, hidden: int, out_channels: int):
         super().__init__()
         self.norm_final = layer_norm(hidden)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden, bias=False))
-        self.linear = nn.Linear(hidden, out_channels, bias=False)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(hidden, 2 * hidden, bias=False))
+        self.linear = Linear(hidden, out_channels, bias=False)
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
         shift, scale = rearrange(self.adaLN_modulation(vec), "b (two d) -> two b 1 d", two=2)

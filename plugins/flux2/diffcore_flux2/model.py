@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from diffcore.api import ConfigError
+from diffcore.api import ConfigError, Linear
 from diffcore_flux2.layers import (
     TIME_DIM,
     DoubleStreamBlock,
@@ -45,8 +45,8 @@ class Flux2(nn.Module):
         h = p.hidden_size
         self.gradient_checkpointing = False
         self.pe_embedder = EmbedND(p.theta, p.axes_dim)
-        self.img_in = nn.Linear(p.in_channels, h, bias=False)
-        self.txt_in = nn.Linear(p.context_in_dim, h, bias=False)
+        self.img_in = Linear(p.in_channels, h, bias=False)
+        self.txt_in = Linear(p.context_in_dim, h, bias=False)
         self.time_in = MLPEmbedder(TIME_DIM, h)
         self.guidance_in = MLPEmbedder(TIME_DIM, h) if p.guidance_embed else None
         self.double_stream_modulation_img = Modulation(h, sets=2)
