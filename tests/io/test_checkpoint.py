@@ -120,6 +120,51 @@ def test_rename_and_no_copy_when_dtype_matches(tmp_path):
     model(torch.randn(5, 3))  # runs
 
 
+def _mapped_ranges(file: Path) -> list[tuple[int, int]]:
+    """Address ranges of this process that map ``file`` (Linux /proc/self/maps)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if line.endswith(str(file)):
+            start, end = (int(a, 16) for a in line.split()[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_copied_keys_are_read_not_mapped(tmp_path):
+    """Keys a converter fuses are read into process memory (their file pages never sit in the
+    resident set next to the fused copy); the rest stay views of the mapped file. Same values."""
+    state = {"a": torch.randn(64, 64), "b": torch.randn(64, 64).to(torch.bfloat16),
+             "c": torch.arange(10), "d": torch.tensor([True, False]), "e": torch.zeros(0, 3), "f": torch.tensor(2.5)}
+    if hasattr(torch, "float8_e4m3fn"):
+        state["g"] = torch.randn(8).to(torch.float8_e4m3fn)
+    file = tmp_path / "w.safetensors"
+    save_file_atomic(state, file)
+    got = load_state_dict(file, copied=lambda k: k != "a")
+    assert list(got) == list(state)
+    for key, tensor in state.items():
+        assert got[key].dtype == tensor.dtype and got[key].shape == tensor.shape
+        assert torch.equal(got[key].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8))
+
+    def mapped(t: torch.Tensor) -> bool:
+        return any(start <= t.data_ptr() < end for start, end in _mapped_ranges(file))
+
+    assert mapped(got["a"]) and not any(mapped(got[k]) for k in ("b", "c", "d", "f"))
+
+
+def test_copied_keys_through_load_model_and_errors(tmp_path):
+    state = {f"legacy.{k}": v for k, v in toy_state().items()}
+    save_file_atomic(state, tmp_path / "w.safetensors")
+    model = load_model(Toy, tmp_path / "w.safetensors", copied=lambda k: k.endswith("weight"),
+                       rename=lambda sd: {k.removeprefix("legacy."): sd.pop(k) for k in list(sd)})
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state[f"legacy.{name}"])
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-8])
+    with pytest.raises(CheckpointError, match="cut.safetensors"):
+        load_state_dict(tmp_path / "cut.safetensors", copied=lambda k: True)
+
+
 def test_dtype_cast_and_fp8_upcast(tmp_path):
     state = toy_state()
     save_file_atomic(state, tmp_path / "w.safetensors")

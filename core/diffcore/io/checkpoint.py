@@ -7,6 +7,11 @@ casts, and hands the tensors to the module with ``load_state_dict(assign=True)``
 exists once in memory. Pickle files (``.ckpt .pt .pth .bin``) are read only with
 ``torch.load(weights_only=True)``: anything but tensors and plain containers is refused.
 
+Tensors the converter replaces by new ones (q, k and v fused into one qkv) are the exception:
+``load_model(..., copied=...)`` names them, and they are read with plain file reads into process
+memory instead, so their file pages are never mapped next to the fused copy (which would count
+twice in the resident set, about 7% of a FLUX.2 checkpoint in diffusers' layout).
+
 A module with non-persistent buffers (RoPE tables, masks) cannot get them from a checkpoint;
 it defines ``init_buffers(device)``, which the loader calls after the weights are in place.
 """
@@ -17,6 +22,7 @@ import copy
 import json
 import os
 import pickle
+import struct
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -93,11 +99,13 @@ def tensor_shapes(path: PathLike) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def load_state_dict(path: PathLike, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_state_dict(path: PathLike, *, device: str | torch.device = "cpu",
+                    copied: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """All tensors behind ``path`` (file, sharded index, or folder), read one tensor at a time.
 
     A sharded index loads exactly the keys its ``weight_map`` names, each from its shard; a key
-    found in two files is an error.
+    found in two files is an error. Safetensors keys for which ``copied`` is true are read into
+    process memory with plain reads; the others are views of the mapped file.
     """
     files, index = _resolve(Path(path))
     wanted: dict[Path, set[str]] = {}
@@ -108,7 +116,7 @@ def load_state_dict(path: PathLike, *, device: str | torch.device = "cpu") -> di
     origin: dict[str, Path] = {}
     for file in files:
         if file.suffix == ".safetensors":
-            part = _read_safetensors(file, device, wanted.get(file) if index is not None else None)
+            part = _read_safetensors(file, device, wanted.get(file) if index is not None else None, copied)
         else:
             part = _load_pickle(file, device)
         for key in part:
@@ -128,8 +136,9 @@ def _open_safetensors(file: Path, device: str | torch.device):
         raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
 
 
-def _read_safetensors(file: Path, device: str | torch.device, keys: set[str] | None) -> dict[str, torch.Tensor]:
-    with _open_safetensors(file, device) as f:
+def _read_safetensors(file: Path, device: str | torch.device, keys: set[str] | None,
+                      copied: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    with _open_safetensors(file, device) as f:  # validates the header for both paths
         names = list(f.keys())
         if keys is not None:
             absent = sorted(keys - set(names))
@@ -137,7 +146,47 @@ def _read_safetensors(file: Path, device: str | torch.device, keys: set[str] | N
                 raise CheckpointError(f"{file}: the index places {len(absent)} tensor(s) in this shard that it "
                                       f"lacks: {', '.join(absent[:SHOWN])}")
             names = [k for k in names if k in keys]
-        return {k: f.get_tensor(k) for k in names}
+        plain = {k for k in names if copied is not None and copied(k)}
+        state = {k: f.get_tensor(k) for k in names if k not in plain}
+    if plain:
+        state.update({k: t.to(device) for k, t in _read_unmapped(file, plain).items()})
+    return {k: state[k] for k in names}
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool,
+                      **({"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+                         if hasattr(torch, "float8_e4m3fn") else {})}
+
+
+def _read_unmapped(file: Path, keys: set[str]) -> dict[str, torch.Tensor]:
+    """``keys`` of a safetensors file read with ``readinto`` into fresh CPU tensors, never mapped
+    (format: 8-byte little-endian header size, JSON header, then the data;
+    https://github.com/huggingface/safetensors#format)."""
+    out: dict[str, torch.Tensor] = {}
+    with open(file, "rb", buffering=0) as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        for key in sorted(keys, key=lambda k: header[k]["data_offsets"][0]):  # sequential reads
+            entry = header[key]
+            if entry["dtype"] not in SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{file}: tensor {key!r} has dtype {entry['dtype']}, which this PyTorch "
+                                      f"cannot hold")
+            tensor = torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
+            begin, end = entry["data_offsets"]
+            if end - begin != tensor.numel() * tensor.element_size():
+                raise CheckpointError(f"{file}: tensor {key!r} has {end - begin} bytes for shape {entry['shape']} "
+                                      f"{entry['dtype']}")
+            if tensor.numel():
+                f.seek(8 + size + begin)
+                view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+                got = f.readinto(view)
+                if got != end - begin:
+                    raise CheckpointError(f"{file}: truncated: tensor {key!r} needs {end - begin} bytes at offset "
+                                          f"{8 + size + begin}, the file has {got}")
+            out[key] = tensor
+    return out
 
 
 def _load_pickle(file: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
@@ -164,7 +213,7 @@ def _load_pickle(file: Path, device: str | torch.device) -> dict[str, torch.Tens
 def load_model(build: Callable[[], nn.Module], files: PathLike | Sequence[PathLike], *,
                rename: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
                dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-               strict: bool = True) -> nn.Module:
+               strict: bool = True, copied: Callable[[str], bool] | None = None) -> nn.Module:
     """Build ``build()`` on the meta device and fill it from ``files`` without a second copy.
 
     - ``rename`` maps the file's keys (and tensors: it may split or fuse them) to the module's;
@@ -174,12 +223,14 @@ def load_model(build: Callable[[], nn.Module], files: PathLike | Sequence[PathLi
     - ``strict``: missing, unexpected and mis-shaped keys are reported together in one
       ``CheckpointError``. With ``strict=False`` unexpected keys are ignored and missing ones
       are initialised by their module's ``reset_parameters()``; mis-shaped keys stay an error.
+    - ``copied(key)``: true for the file keys that ``rename`` turns into new tensors (fuses,
+      splits); those are read into memory instead of mapped, so peak memory stays one copy.
     - Modules defining ``init_buffers(device)`` get it called afterwards (non-persistent buffers).
     """
     where = str(files) if isinstance(files, (str, os.PathLike)) else ", ".join(map(str, files))
     with torch.device("meta"):
         model = build()
-    state = _read_all([files] if isinstance(files, (str, os.PathLike)) else list(files), device)
+    state = _read_all([files] if isinstance(files, (str, os.PathLike)) else list(files), device, copied)
     for key, tensor in state.items():  # before renaming: cheaper, and fp8 tensors don't cat/split everywhere
         if dtype is not None and tensor.is_floating_point():
             state[key] = tensor.to(dtype)
@@ -223,13 +274,14 @@ def load_model(build: Callable[[], nn.Module], files: PathLike | Sequence[PathLi
     return model
 
 
-def _read_all(paths: list[PathLike], device: str | torch.device) -> dict[str, torch.Tensor]:
+def _read_all(paths: list[PathLike], device: str | torch.device,
+              copied: Callable[[str], bool] | None) -> dict[str, torch.Tensor]:
     if len(paths) == 1:
-        return load_state_dict(paths[0], device=device)
+        return load_state_dict(paths[0], device=device, copied=copied)
     state: dict[str, torch.Tensor] = {}
     origin: dict[str, PathLike] = {}
     for path in paths:
-        part = load_state_dict(path, device=device)
+        part = load_state_dict(path, device=device, copied=copied)
         for key in part:
             if key in origin:
                 raise CheckpointError(f"tensor {key!r} is in two checkpoints: {origin[key]} and {path}")

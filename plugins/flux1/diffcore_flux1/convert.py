@@ -89,6 +89,17 @@ def _pairs(keys: Iterable[str], layout: str) -> list[tuple[str, list[str]]]:
     return out
 
 
+_FUSED_PARTS = {f"{d}.{p}" for table in (_DOUBLE, _SINGLE) for _, diff in table if len(diff) > 1
+                for d in diff for p in ("weight", "bias")}
+
+
+def fused_on_load(key: str) -> bool:
+    """Whether the diffusers tensor ``key`` becomes part of a new one (fused qkv and linear1, the
+    swapped final adaLN); ``load_model(copied=...)`` reads those into memory instead of mapping them."""
+    return key.startswith("norm_out.linear.") or (
+        key.startswith(("transformer_blocks.", "single_transformer_blocks.")) and key.split(".", 2)[-1] in _FUSED_PARTS)
+
+
 def _swap_halves(t: Tensor) -> Tensor:
     a, b = t.chunk(2, dim=0)
     return torch.cat([b, a], dim=0)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from diffcore.api import CheckpointError, checkpoint_files, load_model, tensor_shapes
-from diffcore_flux1.convert import detect_variant, identify_foreign, infer_params, to_bfl
+from diffcore_flux1.convert import detect_variant, fused_on_load, identify_foreign, infer_params, to_bfl
 from diffcore_flux1.model import VARIANTS, Flux, FluxParams, params_from_diffusers_config
 from diffcore_flux1.vae import AE_VARIANTS, AutoEncoder, AutoEncoderParams, vae_to_bfl
 
@@ -149,7 +149,8 @@ def load_transformer(path: str | Path, *, variant: str | None = None, params: Fl
         _, params = transformer_params(path, variant)
     else:
         check_safetensors(weights)
-    return load_model(lambda: Flux(params), weights, rename=to_bfl, dtype=dtype, device=device).eval()
+    return load_model(lambda: Flux(params), weights, rename=to_bfl, dtype=dtype, device=device,
+                      copied=fused_on_load).eval()
 
 
 def vae_params_from_diffusers_config(config: dict) -> AutoEncoderParams:

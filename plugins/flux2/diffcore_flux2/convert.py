@@ -111,6 +111,12 @@ _SINGLE_BACK = {v: k for k, v in _SINGLE.items()}
 _QKV_PART = {new: (fused, i) for fused, news in _DOUBLE_QKV.items() for i, new in enumerate(news)}
 
 
+def fused_on_load(key: str) -> bool:
+    """Whether the diffusers tensor ``key`` becomes part of a new one (a double block's fused qkv,
+    the swapped final adaLN); ``load_model(copied=...)`` reads those into memory instead of mapping them."""
+    return key == _FINAL_ADALN[1] or (key.startswith("transformer_blocks.") and key.split(".", 2)[-1] in _QKV_PART)
+
+
 def diffusers_to_bfl(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """``Flux2Transformer2DModel`` keys -> BFL keys (q, k, v fused back); consumes ``state``."""
     out: dict[str, Tensor] = {}

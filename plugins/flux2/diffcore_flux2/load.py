@@ -8,7 +8,7 @@ import os
 import torch
 
 from diffcore.api import CheckpointError, did_you_mean, load_model, tensor_shapes
-from diffcore_flux2.convert import detect_variant, meta_state, params_from_state, to_bfl
+from diffcore_flux2.convert import detect_variant, fused_on_load, meta_state, params_from_state, to_bfl
 from diffcore_flux2.model import Flux2
 from diffcore_flux2.params import AE_VARIANTS, VARIANTS, Flux2Params
 from diffcore_flux2.vae import AutoEncoder, ae_to_bfl
@@ -37,7 +37,7 @@ def load_transformer(path: PathLike, *, variant: str | None = None, dtype: torch
                      device: str | torch.device = "cpu") -> Flux2:
     """A ``Flux2`` from a file, sharded index or folder in BFL, diffusers or ComfyUI layout."""
     _, params = transformer_params(path, variant)
-    return load_model(lambda: Flux2(params), path, rename=to_bfl, dtype=dtype, device=device)
+    return load_model(lambda: Flux2(params), path, rename=to_bfl, dtype=dtype, device=device, copied=fused_on_load)
 
 
 def load_ae(path: PathLike, *, variant: str = "flux2", dtype: torch.dtype | None = None,
