@@ -34,7 +34,7 @@ from diffcore_flux2.images import (
     resize,
     token_mask,
 )
-from diffcore_flux2.model import attention_alias
+from diffcore_flux2.model import ReferenceCache, attention_alias
 from diffcore_flux2.sampling import get_schedule, image_ids, keep_known, pack, reference_tokens, text_ids, unpack
 from diffcore_flux2.text import Flux2TextEncoder
 from diffcore_flux2.vae import AutoEncoder
@@ -45,7 +45,9 @@ class Flux2Bundle(ModelBundle):
     """``network`` is a ``Flux2``. ``guidance``: dev's embedded guidance (klein has none);
     ``default_cfg_scale``: the CFG scale the generate job uses when the job sets none (4.0 for
     klein-base, 1.0, one forward, otherwise); ``reference_max_pixels``: None for BFL's caps
-    (2024^2 for one reference, 1024^2 each for several), or one cap for all (diffusers: 1024^2)."""
+    (2024^2 for one reference, 1024^2 each for several), or one cap for all (diffusers: 1024^2);
+    ``reference_cache``: klein-9b-kv's editing, where the references run through the model on the
+    first step only (their keys and values are kept in a ``ReferenceCache`` per branch)."""
 
     vae: AutoEncoder | None = None
     text: Flux2TextEncoder | None = None
@@ -53,16 +55,18 @@ class Flux2Bundle(ModelBundle):
     default_cfg_scale: float = 1.0
     default_size: int = 1024
     reference_max_pixels: int | None = None
+    reference_cache: bool = False
 
     def forward(self, x: Tensor, sigma: Tensor, txt: Tensor | None = None, guidance: Tensor | None = None,
                 ref: Tensor | None = None, ref_ids: Tensor | None = None, known: Tensor | None = None,
-                known_mask: Tensor | None = None) -> Tensor:
+                known_mask: Tensor | None = None, ref_cache: ReferenceCache | None = None) -> Tensor:
         if txt is None:
             raise ConfigError("FLUX.2 needs text conditioning: txt, the stacked LLM hidden states")
         _, _, h, w = x.shape
         dtype = self.network.img_in.weight.dtype
         out = self.network(pack(x), image_ids(h, w, device=x.device), sigma, txt.to(dtype),
-                           text_ids(txt.shape[1], device=x.device), guidance=guidance, ref=ref, ref_ids=ref_ids)
+                           text_ids(txt.shape[1], device=x.device), guidance=guidance, ref=ref, ref_ids=ref_ids,
+                           ref_cache=ref_cache)
         v = unpack(out, h, w)
         if known is not None:
             v = keep_known(v, x, sigma, known, known_mask)
@@ -99,7 +103,11 @@ class Flux2Bundle(ModelBundle):
             ref, ref_ids = reference_tokens(latents)
             shared["ref"] = ref[None].to(self.network.img_in.weight).expand(batch, -1, -1)
             shared["ref_ids"] = ref_ids[None].to(device).expand(batch, -1, -1)
-        return {key: {"txt": txt.to(device), **shared} for key, txt in branches.items()}
+        conditions = {key: {"txt": txt.to(device), **shared} for key, txt in branches.items()}
+        if self.reference_cache and "ref" in shared:  # klein-9b-kv: each branch fills its own on its first step
+            for cond in conditions.values():
+                cond["ref_cache"] = ReferenceCache()
+        return conditions
 
     def _text(self, request: Any, extra: Mapping[str, Any]) -> dict[str, Tensor]:
         if "txt" in extra:

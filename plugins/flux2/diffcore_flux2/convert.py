@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from diffcore.api import CheckpointError
-from diffcore_flux2.params import VARIANTS, Flux2Params
+from diffcore_flux2.params import TAGGED, VARIANTS, Flux2Params
 
 COMFYUI_PREFIX = "model.diffusion_model."
 
@@ -219,8 +219,8 @@ def _count(sd: Mapping[str, Tensor], prefix: str) -> int:
 def detect_variant(state: Mapping[str, Tensor], hint: str = "") -> str:
     """The row of ``VARIANTS`` whose shapes match the state dict (any layout; meta tensors are fine).
 
-    klein-base-* has klein-*'s shapes: the base variant is returned only when ``hint`` (a file
-    name, say) contains "base".
+    klein-base-* and klein-9b-kv have klein-*'s shapes: a tagged variant is returned only when
+    ``hint`` (a file name, say) carries its tag ("base", "kv") as a word.
     """
     p = params_from_state(state)
     matches = [name for name, row in VARIANTS.items() if row == p]
@@ -231,7 +231,8 @@ def detect_variant(state: Mapping[str, Tensor], hint: str = "") -> str:
             f"guidance embedding {'yes' if p.guidance_embed else 'no'}; known: "
             + "; ".join(f"{n} {v.hidden_size}/{v.depth}+{v.depth_single_blocks}/{v.context_in_dim}"
                         for n, v in VARIANTS.items()))
-    base = [n for n in matches if "base" in n]
-    if base and "base" in hint.lower():
-        return base[0]
-    return next((n for n in matches if "base" not in n), matches[0])
+    for tag in TAGGED:
+        tagged = [n for n in matches if tag in n.split("-")]
+        if tagged and re.search(rf"(?<![a-z0-9]){tag}(?![a-z0-9])", hint.lower()):
+            return tagged[0]
+    return next((n for n in matches if not set(TAGGED) & set(n.split("-"))), matches[0])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import attrs
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -51,11 +52,60 @@ def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
     return rearrange(torch.view_as_real(pairs * pe), "... d two -> ... (d two)").type_as(x)
 
 
-def joint_attention(attn: Attention, qk: Tensor, v: Tensor) -> Tensor:
+@attrs.define(eq=False)
+class ReferenceCache:
+    """Every attention layer's keys and values of the reference tokens, kept from the first
+    forward that sees them (FLUX.2 klein-9b-kv): later forwards splice them in after the text
+    instead of running the references through the model again. The references attend only to
+    each other, at a fixed timestep, so their keys and values are the same at every step.
+    One per generation (and per guidance branch); ``clear()`` empties it."""
+
+    kv: dict[str, tuple[Tensor, Tensor]] = attrs.field(factory=dict)
+
+    @property
+    def filled(self) -> bool:
+        return bool(self.kv)
+
+    def clear(self) -> None:
+        self.kv.clear()
+
+
+@attrs.frozen
+class ReferenceSpan:
+    """One layer's view of a ``ReferenceCache`` in one forward. Its sequence starts with ``txt``
+    text tokens. Filling (``mask`` given): ``refs`` reference tokens follow the text; their keys
+    and values are stored and ``mask`` (True = may attend) keeps them attending to each other
+    only. Reading (``mask`` None): the stored keys and values are spliced in after the text."""
+
+    cache: ReferenceCache
+    layer: str
+    txt: int
+    refs: int = 0
+    mask: Tensor | None = None
+
+    def __call__(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """k, v (batch, heads, tokens, head_dim) -> the keys, values and mask to attend with."""
+        if self.mask is not None:
+            span = slice(self.txt, self.txt + self.refs)
+            self.cache.kv[self.layer] = (k[:, :, span].clone(), v[:, :, span].clone())
+            return k, v, self.mask
+        k_ref, v_ref = self.cache.kv[self.layer]
+        if k_ref.shape[0] != k.shape[0]:
+            raise ValueError(f"the reference cache was filled for a batch of {k_ref.shape[0]}, this forward has "
+                             f"{k.shape[0]}: use one cache per batch layout")
+        txt = self.txt
+        return (torch.cat([k[:, :, :txt], k_ref, k[:, :, txt:]], dim=2),
+                torch.cat([v[:, :, :txt], v_ref, v[:, :, txt:]], dim=2), None)
+
+
+def joint_attention(attn: Attention, qk: Tensor, v: Tensor, refs: ReferenceSpan | None = None) -> Tensor:
     """``attn`` over token-major [q, k] (batch, tokens, 2, heads, head_dim) and v (batch, tokens, heads,
     head_dim), seen by ``attn`` (and any patch on it) as (batch, heads, tokens, head_dim) -> (batch, tokens, hidden)."""
     q, k = rearrange(qk, "b l two h d -> two b h l d")
-    return rearrange(attn(q, k, rearrange(v, "b l h d -> b h l d")), "b h l d -> b l (h d)")
+    v, mask = rearrange(v, "b l h d -> b h l d"), None
+    if refs is not None:
+        k, v, mask = refs(k, v)
+    return rearrange(attn(q, k, v, mask), "b h l d -> b l (h d)")
 
 
 class EmbedND(nn.Module):
@@ -179,14 +229,14 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = swiglu_mlp(hidden, mlp_hidden)
         self.attn = Attention()
 
-    def forward(self, img: Tensor, txt: Tensor, pe: Tensor,
-                img_mod: tuple[Mod, Mod], txt_mod: tuple[Mod, Mod]) -> tuple[Tensor, Tensor]:
+    def forward(self, img: Tensor, txt: Tensor, pe: Tensor, img_mod: tuple[Mod, Mod], txt_mod: tuple[Mod, Mod],
+                refs: ReferenceSpan | None = None) -> tuple[Tensor, Tensor]:
         (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = img_mod
         (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = txt_mod
         img_qk, img_v = self.img_attn.project(modulate(self.img_norm1(img), img_shift1, img_scale1))
         txt_qk, txt_v = self.txt_attn.project(modulate(self.txt_norm1(txt), txt_shift1, txt_scale1))
         qk = apply_rope(torch.cat([txt_qk, img_qk], dim=1), pe)
-        out = joint_attention(self.attn, qk, torch.cat([txt_v, img_v], dim=1))
+        out = joint_attention(self.attn, qk, torch.cat([txt_v, img_v], dim=1), refs)
         txt_out, img_out = out[:, :txt.shape[1]], out[:, txt.shape[1]:]
 
         img = gated(img, img_gate1, self.img_attn.proj(img_out))
@@ -214,7 +264,8 @@ class SingleStreamBlock(nn.Module):
         self.linear2 = Linear(hidden + mlp_hidden, hidden, bias=False)
         self.attn = Attention()
 
-    def forward(self, x: Tensor, pe: Tensor, mod: Mod, keep: slice | None = None) -> Tensor:
+    def forward(self, x: Tensor, pe: Tensor, mod: Mod, keep: slice | None = None,
+                refs: ReferenceSpan | None = None) -> Tensor:
         shift, scale, gate = mod
         h = modulate(self.pre_norm(x), shift, scale)
         sizes = [3 * self.hidden, 2 * self.mlp_hidden]
@@ -225,9 +276,10 @@ class SingleStreamBlock(nn.Module):
             qkv, mlp = self.linear1(h).split(sizes, dim=-1)
             mlp = mlp if keep is None else mlp[:, keep]
         qkv = rearrange(qkv, "b l (three h d) -> b l three h d", three=3, h=self.heads)
-        attn = joint_attention(self.attn, apply_rope(self.norm(qkv[:, :, :2]), pe), qkv[:, :, 2])
+        attn = joint_attention(self.attn, apply_rope(self.norm(qkv[:, :, :2]), pe), qkv[:, :, 2], refs)
         if keep is not None:
             x, attn = x[:, keep], attn[:, keep]
+            gate = gate if gate.shape[1] == 1 else gate[:, keep]  # per-token modulation (reference cache)
         return gated(x, gate, self.linear2(torch.cat([attn, self.mlp_act(mlp)], dim=-1)))
 
 

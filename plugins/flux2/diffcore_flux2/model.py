@@ -22,13 +22,16 @@ from diffcore_flux2.layers import (
     EmbedND,
     LastLayer,
     MLPEmbedder,
+    Mod,
     Modulation,
+    ReferenceCache,
+    ReferenceSpan,
     SingleStreamBlock,
     timestep_embedding,
 )
 from diffcore_flux2.params import VARIANTS, Flux2Params
 
-__all__ = ["Flux2", "Flux2Params", "VARIANTS", "attention_alias"]
+__all__ = ["Flux2", "Flux2Params", "ReferenceCache", "VARIANTS", "attention_alias"]
 
 
 class Flux2(nn.Module):
@@ -58,7 +61,12 @@ class Flux2(nn.Module):
         self.final_layer = LastLayer(h, p.in_channels)
 
     def forward(self, x: Tensor, x_ids: Tensor, timesteps: Tensor, ctx: Tensor, ctx_ids: Tensor,
-                guidance: Tensor | None = None, ref: Tensor | None = None, ref_ids: Tensor | None = None) -> Tensor:
+                guidance: Tensor | None = None, ref: Tensor | None = None, ref_ids: Tensor | None = None,
+                ref_cache: ReferenceCache | None = None) -> Tensor:
+        """Velocity for the image tokens ``x``. ``ref``: reference tokens, appended after the
+        image tokens (BFL's editing). With ``ref_cache`` (klein-9b-kv) the references instead
+        sit between text and image, attend only to each other at timestep 0, and leave their
+        keys and values in the cache; once it is filled, ``ref`` is not needed (and ignored)."""
         p = self.params
         batch, tokens, channels = x.shape
         if channels != p.in_channels or ctx.shape[-1] != p.context_in_dim:
@@ -67,32 +75,69 @@ class Flux2(nn.Module):
         if p.guidance_embed and guidance is None:
             raise ValueError("this FLUX.2 model embeds the guidance scale (dev): pass guidance= "
                              "(BFL's default is 4.0)")
+        if ref is not None and ref_ids is None:
+            raise ValueError("reference tokens need their position ids (ref_ids)")
+        filling = ref_cache is not None and not ref_cache.filled
+        if filling and ref is None:
+            raise ValueError("an empty reference cache is filled from the reference tokens: pass ref= and ref_ids=")
+        if ref_cache is not None and ref_cache.filled:
+            ref = ref_ids = None  # their keys and values are in the cache
+        refs = 0 if ref is None else ref.shape[-2]
         ids = [batched(ctx_ids, batch), batched(x_ids, batch)]
         if ref is not None:
-            if ref_ids is None:
-                raise ValueError("reference tokens need their position ids (ref_ids)")
-            x = torch.cat([x, batched(ref, batch).to(x)], dim=1)
-            ids.append(batched(ref_ids, batch))
+            ref, ref_ids = batched(ref, batch).to(x), batched(ref_ids, batch)
+            x = torch.cat([ref, x] if filling else [x, ref], dim=1)
+            ids.insert(1 if filling else 2, ref_ids)
         pe = self.pe_embedder(torch.cat(ids, dim=1))
 
         dtype = self.img_in.weight.dtype
         img, txt = self.img_in(x.to(dtype)), self.txt_in(ctx.to(dtype))
-        vec = self.time_in(timestep_embedding(_per_sample(timesteps, batch, x)).to(dtype))
-        if self.guidance_in is not None:
-            vec = vec + self.guidance_in(timestep_embedding(_per_sample(guidance, batch, x)).to(dtype))
+        vec = self.embed_time(timesteps, guidance, batch, x)
         img_mod, txt_mod = self.double_stream_modulation_img(vec), self.double_stream_modulation_txt(vec)
         single_mod = self.single_stream_modulation(vec)[0]
+        first = slice(txt.shape[1], txt.shape[1] + tokens)  # where the image tokens sit after the text
+        spans: list[ReferenceSpan | None] = [None] * (len(self.double_blocks) + len(self.single_blocks))
+        if ref_cache is not None:
+            spans = self.reference_spans(ref_cache, txt.shape[1], refs if filling else 0, tokens, x.device)
+        if filling:  # references are modulated as at timestep 0, and come before the image tokens
+            ref_vec = self.embed_time(torch.zeros_like(_per_sample(timesteps, batch, x)), guidance, batch, x)
+            img_mod = tuple(_per_token([r, m], [refs, tokens]) for r, m in
+                            zip(self.double_stream_modulation_img(ref_vec), img_mod))
+            single_mod = _per_token([single_mod, self.single_stream_modulation(ref_vec)[0], single_mod],
+                                    [txt.shape[1], refs, tokens])
+            first = slice(txt.shape[1] + refs, txt.shape[1] + refs + tokens)
 
-        for block in self.double_blocks:
-            img, txt = self._run(block, img, txt, pe, img_mod, txt_mod)
+        for block, span in zip(self.double_blocks, spans):
+            img, txt = self._run(block, img, txt, pe, img_mod, txt_mod, span)
         seq = torch.cat([txt, img], dim=1)
-        image = slice(txt.shape[1], txt.shape[1] + tokens)  # the last block computes outputs for these only
-        for i, block in enumerate(self.single_blocks):
+        for i, (block, span) in enumerate(zip(self.single_blocks, spans[len(self.double_blocks):])):
             last = i == len(self.single_blocks) - 1
-            seq = self._run(block, seq, pe, single_mod, image if last else None)
+            seq = self._run(block, seq, pe, single_mod, first if last else None, span)
         if not self.single_blocks:
-            seq = seq[:, image]
+            seq = seq[:, first]
         return self.final_layer(seq, vec).to(x.dtype)
+
+    def embed_time(self, timesteps: Tensor, guidance: Tensor | None, batch: int, like: Tensor) -> Tensor:
+        """The conditioning vector every modulation reads: time (+ guidance) embeddings."""
+        dtype = self.img_in.weight.dtype
+        vec = self.time_in(timestep_embedding(_per_sample(timesteps, batch, like)).to(dtype))
+        if self.guidance_in is not None:
+            vec = vec + self.guidance_in(timestep_embedding(_per_sample(guidance, batch, like)).to(dtype))
+        return vec
+
+    def reference_spans(self, cache: ReferenceCache, txt: int, refs: int, tokens: int,
+                        device: torch.device) -> list[ReferenceSpan]:
+        """Each block's view of ``cache``; while filling, every query may attend to everything
+        except that the ``refs`` reference queries (after the text) see only the references."""
+        mask = None
+        if refs:
+            length = txt + refs + tokens
+            mask = torch.ones(length, length, dtype=torch.bool, device=device)
+            mask[txt:txt + refs, :txt] = False
+            mask[txt:txt + refs, txt + refs:] = False
+        names = [f"double_blocks.{i}" for i in range(len(self.double_blocks))]
+        names += [f"single_blocks.{i}" for i in range(len(self.single_blocks))]
+        return [ReferenceSpan(cache, name, txt, refs, mask) for name in names]
 
     def _run(self, block: nn.Module, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -107,6 +152,12 @@ def batched(ids: Tensor, batch: int) -> Tensor:
 
 def _per_sample(t: Tensor | float, batch: int, like: Tensor) -> Tensor:
     return torch.as_tensor(t, device=like.device).reshape(-1).expand(batch)
+
+
+def _per_token(mods: list[Mod], counts: list[int]) -> Mod:
+    """Per-token (shift, scale, gate): ``mods[i]`` for the next ``counts[i]`` tokens."""
+    return tuple(torch.cat([m.expand(m.shape[0], n, -1) for m, n in zip(parts, counts)], dim=1)
+                 for parts in zip(*mods))
 
 
 _DIFFUSERS_LAYER = re.compile(r"(single_)?transformer_blocks\.(\d+)(?:\.attn)?")

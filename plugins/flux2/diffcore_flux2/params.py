@@ -43,6 +43,7 @@ class Flux2Defaults:
     steps: int
     guidance: float
     true_cfg: bool = False
+    reference_cache: bool = False  # klein-9b-kv: reference keys and values kept from the first step
 
 
 VARIANTS: dict[str, Flux2Params] = {
@@ -56,12 +57,19 @@ VARIANTS: dict[str, Flux2Params] = {
                                  context_in_dim=7680, guidance_embed=False),
     "klein-base-9b": Flux2Params(hidden_size=4096, num_heads=32, depth=8, depth_single_blocks=24,
                                  context_in_dim=12288, guidance_embed=False),
+    "klein-9b-kv": Flux2Params(hidden_size=4096, num_heads=32, depth=8, depth_single_blocks=24,
+                               context_in_dim=12288, guidance_embed=False),
     # test shapes: a few hundred thousand parameters, 16 input channels for a 4-channel tiny VAE
     "tiny": Flux2Params(hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2, context_in_dim=48,
                         guidance_embed=True, in_channels=16, axes_dim=(8, 8, 8, 8)),
     "tiny-klein": Flux2Params(hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2, context_in_dim=48,
                               guidance_embed=False, in_channels=16, axes_dim=(8, 8, 8, 8)),
+    "tiny-klein-kv": Flux2Params(hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2, context_in_dim=48,
+                                 guidance_embed=False, in_channels=16, axes_dim=(8, 8, 8, 8)),
 }
+# variants that share another's shapes; a file is taken for one of these only when its name (or
+# its diffusers folder's model_index.json) says so
+TAGGED = ("base", "kv")
 
 DEFAULTS: dict[str, Flux2Defaults] = {
     "dev": Flux2Defaults(steps=50, guidance=4.0),
@@ -69,8 +77,10 @@ DEFAULTS: dict[str, Flux2Defaults] = {
     "klein-9b": Flux2Defaults(steps=4, guidance=1.0),
     "klein-base-4b": Flux2Defaults(steps=50, guidance=4.0, true_cfg=True),
     "klein-base-9b": Flux2Defaults(steps=50, guidance=4.0, true_cfg=True),
+    "klein-9b-kv": Flux2Defaults(steps=4, guidance=1.0, reference_cache=True),
     "tiny": Flux2Defaults(steps=4, guidance=4.0),
     "tiny-klein": Flux2Defaults(steps=4, guidance=4.0, true_cfg=True),
+    "tiny-klein-kv": Flux2Defaults(steps=4, guidance=1.0, reference_cache=True),
 }
 
 
@@ -110,6 +120,8 @@ TEXT_ENCODERS: dict[str, tuple[str, tuple[int, ...]]] = {
     "klein-9b": ("qwen3", (9, 18, 27)),
     "klein-base-4b": ("qwen3", (9, 18, 27)),
     "klein-base-9b": ("qwen3", (9, 18, 27)),
+    "klein-9b-kv": ("qwen3", (9, 18, 27)),
     "tiny": ("mistral3", (1, 2, 3)),
     "tiny-klein": ("qwen3", (1, 2, 3)),
+    "tiny-klein-kv": ("qwen3", (1, 2, 3)),
 }

@@ -40,9 +40,10 @@ def _local(instance: Any, attribute: attrs.Attribute, value: str | None) -> None
 
 @attrs.frozen
 class Flux2Config:
-    """``variant = "auto"`` reads it from the transformer's shapes; klein and klein-base share
-    them, so base is chosen when the diffusers folder's ``model_index.json`` says
-    ``"is_distilled": false`` or the path says "base". ``guidance``: dev's embedded guidance
+    """``variant = "auto"`` reads it from the transformer's shapes; klein, klein-base and
+    klein-9b-kv share them, so base is chosen when the diffusers folder's ``model_index.json``
+    says ``"is_distilled": false`` or the path says "base", and klein-9b-kv when the folder's
+    pipeline is ``Flux2KleinKVPipeline`` or the path says "kv". ``guidance``: dev's embedded guidance
     (default 4.0), or klein-base's default true-CFG scale (4.0, against the empty prompt; the
     job's ``cfg_scale`` overrides it); distilled klein runs one forward at a fixed 1.0.
     ``reference_max_pixels``: unset for BFL's caps on reference images (2024^2 for one, 1024^2
@@ -78,8 +79,8 @@ def build_flux2(config: Flux2Config, device: Any = "cpu") -> Any:
     if variant is None:
         raise ConfigError(f"{weights}: its shapes match no FLUX.2 variant; set variant to one of "
                           f"{', '.join(VARIANTS)}", path="variant")
-    if config.variant == "auto" and folder is not None and _undistilled(folder):
-        variant = {"klein-4b": "klein-base-4b", "klein-9b": "klein-base-9b"}.get(variant, variant)
+    if config.variant == "auto" and folder is not None:
+        variant = _from_model_index(folder, variant)
     steps, guidance, cfg_scale = sampling_defaults(variant, config.guidance)
     network = load_transformer(weights, variant=variant, dtype=dtype, device=device)
 
@@ -97,7 +98,8 @@ def build_flux2(config: Flux2Config, device: Any = "cpu") -> Any:
                                         dtype=dtype, device=device)
     return Flux2Bundle(network=network.eval(), vae=vae, text=text, default_steps=steps,
                        default_schedule={"name": "flux2"}, guidance=guidance, default_cfg_scale=cfg_scale,
-                       reference_max_pixels=config.reference_max_pixels)
+                       reference_max_pixels=config.reference_max_pixels,
+                       reference_cache=DEFAULTS[variant].reference_cache)
 
 
 def sampling_defaults(variant: str, guidance: float | None = None) -> tuple[int, float, float]:
@@ -113,13 +115,20 @@ def sampling_defaults(variant: str, guidance: float | None = None) -> tuple[int,
     return defaults.steps, guidance, guidance if defaults.true_cfg else 1.0
 
 
-def _undistilled(folder: Path) -> bool:
-    """A diffusers klein folder records ``is_distilled`` in ``model_index.json`` (false: klein-base)."""
+def _from_model_index(folder: Path, variant: str) -> str:
+    """A diffusers klein folder tells what the shapes cannot in ``model_index.json``:
+    ``"is_distilled": false`` is klein-base, the ``Flux2KleinKVPipeline`` class is klein-9b-kv."""
     try:
         index = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(index, dict) and index.get("is_distilled") is False
+        return variant
+    if not isinstance(index, dict):
+        return variant
+    if index.get("_class_name") == "Flux2KleinKVPipeline":
+        return {"klein-9b": "klein-9b-kv", "tiny-klein": "tiny-klein-kv"}.get(variant, variant)
+    if index.get("is_distilled") is False:
+        return {"klein-4b": "klein-base-4b", "klein-9b": "klein-base-9b"}.get(variant, variant)
+    return variant
 
 
 def flux2_schedule(config: NoConfig, **_: Any) -> Any:
@@ -131,7 +140,8 @@ def flux2_schedule(config: NoConfig, **_: Any) -> Any:
 @hookimpl
 def register_models(register):
     register("flux2", build_flux2, config=Flux2Config,
-             description="FLUX.2 dev / klein / klein-base (Black Forest Labs): rectified-flow DiT, LLM text encoder")
+             description="FLUX.2 dev / klein / klein-base / klein-9b-kv (Black Forest Labs): rectified-flow DiT, "
+                         "LLM text encoder")
 
 
 @hookimpl

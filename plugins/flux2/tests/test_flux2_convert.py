@@ -57,15 +57,17 @@ def test_variant_detection_from_meta_state_dicts(name):
     """diffusers' single-file loader says "flux-2-dev" for all of these."""
     with torch.device("meta"):
         bfl = Flux2(VARIANTS[name]).state_dict()
-    hint = "flux-2-klein-base-4b.safetensors" if "base" in name else ""
+    hint = {"base": "flux-2-klein-base-4b.safetensors", "kv": "/models/flux-2-klein-9b-kv.safetensors"}.get(
+        next((tag for tag in ("base", "kv") if tag in name.split("-")), ""), "")
     layouts = {"bfl": bfl, "diffusers": bfl_to_diffusers(dict(bfl)),
                "comfyui": {COMFYUI_PREFIX + k: v for k, v in bfl.items()}}
     for layout, state in layouts.items():
         assert detect_layout(state) == layout
         assert detect_variant(state, hint=hint) == name, layout
         assert params_from_state(state) == VARIANTS[name]
-    if "base" in name:  # same shapes as the distilled model: without a hint the distilled one is reported
-        assert detect_variant(bfl) == name.replace("base-", "")
+    if hint:  # same shapes as the distilled model: without a hint the distilled one is reported
+        assert detect_variant(bfl) == name.replace("base-", "").replace("-kv", "")
+        assert detect_variant(bfl, hint="/models/kvasir/klein.safetensors") == detect_variant(bfl)  # a word, not letters
 
 
 def test_detection_reads_shapes_not_the_table():

@@ -201,6 +201,45 @@ def test_references_at_their_own_size_match_klein_pipeline(flux2_folder, make_pi
     assert err <= END_TO_END
 
 
+def test_klein_kv_editing_matches_klein_kv_pipeline(flux2_folder, make_pipeline):
+    """klein-9b-kv's editing: the reference runs through the model on the first step only (its
+    keys and values cached), against ``Flux2KleinKVPipeline``; the variant is read from the
+    folder's ``model_index.json``."""
+    import json
+
+    from diffusers import Flux2KleinKVPipeline
+
+    root, parts = flux2_folder(False)
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "Flux2KleinKVPipeline"}))
+    bundle = _bundle(root)
+    assert bundle.reference_cache and bundle.default_cfg_scale == 1.0 and bundle.default_steps == 4
+    array = np.random.default_rng(3).integers(0, 256, (64, 72, 3), dtype=np.uint8)
+    noise = torch.randn(1, 16, 16, 18, generator=torch.Generator().manual_seed(4))
+    expected = make_pipeline(Flux2KleinKVPipeline, parts)(
+        image=Image.fromarray(array), prompt="a red cat", latents=noise, num_inference_steps=3,
+        max_sequence_length=SEQ, text_encoder_out_layers=(1, 2, 3), output_type="pt").images
+    request = GenerationRequest(batch=1, prompts=["a red cat"], extra={"reference_images": [_pixels(array)]})
+    conditions = bundle.conditions(request)
+    calls = []
+    network_forward = bundle.network.forward
+
+    def counting(x, *args, **kwargs):
+        cache = kwargs["ref_cache"]
+        calls.append((x.shape[1], cache.filled))
+        return network_forward(x, *args, **kwargs)
+
+    bundle.network.forward = counting
+    with torch.no_grad():
+        latents = sample(bundle, noise, conditions, torch.tensor(get_schedule(3, 16 * 18)), euler,
+                         guidance=[CFG(scale=bundle.default_cfg_scale)], disable=True)
+        got = (bundle.decode(latents) / 2 + 0.5).clamp(0, 1)
+    assert calls == [(16 * 18, False), (16 * 18, True), (16 * 18, True)]  # filled once, then read
+    err = (got - expected).abs().max().item()
+    print(f"klein-kv editing vs Flux2KleinKVPipeline: max abs err {err:.3g}")
+    assert got.shape == expected.shape == (1, 3, 64, 72)
+    assert err <= END_TO_END
+
+
 def test_img2img_shapes_and_encoding(flux2_folder):
     root, _ = flux2_folder(False)
     bundle = _bundle(root)
@@ -241,7 +280,7 @@ def test_img2img_job_starts_from_the_encoded_image(tmp_path, flux2_folder):
 
 @pytest.mark.parametrize("variant, steps, guidance, cfg", [
     ("dev", 50, 4.0, 1.0), ("klein-4b", 4, 1.0, 1.0), ("klein-9b", 4, 1.0, 1.0),
-    ("klein-base-4b", 50, 4.0, 4.0), ("klein-base-9b", 50, 4.0, 4.0)])
+    ("klein-base-4b", 50, 4.0, 4.0), ("klein-base-9b", 50, 4.0, 4.0), ("klein-9b-kv", 4, 1.0, 1.0)])
 def test_sampling_defaults_per_variant(variant, steps, guidance, cfg):
     assert sampling_defaults(variant) == (steps, guidance, cfg)
 

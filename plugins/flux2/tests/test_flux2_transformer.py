@@ -132,3 +132,65 @@ def test_variant_table():
     for name, p in VARIANTS.items():
         assert p.head_dim * p.num_heads == p.hidden_size and sum(p.axes_dim) == p.head_dim, name
     assert VARIANTS["klein-base-4b"] == VARIANTS["klein-4b"] and VARIANTS["klein-base-9b"] == VARIANTS["klein-9b"]
+
+
+@pytest.mark.parametrize("guidance", [False, True], ids=["klein", "guidance-embed"])
+def test_reference_cache_matches_diffusers_kv_modes(diffusers_transformer, to_ours, guidance):
+    """klein-9b-kv: the first forward runs [txt, ref, img] with the references modulated at t = 0
+    and attending only to themselves, and keeps their keys and values; later forwards splice
+    them in. Against diffusers' ``kv_cache_mode="extract"`` then ``"cached"``."""
+    from diffcore_flux2.model import ReferenceCache
+
+    from diffusers.models.transformers.transformer_flux2 import (
+        Flux2KVAttnProcessor,
+        Flux2KVParallelSelfAttnProcessor,
+    )
+
+    ref_model = diffusers_transformer(guidance)
+    ours = to_ours(ref_model)
+    for block in ref_model.transformer_blocks:  # as Flux2KleinKVPipeline sets them
+        block.attn.set_processor(Flux2KVAttnProcessor())
+    for block in ref_model.single_transformer_blocks:
+        block.attn.set_processor(Flux2KVParallelSelfAttnProcessor())
+    a = _inputs()
+    g = torch.Generator().manual_seed(7)
+    ref, ref_ids = reference_tokens([torch.randn(16, 2, 3, generator=g), torch.randn(16, 3, 2, generator=g)])
+    batch = a["x"].shape[0]
+    gd = torch.tensor([3.0, 3.0]) if guidance else None
+    refs = ref.expand(batch, -1, -1)
+    with torch.no_grad():
+        first, cache = ref_model(hidden_states=torch.cat([refs, a["x"]], 1), encoder_hidden_states=a["ctx"],
+                                 timestep=a["t"], img_ids=torch.cat([ref_ids, a["x_ids"]]), txt_ids=a["ctx_ids"],
+                                 guidance=gd, return_dict=False, kv_cache_mode="extract",
+                                 num_ref_tokens=ref.shape[0])
+        later_t = torch.tensor([0.4, 0.2])
+        later = ref_model(hidden_states=a["x"], encoder_hidden_states=a["ctx"], timestep=later_t,
+                          img_ids=a["x_ids"], txt_ids=a["ctx_ids"], guidance=gd, return_dict=False,
+                          kv_cache=cache, kv_cache_mode="cached")[0]
+        mine = ReferenceCache()
+        got_first = ours(a["x"], a["x_ids"], a["t"], a["ctx"], a["ctx_ids"], guidance=gd, ref=ref, ref_ids=ref_ids,
+                         ref_cache=mine)
+        assert mine.filled and len(mine.kv) == 4
+        got_later = ours(a["x"], a["x_ids"], later_t, a["ctx"], a["ctx_ids"], guidance=gd, ref=ref, ref_ids=ref_ids,
+                         ref_cache=mine)
+        plain = ours(a["x"], a["x_ids"], a["t"], a["ctx"], a["ctx_ids"], guidance=gd, ref=ref, ref_ids=ref_ids)
+    for name, got, expected in (("extract", got_first, first), ("cached", got_later, later)):
+        err = (got - expected).abs().max().item()
+        print(f"klein-kv {name}: max abs err {err:.3g}, output max {expected.abs().max().item():.3g}")
+        assert got.shape == a["x"].shape and err <= TOL
+    assert (got_first - plain).abs().max() > 1e-3  # the causal reference path is a different model
+
+
+def test_reference_cache_errors(to_ours, diffusers_transformer):
+    from diffcore_flux2.model import ReferenceCache
+
+    ours = to_ours(diffusers_transformer(False))
+    a = _inputs()
+    with torch.no_grad(), pytest.raises(ValueError, match="empty reference cache"):
+        ours(a["x"], a["x_ids"], a["t"], a["ctx"], a["ctx_ids"], ref_cache=ReferenceCache())
+    ref, ref_ids = reference_tokens([torch.randn(16, 2, 2)])
+    cache = ReferenceCache()
+    with torch.no_grad():
+        ours(a["x"], a["x_ids"], a["t"], a["ctx"], a["ctx_ids"], ref=ref, ref_ids=ref_ids, ref_cache=cache)
+        with pytest.raises(ValueError, match="filled for a batch of 2"):
+            ours(a["x"][:1], a["x_ids"], a["t"][:1], a["ctx"][:1], a["ctx_ids"], ref_cache=cache)
