@@ -7,10 +7,10 @@ casts, and hands the tensors to the module with ``load_state_dict(assign=True)``
 exists once in memory. Pickle files (``.ckpt .pt .pth .bin``) are read only with
 ``torch.load(weights_only=True)``: anything but tensors and plain containers is refused.
 
-Tensors the converter replaces by new ones (q, k and v fused into one qkv) are the exception:
-``load_model(..., copied=...)`` names them, and they are read with plain file reads into process
-memory instead, so their file pages are never mapped next to the fused copy (which would count
-twice in the resident set, about 7% of a FLUX.2 checkpoint in diffusers' layout).
+Tensors the converter replaces by new ones (q, k and v fused into one qkv) are read through a
+second mapping of the file (``load_model(..., copied=...)`` names them), which is unmapped when
+the converter lets them go: otherwise their pages would stay resident beside the fused copies
+(about 7% of a FLUX.2 checkpoint in diffusers' layout, measured by ``benchmarks/load.py``).
 
 A module with non-persistent buffers (RoPE tables, masks) cannot get them from a checkpoint;
 it defines ``init_buffers(device)``, which the loader calls after the weights are in place.
@@ -22,7 +22,6 @@ import copy
 import json
 import os
 import pickle
-import struct
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -104,8 +103,8 @@ def load_state_dict(path: PathLike, *, device: str | torch.device = "cpu",
     """All tensors behind ``path`` (file, sharded index, or folder), read one tensor at a time.
 
     A sharded index loads exactly the keys its ``weight_map`` names, each from its shard; a key
-    found in two files is an error. Safetensors keys for which ``copied`` is true are read into
-    process memory with plain reads; the others are views of the mapped file.
+    found in two files is an error. Safetensors keys for which ``copied`` is true come from a
+    mapping of their own (see ``load_model``).
     """
     files, index = _resolve(Path(path))
     wanted: dict[Path, set[str]] = {}
@@ -138,7 +137,7 @@ def _open_safetensors(file: Path, device: str | torch.device):
 
 def _read_safetensors(file: Path, device: str | torch.device, keys: set[str] | None,
                       copied: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
-    with _open_safetensors(file, device) as f:  # validates the header for both paths
+    with _open_safetensors(file, device) as f:
         names = list(f.keys())
         if keys is not None:
             absent = sorted(keys - set(names))
@@ -146,47 +145,14 @@ def _read_safetensors(file: Path, device: str | torch.device, keys: set[str] | N
                 raise CheckpointError(f"{file}: the index places {len(absent)} tensor(s) in this shard that it "
                                       f"lacks: {', '.join(absent[:SHOWN])}")
             names = [k for k in names if k in keys]
-        plain = {k for k in names if copied is not None and copied(k)}
-        state = {k: f.get_tensor(k) for k in names if k not in plain}
-    if plain:
-        state.update({k: t.to(device) for k, t in _read_unmapped(file, plain).items()})
+        state = {k: f.get_tensor(k) for k in names if copied is None or not copied(k)}
+    if len(state) < len(names):
+        # a second mapping of the file that only these tensors hold: once the converter has made
+        # its new tensors from them and let them go, it is unmapped and their pages leave the
+        # resident set (with one mapping they would stay, counted beside the new copies)
+        with _open_safetensors(file, device) as f:
+            state.update({k: f.get_tensor(k) for k in names if k not in state})
     return {k: state[k] for k in names}
-
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool,
-                      **({"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-                         if hasattr(torch, "float8_e4m3fn") else {})}
-
-
-def _read_unmapped(file: Path, keys: set[str]) -> dict[str, torch.Tensor]:
-    """``keys`` of a safetensors file read with ``readinto`` into fresh CPU tensors, never mapped
-    (format: 8-byte little-endian header size, JSON header, then the data;
-    https://github.com/huggingface/safetensors#format)."""
-    out: dict[str, torch.Tensor] = {}
-    with open(file, "rb", buffering=0) as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-        for key in sorted(keys, key=lambda k: header[k]["data_offsets"][0]):  # sequential reads
-            entry = header[key]
-            if entry["dtype"] not in SAFETENSORS_DTYPES:
-                raise CheckpointError(f"{file}: tensor {key!r} has dtype {entry['dtype']}, which this PyTorch "
-                                      f"cannot hold")
-            tensor = torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
-            begin, end = entry["data_offsets"]
-            if end - begin != tensor.numel() * tensor.element_size():
-                raise CheckpointError(f"{file}: tensor {key!r} has {end - begin} bytes for shape {entry['shape']} "
-                                      f"{entry['dtype']}")
-            if tensor.numel():
-                f.seek(8 + size + begin)
-                view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-                got = f.readinto(view)
-                if got != end - begin:
-                    raise CheckpointError(f"{file}: truncated: tensor {key!r} needs {end - begin} bytes at offset "
-                                          f"{8 + size + begin}, the file has {got}")
-            out[key] = tensor
-    return out
 
 
 def _load_pickle(file: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
@@ -224,7 +190,8 @@ def load_model(build: Callable[[], nn.Module], files: PathLike | Sequence[PathLi
       ``CheckpointError``. With ``strict=False`` unexpected keys are ignored and missing ones
       are initialised by their module's ``reset_parameters()``; mis-shaped keys stay an error.
     - ``copied(key)``: true for the file keys that ``rename`` turns into new tensors (fuses,
-      splits); those are read into memory instead of mapped, so peak memory stays one copy.
+      splits); those come from a mapping of their own, unmapped once ``rename`` drops them, so
+      the resident set ends at one copy of the weights.
     - Modules defining ``init_buffers(device)`` get it called afterwards (non-persistent buffers).
     """
     where = str(files) if isinstance(files, (str, os.PathLike)) else ", ".join(map(str, files))
