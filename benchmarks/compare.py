@@ -36,3 +36,12 @@ def report(times: dict[str, dict[str, list[float]]], reference_name: str, target
         print(f"{clock:>4}: median diffcore {statistics.median(ours) * 1e3:.1f} ms, {reference_name} "
               f"{statistics.median(ref) * 1e3:.1f} ms; median ratio {statistics.median(ratios):.3f} "
               f"(quartiles {low:.3f} .. {high:.3f}; target <= {target})")
+
+
+def accuracy_line(ours: Callable[[], Any], reference: Callable[[], Any], exact: Callable[[], Any]) -> str:
+    """Both fp32 outputs against the reference model run in float64: diffcore's error should be
+    of the order of the reference's own (the two use different GEMMs, so they are not equal)."""
+    truth = exact().double()
+    errors = [(fn().double() - truth).abs().max().item() for fn in (ours, reference)]
+    return (f"max abs error against the reference in float64: diffcore {errors[0]:.2e}, reference in fp32 "
+            f"{errors[1]:.2e} (outputs up to {truth.abs().max().item():.3g})")

@@ -13,9 +13,10 @@ thread by default: on a shared two-core machine a second thread mostly measures 
 from __future__ import annotations
 
 import argparse
+import copy
 
 import torch
-from compare import interleaved, report
+from compare import accuracy_line, interleaved, report
 
 HIDDEN, HEADS, DOUBLE, SINGLE = 512, 8, 2, 4
 CONTEXT, IMAGE_GRID, TEXT_TOKENS = 15360, (16, 16), 64
@@ -67,21 +68,25 @@ def runners(ours: torch.nn.Module, reference: torch.nn.Module, a: dict[str, torc
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch intra-op threads (default: PyTorch's, one per core)")
     parser.add_argument("--iters", type=int, default=60, help="timed iterations of each model")
     parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     ours, reference = models()
-    run_ours, run_diffusers = runners(ours, reference, inputs())
+    a = inputs()
+    run_ours, run_diffusers = runners(ours, reference, a)
+    _, run_exact = runners(ours, copy.deepcopy(reference).double(),
+                           {k: v.double() if v.is_floating_point() else v for k, v in a.items()})
     with torch.inference_mode():
-        err = (run_ours() - run_diffusers()).abs().max().item()
+        accuracy = accuracy_line(run_ours, run_diffusers, run_exact)
         times = interleaved(run_ours, run_diffusers, iters=args.iters, warmup=args.warmup)
     print(f"FLUX.2 step, hidden {HIDDEN} ({HEADS} heads), {DOUBLE} + {SINGLE} blocks, "
           f"{IMAGE_GRID[0] * IMAGE_GRID[1]} + {TEXT_TOKENS} tokens, context {CONTEXT}, fp32, "
           f"{args.threads} threads, {args.iters} interleaved iterations")
-    print(f"max abs difference of the outputs: {err:.3g}")
+    print(accuracy)
     report(times, "diffusers", target=0.9)
 
 

@@ -11,9 +11,10 @@ median of the per-iteration time ratios is the figure (target: diffcore <= 0.9x 
 from __future__ import annotations
 
 import argparse
+import copy
 
 import torch
-from compare import interleaved, report
+from compare import accuracy_line, interleaved, report
 
 HEADS, HEAD_DIM = 8, 64
 CONFIG = dict(in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=HEAD_DIM,
@@ -54,7 +55,8 @@ def inputs() -> dict[str, torch.Tensor]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch intra-op threads (default: PyTorch's, one per core)")
     parser.add_argument("--iters", type=int, default=60, help="timed iterations of each model")
     parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args()
@@ -70,15 +72,22 @@ def main() -> None:
         return ref(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
                    timestep=x["timesteps"], img_ids=x["img_ids"], txt_ids=x["txt_ids"], guidance=x["guidance"]).sample
 
+    ref64, x64 = copy.deepcopy(ref).double(), {k: v.double() for k, v in x.items()}
+
+    def run_exact() -> torch.Tensor:
+        return ref64(hidden_states=x64["img"], encoder_hidden_states=x64["txt"], pooled_projections=x64["y"],
+                     timestep=x64["timesteps"], img_ids=x64["img_ids"], txt_ids=x64["txt_ids"],
+                     guidance=x64["guidance"]).sample
+
     with torch.inference_mode():
-        err = (run_ours() - run_ref()).abs().max().item()
+        accuracy = accuracy_line(run_ours, run_ref, run_exact)
         times = interleaved(run_ours, run_ref, iters=args.iters, warmup=args.warmup)
 
     print(f"FLUX.1 transformer forward, hidden {HEADS * HEAD_DIM} ({HEADS} heads x {HEAD_DIM}), "
           f"{CONFIG['num_layers']} double + {CONFIG['num_single_layers']} single blocks, "
           f"{GRID[0] * GRID[1]} image + {TEXT_TOKENS} text tokens, fp32, {args.threads} thread(s), "
           f"{args.iters} interleaved iterations; torch {torch.__version__}")
-    print(f"max abs difference of the outputs: {err:.2e}")
+    print(accuracy)
     report(times, "diffusers", target=0.9)
 
 if __name__ == "__main__":
