@@ -85,3 +85,14 @@ def test_gelu_mlp_fused_or_composed_gives_the_same_function():
     with reference_matmuls():
         expected = mlp[2](F.gelu(F.linear(x, mlp[0].weight, mlp[0].bias), approximate="tanh"))
         assert torch.equal(mlp(x), expected)
+
+
+def test_environment_switch():
+    import os
+    import subprocess
+    import sys
+
+    code = "import diffcore.nn.linear as m; print(m.ONEDNN)"
+    env = {**os.environ, "DIFFCORE_ONEDNN_LINEAR": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

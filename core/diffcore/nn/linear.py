@@ -8,7 +8,8 @@ fp32 accuracy of the same order (error against float64 within 2x of MKL's). See
 ``benchmarks/flux_step.py``.
 
 Only inference takes this path (no autograd formula exists for the oneDNN op): anything that
-needs gradients, any other dtype or device, and builds without oneDNN use ``F.linear``. Set
+needs gradients, any other dtype or device, non-x86 machines and builds without oneDNN use
+``F.linear``. Set
 ``DIFFCORE_ONEDNN_LINEAR=0`` to always use ``F.linear`` (for bit-identical comparisons with code
 that does).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 from collections.abc import Iterator
 
 import torch
@@ -28,9 +30,11 @@ _POST_OPS = {None: ("none", ""), "gelu_tanh": ("gelu", "tanh"), "gelu": ("gelu",
 
 
 def _onednn_available() -> bool:
+    """On x86-64 only: that is where it was measured (ARM builds run oneDNN through ACL, unmeasured)."""
     if os.environ.get("DIFFCORE_ONEDNN_LINEAR", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 ONEDNN = _onednn_available()
