@@ -4,14 +4,13 @@ Why: PyTorch sends every fp32 ``F.linear`` on CPU to MKL's sgemm. On AMD CPUs MK
 AVX2 path even where AVX-512 is there; oneDNN (also inside every x86 PyTorch build) dispatches on
 the CPU's real features and can apply the bias and a GELU inside the matmul. Measured on the
 AMD EPYC (Zen 4) CI machine, one thread: 10-30% less time per matmul at the shapes of a DiT, with
-fp32 accuracy of the same order (error against float64 within 2x of MKL's). See
-``benchmarks/flux_step.py``.
+fp32 accuracy of the same order (a whole FLUX forward's error against float64 is 1.4x MKL's;
+``benchmarks/flux_step.py``, ``tests/nn/test_linear.py``).
 
 Only inference takes this path (no autograd formula exists for the oneDNN op): anything that
 needs gradients, any other dtype or device, non-x86 machines and builds without oneDNN use
-``F.linear``. Set
-``DIFFCORE_ONEDNN_LINEAR=0`` to always use ``F.linear`` (for bit-identical comparisons with code
-that does).
+``F.linear``. ``DIFFCORE_ONEDNN_LINEAR=0`` makes every call use ``F.linear`` (bit-identical to
+code that does).
 """
 
 from __future__ import annotations
