@@ -201,3 +201,28 @@ def test_a_guidance_model_trains_on_flux_trajectories(family):
     model.eval()
     guided, plain = run(bundle, [LearnedGuidance(model=model)], req, 3), run(bundle, [], req, 3)
     assert reward(guided, {}).mean() > reward(plain, {}).mean()
+
+
+def test_klein_kv_reference_cache_with_guidance():
+    """FLUX.2 klein-9b-kv keeps one reference cache per conditioning: CFG works (cond and uncond
+    hold different caches, so each runs its own forward); attention-level guidance stops with
+    an error naming the cause: PAG's identity map cannot take the spliced reference keys, NAG
+    needs both branches in one forward."""
+    from diffcore.api import PluginError
+    from diffcore_flux2.bundle import Flux2Bundle
+    from diffcore_flux2.model import VARIANTS, Flux2
+    from diffcore_flux2.vae import AE_VARIANTS, AutoEncoder
+
+    bundle = Flux2Bundle(network=randomize(Flux2(VARIANTS["tiny-klein-kv"]), seed=3),
+                         vae=AutoEncoder(AE_VARIANTS["tiny"]).eval(), reference_cache=True)
+    reference = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    req = GenerationRequest(batch=1, height=SIZE, width=SIZE,
+                            extra={**embeddings("flux2", batch=1), "reference_images": [reference]})
+    with ForwardCounter(bundle.network) as counter:
+        guided = run(bundle, [cfg(3.0)], req, steps=3)
+    assert counter.batches == [1, 1] * 3 and torch.isfinite(guided).all()
+    assert not torch.allclose(guided, run(bundle, [], req, steps=3))
+    with pytest.raises(PluginError, match="as many queries as values"):
+        run(bundle, [PAG(layers=["transformer_blocks.1.attn"])], req, steps=3)
+    with pytest.raises(PluginError, match="cannot be batched together"):
+        run(bundle, [NAG(layers=["transformer_blocks.0.attn"])], req, steps=3)
