@@ -95,7 +95,7 @@ class Flux2(nn.Module):
         vec = self.embed_time(timesteps, guidance, batch, x)
         img_mod, txt_mod = self.double_stream_modulation_img(vec), self.double_stream_modulation_txt(vec)
         single_mod = self.single_stream_modulation(vec)[0]
-        first = slice(txt.shape[1], txt.shape[1] + tokens)  # where the image tokens sit after the text
+        image_tokens = slice(txt.shape[1], txt.shape[1] + tokens)  # where they sit after the text
         spans: list[ReferenceSpan | None] = [None] * (len(self.double_blocks) + len(self.single_blocks))
         if ref_cache is not None:
             spans = self.reference_spans(ref_cache, txt.shape[1], refs if filling else 0, tokens, x.device)
@@ -105,16 +105,16 @@ class Flux2(nn.Module):
                             zip(self.double_stream_modulation_img(ref_vec), img_mod))
             single_mod = _per_token([single_mod, self.single_stream_modulation(ref_vec)[0], single_mod],
                                     [txt.shape[1], refs, tokens])
-            first = slice(txt.shape[1] + refs, txt.shape[1] + refs + tokens)
+            image_tokens = slice(txt.shape[1] + refs, txt.shape[1] + refs + tokens)
 
         for block, span in zip(self.double_blocks, spans):
             img, txt = self._run(block, img, txt, pe, img_mod, txt_mod, span)
         seq = torch.cat([txt, img], dim=1)
         for i, (block, span) in enumerate(zip(self.single_blocks, spans[len(self.double_blocks):])):
             last = i == len(self.single_blocks) - 1
-            seq = self._run(block, seq, pe, single_mod, first if last else None, span)
+            seq = self._run(block, seq, pe, single_mod, image_tokens if last else None, span)
         if not self.single_blocks:
-            seq = seq[:, first]
+            seq = seq[:, image_tokens]
         return self.final_layer(seq, vec).to(x.dtype)
 
     def embed_time(self, timesteps: Tensor, guidance: Tensor | None, batch: int, like: Tensor) -> Tensor:
