@@ -5,6 +5,7 @@ counts only the time the work itself ran)."""
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -45,3 +46,17 @@ def accuracy_line(ours: Callable[[], Any], reference: Callable[[], Any], exact: 
     errors = [(fn().double() - truth).abs().max().item() for fn in (ours, reference)]
     return (f"max abs error against the reference in float64: diffcore {errors[0]:.2e}, reference in fp32 "
             f"{errors[1]:.2e} (outputs up to {truth.abs().max().item():.3g})")
+
+
+def step_arguments(description: str) -> argparse.Namespace:
+    """The options every side-by-side step benchmark takes; sets torch's thread count."""
+    import torch
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch intra-op threads (default: PyTorch's, one per core)")
+    parser.add_argument("--iters", type=int, default=60, help="timed iterations of each model")
+    parser.add_argument("--warmup", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args

@@ -12,11 +12,10 @@ thread by default: on a shared two-core machine a second thread mostly measures 
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
-from compare import accuracy_line, interleaved, report
+from compare import accuracy_line, interleaved, report, step_arguments
 
 HIDDEN, HEADS, DOUBLE, SINGLE = 512, 8, 2, 4
 CONTEXT, IMAGE_GRID, TEXT_TOKENS = 15360, (16, 16), 64
@@ -67,13 +66,7 @@ def runners(ours: torch.nn.Module, reference: torch.nn.Module, a: dict[str, torc
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="torch intra-op threads (default: PyTorch's, one per core)")
-    parser.add_argument("--iters", type=int, default=60, help="timed iterations of each model")
-    parser.add_argument("--warmup", type=int, default=5)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = step_arguments(__doc__.splitlines()[0])
 
     ours, reference = models()
     a = inputs()

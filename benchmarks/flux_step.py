@@ -10,11 +10,10 @@ median of the per-iteration time ratios is the figure (target: diffcore <= 0.9x 
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
-from compare import accuracy_line, interleaved, report
+from compare import accuracy_line, interleaved, report, step_arguments
 
 HEADS, HEAD_DIM = 8, 64
 CONFIG = dict(in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=HEAD_DIM,
@@ -54,13 +53,7 @@ def inputs() -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="torch intra-op threads (default: PyTorch's, one per core)")
-    parser.add_argument("--iters", type=int, default=60, help="timed iterations of each model")
-    parser.add_argument("--warmup", type=int, default=5)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = step_arguments(__doc__.splitlines()[0])
 
     ours, ref = models()
     x = inputs()
