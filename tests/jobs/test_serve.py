@@ -222,7 +222,7 @@ def test_server_error_is_a_500_with_one_line(served, monkeypatch, capsys):
     def broken(model, x, sigmas, **kwargs):
         raise RuntimeError("sampler exploded\nsecond line")
 
-    monkeypatch.setattr(served.service, "sampler", broken)
+    monkeypatch.setattr(served.service.pipeline, "sampler", broken)
     status, answer = call(served, "/generate", {"class_label": 1, "num_steps": 2})
     assert (status, answer) == (500, {"error": "internal error: RuntimeError: sampler exploded"})
     assert "Traceback" in capsys.readouterr().err     # the server's log keeps the details

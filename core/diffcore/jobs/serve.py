@@ -103,13 +103,11 @@ class Service:
     model runs one generation at a time."""
 
     def __init__(self, config: ServeJob):
-        from diffcore.jobs.generate import default_schedule, pick_device
+        from diffcore.sampling.pipeline import Pipeline
 
         self.settings = config.job
-        self.device = pick_device(config.job.device)
-        self.bundle = config.model.build(device=self.device)
-        self.sampler = config.sampler.build()
-        self.schedule = config.schedule.build() if config.schedule else default_schedule(self.bundle)
+        self.pipeline = Pipeline.build(config.model, config.sampler, config.schedule, device=config.job.device)
+        self.bundle, self.device = self.pipeline.bundle, str(self.pipeline.device)
         self.names = {"model": config.model.name, "sampler": config.sampler.name}
         self.guidance = [unstructure(spec) for spec in config.guidance]   # as a request would write them
         self.lock = threading.Lock()
@@ -130,8 +128,8 @@ class Service:
             with tempfile.TemporaryDirectory(prefix="diffcore-serve-") as folder:
                 settings, guidance = self.parse(body, Path(folder))
                 with self.lock:
-                    images, params = generate_images(self.bundle, settings, self.sampler, self.schedule, guidance,
-                                                     device=self.device, names=self.names)
+                    pipeline = attrs.evolve(self.pipeline, guidance=[spec.build() for spec in guidance])
+                    images, params = generate_images(pipeline, settings, names=self.names)
         except ConfigError as exc:
             raise _renamed(exc, renames or {}) from None
         return {"images": [_png_base64(image, p) for image, p in zip(images, params)], "parameters": params}

@@ -85,6 +85,7 @@ def run_train(config: TrainJob, ctx: JobContext) -> Any:
     from accelerate import PartialState
 
     from diffcore.io.images import make_grid, save_png
+    from diffcore.sampling.pipeline import Pipeline
     from diffcore.training.loop import train
 
     s = config.job
@@ -93,12 +94,12 @@ def run_train(config: TrainJob, ctx: JobContext) -> Any:
     bundle = config.model.build(device=state.device)
     trainer = config.trainer.build(bundle=bundle)
     dataset = config.dataset.build()
-    sampler = config.sampler.build()
-    schedule = config.schedule.build()
+    pipeline = Pipeline(bundle=bundle, sampler=config.sampler.build(), schedule=config.schedule.build(),
+                        device=state.device)
 
     def write_grid(path: Any, steps: int, cfg_scale: float, **extra: Any) -> None:
-        images = sample_class_grid(bundle, sampler, schedule, samples_per_class=s.final_grid.samples_per_class,
-                                   steps=steps, cfg_scale=cfg_scale, seed=s.seed)
+        images = class_grid(pipeline, samples_per_class=s.final_grid.samples_per_class, steps=steps,
+                            cfg_scale=cfg_scale, seed=s.seed)
         params = {"model": config.model.name, "sampler": config.sampler.name, "schedule": config.schedule.name,
                   "steps": steps, "cfg_scale": cfg_scale, "seed": s.seed, "weights": "ema", **extra}
         save_png(path, make_grid(images, nrow=s.final_grid.samples_per_class), params)
@@ -111,35 +112,23 @@ def run_train(config: TrainJob, ctx: JobContext) -> Any:
     if state.is_main_process:
         network = bundle.network
         network.eval()
-        with result.ema.applied(network), torch.no_grad():
+        with result.ema.applied(network):
             write_grid(ctx.output_dir / "grid.png", s.final_grid.steps, s.final_grid.cfg_scale, step=result.step)
     state.wait_for_everyone()
     return result
 
 
-def sample_class_grid(bundle: Any, sampler: Any, schedule: Any, *, samples_per_class: int, steps: int,
-                      cfg_scale: float, seed: int) -> Any:
-    """``samples_per_class`` images of every class (class-major), from noise fixed by ``seed``;
-    ``samples_per_class`` unconditional images for a model without classes."""
-    import math
-
+def class_grid(pipeline: Any, *, samples_per_class: int, steps: int, cfg_scale: float, seed: int) -> Any:
+    """``samples_per_class`` images of every class (class-major) from noise fixed by ``seed``, as
+    the generate job's ``class_grid`` makes them; ``samples_per_class`` unconditional images (no
+    CFG) for a model without classes."""
     import torch
 
+    from diffcore.jobs.generate import grid_labels
     from diffcore.models import GenerationRequest
-    from diffcore.sampling.cfg import CFG
-    from diffcore.sampling.engine import sample
 
-    device = next(bundle.network.parameters()).device
-    num_classes = getattr(bundle, "num_classes", None)
-    labels = torch.arange(num_classes).repeat_interleave(samples_per_class) if num_classes else None
-    n = len(labels) if labels is not None else samples_per_class
-    request = GenerationRequest(batch=n, labels=None if labels is None else labels.to(device))
-    shape = bundle.latent_shape(request)
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((n, *shape), generator=generator).to(device)
-    seq_len = math.prod(shape[1:]) if len(shape) == 3 else None
-    sigmas = schedule.sigmas(steps, seq_len=seq_len).to(device)
-    guidance = [CFG(scale=cfg_scale)] if cfg_scale != 1.0 and labels is not None else []
-    latents = sample(bundle, noise, bundle.conditions(request), sigmas, sampler, guidance=guidance,
-                     generator=generator, disable=True)
-    return bundle.decode(latents).float().clamp(-1, 1).cpu()
+    num_classes = pipeline.bundle.num_classes
+    labels = grid_labels(num_classes, samples_per_class).to(pipeline.device) if num_classes else None
+    request = GenerationRequest(batch=len(labels) if labels is not None else samples_per_class, labels=labels,
+                                sampling_steps=steps, cfg_scale=cfg_scale if labels is not None else 1.0)
+    return pipeline(request, generator=torch.Generator().manual_seed(seed))

@@ -120,7 +120,8 @@ def build_flux1(config: Flux1Config, device: Any = "cpu") -> Any:
         offload.add(name, module)
     return FluxBundle(network=network, vae=vae, text=text, offload=offload, dtype=dtype,
                       guidance=config.guidance if config.guidance is not None else defaults.guidance,
-                      default_steps=defaults.steps, default_schedule={"name": "flux" if defaults.shift else "flow"},
+                      default_sampling_steps=defaults.steps,
+                      default_schedule={"name": "flux" if defaults.shift else "flow"},
                       resize_references=config.resize_references)
 
 

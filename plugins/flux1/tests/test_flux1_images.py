@@ -58,7 +58,7 @@ def test_kontext_editing_matches_diffusers(tiny_pipeline, tmp_path, run_job):
     plain, _ = run_job(tmp_path / "plain", model, height=32, width=32, num_steps=3)
     assert (plain - images).abs().max() > 1e-3  # the reference changed the result (beyond rounding)
     bundle = build_flux1(Flux1Config(**model, dtype="float32", max_sequence_length=16))
-    assert (bundle.default_steps, bundle.guidance) == (28, 2.5)
+    assert (bundle.default_sampling_steps, bundle.guidance) == (28, 2.5)
 
 
 @torch.no_grad()
@@ -78,9 +78,9 @@ def test_fill_matches_diffusers(image_variants, tiny_pipeline, tmp_path, run_job
                          latents=job_noise(64, 64, 48, per_token=16)).images
     close_to_pipeline(images, expected)
     bundle = build_flux1(Flux1Config(**model, dtype="float32", max_sequence_length=16))
-    assert (bundle.default_steps, bundle.guidance, bundle.default_schedule) == (50, 30.0, {"name": "flux"})
-    extra = {"image": load_image(image), "mask": (load_image(mask, channels=1) + 1) / 2}
-    check_model_family(bundle, GenerationRequest(batch=2, prompts=["a", "b"], negative_prompts=["", "c"], extra=extra))
+    assert (bundle.default_sampling_steps, bundle.guidance, bundle.default_schedule) == (50, 30.0, {"name": "flux"})
+    images = {"image": load_image(image), "mask": (load_image(mask, channels=1) + 1) / 2}
+    check_model_family(bundle, GenerationRequest(batch=2, prompts=["a", "b"], negative_prompts=["", "c"], **images))
     with pytest.raises(ConfigError, match="Fill repaints the white part of a mask: set both image and mask"):
         bundle.conditions(GenerationRequest(batch=1, prompts=[PROMPT], height=64, width=48))
 
@@ -160,15 +160,15 @@ def test_kontext_sizes_and_errors(tiny_pipeline):
     assert kontext_size(480, 640) == (880, 1184)
     bundle = build_flux1(Flux1Config(path=str(tiny_pipeline[0]), dtype="float32", max_sequence_length=16))
     ref = torch.zeros(3, 600, 800)
-    request = GenerationRequest(batch=2, prompts=["a", "b"], extra={"reference_images": [ref]})
+    request = GenerationRequest(batch=2, prompts=["a", "b"], reference_images=[ref])
     assert bundle.image_shape(request) == (3, 880, 1184)  # the target follows the resized reference, as in BFL
     bundle.resize_references = False
-    small = GenerationRequest(batch=2, prompts=["a", "b"], extra={"reference_images": [torch.zeros(3, 30, 42)]})
+    small = GenerationRequest(batch=2, prompts=["a", "b"], reference_images=[torch.zeros(3, 30, 42)])
     assert bundle.latent_shape(small) == (64, 7, 10)  # whole tokens (4 px for the tiny 2x autoencoder)
     cond = bundle.conditions(small)
     assert cond["cond"]["ref"].shape == (2, 70, 64) and cond["uncond"]["ref_ids"].shape == (2, 70, 3)
     assert (cond["cond"]["ref_ids"][..., 0] == 1).all() and cond["cond"]["ref_ids"][0, -1].tolist() == [1, 6, 9]
     with pytest.raises(ConfigError, match="image / mask need the fill-dev variant"):
-        bundle.conditions(GenerationRequest(batch=1, prompts=["a"], extra={"image": torch.zeros(3, 32, 32)}))
+        bundle.conditions(GenerationRequest(batch=1, prompts=["a"], control_image=torch.zeros(3, 32, 32)))
     with pytest.raises(ConfigError, match=r"expected \(3, H, W\)"):
-        bundle.conditions(GenerationRequest(batch=1, prompts=["a"], extra={"reference_images": [torch.zeros(32, 32)]}))
+        bundle.conditions(GenerationRequest(batch=1, prompts=["a"], reference_images=[torch.zeros(32, 32)]))

@@ -55,7 +55,7 @@ def test_engine_matches_diffusers_pipeline(tiny_pipeline):
     shape = bundle.latent_shape(request)
     noise = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
     sigmas = registry("schedules").get("flux").build().sigmas(4, seq_len=shape[1] * shape[2])
-    given = bundle.conditions(GenerationRequest(batch=1, height=32, width=32, extra={"txt": txt, "vec": vec}))
+    given = bundle.conditions(GenerationRequest(batch=1, height=32, width=32, embeddings={"cond": {"txt": txt, "vec": vec}}))
     latents = sample(bundle, noise, given, sigmas, euler, disable=True)  # diffusers' own embeddings
     kwargs = dict(height=32, width=32, num_inference_steps=4, guidance_scale=3.5, max_sequence_length=16,
                   latents=rearrange(noise, "b c h w -> b (h w) c"))
@@ -171,7 +171,7 @@ def test_bundle_errors(tiny_pipeline):
     with pytest.raises(ConfigError, match="multiples of 4 pixels .* 30x32"):
         bundle.latent_shape(GenerationRequest(batch=1, height=32, width=30))
     txt, vec = torch.randn(1, 5, 48), torch.randn(1, 32)
-    conditions = bundle.conditions(GenerationRequest(batch=1, extra={"txt": txt, "vec": vec}))
+    conditions = bundle.conditions(GenerationRequest(batch=1, embeddings={"cond": {"txt": txt, "vec": vec}}))
     assert list(conditions) == ["cond"] and conditions["cond"]["guidance"].tolist() == [3.5]
 
 
@@ -208,7 +208,7 @@ def test_variant_defaults(tiny_pipeline, diffusers_flux, tmp_path, run_job):
 
     folder, pipe = tiny_pipeline
     dev = build(folder, max_sequence_length=None)
-    assert (dev.default_steps, dev.guidance, dev.default_schedule) == (28, 3.5, {"name": "flux"})
+    assert (dev.default_sampling_steps, dev.guidance, dev.default_schedule) == (28, 3.5, {"name": "flux"})
     assert dev.text.max_length == 512
     transformer = diffusers_flux(guidance=False)
     save_file_atomic(diffusers_to_bfl(dict(transformer.state_dict())), tmp_path / "flux1-schnell-tiny.safetensors")
@@ -216,7 +216,7 @@ def test_variant_defaults(tiny_pipeline, diffusers_flux, tmp_path, run_job):
     model = {"path": str(tmp_path / "flux1-schnell-tiny.safetensors"), "variant": "schnell",
              "text_encoders": str(folder)}
     schnell = build_flux1(Flux1Config(**model, dtype="float32"))
-    assert (schnell.default_steps, schnell.default_schedule, schnell.text.max_length) == (4, {"name": "flow"}, 256)
+    assert (schnell.default_sampling_steps, schnell.default_schedule, schnell.text.max_length) == (4, {"name": "flow"}, 256)
     images, params = run_job(tmp_path / "job", model, height=32, width=32)
     assert params["steps"] == 4 and torch.isfinite(images).all()
     with pytest.raises(CheckpointError, match="not FLUX.1 dev: they take 64 input channels .* without a guidance "
@@ -227,9 +227,9 @@ def test_variant_defaults(tiny_pipeline, diffusers_flux, tmp_path, run_job):
 def test_guidance_conformance_with_cfg(tiny_pipeline):
     """The core's guidance checks with CFG on this family, with and without Kontext reference tokens."""
     bundle = build(tiny_pipeline[0], resize_references=False)  # a 1024-px reference is slow for the 2x tiny VAE
-    for extra in ({}, {"reference_images": [torch.rand(3, 16, 24) * 2 - 1]}):
+    for references in ([], [torch.rand(3, 16, 24) * 2 - 1]):
         request = GenerationRequest(batch=2, prompts=["a cat", "a dog"], negative_prompts=["", "blurry"], height=32,
-                                    width=32, extra=extra)
+                                    width=32, reference_images=references)
         check_model_family(bundle, request)
         check_guidance_processor(CFG(scale=3.0), bundle, request, num_steps=4)
         check_guidance_processor(CFG(scale=2.0, start=0.25, stop=0.75), bundle, request, num_steps=4)

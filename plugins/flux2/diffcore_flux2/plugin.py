@@ -96,7 +96,7 @@ def build_flux2(config: Flux2Config, device: Any = "cpu") -> Any:
     chat, layers = TEXT_ENCODERS[variant]
     text = Flux2TextEncoder.from_folder(text_path, TextSpec(chat, layers), max_length=config.max_sequence_length,
                                         dtype=dtype, device=device)
-    return Flux2Bundle(network=network.eval(), vae=vae, text=text, default_steps=steps,
+    return Flux2Bundle(network=network.eval(), vae=vae, text=text, default_sampling_steps=steps,
                        default_schedule={"name": "flux2"}, guidance=guidance, default_cfg_scale=cfg_scale,
                        reference_max_pixels=config.reference_max_pixels,
                        reference_cache=DEFAULTS[variant].reference_cache)

@@ -49,7 +49,7 @@ def test_klein_base_cfg_edit_matches_klein_pipeline(flux2_folder, make_pipeline)
 
     root, parts = flux2_folder(False)
     bundle = _build(root)
-    assert bundle.network.params.guidance_embed is False and bundle.default_steps == 4
+    assert bundle.network.params.guidance_embed is False and bundle.default_sampling_steps == 4
     prompt, h, w, steps = "a red cat on the mat", 4, 6, 3
     noise = torch.randn(1, 16, h, w, generator=torch.Generator().manual_seed(0))
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
@@ -60,7 +60,7 @@ def test_klein_base_cfg_edit_matches_klein_pipeline(flux2_folder, make_pipeline)
 
     pixels = pipe.image_processor.preprocess(image, height=64, width=64, resize_mode="crop")[0]
     request = GenerationRequest(batch=1, prompts=[prompt], negative_prompts=[""], height=4 * h, width=4 * w,
-                                extra={"reference_images": [pixels]})
+                                reference_images=[pixels])
     assert bundle.latent_shape(request) == (16, h, w)
     with torch.no_grad():
         conditions = bundle.conditions(request)

@@ -85,4 +85,5 @@ def add_commands(cli: Any) -> None:
             click.echo(f"{comp.name}  [{comp.plugin}]  {comp.description}")
             for a in attrs.fields(comp.config):
                 default = "(required)" if a.default is attrs.NOTHING else f"= {a.default!r}"
-                click.echo(f"    {a.name}: {a.type} {default}")
+                kind = a.type.__name__ if isinstance(a.type, type) else a.type  # resolved once structured
+                click.echo(f"    {a.name}: {kind} {default}")

@@ -140,13 +140,13 @@ class LearnedConfig(_Window):
     """A trained guidance model (``save_guidance_model`` / a ``train-guidance`` job's output):
     ``pred + guidance_scale * model(x, pred, txt, vec, sigma, step)`` each step.
 
-    ``txt_key`` / ``vec_key`` name the conditioning kwargs the model reads; ``vec_key = "auto"``
-    takes ``vec`` (pooled text) when the family has it, else ``y`` (class labels)."""
+    ``txt_key`` / ``vec_key`` name the conditioning kwargs the model reads; ``"auto"`` asks the
+    family: its text tokens, and its pooled text vector (FLUX.1) or class labels (DiT)."""
 
     checkpoint: str
     guidance_scale: float = 1.0
     requires_grad: bool = False
-    txt_key: str = "txt"
+    txt_key: str = "auto"
     vec_key: str = "auto"
     start: float = attrs.field(default=0.0, validator=_unit)
     stop: float = attrs.field(default=1.0, validator=_unit)
