@@ -1,5 +1,6 @@
-"""diffcore plugin: the ``flux2`` model family and its ``flux2`` schedule. Imports no torch;
-the factories do, when called.
+"""diffcore plugin: the ``flux2`` model family, its ``flux2`` schedule and FLUX.1's ``flux`` (the
+same registration as the flux1 plugin's, so both installed is no clash). Imports no torch; the
+factories do, when called.
 
 Weights load from local files only: a diffusers FLUX.2 folder (``transformer/``, ``vae/``,
 ``text_encoder/``, ``tokenizer/``), or a single transformer file (BFL, ComfyUI or diffusers
@@ -146,5 +147,9 @@ def register_models(register):
 
 @hookimpl
 def register_schedules(register):
+    from diffcore.api import DynamicShiftConfig, flow_schedule
+
     register("flux2", flux2_schedule, config=NoConfig,
              description="FLUX.2: flow matching shifted by BFL's empirical mu (image tokens and step count)")
+    register("flux", flow_schedule, config=DynamicShiftConfig,
+             description="FLUX.1: flow matching shifted by image size (mu from 0.5 at 256 to 1.15 at 4096 tokens)")

@@ -30,6 +30,22 @@ def _build(root, **overrides):
                                                 **overrides))
 
 
+def test_flux_schedule_registered_by_both_flux_plugins_without_a_clash():
+    """FLUX.1's ``flux`` preset comes from either family (the same factory and config), so either
+    alone or both installed give the same schedule: the flow schedule shifted by image size."""
+    import diffcore_flux2.plugin as flux2
+
+    from diffcore.api import DynamicShiftConfig, FlowConfig, flow_schedule
+
+    flux1 = pytest.importorskip("diffcore_flux1.plugin")
+    expected = flow_schedule(FlowConfig(dynamic=True)).sigmas(4, seq_len=1024)
+    for modules in ((flux2,), (flux1, flux2), (flux2, flux1)):
+        with plugins_for_test(*modules, entry_points=False) as pm:
+            component = pm.registry("schedules").get("flux")
+            assert component.config is DynamicShiftConfig and component.plugin == modules[0].__name__
+            assert torch.equal(component.build().sigmas(4, seq_len=1024), expected)
+
+
 def test_registered_model_and_schedule():
     with plugins_for_test() as pm:
         model = pm.registry("models").get("flux2")
