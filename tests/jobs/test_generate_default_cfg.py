@@ -20,7 +20,7 @@ JOB = """
 kind = "generate"
 output_dir = "{out}"
 num_samples = 1
-num_steps = 2
+sampling_steps = 2
 progress = false
 {extra}
 [model]

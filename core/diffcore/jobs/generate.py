@@ -14,7 +14,7 @@ job and the ``serve`` job alike.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 from attrs import validators as v
@@ -41,7 +41,7 @@ class GenerateSettings(JobSettings):
     mask: str | None = None
     height: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
     width: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
-    num_steps: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
+    sampling_steps: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))   # None: the model's
     cfg_scale: float | None = attrs.field(default=None, validator=v.optional(v.ge(0)))  # None: the model's default
     grid: bool = True
     progress: bool = True
@@ -54,6 +54,8 @@ class GenerateJob:
     sampler: Spec = component("samplers", default={"name": "euler"})
     schedule: Spec | None = component("schedules", optional=True)
     guidance: list[Spec] = component_list("guidance")
+
+    renamed: ClassVar[dict[str, str]] = {"job.num_steps": "job.sampling_steps"}
 
 
 def run_generate(config: GenerateJob, ctx: JobContext) -> list[Any]:
@@ -94,11 +96,11 @@ def generate_images(pipeline: Any, s: GenerateSettings, *, names: dict[str, str]
                 batch=n, labels=labels[start:start + n].to(pipeline.device) if labels is not None else None,
                 prompts=prompts[start:start + n] if prompts else None,
                 negative_prompts=[s.negative_prompt or ""] * n if prompts else None, height=s.height,
-                width=s.width, sampling_steps=s.num_steps, cfg_scale=s.cfg_scale, strength=s.strength, **images_in)
+                width=s.width, sampling_steps=s.sampling_steps, cfg_scale=s.cfg_scale, strength=s.strength, **images_in)
             images.append(pipeline(request, generator=generator, progress=s.progress))
             steps, cfg_scale = pipeline.sampling_steps(request), pipeline.cfg_scale(request)
             for i in range(n):
-                params.append({**names, "steps": steps, "cfg_scale": cfg_scale, "seed": seed, "index": start + i,
+                params.append({**names, "sampling_steps": steps, "cfg_scale": cfg_scale, "seed": seed, "index": start + i,
                                **({"strength": s.strength} if s.init_image else {}),
                                **({"class_label": int(labels[start + i])} if labels is not None else {}),
                                **({"prompt": prompts[start + i]} if prompts else {})})

@@ -11,7 +11,7 @@ import tomli_w
 from diffcore.config.loader import Document, load_document
 from diffcore.config.structure import structure, unstructure
 from diffcore.errors import ConfigError, DiffcoreError
-from diffcore.jobs import JobContext, is_main_process
+from diffcore.jobs import JobContext, is_main_process, rename_settings
 from diffcore.plugins import check_requirements, registry
 from diffcore.registry import Component
 
@@ -59,6 +59,7 @@ def prepare(path: str | Path, overrides: list[str] = ()) -> PreparedJob:
             raise ConfigError(str(exc), file=doc.origin("job.kind"), path="job.kind") from None
     data["job"] = {k: v for k, v in job_table.items() if k != "kind"}
     component = jobs.get(kind)
+    data = rename_settings(data, getattr(component.config, "renamed", {}), file=file)
     return PreparedJob(doc, component, structure(data, component.config, doc))
 
 

@@ -15,13 +15,13 @@ Endpoints, JSON in and out:
 
 - ``GET /health``; ``GET /layers``: the model's attention layer names (for ``layers = [...]``).
 - ``POST /generate``: the ``generate`` job's ``[job]`` settings (``class_label``, ``prompt``,
-  ``num_samples``, ``num_steps``, ``cfg_scale``, ``seed``, ``strength``, ...) and ``guidance``, an
+  ``num_samples``, ``sampling_steps``, ``cfg_scale``, ``seed``, ``strength``, ...) and ``guidance``, an
   array of tables like the job file's ``[[guidance]]``; ``init_image``, ``reference_image``,
   ``image`` and ``mask`` are base64-encoded PNGs rather than file names. The answer is
   ``{"images": [base64 PNG, ...], "parameters": [...]}``, each PNG carrying its parameters in the
   text chunk the generate job writes.
 - ``POST /text-to-image``, ``POST /image-to-image``: diffusers-style names. ``num_inference_steps``
-  and ``guidance_scale`` are ``num_steps`` and ``cfg_scale``; fields plugins register with the
+  and ``guidance_scale`` are ``sampling_steps`` and ``cfg_scale``; fields plugins register with the
   ``register_request_fields`` hook set an option of a guidance entry of the chain (added at its
   end when there is none): diffcore-guidance's ``nag_pag_scale`` and ``nag_pag_applied_layers``
   are ``nag-pag``'s ``scale`` and ``layers``. The input image is ``image`` (base64) or
@@ -61,8 +61,8 @@ from attrs import validators as v
 from diffcore.config.spec import Spec, component, component_list
 from diffcore.config.structure import structure, unstructure
 from diffcore.errors import ConfigError, DiffcoreError
-from diffcore.jobs import JobContext, JobSettings
-from diffcore.jobs.generate import GenerateSettings
+from diffcore.jobs import JobContext, JobSettings, rename_settings
+from diffcore.jobs.generate import GenerateJob, GenerateSettings
 
 
 @attrs.define
@@ -91,7 +91,7 @@ class _RequestGuidance:
 # generate settings that belong to the server: its device, its files, its terminal
 SERVER_ONLY = ("output_dir", "device", "prompt_file", "progress", "grid")
 IMAGE_KEYS = ("init_image", "reference_image", "image", "mask")
-SEED_NAMES = {"num_inference_steps": "num_steps", "guidance_scale": "cfg_scale"}
+SEED_NAMES = {"num_inference_steps": "sampling_steps", "guidance_scale": "cfg_scale"}
 # diffusers' StableDiffusionImg2ImgPipeline default
 IMG2IMG_STRENGTH = 0.8
 MAX_BODY = 64 << 20
@@ -140,7 +140,7 @@ class Service:
         """The request as the generate code takes it, its images written to ``folder``."""
         from diffcore.jobs.generate import sample_plan
 
-        body = _json_object(body)
+        body = rename_settings({"job": _json_object(body)}, GenerateJob.renamed)["job"]
         for key in SERVER_ONLY:
             if key in body:
                 raise ConfigError("set by the server's job file, not per request", path=key)

@@ -22,7 +22,7 @@ Imports no torch until it runs.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import attrs
 from attrs import validators as v
@@ -37,12 +37,13 @@ class FinalGrid:
 
     samples_per_class: int = attrs.field(default=8, validator=v.gt(0))
     cfg_scale: float = attrs.field(default=3.0, validator=v.ge(0))
-    steps: int = attrs.field(default=50, validator=v.gt(0))
+    sampling_steps: int = attrs.field(default=50, validator=v.gt(0))
 
 
 @attrs.define
 class TrainSettings(JobSettings):
-    """``batch_size`` is the global batch of one forward (split across processes); one optimizer
+    """``steps`` are optimizer steps; ``sampling_steps`` the previews' sampling steps.
+    ``batch_size`` is the global batch of one forward (split across processes); one optimizer
     step sees ``batch_size * grad_accum`` samples."""
 
     steps: int = attrs.field(default=1000, validator=v.gt(0))
@@ -59,7 +60,7 @@ class TrainSettings(JobSettings):
     ema_decay: float = attrs.field(default=0.9999, validator=[v.ge(0), v.lt(1)])
     ema_warmup: bool = True
     sample_every: int = attrs.field(default=0, validator=v.ge(0))        # 0: no previews
-    sample_steps: int = attrs.field(default=28, validator=v.gt(0))
+    sampling_steps: int = attrs.field(default=28, validator=v.gt(0))
     sample_cfg: float = attrs.field(default=3.0, validator=v.ge(0))
     checkpoint_every: int = attrs.field(default=500, validator=v.ge(0))  # 0: only at the end
     keep_last: int = attrs.field(default=3, validator=v.gt(0))
@@ -77,6 +78,9 @@ class TrainJob:
     trainer: Spec = component("trainers", default={"name": "full"})
     sampler: Spec = component("samplers", default={"name": "euler"})
     schedule: Spec = component("schedules", default={"name": "flow"})
+
+    renamed: ClassVar[dict[str, str]] = {"job.sample_steps": "job.sampling_steps",
+                                         "job.final_grid.steps": "job.final_grid.sampling_steps"}
 
 
 def run_train(config: TrainJob, ctx: JobContext) -> Any:
@@ -101,11 +105,11 @@ def run_train(config: TrainJob, ctx: JobContext) -> Any:
         images = class_grid(pipeline, samples_per_class=s.final_grid.samples_per_class, steps=steps,
                             cfg_scale=cfg_scale, seed=s.seed)
         params = {"model": config.model.name, "sampler": config.sampler.name, "schedule": config.schedule.name,
-                  "steps": steps, "cfg_scale": cfg_scale, "seed": s.seed, "weights": "ema", **extra}
+                  "sampling_steps": steps, "cfg_scale": cfg_scale, "seed": s.seed, "weights": "ema", **extra}
         save_png(path, make_grid(images, nrow=s.final_grid.samples_per_class), params)
 
     def preview(bundle: Any, step: int) -> None:
-        write_grid(ctx.output_dir / "samples" / f"step-{step:06d}.png", s.sample_steps, s.sample_cfg, step=step)
+        write_grid(ctx.output_dir / "samples" / f"step-{step:06d}.png", s.sampling_steps, s.sample_cfg, step=step)
 
     result = train(s, bundle=bundle, trainer=trainer, dataset=dataset, output_dir=ctx.output_dir,
                    config=ctx.resolved, preview=preview)
@@ -113,7 +117,7 @@ def run_train(config: TrainJob, ctx: JobContext) -> Any:
         network = bundle.network
         network.eval()
         with result.ema.applied(network):
-            write_grid(ctx.output_dir / "grid.png", s.final_grid.steps, s.final_grid.cfg_scale, step=result.step)
+            write_grid(ctx.output_dir / "grid.png", s.final_grid.sampling_steps, s.final_grid.cfg_scale, step=result.step)
     state.wait_for_everyone()
     return result
 

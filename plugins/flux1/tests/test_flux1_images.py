@@ -49,13 +49,13 @@ def test_kontext_editing_matches_diffusers(tiny_pipeline, tmp_path, run_job):
     folder, pipe = tiny_pipeline
     ref = random_png(tmp_path / "ref.png", 24, 40, seed=1)
     model = {"path": str(folder), "variant": "kontext-dev", "resize_references": False}
-    images, params = run_job(tmp_path, model, reference_image=str(ref), height=32, width=32, num_steps=3)
+    images, params = run_job(tmp_path, model, reference_image=str(ref), height=32, width=32, sampling_steps=3)
     kontext = FluxKontextPipeline(**pipe.components)
     expected = kontext(prompt=PROMPT, image=Image.open(ref), height=32, width=32, max_area=32 * 32, _auto_resize=False,
                        num_inference_steps=3, guidance_scale=2.5, max_sequence_length=16, output_type="pt",
                        latents=job_noise(64, 32, 32, per_token=4)).images
     close_to_pipeline(images, expected)
-    plain, _ = run_job(tmp_path / "plain", model, height=32, width=32, num_steps=3)
+    plain, _ = run_job(tmp_path / "plain", model, height=32, width=32, sampling_steps=3)
     assert (plain - images).abs().max() > 1e-3  # the reference changed the result (beyond rounding)
     bundle = build_flux1(Flux1Config(**model, dtype="float32", max_sequence_length=16))
     assert (bundle.default_sampling_steps, bundle.guidance) == (28, 2.5)
@@ -72,7 +72,7 @@ def test_fill_matches_diffusers(image_variants, tiny_pipeline, tmp_path, run_job
     mask = save_png(tmp_path / "mask.png", mask)
     model = {"path": str(folder / "flux1-fill-tiny.safetensors"), "variant": "fill-dev",
              "text_encoders": str(tiny_pipeline[0])}
-    images, params = run_job(tmp_path, model, image=str(image), mask=str(mask), height=64, width=48, num_steps=3)
+    images, params = run_job(tmp_path, model, image=str(image), mask=str(mask), height=64, width=48, sampling_steps=3)
     expected = fill_pipe(prompt=PROMPT, image=Image.open(image), mask_image=Image.open(mask), height=64, width=48,
                          num_inference_steps=3, guidance_scale=30.0, max_sequence_length=16, output_type="pt",
                          latents=job_noise(64, 64, 48, per_token=16)).images
@@ -106,7 +106,7 @@ def test_control_image_matches_diffusers(image_variants, tiny_pipeline, tmp_path
     folder, _, control_pipe = image_variants
     control = random_png(tmp_path / "edges.png", 32, 48, seed=3)
     model = {"path": str(folder / "flux1-canny-tiny.safetensors"), "text_encoders": str(tiny_pipeline[0])}
-    images, _ = run_job(tmp_path, model, image=str(control), height=32, width=48, num_steps=2)
+    images, _ = run_job(tmp_path, model, image=str(control), height=32, width=48, sampling_steps=2)
     expected = control_pipe(prompt=PROMPT, control_image=Image.open(control), height=32, width=48,
                             num_inference_steps=2, guidance_scale=30.0, max_sequence_length=16, output_type="pt",
                             latents=job_noise(64, 32, 48, per_token=16)).images
@@ -117,7 +117,7 @@ def test_control_image_matches_diffusers(image_variants, tiny_pipeline, tmp_path
 def test_true_cfg_with_negative_prompt_matches_diffusers(tiny_pipeline, tmp_path, run_job):
     folder, pipe = tiny_pipeline
     images, params = run_job(tmp_path, {"path": str(folder)}, negative_prompt="blurry", cfg_scale=2.0,
-                              height=32, width=32, num_steps=3)
+                              height=32, width=32, sampling_steps=3)
     expected = pipe(PROMPT, negative_prompt="blurry", true_cfg_scale=2.0, height=32, width=32, num_inference_steps=3,
                     guidance_scale=3.5, max_sequence_length=16, output_type="pt",
                     latents=job_noise(64, 32, 32, per_token=4)).images
@@ -136,7 +136,7 @@ def test_img2img_starts_from_the_encoded_image(tiny_pipeline, tmp_path, run_job)
     folder, pipe = tiny_pipeline
     init = random_png(tmp_path / "init.png", 32, 48, seed=4)
     images, params = run_job(tmp_path, {"path": str(folder)}, init_image=str(init), strength=0.5, height=32,
-                              width=48, num_steps=4)
+                              width=48, sampling_steps=4)
     bundle = build_flux1(Flux1Config(path=str(folder), dtype="float32", max_sequence_length=16))
     request = GenerationRequest(batch=1, prompts=[PROMPT], negative_prompts=[""], height=32, width=48)
     assert bundle.image_shape(request) == (3, 32, 48)
@@ -150,7 +150,7 @@ def test_img2img_starts_from_the_encoded_image(tiny_pipeline, tmp_path, run_job)
     noise = torch.randn(1, 64, 8, 12, generator=torch.Generator("cpu").manual_seed(7))
     latents = sample(bundle, noise, bundle.conditions(request), sigmas[2:], euler, disable=True, x0=x0)
     torch.testing.assert_close(images, bundle.decode(latents).clamp(-1, 1), rtol=0, atol=1e-5)
-    assert params["strength"] == 0.5 and params["steps"] == 4
+    assert params["strength"] == 0.5 and params["sampling_steps"] == 4
 
 
 def test_kontext_sizes_and_errors(tiny_pipeline):

@@ -91,7 +91,7 @@ num_samples = 2
 batch_size = 2
 height = 32
 width = 48
-num_steps = 2
+sampling_steps = 2
 progress = false
 device = "cpu"
 
@@ -181,9 +181,9 @@ def test_offload_modes_give_the_same_images(tiny_pipeline, tmp_path, run_job):
     """"model" moves each component to the device only while it runs, "sequential" streams each
     layer's weights through accelerate's hooks; on CPU both must reproduce "none"."""
     folder = str(tiny_pipeline[0])
-    plain, _ = run_job(tmp_path / "none", {"path": folder}, height=32, width=32, num_steps=2)
+    plain, _ = run_job(tmp_path / "none", {"path": folder}, height=32, width=32, sampling_steps=2)
     for mode in ("model", "sequential"):
-        images, _ = run_job(tmp_path / mode, {"path": folder, "offload": mode}, height=32, width=32, num_steps=2)
+        images, _ = run_job(tmp_path / mode, {"path": folder, "offload": mode}, height=32, width=32, sampling_steps=2)
         torch.testing.assert_close(images, plain, rtol=0, atol=1e-5, msg=f"offload = {mode!r}")
 
     model = build(folder, offload="model")
@@ -218,7 +218,7 @@ def test_variant_defaults(tiny_pipeline, diffusers_flux, tmp_path, run_job):
     schnell = build_flux1(Flux1Config(**model, dtype="float32"))
     assert (schnell.default_sampling_steps, schnell.default_schedule, schnell.text.max_length) == (4, {"name": "flow"}, 256)
     images, params = run_job(tmp_path / "job", model, height=32, width=32)
-    assert params["steps"] == 4 and torch.isfinite(images).all()
+    assert params["sampling_steps"] == 4 and torch.isfinite(images).all()
     with pytest.raises(CheckpointError, match="not FLUX.1 dev: they take 64 input channels .* without a guidance "
                                               "embedding, which is schnell's kind"):
         build_flux1(Flux1Config(**{**model, "variant": "dev"}))

@@ -1,4 +1,4 @@
-"""CLI commands this plugin adds: ``diffcore layers`` (seed 003's structure analysis) and
+"""CLI commands this plugin adds: ``diffcore layers`` (the attention layer names a family has) and
 ``diffcore rewards``. Registering them imports click only; each command imports what it runs."""
 
 from __future__ import annotations

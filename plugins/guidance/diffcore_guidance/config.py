@@ -71,7 +71,7 @@ def cfg_zero_star_factory(config: CFGZeroStarConfig, **_: Any) -> Any:
 # diffusers' PAG pipelines for transformers (PixArt-Sigma, SD3, HunyuanDiT) default to "blocks.1";
 # every family accepts diffusers' layer names as aliases, so this resolves on DiT and FLUX alike.
 PAG_LAYERS = ["transformer_blocks.1.attn"]
-# seed 003's layers for FLUX.1 [dev] (19 double blocks); set ``layers`` for smaller models
+# NAG-PAG's layers for FLUX.1 [dev] (19 double blocks); set ``layers`` for smaller models
 NAG_PAG_LAYERS = ["transformer_blocks.8.attn", "transformer_blocks.12.attn", "transformer_blocks.16.attn"]
 
 
@@ -102,7 +102,7 @@ class NAGConfig(_Window):
 
 @attrs.frozen(kw_only=True)
 class NAGPAGConfig(_Window):
-    """NAG-PAG (seed 003): NAG's normalised extrapolation with PAG's identity attention as the
+    """NAG-PAG (a diffcore method): NAG's normalised extrapolation with PAG's identity attention as the
     negative, inside the conditional branch: no negative prompt, no extra forward pass."""
 
     scale: float = attrs.field(default=3.0, validator=[v.ge(0), v.le(10)])
@@ -173,7 +173,7 @@ def register_guidance(register: Any) -> None:
     register("nag-pag", nag_pag_factory, config=NAGPAGConfig,
              description="NAG-PAG: NAG-normalised identity-attention guidance inside the cond branch, no extra pass")
     register("learned", learned_factory, config=LearnedConfig,
-             description="a trained guidance model adds a correction to the prediction each step (seed 000)")
+             description="a trained guidance model adds a correction to the prediction each step")
 
 
 # -- rewards -------------------------------------------------------------------------------------

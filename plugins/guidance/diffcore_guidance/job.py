@@ -6,7 +6,7 @@ model on them, save it (and say how it does).
     output_dir = "outputs/guidance-digits"
     objective = "reward"          # or "cfg-distill"
     num_samples = 64
-    num_steps = 10
+    sampling_steps = 10
     train_steps = 300
 
     [model]
@@ -42,7 +42,7 @@ torch inside ``run_train_guidance``.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import attrs
 from attrs import validators as v
@@ -56,7 +56,7 @@ class TrainGuidanceSettings(JobSettings):
     # trajectories
     num_samples: int = attrs.field(default=64, validator=v.gt(0))
     batch_size: int = attrs.field(default=16, validator=v.gt(0))
-    num_steps: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
+    sampling_steps: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))   # None: the model's
     class_label: int | None = attrs.field(default=None, validator=v.optional(v.ge(0)))
     prompt: str | list[str] | None = None
     cfg_scale: float = attrs.field(default=1.0, validator=v.ge(0))          # the chain the model is trained after
@@ -97,6 +97,8 @@ class TrainGuidanceJob:
     schedule: Spec | None = component("schedules", optional=True)
     guidance_model: GuidanceModelSpec = attrs.Factory(GuidanceModelSpec)
     reward: Spec | None = component("rewards", optional=True)
+
+    renamed: ClassVar[dict[str, str]] = {"job.num_steps": "job.sampling_steps"}
 
 
 def run_train_guidance(config: TrainGuidanceJob, ctx: JobContext) -> dict[str, Any]:
@@ -181,7 +183,7 @@ def _requests(s: TrainGuidanceSettings, bundle: Any, device: Any, cfg_scale: flo
     for start in range(0, total, s.batch_size):
         n = min(s.batch_size, total - start)
         index = torch.arange(offset + start, offset + start + n)
-        fields: dict[str, Any] = {"batch": n, "sampling_steps": s.num_steps, "cfg_scale": cfg_scale}
+        fields: dict[str, Any] = {"batch": n, "sampling_steps": s.sampling_steps, "cfg_scale": cfg_scale}
         if bundle.num_classes is not None:
             labels = torch.full((n,), s.class_label) if s.class_label is not None else index % bundle.num_classes
             fields["labels"] = labels.to(device)

@@ -140,7 +140,7 @@ def test_nag_pag_costs_no_forward_and_aliases_name_the_same_layers(family):
     assert torch.equal(run(bundle, [NAGPAG(scale=0.0, layers=BOTH)], req), run(bundle, [], req))
     with pytest.raises(ConfigError, match=r"this model has: double_blocks.0 .. double_blocks.1, "
                                           r"single_blocks.0 .. single_blocks.1"):
-        run(bundle, [NAGPAG()], req, steps=1)               # the seed's FLUX.1-dev layers: block 8 is not here
+        run(bundle, [NAGPAG()], req, steps=1)               # FLUX.1 [dev]'s default layers: block 8 is not here
 
 
 def test_nag_gives_the_negative_prompt_a_say_without_cfg(family):

@@ -41,7 +41,7 @@ kind = "generate"
 output_dir = "{tmp_path / 'out'}"
 num_samples = 4
 batch_size = 4
-num_steps = 3
+sampling_steps = 3
 cfg_scale = {cfg_scale}
 progress = false
 
@@ -66,7 +66,7 @@ def test_job_files_are_validated(tmp_path):
         generate(tmp_path, '[[guidance]]\nname = "nag-pag"\nscale = 12.0\n')
     with pytest.raises(ConfigError, match="unknown attention layer 'transformer_blocks.8.attn'.*this model has: "
                                           "blocks.0.attn .. blocks.1.attn"):
-        generate(tmp_path, '[[guidance]]\nname = "nag-pag"\n')      # the seed's FLUX layers on a 2-block DiT
+        generate(tmp_path, '[[guidance]]\nname = "nag-pag"\n')      # FLUX.1 [dev]'s layers on a 2-block DiT
 
 
 def test_layers_command_lists_attention_layers_of_a_family():
