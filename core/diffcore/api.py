@@ -1,4 +1,5 @@
-"""The import surface promised to plugin authors: import from here, nothing else in the core.
+"""The import surface promised to plugin authors: import from here, nothing else in the core
+(tests may also use ``diffcore.testing``).
 
     from diffcore.api import hookimpl, ModelBundle, GuidanceProcessor, Branch
 
@@ -44,6 +45,12 @@ _NAMES = {
     "linear": "diffcore.nn.linear",
     "plain": "diffcore.nn.linear",
     "sample": "diffcore.sampling.engine",
+    "euler": "diffcore.sampling.samplers",
+    "heun": "diffcore.sampling.samplers",
+    "dpmpp_2m": "diffcore.sampling.samplers",
+    "euler_ancestral": "diffcore.sampling.samplers",
+    "dpmpp_2m_sde": "diffcore.sampling.samplers",
+    "ddim": "diffcore.sampling.samplers",
     "Pipeline": "diffcore.sampling.pipeline",
     "FlowConfig": "diffcore.sampling.catalog",
     "DynamicShiftConfig": "diffcore.sampling.catalog",

@@ -5,9 +5,7 @@ import math
 import pytest
 import torch
 
-from diffcore.errors import ConfigError
-from diffcore.models import GenerationRequest
-from diffcore.nn.attention import resolve_layers
+from diffcore.api import ConfigError, GenerationRequest, resolve_layers
 from diffcore_dit.bundle import DiTBundle
 from diffcore_dit.model import DiT2D
 

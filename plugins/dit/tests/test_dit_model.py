@@ -6,8 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffcore.errors import ConfigError
-from diffcore.nn.attention import attention_layers, patch_attention, resolve_layers
+from diffcore.api import attention_layers, ConfigError, patch_attention, resolve_layers
 from diffcore_dit.model import DiT2D, sincos_2d, timestep_embedding
 from diffcore_dit.params import DiTParams
 

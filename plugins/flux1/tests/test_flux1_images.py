@@ -8,9 +8,7 @@ import torch
 from einops import rearrange
 from PIL import Image
 
-from diffcore.errors import ConfigError
-from diffcore.io.images import load_image
-from diffcore.models import GenerationRequest
+from diffcore.api import ConfigError, GenerationRequest, load_image
 from diffcore.testing.conformance import check_model_family
 from diffcore_flux1.images import fill_condition, kontext_size, pack_mask
 from diffcore_flux1.plugin import Flux1Config, build_flux1
@@ -129,9 +127,9 @@ def test_true_cfg_with_negative_prompt_matches_diffusers(tiny_pipeline, tmp_path
 def test_img2img_starts_from_the_encoded_image(tiny_pipeline, tmp_path, run_job):
     """init_image + strength: the bundle encodes (VAE mean, packed) and the job noises it to the
     first kept sigma; a pixel image of the right size, and encode / decode invert each other."""
-    from diffcore.plugins import registry
-    from diffcore.sampling.engine import sample
-    from diffcore.sampling.samplers import euler
+    from diffcore.api import registry
+    from diffcore.api import sample
+    from diffcore.api import euler
 
     folder, pipe = tiny_pipeline
     init = random_png(tmp_path / "init.png", 32, 48, seed=4)

@@ -8,15 +8,18 @@ import pytest
 import torch
 from einops import rearrange
 
-from diffcore.errors import CheckpointError, ConfigError
-from diffcore.io.checkpoint import save_file_atomic
-from diffcore.models import GenerationRequest
-from diffcore.nn.attention import resolve_layers
-from diffcore.plugins import Plugins, registry
-from diffcore.sampling.engine import sample
-from diffcore.sampling.samplers import euler
-from diffcore.sampling.cfg import CFG
-from diffcore.testing import plugins_for_test
+from diffcore.api import (
+    CFG,
+    CheckpointError,
+    ConfigError,
+    euler,
+    GenerationRequest,
+    registry,
+    resolve_layers,
+    sample,
+    save_file_atomic,
+)
+from diffcore.testing import Plugins, plugins_for_test
 from diffcore.testing.conformance import check_guidance_processor, check_model_family
 from diffcore_flux1.bundle import FluxBundle
 from diffcore_flux1.plugin import Flux1Config, build_flux1, resolve_dtype
@@ -55,7 +58,8 @@ def test_engine_matches_diffusers_pipeline(tiny_pipeline):
     shape = bundle.latent_shape(request)
     noise = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
     sigmas = registry("schedules").get("flux").build().sigmas(4, seq_len=shape[1] * shape[2])
-    given = bundle.conditions(GenerationRequest(batch=1, height=32, width=32, embeddings={"cond": {"txt": txt, "vec": vec}}))
+    given = bundle.conditions(GenerationRequest(batch=1, height=32, width=32,
+                                                embeddings={"cond": {"txt": txt, "vec": vec}}))
     latents = sample(bundle, noise, given, sigmas, euler, disable=True)  # diffusers' own embeddings
     kwargs = dict(height=32, width=32, num_inference_steps=4, guidance_scale=3.5, max_sequence_length=16,
                   latents=rearrange(noise, "b c h w -> b (h w) c"))
@@ -79,7 +83,7 @@ def test_conformance_and_layer_aliases(tiny_pipeline):
 def test_generate_job_writes_images(tiny_pipeline, tmp_path):
     from PIL import Image
 
-    from diffcore.jobs.runner import run
+    from diffcore.testing import run_job_file as run
 
     job = tmp_path / "job.toml"
     job.write_text(f"""
@@ -216,7 +220,8 @@ def test_variant_defaults(tiny_pipeline, diffusers_flux, tmp_path, run_job):
     model = {"path": str(tmp_path / "flux1-schnell-tiny.safetensors"), "variant": "schnell",
              "text_encoders": str(folder)}
     schnell = build_flux1(Flux1Config(**model, dtype="float32"))
-    assert (schnell.default_sampling_steps, schnell.default_schedule, schnell.text.max_length) == (4, {"name": "flow"}, 256)
+    assert (schnell.default_sampling_steps, schnell.default_schedule, schnell.text.max_length) == \
+        (4, {"name": "flow"}, 256)
     images, params = run_job(tmp_path / "job", model, height=32, width=32)
     assert params["sampling_steps"] == 4 and torch.isfinite(images).all()
     with pytest.raises(CheckpointError, match="not FLUX.1 dev: they take 64 input channels .* without a guidance "
@@ -243,7 +248,7 @@ def test_guidance_conformance_with_cfg(tiny_pipeline):
 def test_guidance_plugin_processors(tiny_pipeline, name, table):
     """Attention-level and prediction-level guidance from diffcore-guidance, addressed with
     diffusers' layer names, once that plugin registers them."""
-    from diffcore.config.structure import structure
+    from diffcore.api import structure
 
     guidance = Plugins().load().registry("guidance")
     if name not in guidance:

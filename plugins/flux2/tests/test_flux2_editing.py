@@ -8,13 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffcore.errors import ConfigError
-from diffcore.jobs.runner import run
-from diffcore.models import GenerationRequest
-from diffcore.sampling.cfg import CFG
-from diffcore.sampling.engine import sample
-from diffcore.sampling.samplers import euler, heun
-from diffcore.testing import plugins_for_test
+from diffcore.api import CFG, ConfigError, euler, GenerationRequest, heun, sample
+from diffcore.testing import plugins_for_test, run_job_file as run
 from diffcore_flux2 import images as prep
 from diffcore_flux2.plugin import sampling_defaults
 from diffcore_flux2.sampling import get_schedule

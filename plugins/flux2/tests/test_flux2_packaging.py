@@ -21,9 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffcore.io.checkpoint import save_file_atomic
-from diffcore.jobs.runner import run
-from diffcore.testing import plugins_for_test
+from diffcore.api import save_file_atomic
+from diffcore.testing import plugins_for_test, run_job_file as run
 from diffcore_flux2 import __version__
 from diffcore_flux2.model import VARIANTS, Flux2
 from diffcore_flux2.vae import AE_VARIANTS, AutoEncoder

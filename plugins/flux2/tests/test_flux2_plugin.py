@@ -7,10 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffcore.models import GenerationRequest
-from diffcore.sampling.cfg import CFG
-from diffcore.sampling.engine import sample
-from diffcore.sampling.samplers import euler
+from diffcore.api import CFG, euler, GenerationRequest, sample
 from diffcore.testing import plugins_for_test
 from diffcore.testing.conformance import check_model_family
 from diffcore_flux2.sampling import get_schedule
@@ -117,7 +114,7 @@ def test_bundle_conformance(flux2_folder):
 
 
 def test_config_errors_name_the_field(tmp_path):
-    from diffcore.errors import ConfigError
+    from diffcore.api import ConfigError
 
     with plugins_for_test() as pm:
         config = pm.registry("models").get("flux2").config
