@@ -40,7 +40,7 @@ CONNECTIONS = 16        # the server's job.max_connections
 MAX_BODY = 16 << 20     # the default job.max_body_mb
 MAX_PIXELS = 2048 * 2048
 MEMORY_BOUND = 100 << 20    # the server's peak RSS may grow by less than this over all the tests here
-GOOD, THREADS = 100, 8
+GOOD, THREADS, HANG_UPS = 100, 8, 4
 COMBOS = [(label, seed) for label in (0, 3, 7) for seed in (1, 2, 3)]   # (class_label, seed) of good requests
 
 JOB = """[job]
@@ -367,12 +367,21 @@ def test_100_requests_from_8_threads_with_bad_ones_between(server):
     jobs = [("good", COMBOS[i % len(COMBOS)]) for i in range(GOOD)]
     for i, case in enumerate(LOAD_BAD * 2):
         jobs.insert(4 * i + 2, ("bad", case))
-    answered, slow = {"good": 0, "bad": 0}, {}
+    for i in range(HANG_UPS):
+        jobs.insert(25 * i + 10, ("hang-up", COMBOS[i]))
+        jobs.insert(25 * i + 20, ("health", None))
+    answered, slow = {"good": 0, "bad": 0, "hang-up": 0, "health": 0}, {}
 
     def work(job):
         kind, what = job
         if kind == "bad":
             check_bad(server, *BAD_BY_NAME[what])
+        elif kind == "hang-up":     # a client that sends a request and leaves before the answer
+            with server.connect() as sock:
+                sock.sendall(b"POST /generate HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body := json.dumps(good(*what)).encode()), body))
+        elif kind == "health":
+            assert server.call("/health")[:2] == (200, {"status": "ok", "model": "dit", "device": "cpu"})
         else:
             status, answer, _ = server.call("/generate", good(*what))
             assert status == 200, answer
@@ -392,11 +401,13 @@ def test_100_requests_from_8_threads_with_bad_ones_between(server):
             answered[kind] += 1
     stalled.join(30)
     took = time.monotonic() - started
-    assert answered == {"good": GOOD, "bad": 2 * len(LOAD_BAD)} and slow == {"status": 408}
+    assert answered == {"good": GOOD, "bad": 2 * len(LOAD_BAD), "hang-up": HANG_UPS, "health": HANG_UPS}
+    assert slow == {"status": 408}
     assert server.process.poll() is None and server.call("/health")[0] == 200
     after = memory(server.process.pid)
     grew = after["VmHWM"] - server.baseline["VmHWM"]
-    print(f"\nserve under load: {GOOD} good + {2 * len(LOAD_BAD)} bad requests from {THREADS} threads in {took:.1f} s; "
+    print(f"\nserve under load: {GOOD} good + {2 * len(LOAD_BAD)} bad + {HANG_UPS} hung-up + {HANG_UPS} /health "
+          f"requests from {THREADS} threads and a stalled client in {took:.1f} s; "
           f"peak RSS {server.baseline['VmHWM'] >> 20} MiB after warm-up -> {after['VmHWM'] >> 20} MiB "
           f"(+{grew / 2 ** 20:.1f} MiB over every test in this file), RSS now {after['VmRSS'] >> 20} MiB")
     assert grew < MEMORY_BOUND
