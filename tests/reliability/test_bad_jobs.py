@@ -182,6 +182,10 @@ CASES = [
      JOB, ["at model", "missing key 'family'"]),
     ("requires-missing", {"job.toml": 'requires = ["diffcore-nope>=1"]\n' + generate()}, JOB,
      ["at requires[0]", "diffcore-nope>=1", "not installed"]),
+    ("init-image-not-an-image", {"job.toml": generate(job='init_image = "notes.txt"'), "notes.txt": "hello\n"},
+     ["job.toml", "notes.txt"], ["cannot read image", "cannot identify image file"]),
+    ("prompt-file-is-a-folder", {"job.toml": generate(job='prompt_file = "prompts"'), "prompts": folder}, JOB,
+     ["at job.prompt_file", "cannot read prompt_file"]),
     # -- the train and serve jobs -------------------------------------------------------------------
     ("train-steps-0", {"job.toml": train(job="steps = 0")}, JOB, ["at job.steps", "> 0"]),
     ("train-batch-0", {"job.toml": train(job="batch_size = 0")}, JOB, ["at job.batch_size", "> 0"]),
