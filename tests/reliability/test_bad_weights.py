@@ -141,6 +141,8 @@ CASES = [
      ["tensor 'x' has dtype 'F33', which is not a safetensors dtype", "F32"]),
     ("dit-torch-dtype-name", "dit", {W: raw({"x": tensor(dtype="float32")}, b"\0" * 64)}, [W],
      ["tensor 'x' has dtype 'float32'"]),
+    ("dit-dtype-not-a-string", "dit", {W: raw({"x": tensor(dtype=["F32"])}, b"\0" * 64)}, [W],
+     ["not a readable safetensors file", "invalid type: sequence"]),
     ("dit-no-offsets", "dit", {W: raw({"x": {"dtype": "F32", "shape": [4, 4]}}, b"\0" * 64)}, [W],
      ["tensor 'x' has no \"data_offsets\""]),
     ("dit-flux2-file", "dit", {W: saved(flux2_state)}, [W], ["not a DiT checkpoint", "first: double_blocks.0."]),

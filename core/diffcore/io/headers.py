@@ -80,12 +80,13 @@ _ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0":
 def _check_span(file: Path, name: str, entry: dict, offsets: list[int]) -> None:
     """A tensor's bytes must be exactly what its dtype and shape need (safetensors says only
     "invalid shape, data type, or offset", without the tensor)."""
-    shape, size = entry.get("shape"), _ITEMSIZE.get(entry.get("dtype"))
+    dtype, shape = entry.get("dtype"), entry.get("shape")
+    size = _ITEMSIZE.get(dtype) if isinstance(dtype, str) else None
     if size is None or not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
         return
     need = size * math.prod(shape)
     if offsets[0] < 0 or offsets[1] - offsets[0] != need:
-        raise CheckpointError(f"{file}: not a safetensors file: tensor {name!r} ({entry['dtype']}, shape {shape}) "
+        raise CheckpointError(f"{file}: not a safetensors file: tensor {name!r} ({dtype}, shape {shape}) "
                               f"needs {need:,} bytes, but its data_offsets {offsets} span {offsets[1] - offsets[0]:,}")
 
 
