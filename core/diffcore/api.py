@@ -69,6 +69,7 @@ _NAMES = {
     "GuidanceProcessor": "diffcore.sampling.guidance",
     "StepInfo": "diffcore.sampling.guidance",
     # weights and images
+    "check_safetensors": "diffcore.io.headers",
     "checkpoint_files": "diffcore.io.checkpoint",
     "load_model": "diffcore.io.checkpoint",
     "load_state_dict": "diffcore.io.checkpoint",

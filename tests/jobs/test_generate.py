@@ -99,6 +99,8 @@ def test_old_setting_names_still_work_with_a_warning(tmp_path):
     assert prepared.config.job.sampling_steps == 3 and "num_steps" not in prepared.resolved()["job"]
     with pytest.raises(ConfigError, match="num_steps is the old name of sampling_steps; give sampling_steps only"):
         prepare(path, ["job.sampling_steps=4"])
+    with pytest.warns(RenamedSetting), pytest.raises(ConfigError, match=r"at job.num_steps: .*'num_steps' must be > 0"):
+        prepare(path, ["job.num_steps=0"])       # a mistake in an old name is reported in that name
     train = tmp_path / "train.toml"
     train.write_text('[job]\nkind = "train"\nsample_steps = 4\nfinal_grid = {steps = 6}\n'
                      '[model]\nfamily = "dit"\n[dataset]\nname = "digits"\n')

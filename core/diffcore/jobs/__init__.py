@@ -46,13 +46,14 @@ class RenamedSetting(FutureWarning):
     """A job file uses a setting's old name (shown by default: it is meant for the job's author)."""
 
 
-def rename_settings(data: dict[str, Any], renamed: Mapping[str, str], *, file: str | None = None) -> dict[str, Any]:
+def rename_settings(data: dict[str, Any], renamed: Mapping[str, str], *,
+                    file: str | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     """``data`` with each old dotted key in ``renamed`` moved to its new name in the same table
-    (a warning says so). Both names given is a ``ConfigError``. Tables on the way are copied,
-    never changed in place."""
+    (a warning says so), and the renames applied, new -> old (for ``in_given_names``). Both names
+    given is a ``ConfigError``. Tables on the way are copied, never changed in place."""
     from diffcore.errors import ConfigError
 
-    data = dict(data)
+    data, applied = dict(data), {}
     for old, new in renamed.items():
         *parents, key = old.split(".")
         new_key = new.rsplit(".", 1)[-1]
@@ -68,6 +69,19 @@ def rename_settings(data: dict[str, Any], renamed: Mapping[str, str], *, file: s
             if new_key in table:
                 raise ConfigError(f"{key} is the old name of {new_key}; give {new_key} only", file=file, path=old)
             table[new_key] = table.pop(key)
+            applied[new] = old
             warnings.warn(f"{file or 'job'}: {old} is now {new} (the old name still works in this release)",
                           RenamedSetting, stacklevel=2)
-    return data
+    return data, applied
+
+
+def in_given_names(exc: Any, applied: Mapping[str, str]) -> Any:
+    """A ``ConfigError`` about a renamed setting, in the name the job file used."""
+    from diffcore.errors import ConfigError
+
+    path = exc.path or ""
+    for new, old in applied.items():
+        if path == new or path.startswith(f"{new}."):
+            detail = exc.detail.replace(repr(new.rsplit(".", 1)[-1]), repr(old.rsplit(".", 1)[-1]))
+            return ConfigError(detail, file=exc.file, path=old + path[len(new):])
+    return exc

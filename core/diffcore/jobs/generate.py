@@ -20,7 +20,13 @@ import attrs
 from attrs import validators as v
 
 from diffcore.config.spec import Spec, component, component_list
+from diffcore.errors import ConfigError
 from diffcore.jobs import JobContext, JobSettings, is_main_process
+
+# pixels per side: twice the largest size any supported family was trained at (FLUX.2, 4 MP);
+# a larger request is a typo that would only run out of memory (docs/reliability.md)
+MAX_SIDE = 8192
+_SIDE = v.optional([v.gt(0), v.le(MAX_SIDE)])
 
 
 @attrs.define
@@ -33,14 +39,15 @@ class GenerateSettings(JobSettings):
     prompt: str | list[str] | None = None
     prompt_file: str | None = None
     negative_prompt: str | None = None
-    seeds: list[int] | None = None            # several seeds: every prompt / label once per seed
+    seeds: list[int] | None = attrs.field(   # several seeds: every prompt / label once per seed
+        default=None, validator=v.optional(v.deep_iterable(v.ge(0))))
     init_image: str | None = None
     strength: float = attrs.field(default=1.0, validator=[v.gt(0), v.le(1)])
     reference_image: str | list[str] | None = None
     image: str | None = None
     mask: str | None = None
-    height: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
-    width: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
+    height: int | None = attrs.field(default=None, validator=_SIDE)
+    width: int | None = attrs.field(default=None, validator=_SIDE)
     sampling_steps: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))   # None: the model's
     cfg_scale: float | None = attrs.field(default=None, validator=v.optional(v.ge(0)))  # None: the model's default
     grid: bool = True
@@ -56,6 +63,22 @@ class GenerateJob:
     guidance: list[Spec] = component_list("guidance")
 
     renamed: ClassVar[dict[str, str]] = {"job.num_steps": "job.sampling_steps"}
+
+    def __attrs_post_init__(self) -> None:
+        check_image_size(self.model, self.job.height, self.job.width)
+
+
+def check_image_size(model: Spec, height: int | None, width: int | None) -> None:
+    """A family whose config knows the sizes it makes (``check_image_side(side, pixels)``,
+    raising ``ValueError``) refuses a wrong one while the job file is checked, before any
+    weights load."""
+    check = getattr(model.config, "check_image_side", None)
+    for side, pixels in (("height", height), ("width", width)):
+        if check is not None and pixels is not None:
+            try:
+                check(side, pixels)
+            except ValueError as exc:
+                raise ConfigError(str(exc), path=f"job.{side}") from None
 
 
 def run_generate(config: GenerateJob, ctx: JobContext) -> list[Any]:
@@ -100,8 +123,8 @@ def generate_images(pipeline: Any, s: GenerateSettings, *, names: dict[str, str]
             images.append(pipeline(request, generator=generator, progress=s.progress))
             steps, cfg_scale = pipeline.sampling_steps(request), pipeline.cfg_scale(request)
             for i in range(n):
-                params.append({**names, "sampling_steps": steps, "cfg_scale": cfg_scale, "seed": seed, "index": start + i,
-                               **({"strength": s.strength} if s.init_image else {}),
+                params.append({**names, "sampling_steps": steps, "cfg_scale": cfg_scale, "seed": seed,
+                               "index": start + i, **({"strength": s.strength} if s.init_image else {}),
                                **({"class_label": int(labels[start + i])} if labels is not None else {}),
                                **({"prompt": prompts[start + i]} if prompts else {})})
     return torch.cat(images), params

@@ -25,7 +25,10 @@ def transformer_params(path: PathLike, variant: str | None = None) -> tuple[str 
                                   f"known: {', '.join(VARIANTS)}")
         return variant, VARIANTS[variant]
     state = meta_state(tensor_shapes(path))
-    params = params_from_state(state)
+    try:
+        params = params_from_state(state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     try:
         name = detect_variant(state, hint=str(path))
     except CheckpointError:
