@@ -117,7 +117,8 @@ def run_train(config: TrainJob, ctx: JobContext) -> Any:
         network = bundle.network
         network.eval()
         with result.ema.applied(network):
-            write_grid(ctx.output_dir / "grid.png", s.final_grid.sampling_steps, s.final_grid.cfg_scale, step=result.step)
+            grid = s.final_grid
+            write_grid(ctx.output_dir / "grid.png", grid.sampling_steps, grid.cfg_scale, step=result.step)
     state.wait_for_everyone()
     return result
 
