@@ -16,7 +16,9 @@
 
 It writes ``log.jsonl``, ``samples/step-*.png`` previews (EMA weights, CFG), checkpoints under
 ``checkpoints/step-*/`` and, at the end, ``grid.png``: ``final_grid.samples_per_class`` samples
-of every class, one class per row. ``resume = "latest"`` continues the newest checkpoint exactly.
+of every class, one class per row, enlarged ``final_grid.upscale`` times (nearest neighbour; the
+original size then goes to ``grid-small.png``). ``resume = "latest"`` continues the newest
+checkpoint exactly.
 Imports no torch until it runs.
 """
 
@@ -38,6 +40,7 @@ class FinalGrid:
     samples_per_class: int = attrs.field(default=8, validator=v.gt(0))
     cfg_scale: float = attrs.field(default=3.0, validator=v.ge(0))
     steps: int = attrs.field(default=50, validator=v.gt(0))
+    upscale: int = attrs.field(default=1, validator=[v.ge(1), v.le(32)])   # grid.png enlarged, nearest neighbour
 
 
 @attrs.define
@@ -84,7 +87,7 @@ def run_train(config: TrainJob, ctx: JobContext) -> Any:
     import torch
     from accelerate import PartialState
 
-    from diffcore.io.images import make_grid, save_png
+    from diffcore.io.images import enlarge, make_grid, save_png
     from diffcore.training.loop import train
 
     s = config.job
@@ -96,12 +99,16 @@ def run_train(config: TrainJob, ctx: JobContext) -> Any:
     sampler = config.sampler.build()
     schedule = config.schedule.build()
 
-    def write_grid(path: Any, steps: int, cfg_scale: float, **extra: Any) -> None:
+    def write_grid(path: Any, steps: int, cfg_scale: float, upscale: int = 1, **extra: Any) -> None:
         images = sample_class_grid(bundle, sampler, schedule, samples_per_class=s.final_grid.samples_per_class,
                                    steps=steps, cfg_scale=cfg_scale, seed=s.seed)
         params = {"model": config.model.name, "sampler": config.sampler.name, "schedule": config.schedule.name,
                   "steps": steps, "cfg_scale": cfg_scale, "seed": s.seed, "weights": "ema", **extra}
-        save_png(path, make_grid(images, nrow=s.final_grid.samples_per_class), params)
+        grid = make_grid(images, nrow=s.final_grid.samples_per_class)
+        if upscale > 1:   # the enlarged grid to look at, the original size beside it
+            save_png(path.with_name(f"{path.stem}-small.png"), grid, params)
+            grid, params = enlarge(grid, upscale), params | {"upscale": upscale}
+        save_png(path, grid, params)
 
     def preview(bundle: Any, step: int) -> None:
         write_grid(ctx.output_dir / "samples" / f"step-{step:06d}.png", s.sample_steps, s.sample_cfg, step=step)
@@ -112,7 +119,8 @@ def run_train(config: TrainJob, ctx: JobContext) -> Any:
         network = bundle.network
         network.eval()
         with result.ema.applied(network), torch.no_grad():
-            write_grid(ctx.output_dir / "grid.png", s.final_grid.steps, s.final_grid.cfg_scale, step=result.step)
+            write_grid(ctx.output_dir / "grid.png", s.final_grid.steps, s.final_grid.cfg_scale,
+                       upscale=s.final_grid.upscale, step=result.step)
     state.wait_for_everyone()
     return result
 
