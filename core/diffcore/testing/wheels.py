@@ -137,7 +137,8 @@ def top_level_entries(dist: metadata.Distribution) -> set[Path]:
 
 def link_merged(src: Path, dst: Path) -> None:
     """Symlink ``src`` at ``dst``; where two distributions share a folder (a namespace package in
-    two site directories), ``dst`` becomes a real folder linking the children of both."""
+    two site directories), ``dst`` becomes a real folder linking the children of both. The loader
+    resolves an extension's ``$ORIGIN`` through the link, so RPATHs into the env (conda) hold."""
     if not dst.exists() and not dst.is_symlink():
         dst.symlink_to(src, target_is_directory=src.is_dir())
         return
