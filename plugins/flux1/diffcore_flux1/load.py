@@ -22,7 +22,7 @@ import torch
 
 from diffcore.api import (
     CheckpointError,
-    checkpoint_files,
+    check_safetensors,
     load_model,
     tensor_shapes,
     vae_diffusers_config,
@@ -32,35 +32,6 @@ from diffcore.api import vae_params_from_shapes as core_vae_params_from_shapes
 from diffcore_flux1.convert import detect_variant, fused_on_load, identify_foreign, infer_params, to_bfl
 from diffcore_flux1.model import VARIANTS, Flux, FluxParams, params_from_diffusers_config
 from diffcore_flux1.vae import AE_VARIANTS, AutoEncoder, AutoEncoderParams, vae_to_bfl
-
-MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
-
-
-def check_safetensors(path: str | Path) -> None:
-    """Every ``.safetensors`` file behind ``path`` is whole: its header parses and the file holds
-    all the bytes the header promises (an interrupted download is the usual culprit)."""
-    for file in checkpoint_files(path):
-        if file.suffix != ".safetensors":
-            continue
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            head = f.read(8)
-            length = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if length < 0 or length > MAX_HEADER:
-                raise CheckpointError(f"{file}: not a safetensors file ({size} bytes, no valid header length); "
-                                      f"an incomplete download or another format")
-            if 8 + length > size:
-                raise CheckpointError(f"{file}: truncated: {size:,} bytes, but its header alone is {length:,} "
-                                      f"(incomplete download? fetch it again)")
-            try:
-                header = json.loads(f.read(length))
-                end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-            except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
-                raise CheckpointError(f"{file}: not a safetensors file: its header does not parse ({exc})") from None
-        if 8 + length + end > size:
-            raise CheckpointError(f"{file}: truncated: {size:,} bytes of the {8 + length + end:,} its header "
-                                  f"describes (incomplete download? fetch it again)")
-
 
 def component(path: Path, name: str) -> tuple[Path, dict | None]:
     """(weights location, diffusers config or None) for component ``name`` under ``path``; a
