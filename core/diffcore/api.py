@@ -99,8 +99,8 @@ _NAMES = {
     "GuidanceProcessor": "diffcore.sampling.guidance",
     "StepInfo": "diffcore.sampling.guidance",
     # weights and images
+    "check_safetensors": "diffcore.io.headers",
     "checkpoint_files": "diffcore.io.checkpoint",
-    "check_safetensors": "diffcore.io.integrity",
     "load_model": "diffcore.io.checkpoint",
     "load_state_dict": "diffcore.io.checkpoint",
     "save_file_atomic": "diffcore.io.checkpoint",

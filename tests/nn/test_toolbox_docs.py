@@ -6,7 +6,7 @@ from pathlib import Path
 import diffcore.api as api
 
 ROOT = Path(__file__).resolve().parents[2]
-TOOLBOX = ("diffcore.nn.", "diffcore.config.validators", "diffcore.io.integrity")
+TOOLBOX = ("diffcore.nn.", "diffcore.config.validators")
 OLDER = {"diffcore.nn.attention", "diffcore.nn.linear"}  # documented in their own sections
 
 
