@@ -99,7 +99,8 @@ def run_generate(config: GenerateJob, ctx: JobContext) -> list[Any]:
     return images
 
 
-def generate_images(pipeline: Any, s: GenerateSettings, *, names: dict[str, str]) -> tuple[Any, list[dict[str, Any]]]:
+def generate_images(pipeline: Any, s: GenerateSettings, *,
+                    names: dict[str, str]) -> tuple[Any, list[dict[str, Any]]]:
     """What ``s`` asks for, through ``pipeline``: (N, C, H, W) images in [-1, 1] on the CPU and each
     image's parameters (``names``, the model and sampler, first). The ``generate`` job and the
     ``serve`` job's requests both come through here: it turns the settings into requests (labels

@@ -1,5 +1,6 @@
 """FLUX.2 files to modules: any layout (BFL, diffusers, ComfyUI), built on the meta device and
-filled through ``diffcore.io.checkpoint.load_model`` so each weight exists once in memory."""
+filled through ``diffcore.io.checkpoint.load_model`` so each weight exists once in memory (the
+core checks every safetensors header before it reads, ``diffcore.io.headers``)."""
 
 from __future__ import annotations
 
