@@ -47,3 +47,26 @@ VARIANTS: dict[str, SD3Params] = {
     "tiny-sd3": SD3Params(context_in_dim=48, pooled_dim=40, hidden_size=64, num_heads=2, depth=3,
                           pos_embed_max_size=16, pos_embed_base=8),
 }
+
+
+@attrs.frozen
+class SamplingDefaults:
+    """What a variant samples with unless the job says otherwise: steps, the CFG scale (1.0 is
+    none) and the flow schedule's static shift, on the reference sampler's grid (1000 steps)."""
+
+    steps: int = 28
+    cfg_scale: float = 3.5
+    shift: float = 3.0
+
+
+# SD3.5: the model cards' settings (large 28 / 3.5, turbo 4 / CFG off, medium 40 / 4.5) with shift
+# 3 as Stability's reference and diffusers' folders; SD3-medium as the reference runs it
+# (sd3_infer.CONFIGS: shift 1, 50 steps, CFG 5; diffusers' folder says shift 3, 28 steps, CFG 7)
+DEFAULTS: dict[str, SamplingDefaults] = {
+    "sd3-medium": SamplingDefaults(steps=50, cfg_scale=5.0, shift=1.0),
+    "sd3.5-large": SamplingDefaults(),
+    "sd3.5-large-turbo": SamplingDefaults(steps=4, cfg_scale=1.0),
+    "sd3.5-medium": SamplingDefaults(steps=40, cfg_scale=4.5),
+    "tiny": SamplingDefaults(steps=4, cfg_scale=4.5),
+    "tiny-sd3": SamplingDefaults(steps=4, cfg_scale=5.0, shift=1.0),
+}
