@@ -52,11 +52,12 @@ class SD3Conditions(dict):
 
 @attrs.define
 class SkipLayerGuidance(GuidanceProcessor):
-    """``pred + scale * (cond - cond with blocks `layers` skipped)``, on steps ``i`` with
-    ``start * n < i < stop * n`` (diffusers' rule, both ends open). Defaults as diffusers'
-    StableDiffusion3Pipeline and Stability's SD3.5-medium recipe: blocks 7, 8, 9, scale 2.8,
-    over [0.01, 0.2] of the schedule (the reference uses 2.5 with CFG 4). Cost: one more forward
-    on the steps where it is active."""
+    """``pred + scale * (cond - cond with blocks `layers` skipped)`` over ``[start, stop)`` of the
+    schedule. Defaults as diffusers' StableDiffusion3Pipeline and Stability's SD3.5-medium recipe:
+    blocks 7, 8, 9, scale 2.8, from 0.01 to 0.2 (the reference uses 2.5 with CFG 4). diffusers
+    opens the window at both ends (``start * n < i < stop * n``): the two differ only on a step
+    ``i == start * n`` exactly, which diffusers leaves out. Cost: one more forward on the steps
+    where it is active."""
 
     scale: float = 2.8
     layers: tuple[int, ...] = attrs.field(default=(7, 8, 9), converter=tuple)
@@ -66,9 +67,6 @@ class SkipLayerGuidance(GuidanceProcessor):
     @property
     def branch(self) -> Branch:
         return Branch(f"slg[{','.join(map(str, self.layers))}]", cond=skip_key("cond", self.layers))
-
-    def active(self, step: StepInfo) -> bool:
-        return self.start * step.num_steps < step.step < self.stop * step.num_steps
 
     def branches(self, step: StepInfo) -> list[Branch]:
         return [self.branch] if self.layers and self.scale != 0 else []

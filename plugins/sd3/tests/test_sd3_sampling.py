@@ -82,8 +82,8 @@ def test_skip_layer_guidance_matches_pipeline(run):
 
 
 def test_slg_window_and_derived_conditions():
-    """Active on steps strictly inside (start * n, stop * n), diffusers' rule; ``cond|skip=...`` is
-    ``cond`` plus ``skip_layers``, and only real keys are listed."""
+    """Active over [start, stop): at 28 steps the steps diffusers' open window (0.28 < i < 5.6)
+    picks; ``cond|skip=...`` is ``cond`` plus ``skip_layers``, and only real keys are listed."""
     from diffcore.sampling.guidance import StepInfo
 
     slg = SkipLayerGuidance()
