@@ -1,0 +1,141 @@
+"""diffcore plugin: the ``sd3`` model family and the ``slg`` guidance processor. Imports no
+torch; the factories do, when called.
+
+Weights load from local files only: a diffusers SD3 folder (``model_index.json`` with
+``transformer/``, ``vae/``, ``text_encoder(_2, _3)/``, ``tokenizer(_2, _3)/``), or a single
+MMDiT file (Stability's release file, ComfyUI's, or diffusers keys) with ``vae`` and
+``text_encoders`` set.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from diffcore.api import ConfigError, did_you_mean, hookimpl
+from diffcore_sd3.params import DEFAULTS, VARIANTS
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _variant(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if value != "auto" and value not in VARIANTS:
+        raise ConfigError(f"unknown SD3 variant {value!r}{did_you_mean(value, VARIANTS)}; "
+                          f"known: auto, {', '.join(VARIANTS)}", path=attribute.name)
+
+
+def _dtype(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if value not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {value!r}{did_you_mean(value, DTYPES)}",
+                          path=attribute.name)
+
+
+def _local(instance: Any, attribute: attrs.Attribute, value: str | None) -> None:
+    if not value or Path(value).expanduser().exists():
+        return  # an empty path is reported when the model is built
+    if HUB_ID.fullmatch(value) and not value.startswith((".", "/", "~")):
+        raise ConfigError(f"{value!r} looks like a Hugging Face hub id; diffcore never downloads. Fetch it first "
+                          f"(huggingface-cli download {value} --local-dir ./{value.split('/')[-1]}) and set "
+                          f"{attribute.name} to that local folder (the one holding model_index.json)",
+                          path=attribute.name)
+    raise ConfigError(f"no such file or folder: {value}", path=attribute.name)
+
+
+@attrs.frozen
+class SD3Config:
+    """``path``: diffusers folder or MMDiT file; ``vae`` / ``text_encoders`` override or complete
+    it. ``variant = "auto"`` reads it from the shapes (sd3-medium, sd3.5-large, sd3.5-medium;
+    name sd3.5-large-turbo, whose shapes are large's); it sets the step / CFG / shift defaults.
+    ``text_encoder_3 = false`` runs without T5 (zeros in its place) and never loads it.
+    ``max_sequence_length``: T5 tokens (256 as diffusers). ``dtype = "auto"``: bfloat16 on
+    CUDA, float32 elsewhere."""
+
+    variant: str = attrs.field(default="auto", validator=_variant)
+    path: str = attrs.field(default="", validator=_local)
+    vae: str | None = attrs.field(default=None, validator=_local)
+    text_encoders: str | None = attrs.field(default=None, validator=_local)
+    text_encoder_3: bool = True
+    max_sequence_length: int = attrs.field(default=256, validator=attrs.validators.gt(0))
+    dtype: str = attrs.field(default="auto", validator=_dtype)
+
+
+def resolve_dtype(name: str, device: Any) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def build_sd3(config: SD3Config, device: Any = "cpu") -> Any:
+    """An ``SD3Bundle`` computing on ``device`` from the local files ``config`` names; the text
+    encoders load first (they run first), then the autoencoder and the MMDiT."""
+    from diffcore_sd3.bundle import SD3Bundle
+    from diffcore_sd3.load import load_transformer, transformer_params
+    from diffcore_sd3.text import SD3TextEncoder
+    from diffcore_sd3.vae import load_vae
+
+    if not config.path:
+        raise ConfigError("set path to a local SD3 diffusers folder or MMDiT .safetensors file", path="path")
+    root = Path(config.path).expanduser()
+    folder = root if root.is_dir() and (root / "transformer").is_dir() else None
+    variant, params = transformer_params(root, None if config.variant == "auto" else config.variant)
+    defaults = DEFAULTS.get(variant, DEFAULTS["sd3.5-large"])
+
+    vae_path = Path(config.vae).expanduser() if config.vae else (folder / "vae" if folder else root)
+    text_path = config.text_encoders or (folder if folder and (folder / "text_encoder").is_dir() else None)
+    if text_path is None:
+        raise ConfigError(f"{root} has no text encoders: set text_encoders to a local diffusers SD3 folder "
+                          f"(text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/, text_encoder_3/, tokenizer_3/)",
+                          path="text_encoders")
+    dtype = resolve_dtype(config.dtype, device)
+    text = SD3TextEncoder.from_folder(text_path, t5=config.text_encoder_3, max_length=config.max_sequence_length,
+                                      width=params.context_in_dim, dtype=dtype, device=device)
+    vae = load_vae(vae_path, dtype=dtype, device=device)
+    network = load_transformer(root, params=params, dtype=dtype, device=device)
+    return SD3Bundle(network=network, vae=vae, text=text, dtype=dtype, device=device,
+                     default_cfg_scale=defaults.cfg_scale, default_steps=defaults.steps,
+                     default_schedule={"name": "sd3", "shift": defaults.shift})
+
+
+@attrs.frozen
+class SLGConfig:
+    """``layers``: joint blocks skipped in the extra branch (diffusers' ``skip_guidance_layers``);
+    ``scale``: the push away from it; ``start`` / ``stop``: the window, as fractions of the steps."""
+
+    scale: float = 2.8
+    layers: list[int] = attrs.field(default=[7, 8, 9], validator=attrs.validators.deep_iterable(
+        attrs.validators.ge(0)))
+    start: float = attrs.field(default=0.01, validator=[attrs.validators.ge(0), attrs.validators.le(1)])
+    stop: float = attrs.field(default=0.2, validator=[attrs.validators.ge(0), attrs.validators.le(1)])
+
+
+def build_slg(config: SLGConfig, **_: Any) -> Any:
+    from diffcore_sd3.guidance import SkipLayerGuidance
+
+    return SkipLayerGuidance(scale=config.scale, layers=tuple(config.layers), start=config.start, stop=config.stop)
+
+
+@hookimpl
+def register_models(register):
+    register("sd3", build_sd3, config=SD3Config,
+             description="Stable Diffusion 3 / 3.5 (Stability AI): SD3-medium, SD3.5 large / large-turbo / medium; "
+                         "MMDiT, CLIP-L + CLIP-G + T5")
+
+
+@hookimpl
+def register_guidance(register):
+    register("slg", build_slg, config=SLGConfig,
+             description="skip-layer guidance (SD3.5): push away from a forward with joint blocks 7, 8, 9 skipped")
+
+
+@hookimpl
+def register_jobs(register):
+    from diffcore_sd3.convert_job import ConvertJob, run_convert
+
+    register("sd3-convert", run_convert, config=ConvertJob,
+             description="Rewrite an SD3 / SD3.5 MMDiT as an original-layout single file or a diffusers folder")
