@@ -182,9 +182,18 @@ def detect_layout(keys: Iterable[str]) -> str:
                           f"first keys: {', '.join(sorted(keys)[:5])}")
 
 
+def check_not_scaled(keys: Iterable[str]) -> None:
+    """ComfyUI's scaled-fp8 files store per-tensor scales beside the weights; those are refused."""
+    scaled = [k for k in keys if k.endswith((".scale_weight", ".weight_scale", "scaled_fp8"))]
+    if scaled:
+        raise CheckpointError(f"a scaled-fp8 file (ComfyUI's per-tensor scales, e.g. {scaled[0]}): not supported; "
+                              f"use a plain fp8, bf16 or fp16 file")
+
+
 def to_original(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Any supported layout -> the original (the ``rename`` given to ``load_model``)."""
     layout = detect_layout(sd)
+    check_not_scaled(sd)
     if layout == "single-file":
         return strip_prefix(sd)
     return diffusers_to_original(sd) if layout == "diffusers" else sd

@@ -90,6 +90,11 @@ def test_other_files_are_refused(reference, tmp_path):
         save_file(sd, tmp_path / name)
         with pytest.raises(CheckpointError, match=f"{name}: not an SD3 .*{what}"):
             load_transformer(tmp_path / name)
+    scaled = {f"model.diffusion_model.{k}": v for k, v in original_sd(ref).items()}
+    save_file({**scaled, "model.diffusion_model.context_embedder.scale_weight": torch.ones(())},
+              tmp_path / "scaled.safetensors")
+    with pytest.raises(CheckpointError, match="scaled.safetensors: a scaled-fp8 file"):
+        load_transformer(tmp_path / "scaled.safetensors", variant="tiny")
     data = (tmp_path / "bare.safetensors")
     save_file(original_sd(ref), data)
     blob = data.read_bytes()
