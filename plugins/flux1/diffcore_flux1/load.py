@@ -20,7 +20,15 @@ from pathlib import Path
 
 import torch
 
-from diffcore.api import CheckpointError, checkpoint_files, load_model, tensor_shapes
+from diffcore.api import (
+    CheckpointError,
+    checkpoint_files,
+    load_model,
+    tensor_shapes,
+    vae_diffusers_config,
+    vae_params_from_diffusers,
+)
+from diffcore.api import vae_params_from_shapes as core_vae_params_from_shapes
 from diffcore_flux1.convert import detect_variant, fused_on_load, identify_foreign, infer_params, to_bfl
 from diffcore_flux1.model import VARIANTS, Flux, FluxParams, params_from_diffusers_config
 from diffcore_flux1.vae import AE_VARIANTS, AutoEncoder, AutoEncoderParams, vae_to_bfl
@@ -154,48 +162,22 @@ def load_transformer(path: str | Path, *, variant: str | None = None, params: Fl
 
 
 def vae_params_from_diffusers_config(config: dict) -> AutoEncoderParams:
-    widths = list(config.get("block_out_channels", (128, 256, 512, 512)))
-    if any(w % widths[0] for w in widths) or config.get("use_quant_conv") or config.get("use_post_quant_conv"):
-        raise CheckpointError(f"not a FLUX.1-style VAE config (block_out_channels {widths}, quant convs "
-                              f"{config.get('use_quant_conv')}/{config.get('use_post_quant_conv')})")
-    return AutoEncoderParams(
-        in_channels=config.get("in_channels", 3), out_ch=config.get("out_channels", 3), ch=widths[0],
-        ch_mult=tuple(w // widths[0] for w in widths), num_res_blocks=config.get("layers_per_block", 2),
-        z_channels=config.get("latent_channels", 16), scale_factor=config.get("scaling_factor", 0.3611),
-        shift_factor=config.get("shift_factor", 0.1159))
-
-
-def vae_diffusers_config(params: AutoEncoderParams) -> dict:
-    """The ``config.json`` of a diffusers ``AutoencoderKL`` with these parameters (FLUX.1: no quant convs)."""
-    levels = len(params.ch_mult)
-    return {"_class_name": "AutoencoderKL", "in_channels": params.in_channels, "out_channels": params.out_ch,
-            "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
-            "block_out_channels": [params.ch * m for m in params.ch_mult], "layers_per_block": params.num_res_blocks,
-            "act_fn": "silu", "latent_channels": params.z_channels, "norm_num_groups": 32,
-            "scaling_factor": params.scale_factor, "shift_factor": params.shift_factor, "use_quant_conv": False,
-            "use_post_quant_conv": False, "mid_block_add_attention": True, "force_upcast": True}
+    """FLUX.1's autoencoder from a diffusers ``config.json`` (FLUX.1's values fill what it omits)."""
+    params = vae_params_from_diffusers({**vae_diffusers_config(AE_VARIANTS["flux1"]), **config})
+    if params.quant_conv:
+        raise CheckpointError(f"not a FLUX.1-style VAE config: it has quant convs (block_out_channels "
+                              f"{config.get('block_out_channels')})")
+    return params
 
 
 def vae_params_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> AutoEncoderParams:
     """``AutoEncoderParams`` read off an autoencoder's tensor shapes (any layout); the latent
     scale and shift are not stored, so FLUX.1's are assumed."""
-    sd = vae_to_bfl({k: torch.empty(s, device="meta") for k, s in shapes.items()})
-    if any(k.startswith(("encoder.quant_conv.", "quant_conv.", "decoder.post_quant_conv.", "post_quant_conv."))
-           for k in sd):
+    flux1 = AE_VARIANTS["flux1"]
+    params = core_vae_params_from_shapes(shapes, scale_factor=flux1.scale_factor, shift_factor=flux1.shift_factor)
+    if params.quant_conv or params.batch_norm:
         raise CheckpointError("an autoencoder with quant convs (FLUX.2's or Stable Diffusion's), not FLUX.1's")
-    try:
-        ch = sd["encoder.conv_in.weight"].shape[0]
-        levels = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.down.")})
-        widths = [sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in levels]
-        blocks = len({k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")})
-        z_channels = sd["decoder.conv_in.weight"].shape[1]
-        io = sd["encoder.conv_in.weight"].shape[1], sd["decoder.conv_out.weight"].shape[0]
-    except KeyError as exc:
-        raise CheckpointError(f"not a complete FLUX.1 autoencoder: {exc.args[0]} is missing") from None
-    if any(w % ch for w in widths):
-        raise CheckpointError(f"autoencoder level widths {widths} are not multiples of conv_in's {ch}")
-    return AutoEncoderParams(in_channels=io[0], out_ch=io[1], ch=ch, ch_mult=tuple(w // ch for w in widths),
-                             num_res_blocks=blocks, z_channels=z_channels)
+    return params
 
 
 def load_vae(path: str | Path, *, variant: str | None = None, params: AutoEncoderParams | None = None,

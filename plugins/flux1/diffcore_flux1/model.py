@@ -11,16 +11,8 @@ import re
 import torch
 from torch import Tensor, nn
 
-from diffcore.api import Linear
-
-from diffcore_flux1.layers import (
-    DoubleStreamBlock,
-    EmbedND,
-    LastLayer,
-    MLPEmbedder,
-    SingleStreamBlock,
-    timestep_embedding,
-)
+from diffcore.api import EmbedND, LastLayer, Linear, MLPEmbedder, timestep_embedding
+from diffcore_flux1.layers import DoubleStreamBlock, SingleStreamBlock
 from diffcore_flux1.params import VARIANTS, FluxParams
 
 __all__ = ["VARIANTS", "Flux", "FluxParams", "attention_alias", "diffusers_config", "params_from_diffusers_config"]

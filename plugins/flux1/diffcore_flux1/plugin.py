@@ -10,44 +10,16 @@ diffusers keys) with BFL's ``ae.safetensors`` next to it (or ``vae`` set) and ``
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from diffcore.api import ConfigError, did_you_mean, hookimpl
+from diffcore.api import DTYPES, ConfigError, hookimpl, local_path, one_of, resolve_dtype, variant_of
 from diffcore_flux1.params import DEFAULTS, VARIANTS
 
-DTYPES = ("auto", "bfloat16", "float16", "float32")
 OFFLOAD = ("none", "model", "sequential")
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 BFL_AE = "ae.safetensors"
-
-
-def _variant(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-    if value != "auto" and value not in VARIANTS:
-        raise ConfigError(f"unknown FLUX.1 variant {value!r}{did_you_mean(value, VARIANTS)}; "
-                          f"known: auto, {', '.join(VARIANTS)}", path=attribute.name)
-
-
-def _choice(choices: tuple[str, ...]) -> Any:
-    def check(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-        if value not in choices:
-            raise ConfigError(f"{attribute.name} must be one of {', '.join(choices)}, got {value!r}"
-                              f"{did_you_mean(str(value), choices)}", path=attribute.name)
-    return check
-
-
-def _local(instance: Any, attribute: attrs.Attribute, value: str | None) -> None:
-    if not value or Path(value).expanduser().exists():
-        return  # an empty path is reported when the model is built
-    if HUB_ID.fullmatch(value) and not value.startswith((".", "/", "~")):
-        raise ConfigError(f"{value!r} looks like a Hugging Face hub id; diffcore never downloads. Fetch it first "
-                          f"(huggingface-cli download {value} --local-dir ./{value.split('/')[-1]}) and set "
-                          f"{attribute.name} to that local folder (the one holding model_index.json)",
-                          path=attribute.name)
-    raise ConfigError(f"no such file or folder: {value}", path=attribute.name)
 
 
 @attrs.frozen
@@ -60,23 +32,15 @@ class Flux1Config:
     ``diffcore_flux1.offload``. ``resize_references``: snap Kontext references to the nearest
     training resolution (BFL, diffusers)."""
 
-    variant: str = attrs.field(default="auto", validator=_variant)
-    path: str = attrs.field(default="", validator=_local)
-    vae: str | None = attrs.field(default=None, validator=_local)
-    text_encoders: str | None = attrs.field(default=None, validator=_local)
-    dtype: str = attrs.field(default="auto", validator=_choice(DTYPES))
-    offload: str = attrs.field(default="none", validator=_choice(OFFLOAD))
+    variant: str = attrs.field(default="auto", validator=variant_of("FLUX.1", VARIANTS))
+    path: str = attrs.field(default="", validator=local_path)
+    vae: str | None = attrs.field(default=None, validator=local_path)
+    text_encoders: str | None = attrs.field(default=None, validator=local_path)
+    dtype: str = attrs.field(default="auto", validator=one_of(DTYPES))
+    offload: str = attrs.field(default="none", validator=one_of(OFFLOAD))
     guidance: float | None = None
     max_sequence_length: int | None = attrs.field(default=None)  # T5 tokens: 512, schnell 256
     resize_references: bool = True
-
-
-def resolve_dtype(name: str, device: Any) -> Any:
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 def build_flux1(config: Flux1Config, device: Any = "cpu") -> Any:

@@ -15,21 +15,20 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from diffcore.api import ConfigError, Linear
-from diffcore_flux2.layers import (
-    TIME_DIM,
-    DoubleStreamBlock,
+from diffcore.api import (
+    ConfigError,
     EmbedND,
     LastLayer,
+    Linear,
     MLPEmbedder,
-    Mod,
     Modulation,
-    ReferenceCache,
-    ReferenceSpan,
-    SingleStreamBlock,
+    ModulationOut,
     timestep_embedding,
 )
+from diffcore_flux2.layers import DoubleStreamBlock, ReferenceCache, ReferenceSpan, SingleStreamBlock
 from diffcore_flux2.params import VARIANTS, Flux2Params
+
+TIME_DIM = 256
 
 __all__ = ["Flux2", "Flux2Params", "ReferenceCache", "VARIANTS", "attention_alias"]
 
@@ -47,18 +46,18 @@ class Flux2(nn.Module):
             raise ConfigError(f"FLUX.2 RoPE axes {p.axes_dim} must all be even (features rotate in pairs)")
         h = p.hidden_size
         self.gradient_checkpointing = False
-        self.pe_embedder = EmbedND(p.theta, p.axes_dim)
+        self.pe_embedder = EmbedND(p.axes_dim, p.theta)
         self.img_in = Linear(p.in_channels, h, bias=False)
         self.txt_in = Linear(p.context_in_dim, h, bias=False)
-        self.time_in = MLPEmbedder(TIME_DIM, h)
-        self.guidance_in = MLPEmbedder(TIME_DIM, h) if p.guidance_embed else None
-        self.double_stream_modulation_img = Modulation(h, sets=2)
-        self.double_stream_modulation_txt = Modulation(h, sets=2)
-        self.single_stream_modulation = Modulation(h, sets=1)
+        self.time_in = MLPEmbedder(TIME_DIM, h, bias=False)
+        self.guidance_in = MLPEmbedder(TIME_DIM, h, bias=False) if p.guidance_embed else None
+        self.double_stream_modulation_img = Modulation(h, double=True, bias=False, fused=True)
+        self.double_stream_modulation_txt = Modulation(h, double=True, bias=False, fused=True)
+        self.single_stream_modulation = Modulation(h, double=False, bias=False, fused=True)
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(h, p.num_heads, p.mlp_hidden) for _ in range(p.depth))
         self.single_blocks = nn.ModuleList(
             SingleStreamBlock(h, p.num_heads, p.mlp_hidden) for _ in range(p.depth_single_blocks))
-        self.final_layer = LastLayer(h, p.in_channels)
+        self.final_layer = LastLayer(h, p.in_channels, bias=False, fused=True)
 
     def forward(self, x: Tensor, x_ids: Tensor, timesteps: Tensor, ctx: Tensor, ctx_ids: Tensor,
                 guidance: Tensor | None = None, ref: Tensor | None = None, ref_ids: Tensor | None = None,
@@ -101,8 +100,8 @@ class Flux2(nn.Module):
             spans = self.reference_spans(ref_cache, txt.shape[1], refs if filling else 0, tokens, x.device)
         if filling:  # references are modulated as at timestep 0, and come before the image tokens
             ref_vec = self.embed_time(torch.zeros_like(_per_sample(timesteps, batch, x)), guidance, batch, x)
-            img_mod = tuple(_per_token([r, m], [refs, tokens]) for r, m in
-                            zip(self.double_stream_modulation_img(ref_vec), img_mod))
+            img_mod = [_per_token([r, m], [refs, tokens])
+                       for r, m in zip(self.double_stream_modulation_img(ref_vec), img_mod)]
             single_mod = _per_token([single_mod, self.single_stream_modulation(ref_vec)[0], single_mod],
                                     [txt.shape[1], refs, tokens])
             image_tokens = slice(txt.shape[1] + refs, txt.shape[1] + refs + tokens)
@@ -154,10 +153,10 @@ def _per_sample(t: Tensor | float, batch: int, like: Tensor) -> Tensor:
     return torch.as_tensor(t, device=like.device).reshape(-1).expand(batch)
 
 
-def _per_token(mods: list[Mod], counts: list[int]) -> Mod:
+def _per_token(mods: list[ModulationOut], counts: list[int]) -> ModulationOut:
     """Per-token (shift, scale, gate): ``mods[i]`` for the next ``counts[i]`` tokens."""
-    return tuple(torch.cat([m.expand(m.shape[0], n, -1) for m, n in zip(parts, counts)], dim=1)
-                 for parts in zip(*mods))
+    return type(mods[0])(*(torch.cat([m.expand(m.shape[0], n, -1) for m, n in zip(parts, counts)], dim=1)
+                           for parts in zip(*mods)))
 
 
 _DIFFUSERS_LAYER = re.compile(r"(single_)?transformer_blocks\.(\d+)(?:\.attn)?")
