@@ -20,8 +20,7 @@ from diffcore_sd3.guidance import SD3Conditions
 from diffcore_sd3.model import attention_alias
 from diffcore_sd3.text import SD3TextEncoder
 
-VAE_FACTOR = 8
-PIXELS = VAE_FACTOR * 2   # one MMDiT token: a 2 x 2 patch of 8x latents
+VAE_FACTOR = 8            # pixels per latent pixel, SD3's autoencoder (read from the loaded one)
 
 
 @attrs.define(eq=False)
@@ -74,18 +73,27 @@ class SD3Bundle(ModelBundle):
         return self.text.encode(prompts, device=self.device)
 
     # -- shapes and the autoencoder ---------------------------------------------------------------
+    @property
+    def factor(self) -> int:
+        return self.vae.factor if self.vae is not None else VAE_FACTOR
+
+    @property
+    def pixels(self) -> int:
+        """Pixels per MMDiT token along a side: the autoencoder's factor times the 2 x 2 patch."""
+        return self.factor * self.network.params.patch_size
+
     def size(self, request: Any) -> tuple[int, int]:
         """The target's (height, width) in pixels: the request's, else ``default_size``."""
         height, width = _field(request, "height"), _field(request, "width")
         for side, value in (("height", height), ("width", width)):
-            if value is not None and value % PIXELS:
-                raise ConfigError(f"SD3 images must be multiples of {PIXELS} pixels on each side (8x autoencoder, "
-                                  f"2 x 2 patches), got {width}x{height}", path=f"job.{side}")
+            if value is not None and value % self.pixels:
+                raise ConfigError(f"SD3 images must be multiples of {self.pixels} pixels on each side ({self.factor}x "
+                                  f"autoencoder, 2 x 2 patches), got {width}x{height}", path=f"job.{side}")
         return height or self.default_size, width or self.default_size
 
     def latent_shape(self, request: Any) -> tuple[int, int, int]:
         height, width = self.size(request)
-        return (self.network.params.in_channels, height // VAE_FACTOR, width // VAE_FACTOR)
+        return (self.network.params.in_channels, height // self.factor, width // self.factor)
 
     def image_shape(self, request: Any) -> tuple[int, int, int]:
         return (3, *self.size(request))

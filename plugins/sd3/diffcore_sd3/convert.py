@@ -18,7 +18,8 @@ import attrs
 import torch
 from torch import Tensor
 
-from diffcore.api import CheckpointError
+from diffcore.api import CheckpointError, block_indices, meta_state, swap_halves
+from diffcore.api import strip_prefix as _strip
 from diffcore_sd3.params import VARIANTS, SD3Params
 
 PREFIX = "model.diffusion_model."   # Stability's and ComfyUI's all-in-one files
@@ -59,8 +60,7 @@ _NORMS = [
 
 
 def blocks(keys: Iterable[str], prefix: str = "joint_blocks") -> list[int]:
-    pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
-    return sorted({int(m.group(1)) for k in keys if (m := pattern.match(k))})
+    return block_indices(keys, prefix)
 
 
 def _pairs(keys: Iterable[str], layout: str) -> list[tuple[str, list[str], bool]]:
@@ -89,11 +89,6 @@ def fused_on_load(key: str) -> bool:
         re.search(r"\.(to_[qkv]|add_[qkv]_proj|norm1_context\.linear)\.", key) is not None)
 
 
-def _swap_halves(t: Tensor) -> Tensor:
-    a, b = t.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
-
-
 def diffusers_to_original(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """diffusers ``SD3Transformer2DModel`` keys -> the original's (fusing q, k, v)."""
     out = {}
@@ -101,7 +96,7 @@ def diffusers_to_original(sd: dict[str, Tensor]) -> dict[str, Tensor]:
         if all(d in sd for d in diff):
             parts = [sd.pop(d) for d in diff]
             t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-            out[orig] = _swap_halves(t) if swap else t
+            out[orig] = swap_halves(t) if swap else t
     out.update(sd)  # unknown keys travel on, to be reported by the loader
     sd.clear()
     return out
@@ -114,7 +109,7 @@ def original_to_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
         if orig not in sd:
             continue
         t = sd.pop(orig)
-        t = _swap_halves(t) if swap else t
+        t = swap_halves(t) if swap else t
         if len(diff) == 1:
             out[diff[0]] = t
             continue
@@ -129,9 +124,7 @@ def original_to_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 def strip_prefix(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """An all-in-one file (``model.diffusion_model.*`` beside ``first_stage_model.*`` and
     ``text_encoders.*``) -> the MMDiT's original keys; the other parts are not the transformer's."""
-    out = {k[len(PREFIX):]: v for k, v in sd.items() if k.startswith(PREFIX)}
-    sd.clear()
-    return out
+    return _strip(sd, (PREFIX,))
 
 
 # (what the file is, key prefixes or names only it has); checked in order on keys without their
@@ -203,7 +196,7 @@ def infer_params(shapes: Mapping[str, tuple[int, ...]], num_heads: int | None = 
     """``SD3Params`` from tensor shapes in any layout. Without qk-norm weights the head count is
     not in the file: ``num_heads``, else the reference's rule (head dim 64). The positional
     table's init grid (``pos_embed_base``) is not stored either: 64 as in every release."""
-    sd = to_original({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+    sd = to_original(meta_state(shapes))
     try:
         hidden, in_channels, patch, _ = sd["x_embedder.proj.weight"].shape
         table = sd["pos_embed"].shape[1]

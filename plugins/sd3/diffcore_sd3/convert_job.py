@@ -22,28 +22,20 @@ from typing import Any
 
 import attrs
 
-from diffcore.api import ConfigError, JobContext, JobSettings, did_you_mean, is_main_process
-from diffcore_sd3.plugin import _local, _variant
+from diffcore.api import ConfigError, JobContext, JobSettings, is_main_process, local_path, one_of, variant_of
+from diffcore_sd3.params import VARIANTS
 
 LAYOUTS = ("original", "diffusers")
 DTYPES = ("keep", "bfloat16", "float16", "float32")
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-def _choice(choices: tuple[str, ...]) -> Any:
-    def check(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-        if value not in choices:
-            raise ConfigError(f"{attribute.name} must be one of {', '.join(choices)}, got {value!r}"
-                              f"{did_you_mean(str(value), choices)}", path=attribute.name)
-    return check
-
-
 @attrs.define
 class ConvertSettings(JobSettings):
-    input: str = attrs.field(default="", validator=_local)
-    layout: str = attrs.field(default="diffusers", validator=_choice(LAYOUTS))
-    variant: str = attrs.field(default="auto", validator=_variant)
-    dtype: str = attrs.field(default="keep", validator=_choice(DTYPES))
+    input: str = attrs.field(default="", validator=local_path)
+    layout: str = attrs.field(default="diffusers", validator=one_of(LAYOUTS))
+    variant: str = attrs.field(default="auto", validator=variant_of("SD3", VARIANTS))
+    dtype: str = attrs.field(default="keep", validator=one_of(DTYPES))
     filename: str | None = None
 
 

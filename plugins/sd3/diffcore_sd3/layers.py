@@ -1,5 +1,8 @@
 """MMDiT building blocks in the layout of Stability's checkpoints (github.com/Stability-AI/sd3.5,
 ``mmditx.py``): parameter names here are the original keys (``joint_blocks.3.x_block.attn.qkv``).
+The core's toolbox gives the modulation triple, the final layer and the timestep sinusoid; its
+``SelfAttention`` / ``MLPEmbedder`` / ``RMSNorm`` carry BFL's key names, so SD3's own (``ln_q.weight``,
+``mlp.0``, ``mlp.fc1``) are built here.
 
 Every softmax(qk)v goes through ``diffcore.api.Attention``: a joint block's ``attend`` child
 (layer ``joint_blocks.N``) and MMDiT-X's image-only ``attn2`` (``joint_blocks.N.x_block.attn2``),
@@ -8,23 +11,12 @@ so guidance can patch either by name.
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from diffcore.api import Attention, Linear, linear, plain
-
-
-def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
-    """[cos | sin] sinusoid of ``t`` (SD3 embeds ``1000 * sigma``), DDPM's frequencies."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t[:, None].float() * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+from diffcore.api import Attention, Linear, ModulationOut, layer_norm, linear, plain
 
 
 def sincos_table(dim: int, size: int, base: int) -> Tensor:
@@ -67,18 +59,6 @@ class PatchEmbed(nn.Module):
         return rearrange(self.proj(x), "B D h w -> B (h w) D")
 
 
-class RMSNorm(nn.Module):
-    """RMS norm over the last axis with a learnable ``weight`` (eps 1e-6), in float32."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
-
-
 class Mlp(nn.Module):
     """``fc1 -> GELU(tanh) -> fc2``, the GELU inside fc1's matmul when oneDNN runs it."""
 
@@ -93,20 +73,6 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-class Mod(NamedTuple):
-    """One adaLN triple; ``gate`` is None for the pre-only stream, which has no residual."""
-
-    shift: Tensor
-    scale: Tensor
-    gate: Tensor | None = None
-
-    def modulate(self, x: Tensor) -> Tensor:
-        return (1 + self.scale) * x + self.shift
-
-    def residual(self, x: Tensor, update: Tensor) -> Tensor:
-        return x + self.gate * update
-
-
 class SelfAttention(nn.Module):
     """One stream's projections: fused ``qkv`` (with bias), optional RMS ``ln_q`` / ``ln_k`` per
     head, output ``proj`` (absent in the pre-only context stream). The softmax is the caller's."""
@@ -115,8 +81,8 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = Linear(dim, 3 * dim)
-        self.ln_q = RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
-        self.ln_k = RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
+        self.ln_q = nn.RMSNorm(dim // num_heads, eps=1e-6) if qk_norm else nn.Identity()
+        self.ln_k = nn.RMSNorm(dim // num_heads, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Identity() if pre_only else Linear(dim, dim)
 
     def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -147,20 +113,21 @@ class Stream(nn.Module):
                  dual: bool = False):
         super().__init__()
         self.pre_only, self.dual = pre_only, dual
-        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.norm1 = layer_norm(hidden)
         self.attn = SelfAttention(hidden, num_heads, qk_norm, pre_only)
         self.attn2 = ImageAttention(hidden, num_heads, qk_norm) if dual else nn.Identity()
-        self.norm2 = nn.Identity() if pre_only else nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.Identity() if pre_only else layer_norm(hidden)
         self.mlp = nn.Identity() if pre_only else Mlp(hidden, int(hidden * mlp_ratio))
         self.chunks = 2 if pre_only else 9 if dual else 6
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(hidden, self.chunks * hidden))
 
-    def modulation(self, c: Tensor) -> list[Mod]:
-        """[attention, MLP, attn2] triples: (shift, scale, gate) each, in the checkpoint's order."""
+    def modulation(self, c: Tensor) -> list[ModulationOut]:
+        """[attention, MLP, attn2] triples (shift, scale, gate) in the checkpoint's order; the
+        pre-only stream's one pair has no gate (it has no residual)."""
         out = self.adaLN_modulation(c)[:, None].chunk(self.chunks, dim=-1)
-        return [Mod(*out[i:i + 3]) for i in range(0, self.chunks, 3)]
+        return [ModulationOut(*out[i:i + 3], *([None] if self.pre_only else [])) for i in range(0, self.chunks, 3)]
 
-    def post_attention(self, x: Tensor, attn: Tensor, mods: list[Mod], normed: Tensor) -> Tensor:
+    def post_attention(self, x: Tensor, attn: Tensor, mods: list[ModulationOut], normed: Tensor) -> Tensor:
         """The residual updates after the joint attention's output ``attn`` for these tokens."""
         x = mods[0].residual(x, self.attn.proj(attn))
         if self.dual:
@@ -190,17 +157,3 @@ class JointBlock(nn.Module):
         if cb.pre_only:           # the last block: the context stream ends here
             return context, x
         return cb.post_attention(context, c_attn, c_mods, None), x
-
-
-class FinalLayer(nn.Module):
-    """adaLN (chunk order shift, scale; diffusers stores scale, shift) then the patch projection."""
-
-    def __init__(self, hidden: int, out_features: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.linear = Linear(hidden, out_features)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(hidden, 2 * hidden))
-
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)
-        return self.linear((1 + scale) * self.norm_final(x) + shift)

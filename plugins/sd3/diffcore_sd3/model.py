@@ -13,9 +13,9 @@ from collections.abc import Iterable
 from einops import rearrange
 from torch import Tensor, nn
 
-from diffcore.api import Linear
+from diffcore.api import LastLayer, Linear, timestep_embedding
 
-from diffcore_sd3.layers import FinalLayer, JointBlock, PatchEmbed, VectorEmbedder, sincos_table, timestep_embedding
+from diffcore_sd3.layers import JointBlock, PatchEmbed, VectorEmbedder, sincos_table
 from diffcore_sd3.params import VARIANTS, SD3Params
 
 __all__ = ["MMDiT", "SD3Params", "VARIANTS", "attention_alias", "diffusers_config", "params_from_diffusers_config"]
@@ -42,7 +42,7 @@ class MMDiT(nn.Module):
         self.joint_blocks = nn.ModuleList(
             JointBlock(p.hidden_size, p.num_heads, p.mlp_ratio, p.qk_norm, pre_only=i == p.depth - 1,
                        dual=i in p.dual_attention_layers) for i in range(p.depth))
-        self.final_layer = FinalLayer(p.hidden_size, p.patch_size ** 2 * p.out_channels)
+        self.final_layer = LastLayer(p.hidden_size, p.patch_size ** 2 * p.out_channels)
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor,
                 skip_layers: Iterable[int] = ()) -> Tensor:
@@ -53,7 +53,7 @@ class MMDiT(nn.Module):
         skip = self._check(x, context, y, skip_layers)
         h, w = x.shape[-2] // p.patch_size, x.shape[-1] // p.patch_size
         x = self.x_embedder(x) + self.cropped_pos_embed(h, w).to(x.dtype)
-        c = self.t_embedder(timestep_embedding(1000 * timesteps).to(x.dtype)) + self.y_embedder(y)
+        c = self.t_embedder(timestep_embedding(timesteps.float()).to(x.dtype)) + self.y_embedder(y)
         context = self.context_embedder(context)
         for i, block in enumerate(self.joint_blocks):
             if i not in skip:

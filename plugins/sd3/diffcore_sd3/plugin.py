@@ -9,41 +9,13 @@ MMDiT file (Stability's release file, ComfyUI's, or diffusers keys) with ``vae``
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from diffcore.api import ConfigError, did_you_mean, hookimpl
+from diffcore.api import DTYPES, ConfigError, hookimpl, local_path, one_of, resolve_dtype, variant_of
 from diffcore_sd3.params import DEFAULTS, VARIANTS
-
-DTYPES = ("auto", "bfloat16", "float16", "float32")
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def _variant(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-    if value != "auto" and value not in VARIANTS:
-        raise ConfigError(f"unknown SD3 variant {value!r}{did_you_mean(value, VARIANTS)}; "
-                          f"known: auto, {', '.join(VARIANTS)}", path=attribute.name)
-
-
-def _dtype(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-    if value not in DTYPES:
-        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {value!r}{did_you_mean(value, DTYPES)}",
-                          path=attribute.name)
-
-
-def _local(instance: Any, attribute: attrs.Attribute, value: str | None) -> None:
-    if not value or Path(value).expanduser().exists():
-        return  # an empty path is reported when the model is built
-    if HUB_ID.fullmatch(value) and not value.startswith((".", "/", "~")):
-        raise ConfigError(f"{value!r} looks like a Hugging Face hub id; diffcore never downloads. Fetch it first "
-                          f"(huggingface-cli download {value} --local-dir ./{value.split('/')[-1]}) and set "
-                          f"{attribute.name} to that local folder (the one holding model_index.json)",
-                          path=attribute.name)
-    raise ConfigError(f"no such file or folder: {value}", path=attribute.name)
-
 
 @attrs.frozen
 class SD3Config:
@@ -54,21 +26,13 @@ class SD3Config:
     ``max_sequence_length``: T5 tokens (256 as diffusers). ``dtype = "auto"``: bfloat16 on
     CUDA, float32 elsewhere."""
 
-    variant: str = attrs.field(default="auto", validator=_variant)
-    path: str = attrs.field(default="", validator=_local)
-    vae: str | None = attrs.field(default=None, validator=_local)
-    text_encoders: str | None = attrs.field(default=None, validator=_local)
+    variant: str = attrs.field(default="auto", validator=variant_of("SD3", VARIANTS))
+    path: str = attrs.field(default="", validator=local_path)
+    vae: str | None = attrs.field(default=None, validator=local_path)
+    text_encoders: str | None = attrs.field(default=None, validator=local_path)
     text_encoder_3: bool = True
     max_sequence_length: int = attrs.field(default=256, validator=attrs.validators.gt(0))
-    dtype: str = attrs.field(default="auto", validator=_dtype)
-
-
-def resolve_dtype(name: str, device: Any) -> Any:
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return getattr(torch, name)
+    dtype: str = attrs.field(default="auto", validator=one_of(DTYPES))
 
 
 def build_sd3(config: SD3Config, device: Any = "cpu") -> Any:

@@ -45,8 +45,9 @@ def sd3_inputs():
     return make
 
 
-TINY_VAE_DIFFUSERS = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                          up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
+# an 8x autoencoder (four levels) as SD3's, narrow and one res block deep
+TINY_VAE_DIFFUSERS = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                          up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32,) * 4, layers_per_block=1,
                           latent_channels=16, norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False,
                           scaling_factor=1.5305, shift_factor=0.0609)
 
