@@ -65,6 +65,11 @@ _NAMES = {
     "FusedModulationOut": "diffcore.nn.mmdit",
     "SelfAttention": "diffcore.nn.mmdit",
     "LastLayer": "diffcore.nn.mmdit",
+    "DoubleStreamBlock": "diffcore.nn.mmdit",
+    "SingleStreamBlock": "diffcore.nn.mmdit",
+    "SwiGLU": "diffcore.nn.mmdit",
+    "swiglu": "diffcore.nn.mmdit",
+    "swiglu_mlp": "diffcore.nn.mmdit",
     "AutoEncoderParams": "diffcore.nn.params",
     "AutoEncoder": "diffcore.nn.autoencoder",
     "patchify": "diffcore.nn.autoencoder",
@@ -77,6 +82,7 @@ _NAMES = {
     "vae_params_from_diffusers": "diffcore.nn.autoencoder_keys",
     "vae_diffusers_config": "diffcore.nn.autoencoder_keys",
     # the family toolbox: key conversion helpers (diffcore.nn.keys)
+    "Offload": "diffcore.nn.offload",
     "swap_halves": "diffcore.nn.keys",
     "meta_state": "diffcore.nn.keys",
     "detect_layout": "diffcore.nn.keys",
@@ -93,6 +99,7 @@ _NAMES = {
     "GuidanceProcessor": "diffcore.sampling.guidance",
     "StepInfo": "diffcore.sampling.guidance",
     # weights and images
+    "check_safetensors": "diffcore.io.headers",
     "checkpoint_files": "diffcore.io.checkpoint",
     "load_model": "diffcore.io.checkpoint",
     "load_state_dict": "diffcore.io.checkpoint",

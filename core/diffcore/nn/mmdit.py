@@ -1,5 +1,7 @@
 """Pieces of adaLN transformers with joint attention (SD3's MMDiT, Esser et al. 2024; FLUX.1 and
-FLUX.2): one stream's attention projections, adaLN modulation, and the final layer.
+FLUX.2): one stream's attention projections, adaLN modulation, the final layer, and FLUX's
+double-stream and single-stream blocks, whose variants differ only in constructor arguments
+(MLP, biases, where the modulation comes from).
 
 Parameter names are BFL's checkpoint keys (``qkv``, ``norm.query_norm.scale``, ``proj``,
 ``lin``, ``adaLN_modulation.1``), so a family in that layout loads its files without renaming.
@@ -12,6 +14,7 @@ bit, so the choice is a constructor argument (``fused``), never a silent change.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -19,10 +22,17 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from diffcore.nn.linear import Linear
+from diffcore.nn.attention import Attention
+from diffcore.nn.embeddings import apply_rope
+from diffcore.nn.linear import Linear, linear, plain
 from diffcore.nn.norms import QKNorm, layer_norm
 
-__all__ = ["FusedModulationOut", "LastLayer", "Modulation", "ModulationOut", "SelfAttention", "modulate"]
+__all__ = ["DoubleStreamBlock", "FusedModulationOut", "LastLayer", "Modulation", "ModulationOut", "SelfAttention",
+           "SingleStreamBlock", "SwiGLU", "modulate", "swiglu", "swiglu_mlp"]
+
+# kv(k, v) -> (k, v, mask): a hook that may change a block's keys and values and add an attention
+# mask (True = may attend) before the softmax; FLUX.2 klein-9b-kv's reference cache is one
+KVHook = Callable[[Tensor, Tensor], "tuple[Tensor, Tensor, Tensor | None]"]
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor, *, fused: bool = False) -> Tensor:
@@ -109,3 +119,123 @@ class LastLayer(nn.Module):
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale, fused=self.fused))
+
+
+def swiglu(x: Tensor) -> Tensor:
+    """silu(gate) * up over the two halves of a fused [gate | up] projection (Shazeer 2020)."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class SwiGLU(nn.Module):
+    """``swiglu`` as a module (the middle of ``swiglu_mlp``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return swiglu(x)
+
+
+def swiglu_mlp(hidden: int, mlp_hidden: int, *, bias: bool = False) -> nn.Sequential:
+    """``Linear(hidden, 2 * mlp_hidden) -> SwiGLU -> Linear(mlp_hidden, hidden)``, keys ``0.*`` / ``2.*``."""
+    return nn.Sequential(Linear(hidden, 2 * mlp_hidden, bias=bias), SwiGLU(), Linear(mlp_hidden, hidden, bias=bias))
+
+
+def _attend(attend: Attention, q: Tensor, k: Tensor, v: Tensor, kv: KVHook | None) -> Tensor:
+    """(batch, heads, tokens, head_dim) q, k, v -> (batch, tokens, heads * head_dim)."""
+    mask = None
+    if kv is not None:
+        k, v, mask = kv(k, v)
+    return rearrange(attend(q, k, v, mask), "B H L D -> B L (H D)")
+
+
+class DoubleStreamBlock(nn.Module):
+    """MMDiT block: image and text keep their own weights and attend jointly over [txt, img].
+
+    ``mlp()`` builds each stream's MLP (FLUX.1: ``GeluMLP``, FLUX.2: ``swiglu_mlp``). With
+    ``modulation`` the block owns its adaLN (``img_mod`` / ``txt_mod``, FLUX.1); without, the
+    caller passes ``mods`` = (img sets, txt sets), computed once for every block (FLUX.2). The
+    softmax is the ``attend`` child, which names the layer (``double_blocks.3``) for patches."""
+
+    def __init__(self, hidden: int, num_heads: int, mlp: Callable[[], nn.Module], *, qkv_bias: bool = True,
+                 bias: bool = True, modulation: bool = True, fused: bool = False):
+        super().__init__()
+        if modulation:
+            self.img_mod = Modulation(hidden, double=True, bias=bias, fused=fused)
+            self.txt_mod = Modulation(hidden, double=True, bias=bias, fused=fused)
+        self.img_norm1, self.img_norm2 = layer_norm(hidden), layer_norm(hidden)
+        self.img_attn = SelfAttention(hidden, num_heads, qkv_bias=qkv_bias, proj_bias=bias)
+        self.img_mlp = mlp()
+        self.txt_norm1, self.txt_norm2 = layer_norm(hidden), layer_norm(hidden)
+        self.txt_attn = SelfAttention(hidden, num_heads, qkv_bias=qkv_bias, proj_bias=bias)
+        self.txt_mlp = mlp()
+        self.attend = Attention()
+
+    def forward(self, img: Tensor, txt: Tensor, pe: Tensor, vec: Tensor | None = None,
+                mods: tuple[list[ModulationOut], list[ModulationOut]] | None = None,
+                kv: KVHook | None = None) -> tuple[Tensor, Tensor]:
+        (img_mod1, img_mod2), (txt_mod1, txt_mod2) = mods or (self.img_mod(vec), self.txt_mod(vec))
+        img_q, img_k, img_v = self.img_attn.heads(img_mod1.modulate(self.img_norm1(img)))
+        txt_q, txt_k, txt_v = self.txt_attn.heads(txt_mod1.modulate(self.txt_norm1(txt)))
+        q = apply_rope(torch.cat((txt_q, img_q), dim=2), pe)
+        k = apply_rope(torch.cat((txt_k, img_k), dim=2), pe)
+        attn = _attend(self.attend, q, k, torch.cat((txt_v, img_v), dim=2), kv)
+        txt_attn, img_attn = attn[:, :txt.shape[1]], attn[:, txt.shape[1]:]
+
+        img = img_mod1.residual(img, self.img_attn.proj(img_attn))
+        img = img_mod2.residual(img, self.img_mlp(img_mod2.modulate(self.img_norm2(img))))
+        txt = txt_mod1.residual(txt, self.txt_attn.proj(txt_attn))
+        txt = txt_mod2.residual(txt, self.txt_mlp(txt_mod2.modulate(self.txt_norm2(txt))))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """Parallel attention + MLP over the joint sequence (Dehghani et al. 2023, ViT-22B): one
+    ``linear1`` gives [q | k | v | mlp_in], one ``linear2`` maps [attention | act(mlp_in)] back.
+
+    ``mlp_act``: ``"gelu_tanh"`` (FLUX.1) or ``"swiglu"`` (FLUX.2, whose mlp_in is [gate | up]);
+    ``modulation`` as for ``DoubleStreamBlock`` (without it, pass ``mod``). ``keep``: the tokens
+    whose output is used (the last block's image tokens): the others still give keys and values,
+    but their MLP and output projection are skipped and only the kept tokens are returned."""
+
+    def __init__(self, hidden: int, num_heads: int, mlp_hidden: int, *, mlp_act: str = "gelu_tanh",
+                 bias: bool = True, modulation: bool = True, fused: bool = False):
+        super().__init__()
+        if mlp_act not in ("gelu_tanh", "swiglu"):
+            raise ValueError(f"mlp_act must be gelu_tanh or swiglu, got {mlp_act!r}")
+        self.hidden, self.num_heads, self.mlp_act = hidden, num_heads, mlp_act
+        self.mlp_in = mlp_hidden * (2 if mlp_act == "swiglu" else 1)
+        self.linear1 = Linear(hidden, 3 * hidden + self.mlp_in, bias=bias)
+        self.linear2 = Linear(hidden + mlp_hidden, hidden, bias=bias)
+        self.norm = QKNorm(hidden // num_heads)
+        self.pre_norm = layer_norm(hidden)
+        if modulation:
+            self.modulation = Modulation(hidden, double=False, bias=bias, fused=fused)
+        self.attend = Attention()
+
+    def forward(self, x: Tensor, pe: Tensor, vec: Tensor | None = None, mod: ModulationOut | None = None,
+                keep: slice | None = None, kv: KVHook | None = None) -> Tensor:
+        mod = mod or self.modulation(vec)[0]
+        qkv, mlp = self.project_in(mod.modulate(self.pre_norm(x)), keep)
+        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
+        q, k = self.norm(q, k)
+        attn = _attend(self.attend, apply_rope(q, pe), apply_rope(k, pe), v, kv)
+        if keep is not None:
+            x, attn = x[:, keep], attn[:, keep]
+            if mod.gate.shape[1] != 1:  # per-token modulation
+                mod = mod._replace(gate=mod.gate[:, keep])
+        return mod.residual(x, self.linear2(torch.cat((attn, mlp), dim=-1)))
+
+    def project_in(self, x: Tensor, keep: slice | None = None) -> tuple[Tensor, Tensor]:
+        """``linear1`` -> (qkv, act(mlp_in) of the kept tokens). When ``linear1`` is plain and it
+        saves work, as two matmuls on row blocks of its weight: a GELU then runs inside the
+        second (oneDNN post-op), and only the kept tokens go through the MLP half."""
+        sizes = [3 * self.hidden, self.mlp_in]
+        gelu = self.mlp_act == "gelu_tanh"
+        if plain(self.linear1) and (gelu or keep is not None):
+            w_qkv, w_mlp = self.linear1.weight.split(sizes)
+            b_qkv, b_mlp = self.linear1.bias.split(sizes) if self.linear1.bias is not None else (None, None)
+            qkv = linear(x, w_qkv, b_qkv)
+            mlp = linear(x if keep is None else x[:, keep], w_mlp, b_mlp, "gelu_tanh" if gelu else None)
+            return qkv, mlp if gelu else swiglu(mlp)
+        qkv, mlp = self.linear1(x).split(sizes, dim=-1)  # a hooked or adapter-wrapped linear1 runs as a module
+        mlp = mlp if keep is None else mlp[:, keep]
+        return qkv, F.gelu(mlp, approximate="tanh") if gelu else swiglu(mlp)

@@ -40,6 +40,14 @@ class DiTConfig:
         changes = {k: getattr(self, k) for k in OVERRIDES if getattr(self, k) is not None}
         return attrs.evolve(VARIANTS[self.variant], **changes)
 
+    def check_image_side(self, side: str, pixels: int) -> None:
+        """A DiT makes images of its own size only (pixel space, a fixed grid of positions):
+        the generate job asks before any weights load."""
+        size = self.params().image_size
+        if pixels != size:
+            raise ValueError(f"this DiT ({self.variant}) makes {size}x{size} images, so {side} must be {size} "
+                             f"(or left unset), not {pixels}")
+
 
 def build_dit(config: DiTConfig, device: Any = "cpu") -> Any:
     """A ``DiTBundle`` on ``device``; weights from ``config.checkpoint`` or DiT's fresh init."""

@@ -28,38 +28,19 @@ from diffcore.api import (
     vae_diffusers_config,
     vae_params_from_diffusers,
 )
+from diffcore.api import check_safetensors as core_check_safetensors
 from diffcore.api import vae_params_from_shapes as core_vae_params_from_shapes
 from diffcore_flux1.convert import detect_variant, fused_on_load, identify_foreign, infer_params, to_bfl
 from diffcore_flux1.model import VARIANTS, Flux, FluxParams, params_from_diffusers_config
 from diffcore_flux1.vae import AE_VARIANTS, AutoEncoder, AutoEncoderParams, vae_to_bfl
 
-MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
-
 
 def check_safetensors(path: str | Path) -> None:
-    """Every ``.safetensors`` file behind ``path`` is whole: its header parses and the file holds
-    all the bytes the header promises (an interrupted download is the usual culprit)."""
+    """Every ``.safetensors`` file behind ``path`` is whole (the core's check: not empty, a header
+    that parses, every byte it promises present), before anything is read."""
     for file in checkpoint_files(path):
-        if file.suffix != ".safetensors":
-            continue
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            head = f.read(8)
-            length = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if length < 0 or length > MAX_HEADER:
-                raise CheckpointError(f"{file}: not a safetensors file ({size} bytes, no valid header length); "
-                                      f"an incomplete download or another format")
-            if 8 + length > size:
-                raise CheckpointError(f"{file}: truncated: {size:,} bytes, but its header alone is {length:,} "
-                                      f"(incomplete download? fetch it again)")
-            try:
-                header = json.loads(f.read(length))
-                end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-            except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
-                raise CheckpointError(f"{file}: not a safetensors file: its header does not parse ({exc})") from None
-        if 8 + length + end > size:
-            raise CheckpointError(f"{file}: truncated: {size:,} bytes of the {8 + length + end:,} its header "
-                                  f"describes (incomplete download? fetch it again)")
+        if file.suffix == ".safetensors":
+            core_check_safetensors(file)
 
 
 def component(path: Path, name: str) -> tuple[Path, dict | None]:
@@ -108,25 +89,32 @@ def transformer_params(path: str | Path, variant: str | None = None) -> tuple[st
     foreign = identify_foreign(shapes)
     if foreign is not None:
         raise CheckpointError(f"{path}: not a FLUX.1 transformer: the keys are those of {foreign}")
-    if config is not None:
-        params = params_from_diffusers_config(config)
-    else:
-        try:
-            params = VARIANTS[detect_variant(shapes)]
-        except CheckpointError:
-            # no row has these sizes; the RoPE axes (never stored) come from the named variant or a
-            # row with the same head dim (FLUX.1's 128 -> (16, 56, 56))
-            found = infer_params(shapes, axes_dim=(0,))
-            head_dim = found.hidden_size // found.num_heads
-            rows = [VARIANTS[variant]] if variant is not None else []
-            axes = next((r.axes_dim for r in [*rows, *VARIANTS.values()] if r.hidden_size // r.num_heads == head_dim),
-                        None)
-            if axes is None:
-                raise
-            params = infer_params(shapes, axes_dim=axes)
+    try:
+        params = _sizes(shapes, config, variant)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     name = variant or next((k for k, row in VARIANTS.items() if row == params), None) or _role_name(params)
     _check_role(name, params, path)
     return name, params
+
+
+def _sizes(shapes: Mapping[str, tuple[int, ...]], config: dict | None, variant: str | None) -> FluxParams:
+    """The transformer's sizes: config.json's, else a ``VARIANTS`` row's, else the shapes'."""
+    if config is not None:
+        return params_from_diffusers_config(config)
+    try:
+        return VARIANTS[detect_variant(shapes)]
+    except CheckpointError:
+        # no row has these sizes; the RoPE axes (never stored) come from the named variant or a
+        # row with the same head dim (FLUX.1's 128 -> (16, 56, 56))
+        found = infer_params(shapes, axes_dim=(0,))
+        head_dim = found.hidden_size // found.num_heads
+        rows = [VARIANTS[variant]] if variant is not None else []
+        axes = next((r.axes_dim for r in [*rows, *VARIANTS.values()] if r.hidden_size // r.num_heads == head_dim),
+                    None)
+        if axes is None:
+            raise
+        return infer_params(shapes, axes_dim=axes)
 
 
 def _role(params: FluxParams) -> tuple[str, bool]:

@@ -18,7 +18,7 @@ import attrs
 from diffcore.api import DTYPES, ConfigError, hookimpl, local_path, one_of, resolve_dtype, variant_of
 from diffcore_flux1.params import DEFAULTS, VARIANTS
 
-OFFLOAD = ("none", "model", "sequential")
+OFFLOAD = ("none", "model", "sequential")  # diffcore.nn.offload.MODES, without importing torch
 BFL_AE = "ae.safetensors"
 
 
@@ -29,7 +29,7 @@ class Flux1Config:
     canny-dev; name kontext-dev and depth-dev, whose shapes are dev's and canny-dev's); it sets
     the defaults below. ``guidance``: the embedded guidance (variant default: dev 3.5, Kontext
     2.5, Fill 30). ``dtype = "auto"``: bfloat16 on CUDA, float32 elsewhere. ``offload``: see
-    ``diffcore_flux1.offload``. ``resize_references``: snap Kontext references to the nearest
+    ``diffcore.nn.offload``. ``resize_references``: snap Kontext references to the nearest
     training resolution (BFL, diffusers)."""
 
     variant: str = attrs.field(default="auto", validator=variant_of("FLUX.1", VARIANTS))
@@ -47,9 +47,9 @@ def build_flux1(config: Flux1Config, device: Any = "cpu") -> Any:
     """A ``FluxBundle`` computing on ``device`` from the local files ``config`` names. Paths and
     files are checked before anything loads; then the text encoders load (they run first), the
     autoencoder, and the transformer."""
+    from diffcore.api import Offload
     from diffcore_flux1.bundle import FluxBundle
     from diffcore_flux1.load import check_safetensors, load_transformer, load_vae, transformer_params
-    from diffcore_flux1.offload import Offload
     from diffcore_flux1.text import FluxTextEncoder
 
     if not config.path:

@@ -5,6 +5,11 @@
 [0, 1]. Position ids are 4-D ``[t, h, w, l]``: image tokens ``[0, row, col, 0]``, text tokens
 ``[0, 0, 0, index]``, reference images ``[10 * (i + 1), row, col, 0]``. Reference tokens
 (``ref``, ``ref_ids``) join the image stream after the target tokens and are cut from the output.
+
+The blocks are FLUX.1's (``diffcore.nn.mmdit``) with what BFL changed: no biases anywhere, a
+SwiGLU MLP whose input projection is fused [gate | up], and adaLN modulation computed once per
+forward from the timestep (+ guidance) embedding and shared by every block, so blocks hold no
+modulation weights (and modulate with fused multiply-adds).
 """
 
 from __future__ import annotations
@@ -17,15 +22,18 @@ from torch.utils.checkpoint import checkpoint
 
 from diffcore.api import (
     ConfigError,
+    DoubleStreamBlock,
     EmbedND,
     LastLayer,
     Linear,
     MLPEmbedder,
     Modulation,
     ModulationOut,
+    SingleStreamBlock,
+    swiglu_mlp,
     timestep_embedding,
 )
-from diffcore_flux2.layers import DoubleStreamBlock, ReferenceCache, ReferenceSpan, SingleStreamBlock
+from diffcore_flux2.references import ReferenceCache, ReferenceSpan
 from diffcore_flux2.params import VARIANTS, Flux2Params
 
 TIME_DIM = 256
@@ -54,9 +62,13 @@ class Flux2(nn.Module):
         self.double_stream_modulation_img = Modulation(h, double=True, bias=False, fused=True)
         self.double_stream_modulation_txt = Modulation(h, double=True, bias=False, fused=True)
         self.single_stream_modulation = Modulation(h, double=False, bias=False, fused=True)
-        self.double_blocks = nn.ModuleList(DoubleStreamBlock(h, p.num_heads, p.mlp_hidden) for _ in range(p.depth))
+        # no biases; the blocks read the shared modulations above instead of holding their own
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(h, p.num_heads, lambda: swiglu_mlp(h, p.mlp_hidden), qkv_bias=False, bias=False,
+                              modulation=False) for _ in range(p.depth))
         self.single_blocks = nn.ModuleList(
-            SingleStreamBlock(h, p.num_heads, p.mlp_hidden) for _ in range(p.depth_single_blocks))
+            SingleStreamBlock(h, p.num_heads, p.mlp_hidden, mlp_act="swiglu", bias=False, modulation=False)
+            for _ in range(p.depth_single_blocks))
         self.final_layer = LastLayer(h, p.in_channels, bias=False, fused=True)
 
     def forward(self, x: Tensor, x_ids: Tensor, timesteps: Tensor, ctx: Tensor, ctx_ids: Tensor,
@@ -107,11 +119,11 @@ class Flux2(nn.Module):
             image_tokens = slice(txt.shape[1] + refs, txt.shape[1] + refs + tokens)
 
         for block, span in zip(self.double_blocks, spans):
-            img, txt = self._run(block, img, txt, pe, img_mod, txt_mod, span)
+            img, txt = self._run(block, img, txt, pe, None, (img_mod, txt_mod), span)
         seq = torch.cat([txt, img], dim=1)
         for i, (block, span) in enumerate(zip(self.single_blocks, spans[len(self.double_blocks):])):
             last = i == len(self.single_blocks) - 1
-            seq = self._run(block, seq, pe, single_mod, image_tokens if last else None, span)
+            seq = self._run(block, seq, pe, None, single_mod, image_tokens if last else None, span)
         if not self.single_blocks:
             seq = seq[:, image_tokens]
         return self.final_layer(seq, vec).to(x.dtype)
