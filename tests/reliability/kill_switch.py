@@ -34,7 +34,7 @@ from sklearn.datasets import load_digits  # noqa: F401
 
 from diffcore.cli import cli
 from diffcore.plugins import get_plugins
-from diffcore.training import checkpoint, loop
+from diffcore.training import loop, state
 from diffcore.training.ema import EMA
 
 
@@ -68,33 +68,33 @@ def arm(point: str) -> None:
         EMA.update = update_or_die
     elif kind == "file":
         n, name = rest.split(":")
-        fsync = checkpoint._fsync
+        fsync = state._fsync
 
         def fsync_then_die(path: Path) -> None:
             fsync(path)
             if path.name == name and path.parent.name == f"step-{int(n):06d}.tmp":
                 die()
 
-        checkpoint._fsync = fsync_then_die
+        state._fsync = fsync_then_die
     elif kind == "publish":
-        n, prune = int(rest), checkpoint.prune
+        n, prune = int(rest), state.prune
 
         def die_or_prune(root: Path, keep_last: int) -> None:
-            saving = sys._getframe(1).f_code is checkpoint.save.__code__
-            if saving and checkpoint.list_checkpoints(root)[-1] == checkpoint.step_dir(root, n):
+            saving = sys._getframe(1).f_code is state.save.__code__
+            if saving and state.list_checkpoints(root)[-1] == state.step_dir(root, n):
                 die()
             prune(root, keep_last)
 
-        checkpoint.prune = die_or_prune
+        state.prune = die_or_prune
     elif kind == "prune":
         n = int(rest)
 
         def rmtree_or_die(path: Path, *args, **kwargs) -> None:
-            if path.name.endswith(".old.tmp") and checkpoint.step_dir(path.parent, n).is_dir():
+            if path.name.endswith(".old.tmp") and state.step_dir(path.parent, n).is_dir():
                 die()
             shutil.rmtree(path, *args, **kwargs)
 
-        checkpoint.shutil = types.SimpleNamespace(rmtree=rmtree_or_die)  # only the checkpoint module's view
+        state.shutil = types.SimpleNamespace(rmtree=rmtree_or_die)  # only the checkpoint module's view
     elif kind == "grid":
         def die_outside_the_loop(module: torch.nn.Module, args: tuple) -> None:
             if outside_the_loop():

@@ -24,7 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from diffcore.io.images import read_params
-from diffcore.training import checkpoint
+from diffcore.training import state
 
 pytest.importorskip("diffcore_dit")
 pytest.importorskip("sklearn")
@@ -126,27 +126,27 @@ def reference(runs, tmp_path_factory):
 
 
 def latest(out: Path) -> str | None:
-    found = checkpoint.resolve("latest", out / "checkpoints")
+    found = state.resolve("latest", out / "checkpoints")
     return None if found is None else found.name
 
 
 def assert_same_run(out: Path, reference: Path) -> None:
     """Every tensor and number the run left equals the reference's; nothing partial is left."""
-    names = [p.name for p in checkpoint.list_checkpoints(reference / "checkpoints")]
+    names = [p.name for p in state.list_checkpoints(reference / "checkpoints")]
     assert names == ["step-000015", "step-000020"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == names
     for name in names:
         a, b = out / "checkpoints" / name, reference / "checkpoints" / name
-        assert checkpoint.incomplete(a) is None
+        assert state.incomplete(a) is None
         for weights in ("model.safetensors", "ema.safetensors"):
             assert_equal(load_file(a / weights), load_file(b / weights), f"{name}/{weights}")
-        for state in ("optimizer.pt", "rng.pt"):
-            assert_equal(torch.load(a / state, weights_only=True), torch.load(b / state, weights_only=True),
-                         f"{name}/{state}")
+        for file in ("optimizer.pt", "rng.pt"):
+            assert_equal(torch.load(a / file, weights_only=True), torch.load(b / file, weights_only=True),
+                         f"{name}/{file}")
         for text in ("state.json", "scheduler.json"):
             assert json.loads((a / text).read_text()) == json.loads((b / text).read_text()), f"{name}/{text}"
         assert job_settings(a) == job_settings(b)
-        got, want = (json.loads((c / checkpoint.MANIFEST).read_text())["files"] for c in (a, b))
+        got, want = (json.loads((c / state.MANIFEST).read_text())["files"] for c in (a, b))
         assert got.keys() == want.keys() and all(got[f] == want[f] for f in got if f != "config.json")
     assert log_records(out) == log_records(reference)
     for image in ["grid.png", *(f"samples/step-{s:06d}.png" for s in (6, 12, 18))]:
@@ -227,10 +227,10 @@ def test_killed_again_and_again(runs, reference, tmp_path):
     runs.kill_at(out, "step:3", resume=False)                          # before the first checkpoint
     assert latest(out) is None
     runs.kill_at(out, "file:5:manifest.json")                          # every file written, not yet renamed
-    assert (root / "step-000005.tmp" / checkpoint.MANIFEST).is_file() and latest(out) is None
+    assert (root / "step-000005.tmp" / state.MANIFEST).is_file() and latest(out) is None
     printed = runs.kill_at(out, "publish:15")                          # renamed, older ones not yet pruned
     assert "removed" in printed and "resumed" not in printed           # started afresh, the tmp folder removed
-    assert [p.name for p in checkpoint.list_checkpoints(root)] == ["step-000005", "step-000010", "step-000015"]
+    assert [p.name for p in state.list_checkpoints(root)] == ["step-000005", "step-000010", "step-000015"]
     printed = runs.kill_at(out, "prune:20")                            # an old folder renamed away, not deleted
     assert "at step 15" in printed                                     # its start pruned step 5 (keep_last 2)
     assert sorted(p.name for p in root.iterdir()) == ["step-000010.old.tmp", "step-000015", "step-000020"]

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffcore.errors import CheckpointError, ConfigError
-from diffcore.training import checkpoint
+from diffcore.training import state
 from diffcore.training.loop import train
 from training_standins import RegressionTrainer, ToyImages, full_trainer, settings, tiny_bundle
 
@@ -65,10 +65,10 @@ def test_resume_is_bit_exact(tmp_path, optimizer, num_workers):
 def test_checkpoint_folder_contents_and_resume_from_a_path(tmp_path):
     bundle, result = _run(tmp_path, steps=4, checkpoint_every=2)
     path = tmp_path / "checkpoints" / "step-000004"
-    assert sorted(p.name for p in path.iterdir()) == sorted((*checkpoint.FILES, checkpoint.MANIFEST))
-    manifest = json.loads((path / checkpoint.MANIFEST).read_text())
-    assert manifest == {"step": 4, "files": {f: (path / f).stat().st_size for f in checkpoint.FILES}}
-    saved = checkpoint.load(path)
+    assert sorted(p.name for p in path.iterdir()) == sorted((*state.FILES, state.MANIFEST))
+    manifest = json.loads((path / state.MANIFEST).read_text())
+    assert manifest == {"step": 4, "files": {f: (path / f).stat().st_size for f in state.FILES}}
+    saved = state.load(path)
     assert saved["state"]["step"] == 4 and saved["state"]["samples"] == 16
     assert saved["state"]["sampler"] == {"epoch": 0, "position": 16, "n": 24, "seed": 3}
     assert saved["state"]["ema"]["num_updates"] == 4 and saved["scheduler"]["last_lr"] == pytest.approx(1e-2)
@@ -90,12 +90,12 @@ def test_stale_tmp_is_ignored_and_keep_last(tmp_path):
     (stale / "model.safetensors").write_bytes(b"half a file")
     incomplete = root / "step-000008"   # no state.json: never finished, never "latest"
     incomplete.mkdir()
-    assert checkpoint.resolve("latest", root) is None
+    assert state.resolve("latest", root) is None
     _, result = _run(tmp_path, resume="latest", steps=5, checkpoint_every=1, keep_last=2)
     assert result.losses[0][0] == 1                       # started from scratch
     assert not stale.exists()                             # the interrupted save was cleaned up
-    assert [p.name for p in checkpoint.list_checkpoints(root)] == ["step-000004", "step-000005"]
-    assert checkpoint.resolve("latest", root).name == "step-000005"
+    assert [p.name for p in state.list_checkpoints(root)] == ["step-000004", "step-000005"]
+    assert state.resolve("latest", root).name == "step-000005"
 
 
 def test_a_folder_that_disagrees_with_its_manifest_is_never_resumed(tmp_path):
@@ -108,19 +108,19 @@ def test_a_folder_that_disagrees_with_its_manifest_is_never_resumed(tmp_path):
     with open(newest / "optimizer.pt", "r+b") as f:
         f.truncate(100)
     warned = []
-    assert checkpoint.resolve("latest", root, warn=warned.append).name == "step-000002"
+    assert state.resolve("latest", root, warn=warned.append).name == "step-000002"
     reason = f"optimizer.pt has 100 bytes, manifest.json says {size}"
     assert warned == [f"ignoring {newest}: not a complete checkpoint ({reason})"]
     with pytest.raises(CheckpointError, match=reason):
-        checkpoint.resolve(str(newest), root)
-    (root / "step-000002" / checkpoint.MANIFEST).unlink()   # a folder from before manifests: all files there
-    assert checkpoint.incomplete(root / "step-000002") is None
-    assert checkpoint.incomplete(newest.with_name("step-000009")) == "not a folder"
+        state.resolve(str(newest), root)
+    (root / "step-000002" / state.MANIFEST).unlink()   # a folder from before manifests: all files there
+    assert state.incomplete(root / "step-000002") is None
+    assert state.incomplete(newest.with_name("step-000009")) == "not a folder"
 
     with open(tmp_path / "log.jsonl", "a") as f:
         f.write('{"step": 5, "lo')
     _, resumed = _run(tmp_path, steps=4, checkpoint_every=2, resume="latest")
-    assert resumed.losses == straight.losses[2:] and checkpoint.incomplete(newest) is None
+    assert resumed.losses == straight.losses[2:] and state.incomplete(newest) is None
     log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [(x["step"], x["loss"]) for x in log] == straight.losses
 
@@ -129,14 +129,14 @@ def test_a_save_is_durable_before_it_is_visible(tmp_path, monkeypatch):
     """Each file is fsynced in ``step-N.tmp/``, the manifest last, then the folder; only then the
     rename makes the checkpoint visible, and the parent folder is fsynced to keep the rename."""
     events = []
-    fsync, replace = checkpoint._fsync, os.replace
-    monkeypatch.setattr(checkpoint, "_fsync", lambda p: (events.append(("fsync", p.name)), fsync(p)))
+    fsync, replace = state._fsync, os.replace
+    monkeypatch.setattr(state, "_fsync", lambda p: (events.append(("fsync", p.name)), fsync(p)))
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("rename", Path(a).name, Path(b).name)),
                                                      replace(a, b)))
     _run(tmp_path, steps=2, checkpoint_every=2)
-    n = len(checkpoint.FILES)
-    assert sorted(events[:n]) == sorted(("fsync", f) for f in checkpoint.FILES)
-    assert events[n:] == [("fsync", checkpoint.MANIFEST), ("fsync", "step-000002.tmp"),
+    n = len(state.FILES)
+    assert sorted(events[:n]) == sorted(("fsync", f) for f in state.FILES)
+    assert events[n:] == [("fsync", state.MANIFEST), ("fsync", "step-000002.tmp"),
                           ("rename", "step-000002.tmp", "step-000002"), ("fsync", "checkpoints")]
 
 
@@ -147,11 +147,11 @@ def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "save_file", crash)  # dies after the .tmp folder exists
+    monkeypatch.setattr(state, "save_file", crash)  # dies after the .tmp folder exists
     with pytest.raises(OSError, match="disk full"):
         _run(tmp_path, steps=4, checkpoint_every=4, resume="latest")
     assert (root / "step-000004.tmp").is_dir() and not (root / "step-000004").exists()
-    assert checkpoint.resolve("latest", root).name == "step-000002"
+    assert state.resolve("latest", root).name == "step-000002"
 
 
 def test_grad_accumulation_matches_a_bigger_batch(tmp_path):

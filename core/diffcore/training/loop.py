@@ -21,7 +21,7 @@ deterministic datasets: worker processes restart their own random streams).
 
 Killed runs. Whatever a SIGKILL interrupts (a step, a checkpoint save, a prune, a preview, the
 final grid), the disk holds only whole files and whole checkpoint folders plus ``*.tmp`` leftovers
-(checkpoint.py). At start rank 0 removes those leftovers (saying so), finishes an interrupted
+(state.py). At start rank 0 removes those leftovers (saying so), finishes an interrupted
 prune and cuts ``log.jsonl`` back to the checkpoint it continues from, so a killed run resumed
 with ``resume = "latest"`` ends exactly where one never killed ends
 (tests/reliability/test_kill_resume.py).
@@ -47,9 +47,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from diffcore.data.sampler import ShuffledIndices
+from diffcore.data.batching import ShuffledIndices
 from diffcore.errors import CheckpointError, ConfigError
-from diffcore.training import checkpoint
+from diffcore.training import state
 from diffcore.training.ema import EMA
 from diffcore.training.optim import build_optimizer, lr_at
 
@@ -106,11 +106,11 @@ def train(s: Any, *, bundle: Any, trainer: Any, dataset: Any, output_dir: str | 
     say = (lambda text: print(text, file=sys.stderr)) if main else None
     if main:
         remove_interrupted_writes(output_dir, say)
-        checkpoint.prune(root, s.keep_last)  # finishes a prune a kill cut short
-    path = checkpoint.resolve(s.resume, root, warn=say) if s.resume else None
+        state.prune(root, s.keep_last)  # finishes a prune a kill cut short
+    path = state.resolve(s.resume, root, warn=say) if s.resume else None
     restored_rng = False
     if path is not None:
-        saved = checkpoint.load(path, device)
+        saved = state.load(path, device)
         try:
             network.load_state_dict(saved["model"])
         except RuntimeError as exc:
@@ -120,7 +120,7 @@ def train(s: Any, *, bundle: Any, trainer: Any, dataset: Any, output_dir: str | 
         sampler.load_state_dict(saved["state"]["sampler"])
         step = saved["state"]["step"]
         if len(saved["rng"]) == world:
-            checkpoint.set_rng_state(saved["rng"][rank])
+            state.set_rng_state(saved["rng"][rank])
             restored_rng = True
         elif main:
             print(f"resuming on {world} processes from a {len(saved['rng'])}-process checkpoint: data and noise "
@@ -199,15 +199,15 @@ def train(s: Any, *, bundle: Any, trainer: Any, dataset: Any, output_dir: str | 
 def save_checkpoint(root: Path, step: int, s: Any, *, network: nn.Module, ema: EMA, optimizer: Any, lr: float,
                     samples: int, sampler: ShuffledIndices, config: dict[str, Any], accelerator: Accelerator) -> Path:
     """Gather every rank's RNG states, then rank 0 writes the checkpoint folder atomically."""
-    rngs = [checkpoint.rng_state()]
+    rngs = [state.rng_state()]
     if accelerator.num_processes > 1:
         rngs = [None] * accelerator.num_processes
-        dist.all_gather_object(rngs, checkpoint.rng_state())
-    path = checkpoint.step_dir(root, step)
+        dist.all_gather_object(rngs, state.rng_state())
+    path = state.step_dir(root, step)
     if accelerator.is_main_process:
         model = network.state_dict()
         ema_model = {**model, **ema.state_dict()}  # a full model file: averaged weights, other tensors as they are
-        checkpoint.save(
+        state.save(
             root, step, model=model, ema=ema_model, optimizer=optimizer.state_dict(), rng=rngs,
             scheduler={"lr_schedule": s.lr_schedule, "lr": s.lr, "warmup_steps": s.warmup_steps,
                        "total_steps": s.steps, "last_lr": lr},
@@ -242,7 +242,7 @@ def average_gradients(params: list[nn.Parameter], world_size: int, bucket_numel:
 def remove_interrupted_writes(output_dir: Path, say: Callable[[str], None]) -> None:
     """Delete what a killed run's atomic writers left: ``checkpoints/*.tmp`` (a save or a delete cut
     short) and the ``.NAME.tmp`` files of images and logs that were never renamed into place."""
-    stale = checkpoint.remove_stale(output_dir / "checkpoints")
+    stale = state.remove_stale(output_dir / "checkpoints")
     for p in [*output_dir.glob(".*.tmp"), *output_dir.glob("*/.*.tmp")]:
         if p.is_file():
             p.unlink()

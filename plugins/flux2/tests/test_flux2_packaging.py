@@ -21,9 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffcore.io.checkpoint import save_file_atomic
-from diffcore.jobs.runner import run
-from diffcore.testing import plugins_for_test
+from diffcore.api import save_file_atomic
+from diffcore.testing import plugins_for_test, run_job_file as run
 from diffcore_flux2 import __version__
 from diffcore_flux2.model import VARIANTS, Flux2
 from diffcore_flux2.vae import AE_VARIANTS, AutoEncoder
@@ -42,7 +41,7 @@ kind = "generate"
 output_dir = "{out}"
 prompt = "a red cat"
 num_samples = 1
-num_steps = 2
+sampling_steps = 2
 height = 32
 width = 32
 progress = false
@@ -113,7 +112,7 @@ def test_wheels_install_alone_list_the_plugin_and_run_a_job(tmp_path, tiny_llm):
     listing = json.loads(_sh(cli, "plugins", "--json", env=env, cwd=tmp_path).stdout)
     (flux2,) = [row for row in listing if row["name"] == "flux2"]
     assert (flux2["distribution"], flux2["version"], flux2["error"]) == ("diffcore-flux2", __version__, None)
-    assert flux2["registered"] == {"models": ["flux2"], "schedules": ["flux2"]}
+    assert flux2["registered"] == {"models": ["flux2"], "schedules": ["flux2", "flux"]}
     assert f"flux2 (diffcore-flux2 {__version__})" in _sh(cli, "plugins", env=env, cwd=tmp_path).stdout
 
     model = _tiny_model(tmp_path / "tiny-flux2", tiny_llm)
@@ -125,6 +124,6 @@ def test_wheels_install_alone_list_the_plugin_and_run_a_job(tmp_path, tiny_llm):
         run(jobs["checkout"])
     made = Image.open(tmp_path / "out-venv" / "sample-0000.png")
     params = json.loads(made.text["parameters"])
-    assert made.size == (32, 32) and params["model"] == "flux2" and params["steps"] == 2
+    assert made.size == (32, 32) and params["model"] == "flux2" and params["sampling_steps"] == 2
     assert params["cfg_scale"] == 4.0  # the tiny klein-base's default true CFG, with none set in the job
     assert made.tobytes() == Image.open(tmp_path / "out-checkout" / "sample-0000.png").tobytes()

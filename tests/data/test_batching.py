@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diffcore.data.datasets import DigitsDataset
-from diffcore.data.sampler import ShuffledIndices
+from diffcore.data.batching import ShuffledIndices
 from diffcore.errors import ConfigError
 
 
