@@ -8,14 +8,14 @@ also answers skip-layer guidance's ``cond|skip=...`` keys.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
 import torch
 from torch import Tensor
 
-from diffcore.api import ConfigError, ModelBundle
+from diffcore.api import ConfigError, GenerationRequest, ModelBundle
 from diffcore_sd3.guidance import SD3Conditions
 from diffcore_sd3.model import attention_alias
 from diffcore_sd3.text import SD3TextEncoder
@@ -46,25 +46,36 @@ class SD3Bundle(ModelBundle):
         return out.to(x.dtype)
 
     # -- conditioning -----------------------------------------------------------------------------
-    def conditions(self, request: Any) -> SD3Conditions:
+    def conditions(self, request: GenerationRequest) -> SD3Conditions:
         """``cond`` from the prompts, ``uncond`` from the negative prompts ("" by default: SD3's
-        unconditional input is the empty prompt's encoding, not zeros), or precomputed
-        ``context`` / ``y`` (and ``uncond_context`` / ``uncond_y``) from ``request.extra``."""
-        extra = _field(request, "extra") or {}
-        if "context" in extra and "y" in extra:
-            branches = {"cond": (extra["context"], extra["y"])}
-            if "uncond_context" in extra and "uncond_y" in extra:
-                branches["uncond"] = (extra["uncond_context"], extra["uncond_y"])
+        unconditional input is the empty prompt's encoding, not zeros), or ``context`` / ``y`` per
+        branch from ``request.embeddings``."""
+        for field in ("reference_images", "image", "mask", "control_image"):
+            if getattr(request, field) not in (None, []):
+                raise ConfigError(f"SD3 takes no {field.replace('_', ' ')} (it does text-to-image and, with "
+                                  f"init_image, image-to-image)", path=f"job.{field}")
+        if request.embeddings is not None:
+            if "cond" not in request.embeddings:
+                raise ConfigError("precomputed embeddings need the 'cond' branch (context and y)", path="embeddings")
+            branches = {key: (c["context"], c["y"]) for key, c in request.embeddings.items()}
         else:
-            prompts = _field(request, "prompts")
+            prompts = request.prompts
             if not prompts:
                 raise ConfigError("SD3 is a text-to-image model: give a prompt", path="job.prompt")
-            negatives = _field(request, "negative_prompts") or [""] * len(prompts)
+            negatives = request.negative_prompts or [""] * len(prompts)
             context, y = self.encode_text(list(prompts) + list(negatives))
             n = len(prompts)
             branches = {"cond": (context[:n], y[:n]), "uncond": (context[n:], y[n:])}
         return SD3Conditions({key: {"context": c.to(self.device), "y": y.to(self.device)}
                               for key, (c, y) in branches.items()})
+
+    def sequence_condition(self, cond: dict[str, Any]) -> Tensor | None:
+        """The [CLIP ; T5] tokens."""
+        return cond.get("context")
+
+    def pooled_condition(self, cond: dict[str, Any]) -> Tensor | None:
+        """The pooled [CLIP-L | CLIP-G] embedding."""
+        return cond.get("y")
 
     def encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         if self.text is None:
@@ -82,20 +93,20 @@ class SD3Bundle(ModelBundle):
         """Pixels per MMDiT token along a side: the autoencoder's factor times the 2 x 2 patch."""
         return self.factor * self.network.params.patch_size
 
-    def size(self, request: Any) -> tuple[int, int]:
+    def size(self, request: GenerationRequest) -> tuple[int, int]:
         """The target's (height, width) in pixels: the request's, else ``default_size``."""
-        height, width = _field(request, "height"), _field(request, "width")
+        height, width = request.height, request.width
         for side, value in (("height", height), ("width", width)):
             if value is not None and value % self.pixels:
                 raise ConfigError(f"SD3 images must be multiples of {self.pixels} pixels on each side ({self.factor}x "
                                   f"autoencoder, 2 x 2 patches), got {width}x{height}", path=f"job.{side}")
         return height or self.default_size, width or self.default_size
 
-    def latent_shape(self, request: Any) -> tuple[int, int, int]:
+    def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int]:
         height, width = self.size(request)
         return (self.network.params.in_channels, height // self.factor, width // self.factor)
 
-    def image_shape(self, request: Any) -> tuple[int, int, int]:
+    def image_shape(self, request: GenerationRequest) -> tuple[int, int, int]:
         return (3, *self.size(request))
 
     def encode(self, images: Tensor) -> Tensor:
@@ -129,6 +140,3 @@ class SD3Bundle(ModelBundle):
         context, y = self.encode_text(captions)
         return {"context": context, "y": y}
 
-
-def _field(request: Any, name: str) -> Any:
-    return request.get(name) if isinstance(request, Mapping) else getattr(request, name, None)

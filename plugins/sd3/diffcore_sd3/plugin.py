@@ -1,5 +1,5 @@
-"""diffcore plugin: the ``sd3`` model family and the ``slg`` guidance processor. Imports no
-torch; the factories do, when called.
+"""diffcore plugin: the ``sd3`` model family, its ``sd3`` schedule preset, the ``slg`` guidance
+processor and the ``sd3-convert`` job. Imports no torch; the factories do, when called.
 
 Weights load from local files only: a diffusers SD3 folder (``model_index.json`` with
 ``transformer/``, ``vae/``, ``text_encoder(_2, _3)/``, ``tokenizer(_2, _3)/``), or a single
@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 
-from diffcore.api import DTYPES, ConfigError, hookimpl, local_path, one_of, resolve_dtype, variant_of
+from diffcore.api import DTYPES, ConfigError, FlowConfig, hookimpl, local_path, one_of, resolve_dtype, variant_of
 from diffcore_sd3.params import DEFAULTS, VARIANTS
 
 @attrs.frozen
@@ -62,8 +62,18 @@ def build_sd3(config: SD3Config, device: Any = "cpu") -> Any:
     vae = load_vae(vae_path, dtype=dtype, device=device)
     network = load_transformer(root, params=params, dtype=dtype, device=device)
     return SD3Bundle(network=network, vae=vae, text=text, dtype=dtype, device=device,
-                     default_cfg_scale=defaults.cfg_scale, default_steps=defaults.steps,
+                     default_cfg_scale=defaults.cfg_scale, default_sampling_steps=defaults.steps,
                      default_schedule={"name": "sd3", "shift": defaults.shift})
+
+
+@attrs.frozen(kw_only=True)
+class SD3ScheduleConfig(FlowConfig):
+    """SD3's schedule: static shift 3 on the 1000-step training grid, as Stability's reference
+    sampler and diffusers' FlowMatchEulerDiscreteScheduler space it (SD3-medium's reference runs
+    shift 1: the variant defaults set it)."""
+
+    shift: float = attrs.field(default=3.0, validator=attrs.validators.gt(0))
+    train_steps: int = attrs.field(default=1000, validator=attrs.validators.ge(0))
 
 
 @attrs.frozen
@@ -89,6 +99,14 @@ def register_models(register):
     register("sd3", build_sd3, config=SD3Config,
              description="Stable Diffusion 3 / 3.5 (Stability AI): SD3-medium, SD3.5 large / large-turbo / medium; "
                          "MMDiT, CLIP-L + CLIP-G + T5")
+
+
+@hookimpl
+def register_schedules(register):
+    from diffcore.api import flow_schedule
+
+    register("sd3", flow_schedule, config=SD3ScheduleConfig,
+             description="SD3 / SD3.5: flow matching, static shift 3, on the reference sampler's grid")
 
 
 @hookimpl

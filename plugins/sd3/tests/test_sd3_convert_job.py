@@ -7,10 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 import diffcore_sd3.plugin as sd3_plugin
-from diffcore.errors import CheckpointError, ConfigError
-from diffcore.io.checkpoint import save_file_atomic
-from diffcore.jobs.runner import run
-from diffcore.testing import plugins_for_test
+from diffcore.api import CheckpointError, ConfigError, save_file_atomic
+from diffcore.testing import plugins_for_test, run_job_file
 from diffcore_sd3.convert import diffusers_to_original
 
 
@@ -19,7 +17,7 @@ def convert(folder, **job):
     (folder / "job.toml").write_text(tomli_w.dumps({"job": {"kind": "sd3-convert", "output_dir": str(folder / "out"),
                                                             **job}}))
     with plugins_for_test(sd3_plugin):
-        return run(folder / "job.toml")
+        return run_job_file(folder / "job.toml")
 
 
 def test_round_trip_single_file_diffusers_single_file(tmp_path, diffusers_sd3):

@@ -5,12 +5,7 @@ import pytest
 import torch
 
 import diffcore_sd3.plugin as sd3_plugin
-from diffcore.config.structure import structure
-from diffcore.errors import ConfigError
-from diffcore.models import GenerationRequest
-from diffcore.sampling.engine import sample
-from diffcore.sampling.samplers import euler
-from diffcore.sampling.schedules import flow_sigmas
+from diffcore.api import CFG, ConfigError, FlowConfig, GenerationRequest, euler, flow_schedule, registry, sample, structure
 from diffcore.testing import plugins_for_test
 from diffcore.testing.conformance import check_guidance_processor
 from diffcore_sd3.bundle import SD3Bundle
@@ -31,15 +26,13 @@ def bundle():
 
 def request(batch=1):
     g = torch.Generator().manual_seed(5)
-    extra = dict(context=torch.randn(batch, 9, 48, generator=g), y=torch.randn(batch, 40, generator=g),
-                 uncond_context=torch.randn(batch, 9, 48, generator=g), uncond_y=torch.randn(batch, 40, generator=g))
-    return GenerationRequest(batch=batch, extra=extra)
+    embeddings = {key: {"context": torch.randn(batch, 9, 48, generator=g), "y": torch.randn(batch, 40, generator=g)}
+                  for key in ("cond", "uncond")}
+    return GenerationRequest(batch=batch, embeddings=embeddings)
 
 
 def processor(name: str, **fields):
     """A guidance processor built by its registered name, as a job file's [[guidance]] table does."""
-    from diffcore.plugins import registry
-
     pytest.importorskip("diffcore_guidance")
     with plugins_for_test(sd3_plugin):
         comp = registry("guidance").get(name)
@@ -49,15 +42,13 @@ def processor(name: str, **fields):
 @torch.no_grad()
 def run(bundle, chain):
     noise = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))
-    return sample(bundle, noise, bundle.conditions(request()), flow_sigmas(4, shift=3.0, train_steps=1000), euler,
+    return sample(bundle, noise, bundle.conditions(request()), flow_schedule(FlowConfig(shift=3.0, train_steps=1000)).sigmas(4), euler,
                   chain, disable=True)
 
 
 def test_guidance_chains_run_and_differ(bundle):
     """CFG alone, + SLG, + PAG, + NAG-PAG (on transformer_blocks.1.attn): all finite, each changes
     the result; SLG and NAG-PAG come from their registered names as in a job file."""
-    from diffcore.sampling.cfg import CFG
-
     base = run(bundle, [CFG(scale=4.5)])
     chains = {
         "slg": [CFG(scale=4.5), processor("slg", layers=[1], start=0.0, stop=1.0)],

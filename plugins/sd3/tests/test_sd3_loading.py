@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffcore.errors import CheckpointError
+from diffcore.api import CheckpointError
 from diffcore_sd3.convert import diffusers_to_original, original_to_diffusers
 from diffcore_sd3.load import load_transformer, transformer_params
 

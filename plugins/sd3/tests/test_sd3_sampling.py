@@ -4,15 +4,17 @@ with CFG, and skip-layer guidance against the pipeline's ``skip_guidance_layers`
 import pytest
 import torch
 
-from diffcore.sampling.cfg import CFG
-from diffcore.sampling.engine import sample
-from diffcore.sampling.samplers import euler
-from diffcore.sampling.schedules import flow_sigmas
+from diffcore.api import CFG, FlowConfig, StepInfo, euler, flow_schedule, sample
 from diffcore_sd3.bundle import SD3Bundle
 from diffcore_sd3.guidance import SD3Conditions, SkipLayerGuidance, skip_key
 from diffcore_sd3.load import load_transformer
 
 TOL = 1e-5
+
+
+def sd3_sigmas(steps, shift=3.0):
+    """The family's ``sd3`` preset: the flow schedule on the 1000-step training grid."""
+    return flow_schedule(FlowConfig(shift=shift, train_steps=1000)).sigmas(steps)
 
 
 @pytest.mark.parametrize("steps, shift", [(4, 3.0), (28, 3.0), (50, 1.0)])
@@ -22,7 +24,7 @@ def test_schedule_matches_diffusers(steps, shift):
 
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
     scheduler.set_timesteps(steps)
-    ours = flow_sigmas(steps, shift=shift, train_steps=1000)
+    ours = sd3_sigmas(steps, shift)
     assert ours.shape == scheduler.sigmas.shape and (ours - scheduler.sigmas).abs().max() <= 2e-7
 
 
@@ -49,7 +51,7 @@ def run(tiny_pipeline):
     def compute(cfg, slg):
         chain = ([CFG(scale=cfg)] if cfg != 1 else []) + ([SkipLayerGuidance(**slg)] if slg else [])
         conditions = SD3Conditions(cond={"context": context, "y": y}, uncond={"context": uncond_context, "y": uncond_y})
-        ours = sample(bundle, noise, conditions, flow_sigmas(4, shift=3.0, train_steps=1000), euler, chain,
+        ours = sample(bundle, noise, conditions, sd3_sigmas(4), euler, chain,
                       disable=True)
         kw = dict(skip_guidance_layers=list(slg["layers"]), skip_layer_guidance_scale=slg["scale"],
                   skip_layer_guidance_start=slg["start"], skip_layer_guidance_stop=slg["stop"]) if slg else {}
@@ -84,8 +86,6 @@ def test_skip_layer_guidance_matches_pipeline(run):
 def test_slg_window_and_derived_conditions():
     """Active over [start, stop): at 28 steps the steps diffusers' open window (0.28 < i < 5.6)
     picks; ``cond|skip=...`` is ``cond`` plus ``skip_layers``, and only real keys are listed."""
-    from diffcore.sampling.guidance import StepInfo
-
     slg = SkipLayerGuidance()
     on = [i for i in range(28) if slg.active(StepInfo(x=None, sigma=None, step=i, num_steps=28,
                                                       prediction_type="flow", to_denoised=None, from_denoised=None))]

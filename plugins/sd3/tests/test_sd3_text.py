@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffcore.errors import CheckpointError
+from diffcore.api import CheckpointError
 from diffcore_sd3.text import SD3TextEncoder
 
 PROMPTS = ["a red cat on a mat", "two dogs"]

@@ -4,8 +4,8 @@ SD3's logit-normal timestep sampling."""
 
 import torch
 
-from diffcore.training.catalog import FullConfig
-from diffcore.training.trainers import FullTrainer
+from diffcore.api import registry, structure
+from diffcore.testing import plugins_for_test
 from diffcore_sd3.bundle import SD3Bundle
 from diffcore_sd3.load import load_transformer
 from diffcore_sd3.text import SD3TextEncoder
@@ -23,7 +23,10 @@ def test_full_trainer_steps_on_sd3(tiny_pipeline):
     empty = text.encode(["", ""])
     assert torch.equal(dropped["context"], empty[0]) and torch.equal(dropped["y"], empty[1])
 
-    trainer = FullTrainer(FullConfig(timestep_sampling="logit-normal", cond_dropout=0.1), bundle)
+    with plugins_for_test():
+        full = registry("trainers").get("full")
+        trainer = full.factory(structure({"timestep_sampling": "logit-normal", "cond_dropout": 0.1}, full.config),
+                               bundle)
     optimizer = torch.optim.SGD(trainer.trainable_parameters(), lr=1e-2)
     # the core's loss reads batch["image"] as x0: here already the VAE's normalised latents
     batch = {"image": torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1)), "caption": captions}

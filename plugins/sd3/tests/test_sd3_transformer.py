@@ -4,8 +4,7 @@ import attrs
 import pytest
 import torch
 
-from diffcore.errors import CheckpointError, ConfigError
-from diffcore.nn.attention import attention_layers, patch_attention, resolve_layers
+from diffcore.api import CheckpointError, ConfigError, attention_layers, patch_attention, resolve_layers
 from diffcore_sd3.convert import (
     detect_layout,
     detect_variant,

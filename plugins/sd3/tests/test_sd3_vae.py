@@ -4,8 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffcore.errors import CheckpointError
-from diffcore.nn.autoencoder_keys import vae_diffusers_to_ldm
+from diffcore.api import CheckpointError, vae_diffusers_to_ldm
 from diffcore_sd3.vae import SD3_VAE, load_vae
 
 
