@@ -252,7 +252,9 @@ def test_cli_prints_the_port_and_stops_on_ctrl_c(tmp_path):
     job.write_text(f'[job]\nkind = "serve"\nport = 0\noutput_dir = "{tmp_path / "out"}"\n'
                    + MODEL.replace('checkpoint = "{weights}"\n', ""))
     process = subprocess.Popen([sys.executable, "-m", "diffcore", "run", str(job)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                               # a shell's background jobs ignore SIGINT, and children inherit that
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = process.stdout.readline()
         url = re.search(r"http://127\.0\.0\.1:(\d+)", line)

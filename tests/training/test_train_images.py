@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffcore.io.images import make_grid, read_params, save_png, to_pil
+from diffcore.io.images import enlarge, make_grid, read_params, save_png, to_pil
 
 
 def test_png_parameters_round_trip(tmp_path):
@@ -40,3 +40,14 @@ def test_grid_layout():
     assert make_grid(images[:2], nrow=8).size == (2 * 6 + 2, 6 + 2)
     with pytest.raises(ValueError, match="N, C, H, W"):
         make_grid(images[0], nrow=2)
+
+
+def test_enlarge_turns_every_pixel_into_a_block():
+    small = to_pil(torch.linspace(-1, 1, 2 * 3).reshape(1, 2, 3))
+    big = enlarge(small, 4)
+    assert big.mode == "L" and big.size == (12, 8)
+    blocks = np.array(big).reshape(2, 4, 3, 4)     # (row, y in block, column, x in block)
+    assert (blocks == np.array(small)[:, None, :, None]).all()
+    assert enlarge(small, 1) is small
+    with pytest.raises(ValueError, match="at least 1, found 0"):
+        enlarge(small, 0)

@@ -47,6 +47,14 @@ def make_grid(images: torch.Tensor, nrow: int, padding: int = 2) -> Image.Image:
     return to_pil(canvas)
 
 
+def enlarge(image: Image.Image, factor: int) -> Image.Image:
+    """``image`` with every pixel a ``factor`` x ``factor`` block (nearest neighbour): tiny samples
+    (8x8 digits) become visible without smoothing away what the model drew."""
+    if factor < 1:
+        raise ValueError(f"the enlargement factor must be at least 1, found {factor}")
+    return image if factor == 1 else image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+
+
 def save_png(path: str | Path, image: torch.Tensor | Image.Image, params: dict[str, Any] | None = None) -> Path:
     """Write ``image`` as PNG with ``params`` as JSON in the ``parameters`` text chunk, atomically."""
     path = Path(path)

@@ -16,7 +16,9 @@
 
 It writes ``log.jsonl``, ``samples/step-*.png`` previews (EMA weights, CFG), checkpoints under
 ``checkpoints/step-*/`` and, at the end, ``grid.png``: ``final_grid.samples_per_class`` samples
-of every class, one class per row. ``resume = "latest"`` continues the newest checkpoint exactly.
+of every class, one class per row, enlarged ``final_grid.upscale`` times (nearest neighbour; the
+original size then goes to ``grid-small.png``). ``resume = "latest"`` continues the newest
+checkpoint exactly.
 Imports no torch until it runs.
 """
 
@@ -38,6 +40,7 @@ class FinalGrid:
     samples_per_class: int = attrs.field(default=8, validator=v.gt(0))
     cfg_scale: float = attrs.field(default=3.0, validator=v.ge(0))
     sampling_steps: int = attrs.field(default=50, validator=v.gt(0))
+    upscale: int = attrs.field(default=1, validator=[v.ge(1), v.le(32)])   # grid.png enlarged, nearest neighbour
 
 
 @attrs.define
@@ -88,7 +91,7 @@ def run_train(config: TrainJob, ctx: JobContext) -> Any:
     import torch
     from accelerate import PartialState
 
-    from diffcore.io.images import make_grid, save_png
+    from diffcore.io.images import enlarge, make_grid, save_png
     from diffcore.sampling.pipeline import Pipeline
     from diffcore.training.loop import train
 
@@ -101,12 +104,16 @@ def run_train(config: TrainJob, ctx: JobContext) -> Any:
     pipeline = Pipeline(bundle=bundle, sampler=config.sampler.build(), schedule=config.schedule.build(),
                         device=state.device)
 
-    def write_grid(path: Any, steps: int, cfg_scale: float, **extra: Any) -> None:
+    def write_grid(path: Any, steps: int, cfg_scale: float, upscale: int = 1, **extra: Any) -> None:
         images = class_grid(pipeline, samples_per_class=s.final_grid.samples_per_class, steps=steps,
                             cfg_scale=cfg_scale, seed=s.seed)
         params = {"model": config.model.name, "sampler": config.sampler.name, "schedule": config.schedule.name,
                   "sampling_steps": steps, "cfg_scale": cfg_scale, "seed": s.seed, "weights": "ema", **extra}
-        save_png(path, make_grid(images, nrow=s.final_grid.samples_per_class), params)
+        grid = make_grid(images, nrow=s.final_grid.samples_per_class)
+        if upscale > 1:   # the enlarged grid to look at, the original size beside it
+            save_png(path.with_name(f"{path.stem}-small.png"), grid, params)
+            grid, params = enlarge(grid, upscale), params | {"upscale": upscale}
+        save_png(path, grid, params)
 
     def preview(bundle: Any, step: int) -> None:
         write_grid(ctx.output_dir / "samples" / f"step-{step:06d}.png", s.sampling_steps, s.sample_cfg, step=step)
@@ -118,7 +125,8 @@ def run_train(config: TrainJob, ctx: JobContext) -> Any:
         network.eval()
         with result.ema.applied(network):
             grid = s.final_grid
-            write_grid(ctx.output_dir / "grid.png", grid.sampling_steps, grid.cfg_scale, step=result.step)
+            write_grid(ctx.output_dir / "grid.png", grid.sampling_steps, grid.cfg_scale, upscale=grid.upscale,
+                       step=result.step)
     state.wait_for_everyone()
     return result
 

@@ -7,6 +7,11 @@ import pytest
 from diffcore.testing import plugins_for_test
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "packaging: builds wheels and installs them into a fresh virtual "
+                                       "environment (diffcore.testing.wheels; tens of seconds)")
+
+
 @pytest.fixture
 def diffcore_plugins():
     """A fresh plugin manager for one test; register test plugins with ``.register_module(obj, name=...)``."""

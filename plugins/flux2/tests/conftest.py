@@ -10,11 +10,6 @@ from diffcore_flux2.model import VARIANTS, Flux2
 from diffcore_flux2.vae import AE_VARIANTS, AutoEncoder, ae_to_bfl
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "packaging: builds wheels and installs them into a fresh virtual "
-                                       "environment (about 30 s)")
-
-
 def _randomise(module: torch.nn.Module, std: float, seed: int) -> None:
     """Replace the init (zeros / ones in norms would hide layout errors) with N(0, std) weights."""
     g = torch.Generator().manual_seed(seed)
