@@ -25,7 +25,7 @@ TINY = {"model": {"family": "dit", "variant": "digits", "hidden": 32, "depth": 1
 
 def test_the_final_grid_is_enlarged_and_the_original_size_kept(tmp_path):
     job = {"output_dir": str(tmp_path), "device": "cpu", "steps": 1, "batch_size": 8, "checkpoint_every": 0,
-           "final_grid": {"samples_per_class": 2, "steps": 2, "upscale": 4}}
+           "final_grid": {"samples_per_class": 2, "sampling_steps": 2, "upscale": 4}}
     config = structure({"job": job, **TINY}, TrainJob)
     run_train(config, JobContext(file=None, output_dir=tmp_path, resolved={}))
     with Image.open(tmp_path / "grid-small.png") as im:
