@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffcore.api import attention_layers, ConfigError, patch_attention, resolve_layers, timestep_embedding
+from diffcore.api import ConfigError, attention_layers, patch_attention, resolve_layers, timestep_embedding
 from diffcore_dit.model import DiT2D, sincos_2d
 from diffcore_dit.params import DiTParams
 
