@@ -1,0 +1,56 @@
+"""Tiny random SDXL models in both implementations, for parity and loading tests."""
+
+import pytest
+import torch
+
+# diffusers configs with the structure of base-1.0 and refiner-1.0 and the numbers of the
+# "tiny" / "tiny-refiner" rows of diffcore_sdxl.params.VARIANTS
+TINY_BASE = dict(
+    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4), use_linear_projection=True,
+    cross_attention_dim=48, addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=32 + 6 * 8, norm_num_groups=32)
+TINY_REFINER = dict(
+    TINY_BASE, block_out_channels=(32, 64, 64, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=1, attention_head_dim=(2, 4, 4, 4), cross_attention_dim=32,
+    projection_class_embeddings_input_dim=32 + 5 * 8)
+TINY = {"tiny": TINY_BASE, "tiny-refiner": TINY_REFINER}
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
+    """Random weights everywhere (norm scales around 1), so no block is a no-op and errors show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            unit = p.ndim == 1 and "norm" in name and name.endswith("weight")
+            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if unit else 0.0))
+    return model.eval()
+
+
+@pytest.fixture
+def diffusers_unet():
+    """``make(variant="tiny", seed=0, **overrides)`` -> a tiny random diffusers ``UNet2DConditionModel``."""
+    from diffusers import UNet2DConditionModel
+
+    def make(variant: str = "tiny", seed: int = 0, **overrides):
+        return randomize(UNet2DConditionModel(**{**TINY[variant], **overrides}), seed)
+
+    return make
+
+
+@pytest.fixture
+def unet_inputs():
+    """``make(params, batch=2, h=8, w=8)`` -> (x, timesteps, context, pooled, time_ids) for a UNet."""
+
+    def make(params, batch: int = 2, h: int = 8, w: int = 8, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        scalars = (params.adm_in_channels - 32) // params.time_embed_scalar_dim
+        time_ids = torch.tensor([[64.0, 48.0, 0.0, 8.0, 64.0, 64.0][:scalars]] * batch)
+        return (torch.randn(batch, params.in_channels, h, w, generator=g), torch.tensor([981.0, 7.5][:batch]),
+                torch.randn(batch, 5, params.context_dim, generator=g), torch.randn(batch, 32, generator=g), time_ids)
+
+    return make
