@@ -17,6 +17,7 @@ from typing import NamedTuple
 from torch import Tensor
 
 from diffcore.api import CheckpointError
+from diffcore_sdxl.params import VARIANTS, UNetParams
 
 STABILITY_PREFIX = "model.diffusion_model."   # Stability single files and ComfyUI checkpoints
 RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
@@ -177,3 +178,48 @@ def to_stability(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     if layout == "diffusers":
         return diffusers_to_stability({k.removeprefix("unet."): v for k, v in sd.items()})
     return sd
+
+
+def _count(keys: Iterable[str], prefix: str) -> int:
+    return len(_indices(keys, re.escape(prefix) + r"\.transformer_blocks\.(\d+)\."))
+
+
+def infer_params(shapes: Mapping[str, tuple[int, ...]], *, head_dim: int = 64,
+                 time_embed_scalar_dim: int = 256) -> UNetParams:
+    """``UNetParams`` from tensor shapes in any layout. The head width and the micro-conditioning
+    sinusoid width are not stored in checkpoints: SDXL's (64, 256) unless given."""
+    sd = to_stability({k: _Shape(s) for k, s in shapes.items()})
+    s = structure(sd, "stability")
+    n = s.num_res_blocks + 1
+    try:
+        model_channels, in_channels = sd["input_blocks.0.0.weight"].shape[:2]
+        widths = [sd[f"input_blocks.{1 + level * n}.0.in_layers.2.weight"].shape[0] for level in range(s.levels)]
+        depth = tuple(_count(sd, f"input_blocks.{1 + level * n}.1") for level in range(s.levels))
+        context = next(v.shape[1] for k, v in sd.items() if k.endswith("attn2.to_k.weight"))
+        adm = sd["label_emb.0.0.weight"].shape[1]
+        out_channels = sd["out.2.weight"].shape[0]
+    except (KeyError, StopIteration) as exc:
+        raise CheckpointError(f"not a complete SDXL UNet: {exc.args[0] if exc.args else 'attn2.to_k'} is missing") \
+            from None
+    if any(w % model_channels for w in widths):
+        raise CheckpointError(f"UNet level widths {widths} are not multiples of the first conv's {model_channels}")
+    return UNetParams(in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
+                      channel_mult=tuple(w // model_channels for w in widths), num_res_blocks=s.num_res_blocks,
+                      transformer_depth=depth, transformer_depth_middle=_count(sd, "middle_block.1"),
+                      head_dim=head_dim, context_dim=context, adm_in_channels=adm,
+                      time_embed_scalar_dim=time_embed_scalar_dim)
+
+
+class _Shape:
+    """A tensor's stand-in for renaming shapes: only ``.shape`` is read."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = tuple(shape)
+
+
+def detect_variant(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """The ``VARIANTS`` row whose numbers the weights have (None: no row fits)."""
+    for name, row in VARIANTS.items():
+        if infer_params(shapes, head_dim=row.head_dim, time_embed_scalar_dim=row.time_embed_scalar_dim) == row:
+            return name
+    return None

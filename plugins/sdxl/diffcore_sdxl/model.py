@@ -19,7 +19,8 @@ from diffcore.api import Linear
 from diffcore_sdxl.layers import Downsample, ResBlock, SpatialTransformer, Upsample, group_norm, timestep_embedding
 from diffcore_sdxl.params import VARIANTS, UNetParams
 
-__all__ = ["VARIANTS", "UNet", "UNetParams", "attention_alias", "label_vector"]
+__all__ = ["VARIANTS", "UNet", "UNetParams", "attention_alias", "diffusers_config", "label_vector",
+           "params_from_diffusers_config"]
 
 
 class Step(nn.ModuleList):
@@ -132,3 +133,46 @@ def attention_alias(name: str, params: UNetParams) -> str:
     if m:
         return f"middle_block.1{m.group(1) or ''}"
     return name
+
+
+def params_from_diffusers_config(config: dict) -> UNetParams:
+    """``UNetParams`` from a diffusers ``UNet2DConditionModel`` ``config.json``. Its
+    ``attention_head_dim`` holds head *counts* per level (a legacy name); SDXL's heads are 64 wide."""
+    widths = list(config.get("block_out_channels", (320, 640, 1280)))
+    kinds = list(config.get("down_block_types", ()))
+    per_level = config.get("transformer_layers_per_block", 1)
+    per_level = [per_level] * len(widths) if isinstance(per_level, int) else list(per_level)
+    heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
+    heads = [heads] * len(widths) if isinstance(heads, int) else list(heads)
+    attention = [kind.startswith("CrossAttn") for kind in kinds]
+    head_dims = {w // h for w, h, a in zip(widths, heads, attention) if a}
+    if len(head_dims) != 1 or config.get("addition_embed_type") != "text_time":
+        raise ValueError(f"not an SDXL UNet config: head widths {sorted(head_dims)} (SDXL has one, 64) and "
+                         f"addition_embed_type {config.get('addition_embed_type')!r} (SDXL: 'text_time')")
+    return UNetParams(
+        in_channels=config.get("in_channels", 4), out_channels=config.get("out_channels", 4),
+        model_channels=widths[0], channel_mult=tuple(w // widths[0] for w in widths),
+        num_res_blocks=config.get("layers_per_block", 2),
+        transformer_depth=tuple(d if a else 0 for d, a in zip(per_level, attention)),
+        transformer_depth_middle=per_level[-1], head_dim=head_dims.pop(),
+        context_dim=config.get("cross_attention_dim", 2048),
+        adm_in_channels=config.get("projection_class_embeddings_input_dim", 2816),
+        time_embed_scalar_dim=config.get("addition_time_embed_dim", 256),
+        norm_groups=config.get("norm_num_groups", 32))
+
+
+def diffusers_config(p: UNetParams) -> dict:
+    """The ``config.json`` of a diffusers ``UNet2DConditionModel`` with these parameters."""
+    attention = [d > 0 for d in p.transformer_depth]
+    depth = [d or 1 for d in p.transformer_depth[:-1]] + [p.transformer_depth_middle]
+    if p.transformer_depth[-1] and p.transformer_depth[-1] != p.transformer_depth_middle:
+        raise ValueError(f"diffusers' UNet gives the middle block the last level's depth; these params have "
+                         f"{p.transformer_depth[-1]} and {p.transformer_depth_middle}")
+    down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention]
+    return {"_class_name": "UNet2DConditionModel", "sample_size": 128, "in_channels": p.in_channels,
+            "out_channels": p.out_channels, "block_out_channels": list(p.widths), "layers_per_block": p.num_res_blocks,
+            "down_block_types": down, "up_block_types": [k.replace("Down", "Up") for k in reversed(down)],
+            "transformer_layers_per_block": depth, "attention_head_dim": [w // p.head_dim for w in p.widths],
+            "use_linear_projection": True, "cross_attention_dim": p.context_dim, "addition_embed_type": "text_time",
+            "addition_time_embed_dim": p.time_embed_scalar_dim, "norm_num_groups": p.norm_groups,
+            "projection_class_embeddings_input_dim": p.adm_in_channels, "flip_sin_to_cos": True, "freq_shift": 0}

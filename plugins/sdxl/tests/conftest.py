@@ -1,5 +1,7 @@
 """Tiny random SDXL models in both implementations, for parity and loading tests."""
 
+import json
+
 import pytest
 import torch
 
@@ -54,3 +56,29 @@ def unet_inputs():
                 torch.randn(batch, 5, params.context_dim, generator=g), torch.randn(batch, 32, generator=g), time_ids)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def unet_files(tmp_path_factory):
+    """One tiny random UNet written as a diffusers folder, a Stability all-in-one file, a bare
+    Stability UNet file, a diffusers-keys file, and fp16 / fp8 single files."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from diffcore_sdxl.convert import diffusers_to_stability
+
+    root = tmp_path_factory.mktemp("sdxl-unet")
+    ref = randomize(UNet2DConditionModel(**TINY_BASE), seed=3)
+    ref.save_pretrained(root / "pipe" / "unet")
+    (root / "pipe" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    ours = diffusers_to_stability(dict(sd))
+    single = {f"model.diffusion_model.{k}": v for k, v in ours.items()}
+    single["first_stage_model.encoder.conv_in.weight"] = torch.zeros(8, 3, 3, 3)
+    single["conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"] = torch.ones(8)
+    save_file(single, root / "all-in-one.safetensors")
+    save_file(ours, root / "unet-stability.safetensors")
+    save_file(sd, root / "unet-diffusers.safetensors")
+    save_file({k: v.half() for k, v in single.items()}, root / "fp16.safetensors")
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in ours.items()}, root / "fp8.safetensors")
+    return root, ref
