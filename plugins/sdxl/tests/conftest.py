@@ -82,3 +82,66 @@ def unet_files(tmp_path_factory):
     save_file({k: v.half() for k, v in single.items()}, root / "fp16.safetensors")
     save_file({k: v.to(torch.float8_e4m3fn) for k, v in ours.items()}, root / "fp8.safetensors")
     return root, ref
+
+
+TINY_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
+                latent_channels=4, norm_num_groups=32, scaling_factor=0.13025, force_upcast=True)
+
+
+def tiny_tokenizer(pad: str):
+    """A character-level CLIP BPE tokenizer built offline; ``!`` is id 0 (bigG pads with it) and
+    end-of-text the largest id, as in the real vocabularies."""
+    import string
+
+    from transformers import CLIPTokenizer
+
+    vocab = {}
+    for c in "!" + string.ascii_lowercase + string.digits + ".,?'-":
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token=pad)
+
+
+def tiny_text_encoders(seed: int = 0):
+    """(tokenizer, CLIP-L-shaped encoder 16 wide, tokenizer_2, bigG-shaped encoder 32 wide with a 32-d projection)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tok, tok2 = tiny_tokenizer("<|endoftext|>"), tiny_tokenizer("!")
+    ids = dict(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=len(tok) - 2, eos_token_id=len(tok) - 1)
+    clip_l = CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                          num_attention_heads=2, hidden_act="quick_gelu", pad_token_id=ids["eos_token_id"],
+                                          **ids)).eval()
+    big_g = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=3,
+                                                       num_attention_heads=4, hidden_act="gelu", projection_dim=32,
+                                                       pad_token_id=0, **ids)).eval()
+    return tok, clip_l, tok2, big_g
+
+
+@pytest.fixture(scope="session")
+def tiny_pipelines(tmp_path_factory):
+    """Saved tiny diffusers SDXL folders, base and refiner (random UNet, VAE, CLIPs), and their pipelines:
+    ``{"base": (folder, StableDiffusionXLPipeline), "refiner": (folder, StableDiffusionXLImg2ImgPipeline)}``."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+
+    tok, clip_l, tok2, big_g = tiny_text_encoders()
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1, num_train_timesteps=1000)
+    vae = randomize(AutoencoderKL(**TINY_VAE), seed=1, std=0.05)
+    base = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=clip_l, text_encoder_2=big_g, tokenizer=tok, tokenizer_2=tok2,
+        unet=randomize(UNet2DConditionModel(**TINY_BASE), seed=2, std=0.05), scheduler=scheduler)
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        vae=vae, text_encoder=None, text_encoder_2=big_g, tokenizer=None, tokenizer_2=tok2,
+        unet=randomize(UNet2DConditionModel(**TINY_REFINER), seed=3, std=0.05), scheduler=scheduler,
+        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    out = {}
+    for name, pipe in (("base", base), ("refiner", refiner)):
+        folder = tmp_path_factory.mktemp(f"sdxl-{name}")
+        pipe.save_pretrained(folder)
+        out[name] = (folder, pipe)
+    return out
