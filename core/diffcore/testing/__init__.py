@@ -3,7 +3,8 @@
 The pytest plugin (``diffcore.testing.pytest_plugin``, registered through the ``pytest11``
 entry point) gives the fixture ``diffcore_plugins``: a fresh plugin manager with the core's
 built-ins and, by default, the installed entry points, made the process-wide one for the test.
-Conformance checks for guidance processors and model families live in ``conformance``.
+Conformance checks for guidance processors and model families live in ``conformance``; golden
+outputs (recorded once, then compared bit for bit) in ``goldens``.
 """
 
 from __future__ import annotations
@@ -32,4 +33,11 @@ def plugins_for_test(*extra: Any, entry_points: bool = True) -> Iterator[Plugins
         reset_plugins(previous)
 
 
-__all__ = ["Plugins", "get_plugins", "plugins_for_test", "reset_plugins"]
+def run_job_file(path: Any, overrides: list[str] = ()) -> Any:
+    """Run a job file as ``diffcore run`` does; returns what the job returns (images, a summary, ...)."""
+    from diffcore.jobs.runner import run
+
+    return run(path, list(overrides))
+
+
+__all__ = ["Plugins", "get_plugins", "plugins_for_test", "reset_plugins", "run_job_file"]
