@@ -39,7 +39,7 @@ def cli(debug: bool) -> None:
 
 
 @cli.command()
-@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.argument("job_file", type=click.Path())  # a folder: the loader says so (exit 1)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config value, e.g. --set sampler.steps=30 (value parsed as TOML).")
 @click.option("--processes", type=int, default=1, show_default=True,
@@ -121,7 +121,7 @@ def config() -> None:
 
 
 @config.command("show")
-@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.argument("job_file", type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 def config_show(job_file: str, overrides: tuple[str, ...]) -> None:
     """Print the fully resolved config (extends merged, overrides applied, defaults filled)."""
@@ -133,7 +133,7 @@ def config_show(job_file: str, overrides: tuple[str, ...]) -> None:
 
 
 @config.command("validate")
-@click.argument("job_files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("job_files", nargs=-1, required=True, type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 def config_validate(job_files: tuple[str, ...], overrides: tuple[str, ...]) -> None:
     """Check job files without running them."""

@@ -96,7 +96,7 @@ def test_folder_and_file_resolution_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not a weights file"):
         load_state_dict(tmp_path / "notes.txt")
     (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 3)
-    with pytest.raises(CheckpointError, match="broken.safetensors: not a readable safetensors"):
+    with pytest.raises(CheckpointError, match="broken.safetensors: not a safetensors file"):
         load_state_dict(tmp_path / "broken.safetensors")
 
 

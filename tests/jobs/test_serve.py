@@ -162,6 +162,8 @@ def test_image_to_image_matches_init_image_job(served):
     same_png(answer["images"][0], answer["parameters"][0], out / "sample-0000.png")
     data_url = {**{k: v for k, v in body.items() if k != "image"}, "image_url": f"data:image/png;base64,{encoded}"}
     assert call(served, "/image-to-image", data_url)[1]["images"] == answer["images"]
+    wrapped = "\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))     # as `base64` writes it
+    assert call(served, "/image-to-image", {**body, "image": wrapped})[1]["images"] == answer["images"]
     # the seed's default strength (0.8) starts elsewhere on the schedule
     default = call(served, "/image-to-image", {k: v for k, v in body.items() if k != "strength"})[1]
     assert default["parameters"][0]["strength"] == 0.8 and default["images"] != answer["images"]
@@ -176,12 +178,14 @@ BAD = [
      "guidance[0].name", "unknown guidance 'cgf' (did you mean \"cfg\"?)"),
     ("/generate", {"num_steps": 2.5}, "num_steps", "expected an integer, found a number 2.5"),
     ("/generate", {"class_label": 12}, "class_label", "class_label 12 is out of range: this model has 10 classes"),
-    ("/generate", {"num_samples": 5}, None, "asks for 5 images; this server makes at most 4 per request"),
+    ("/generate", {"num_samples": 5}, "num_samples", "asks for at least 5 images; this server makes at most 4 per request"),
+    ("/generate", {"class_label": 1, "num_samples": 2, "seeds": [1, 2, 3]}, None,
+     "asks for 6 images; this server makes at most 4 per request"),
     ("/generate", {"device": "cuda"}, "device", "set by the server's job file, not per request"),
     ("/generate", {"init_image": "not base64!"}, "init_image", "expected a base64-encoded PNG"),
     ("/generate", {"reference_image": ["aGVsbG8="]}, "reference_image[0]",
      "found 5 bytes of no image format Pillow reads"),
-    ("/generate", [1, 2], None, "expected a JSON object of settings, found list"),
+    ("/generate", [1, 2], None, "expected a JSON object of settings, found an array"),
     ("/text-to-image", {"guidance_scale": -1.0}, "guidance_scale", "'guidance_scale' must be >= 0: -1.0"),
     ("/text-to-image", {"num_inference_steps": 3, "num_steps": 3}, "num_inference_steps",
      "give num_inference_steps or num_steps, not both"),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,7 +65,9 @@ def test_resume_is_bit_exact(tmp_path, optimizer, num_workers):
 def test_checkpoint_folder_contents_and_resume_from_a_path(tmp_path):
     bundle, result = _run(tmp_path, steps=4, checkpoint_every=2)
     path = tmp_path / "checkpoints" / "step-000004"
-    assert sorted(p.name for p in path.iterdir()) == sorted(checkpoint.FILES)
+    assert sorted(p.name for p in path.iterdir()) == sorted((*checkpoint.FILES, checkpoint.MANIFEST))
+    manifest = json.loads((path / checkpoint.MANIFEST).read_text())
+    assert manifest == {"step": 4, "files": {f: (path / f).stat().st_size for f in checkpoint.FILES}}
     saved = checkpoint.load(path)
     assert saved["state"]["step"] == 4 and saved["state"]["samples"] == 16
     assert saved["state"]["sampler"] == {"epoch": 0, "position": 16, "n": 24, "seed": 3}
@@ -92,6 +96,48 @@ def test_stale_tmp_is_ignored_and_keep_last(tmp_path):
     assert not stale.exists()                             # the interrupted save was cleaned up
     assert [p.name for p in checkpoint.list_checkpoints(root)] == ["step-000004", "step-000005"]
     assert checkpoint.resolve("latest", root).name == "step-000005"
+
+
+def test_a_folder_that_disagrees_with_its_manifest_is_never_resumed(tmp_path):
+    """A step folder whose files are not the sizes its manifest lists (copied or damaged after the
+    save) is passed over by ``latest`` with a message, refused by path, and replaced by the next save;
+    a log line a kill cut short is dropped on resume."""
+    _, straight = _run(tmp_path, steps=4, checkpoint_every=2)
+    root, newest = tmp_path / "checkpoints", tmp_path / "checkpoints" / "step-000004"
+    size = (newest / "optimizer.pt").stat().st_size
+    with open(newest / "optimizer.pt", "r+b") as f:
+        f.truncate(100)
+    warned = []
+    assert checkpoint.resolve("latest", root, warn=warned.append).name == "step-000002"
+    reason = f"optimizer.pt has 100 bytes, manifest.json says {size}"
+    assert warned == [f"ignoring {newest}: not a complete checkpoint ({reason})"]
+    with pytest.raises(CheckpointError, match=reason):
+        checkpoint.resolve(str(newest), root)
+    (root / "step-000002" / checkpoint.MANIFEST).unlink()   # a folder from before manifests: all files there
+    assert checkpoint.incomplete(root / "step-000002") is None
+    assert checkpoint.incomplete(newest.with_name("step-000009")) == "not a folder"
+
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')
+    _, resumed = _run(tmp_path, steps=4, checkpoint_every=2, resume="latest")
+    assert resumed.losses == straight.losses[2:] and checkpoint.incomplete(newest) is None
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["loss"]) for x in log] == straight.losses
+
+
+def test_a_save_is_durable_before_it_is_visible(tmp_path, monkeypatch):
+    """Each file is fsynced in ``step-N.tmp/``, the manifest last, then the folder; only then the
+    rename makes the checkpoint visible, and the parent folder is fsynced to keep the rename."""
+    events = []
+    fsync, replace = checkpoint._fsync, os.replace
+    monkeypatch.setattr(checkpoint, "_fsync", lambda p: (events.append(("fsync", p.name)), fsync(p)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("rename", Path(a).name, Path(b).name)),
+                                                     replace(a, b)))
+    _run(tmp_path, steps=2, checkpoint_every=2)
+    n = len(checkpoint.FILES)
+    assert sorted(events[:n]) == sorted(("fsync", f) for f in checkpoint.FILES)
+    assert events[n:] == [("fsync", checkpoint.MANIFEST), ("fsync", "step-000002.tmp"),
+                          ("rename", "step-000002.tmp", "step-000002"), ("fsync", "checkpoints")]
 
 
 def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):

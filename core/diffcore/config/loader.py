@@ -6,6 +6,7 @@ Every value remembers which file (or ``--set``) it came from, so a later error c
 from __future__ import annotations
 
 import re
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+MAX_JOB_FILE = 1 << 20  # bytes; a job file is settings: anything bigger is the wrong file (docs/reliability.md)
 
 
 @attrs.define
@@ -42,25 +45,94 @@ def load_document(path: str | Path, overrides: list[str] = ()) -> Document:
     """Load ``path`` with everything it extends, then apply ``--set`` overrides in order."""
     path = Path(path)
     doc = Document({}, file=path)
-    _load_into(doc, path.resolve(), stack=[])
+    _load_into(doc, _resolve(path), stack=[])
     for text in overrides:
         apply_override(doc, text)
     return doc
 
 
-def _read_toml(path: Path, *, referrer: Path | None) -> dict[str, Any]:
+def _resolve(path: Path) -> Path:
+    """The absolute, symlink-free path; a symlink loop stays as it is, for reading to report."""
     try:
-        raw = path.read_bytes()
+        return path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: Python < 3.13 on a symlink loop
+        return path.absolute()
+
+
+def _read_toml(path: Path, *, referrer: Path | None) -> dict[str, Any]:
+    raw = _read_bytes(path, referrer)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - raw.rfind(b"\n", 0, exc.start)
+        raise ConfigError(f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at line {line}, column {column} "
+                          f"({exc.reason}); job files are TOML, which is UTF-8", file=str(path)) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(_syntax_message(str(exc), text), file=str(path)) from None
+
+
+def _read_bytes(path: Path, referrer: Path | None) -> bytes:
+    """The file's bytes, at most ``MAX_JOB_FILE`` of them. Checked before reading: a folder, a
+    device or a FIFO (which would block) is refused by what it is, a big file by its size."""
+    def refused(problem: str) -> ConfigError:
+        if referrer is None:
+            return ConfigError(f"job file {path} {problem}")
+        return ConfigError(f"extends {path}, which {problem}", file=str(referrer), path="extends")
+
+    try:
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise refused("is a folder; expected a TOML file")
+        if not stat.S_ISREG(info.st_mode):
+            raise refused("is not a regular file; expected a TOML file")
+        if info.st_size > MAX_JOB_FILE:
+            raise refused(_too_big(info.st_size))
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JOB_FILE + 1)
     except FileNotFoundError:
         if referrer is None:
             raise ConfigError(f"job file not found: {path}") from None
         raise ConfigError(f"extends a file that does not exist: {path}", file=str(referrer), path="extends") from None
-    try:
-        return tomllib.loads(raw.decode("utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"TOML syntax error: {exc}", file=str(path)) from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"not UTF-8 text: {exc}", file=str(path)) from None
+    except OSError as exc:  # permissions, a symlink loop, an I/O error
+        raise refused(f"cannot be read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_JOB_FILE:  # grew since stat
+        raise refused(_too_big(len(raw)))
+    return raw
+
+
+def _too_big(size: int) -> str:
+    return (f"is {size:,} bytes; job files are settings, limited to {MAX_JOB_FILE:,} bytes (1 MiB): "
+            f"is this the right file?")
+
+
+_AT = re.compile(r"^(?P<what>.*) \(at (?:line (?P<line>\d+), column (?P<column>\d+)|end of document)\)$", re.S)
+_TWICE = re.compile(r"Cannot declare \((?P<parts>.*?),?\) twice")
+
+
+def _syntax_message(message: str, text: str) -> str:
+    """tomllib's message with the offending line quoted and a key or table given twice said so."""
+    m = _AT.match(message)
+    if not m:
+        return f"TOML syntax error: {message}"
+    what = m["what"]
+    if what == "Cannot overwrite a value":
+        what = "a key set a second time (each key may appear once)"
+    elif twice := _TWICE.match(what):
+        table = ".".join(part.strip().strip("'\"") for part in twice["parts"].split(","))
+        what = f"table [{table}] declared a second time (each table may appear once)"
+    if m["line"] is None:
+        return f"TOML syntax error at the end of the file: {what}"
+    lines = text.splitlines()
+    number = int(m["line"])
+    shown = lines[number - 1].strip() if number <= len(lines) else ""
+    if shown and not shown.isprintable():
+        quoted = " (the line holds non-printing characters: is this a binary file?)"
+    else:
+        quoted = f": {shown[:80]!r}" if shown else ""
+    return f"TOML syntax error at line {number}, column {m['column']}: {what}{quoted}"
 
 
 def _load_into(doc: Document, path: Path, stack: list[Path], referrer: Path | None = None) -> None:
@@ -75,7 +147,7 @@ def _load_into(doc: Document, path: Path, stack: list[Path], referrer: Path | No
         raise ConfigError(f"expected a file name or a list of file names, found {parents!r}", file=str(path),
                           path="extends")
     for parent in parents:
-        _load_into(doc, (path.parent / parent).resolve(), [*stack, path], referrer=path)
+        _load_into(doc, _resolve(path.parent / parent), [*stack, path], referrer=path)
     _merge(doc, doc.data, data, prefix="", source=str(path))
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import attrs
 
+from diffcore.errors import ConfigError
 from diffcore.registry import Component
 
 # how a kind's table names its implementation
@@ -19,17 +20,35 @@ NAME_KEY = {"models": "family"}
 
 @attrs.frozen
 class Spec:
-    """A chosen component and its structured config; ``build`` calls the factory."""
+    """A chosen component and its structured config; ``build`` calls the factory. ``where`` is
+    the table it came from (``model``, ``guidance[1]``), so a factory's error about one of its
+    own fields can be placed in the job file."""
 
     component: Component
     config: Any
+    where: str = attrs.field(default="", eq=False, repr=False)
 
     @property
     def name(self) -> str:
         return self.component.name
 
     def build(self, **kwargs: Any) -> Any:
-        return self.component.factory(self.config, **kwargs)
+        try:
+            return self.component.factory(self.config, **kwargs)
+        except ConfigError as exc:
+            placed = self.placed(exc)
+            if placed is exc:
+                raise
+            raise placed from exc
+
+    def placed(self, exc: ConfigError) -> ConfigError:
+        """``exc`` with a path naming one of this component's fields made absolute (``path`` ->
+        ``model.path``); other paths (``job.width``) are already absolute."""
+        head = (exc.path or "").split(".")[0].split("[")[0]
+        fields = {a.alias or a.name for a in attrs.fields(type(self.config))} if attrs.has(type(self.config)) else set()
+        if exc.file is not None or not self.where or head not in fields:
+            return exc
+        return ConfigError(exc.detail, path=f"{self.where}.{exc.path}")
 
 
 def component(kind: str, default: dict[str, Any] | None = None, *, optional: bool = False) -> Any:

@@ -9,6 +9,7 @@ each field's attrs validators itself so a failure is attributed to its key. Unst
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from pathlib import Path
@@ -90,6 +91,8 @@ class _Walk:
             raise TypeError(f"config type {tp!r} at {path} is not supported by diffcore.config")
         if not ok:
             raise self.error(path, f"expected {_describe(tp)}, found {_found(data)}")
+        if tp is float and not math.isfinite(data):  # TOML has nan and inf; no setting means them
+            raise self.error(path, f"expected a finite number, found {data!r}")
         return tp(data) if tp in (float, Path) else data
 
     def attrs_class(self, data: Any, cls: type, path: str) -> Any:
@@ -118,11 +121,24 @@ class _Walk:
                     field.validator(None, field, value)
                 except (ValueError, TypeError) as exc:
                     raise self.error(where, f"invalid value {value!r}: {_validator_message(exc)}") from None
+                except ConfigError as exc:  # a plugin's validator: it knows its field, not the file
+                    raise self._placed(exc, where, field_path=True) from None
             kwargs[key] = value
         try:
             return cls(**kwargs)
         except (ValueError, TypeError) as exc:  # cross-field checks in __attrs_post_init__
             raise self.error(path, _validator_message(exc)) from None
+        except ConfigError as exc:
+            raise self._placed(exc, path) from None
+
+    def _placed(self, exc: ConfigError, path: str, field_path: bool = False) -> ConfigError:
+        """A ``ConfigError`` raised inside a config class, placed in the file: its path (relative
+        to the class's table) gets the table's prefix, the file that set it is named. A
+        validator's error is about its own field, whatever path it gave."""
+        if exc.file is not None:
+            return exc
+        where = path if field_path else ".".join(p for p in (path, exc.path) if p)
+        return self.error(where, exc.detail)
 
     def component_field(self, data: Any, field: attrs.Attribute, path: str) -> Any:
         kind = field.metadata["component"]
@@ -159,7 +175,7 @@ class _Walk:
                                               f"; registered: {known} (see `diffcore list {kind}`)")
         comp = reg.get(name)
         rest = {k: v for k, v in data.items() if k != key}
-        return Spec(comp, self.attrs_class(rest, comp.config, path))
+        return Spec(comp, self.attrs_class(rest, comp.config, path), where=path)
 
 
 def _validator_message(exc: Exception) -> str:

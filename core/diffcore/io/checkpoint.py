@@ -4,8 +4,10 @@ One path for every family: ``load_model(build, files, rename=...)`` builds the n
 device (no memory, no random init), reads the weights (safetensors through ``safe_open``, which
 maps the file and reads a tensor only when asked), renames the keys with the family's converter,
 casts, and hands the tensors to the module with ``load_state_dict(assign=True)``, so each weight
-exists once in memory. Pickle files (``.ckpt .pt .pth .bin``) are read only with
-``torch.load(weights_only=True)``: anything but tensors and plain containers is refused.
+exists once in memory. Pickle files (``.ckpt .pt .pth .bin``) are read only in torch.save's zip
+format and with ``torch.load(weights_only=True)``: anything but tensors and plain containers is
+refused, and a raw or legacy pickle is not unpickled at all. A safetensors file's header is
+checked first (``diffcore.io.headers``), so a damaged file is one message naming it.
 
 Tensors the converter replaces by new ones (q, k and v fused into one qkv) are read through a
 second mapping of the file (``load_model(..., copied=...)`` names them), which is unmapped when
@@ -22,6 +24,7 @@ import copy
 import json
 import os
 import pickle
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -31,6 +34,7 @@ import torch
 from torch import nn
 
 from diffcore.errors import CheckpointError
+from diffcore.io.headers import check_safetensors, plain_safetensors_error
 
 PathLike = Union[str, "os.PathLike[str]"]
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -129,10 +133,11 @@ def load_state_dict(path: PathLike, *, device: str | torch.device = "cpu",
 def _open_safetensors(file: Path, device: str | torch.device):
     from safetensors import SafetensorError, safe_open
 
+    header = check_safetensors(file)
     try:
         return safe_open(str(file), framework="pt", device=str(device))
     except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
+        raise CheckpointError(f"{file}: not a readable safetensors file: {plain_safetensors_error(str(exc), header)}") from None
 
 
 def _read_safetensors(file: Path, device: str | torch.device, keys: set[str] | None,
@@ -156,15 +161,31 @@ def _read_safetensors(file: Path, device: str | torch.device, keys: set[str] | N
 
 
 def _load_pickle(file: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """Tensors from a ``torch.save`` zip file, unpickled with ``weights_only=True``. Anything
+    else (a legacy or raw pickle, which could only be read by trusting it) is not opened."""
+    try:
+        with open(file, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"{file}: cannot be read: {exc.strerror or exc}") from None
+    if not magic:
+        raise CheckpointError(f"{file}: empty file (0 bytes): an interrupted download or a placeholder, "
+                              f"not torch weights")
+    if magic != b"PK\x03\x04":
+        raise CheckpointError(f"{file}: not a torch zip checkpoint (the format of torch.save since torch 1.6); "
+                              f"diffcore does not unpickle legacy or raw pickle files, which can run code: "
+                              f"convert it to safetensors with the tool that made it")
     try:
         obj = torch.load(file, map_location=device, weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" (it asks for {found[1]})" if found else ""
         raise CheckpointError(f"{file}: refused to unpickle it: it holds objects other than tensors and plain "
-                              f"containers, and diffcore loads pickles only with weights_only=True; convert it to "
-                              f"safetensors with the tool that made it ({str(exc).splitlines()[0]})") from None
-    except (RuntimeError, OSError, EOFError) as exc:
-        raise CheckpointError(f"{file}: cannot be read as a torch zip checkpoint with mmap "
-                              f"(legacy or damaged file?): {exc}") from None
+                              f"containers{what}, and diffcore loads pickles only with weights_only=True; convert "
+                              f"it to safetensors with the tool that made it") from None
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError) as exc:
+        first = str(exc).splitlines()[0].split(". ")[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{file}: a damaged torch zip checkpoint (truncated download?): {first}") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]  # Lightning / original SD checkpoints
     if not isinstance(obj, Mapping):
@@ -326,6 +347,6 @@ def save_file_atomic(tensors: Mapping[str, torch.Tensor], path: PathLike,
         raise
 
 
-__all__ = ["checkpoint_files", "tensor_shapes", "load_state_dict", "load_model", "save_file_atomic",
-           "CheckpointError", "PICKLE_SUFFIXES", "INDEX_SUFFIX"]
+__all__ = ["check_safetensors", "checkpoint_files", "tensor_shapes", "load_state_dict", "load_model",
+           "save_file_atomic", "CheckpointError", "PICKLE_SUFFIXES", "INDEX_SUFFIX"]
 

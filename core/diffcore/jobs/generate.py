@@ -19,7 +19,13 @@ import attrs
 from attrs import validators as v
 
 from diffcore.config.spec import Spec, component, component_list
+from diffcore.errors import ConfigError
 from diffcore.jobs import JobContext, JobSettings, is_main_process
+
+# pixels per side: twice the largest size any supported family was trained at (FLUX.2, 4 MP);
+# a larger request is a typo that would only run out of memory (docs/reliability.md)
+MAX_SIDE = 8192
+_SIDE = v.optional([v.gt(0), v.le(MAX_SIDE)])
 
 
 @attrs.define
@@ -32,14 +38,15 @@ class GenerateSettings(JobSettings):
     prompt: str | list[str] | None = None
     prompt_file: str | None = None
     negative_prompt: str | None = None
-    seeds: list[int] | None = None            # several seeds: every prompt / label once per seed
+    seeds: list[int] | None = attrs.field(   # several seeds: every prompt / label once per seed
+        default=None, validator=v.optional(v.deep_iterable(v.ge(0))))
     init_image: str | None = None
     strength: float = attrs.field(default=1.0, validator=[v.gt(0), v.le(1)])
     reference_image: str | list[str] | None = None
     image: str | None = None
     mask: str | None = None
-    height: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
-    width: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
+    height: int | None = attrs.field(default=None, validator=_SIDE)
+    width: int | None = attrs.field(default=None, validator=_SIDE)
     num_steps: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
     cfg_scale: float | None = attrs.field(default=None, validator=v.optional(v.ge(0)))  # None: the model's default
     grid: bool = True
@@ -53,6 +60,22 @@ class GenerateJob:
     sampler: Spec = component("samplers", default={"name": "euler"})
     schedule: Spec | None = component("schedules", optional=True)
     guidance: list[Spec] = component_list("guidance")
+
+    def __attrs_post_init__(self) -> None:
+        check_image_size(self.model, self.job.height, self.job.width)
+
+
+def check_image_size(model: Spec, height: int | None, width: int | None) -> None:
+    """A family whose config knows the sizes it makes (``check_image_side(side, pixels)``,
+    raising ``ValueError``) refuses a wrong one while the job file is checked, before any
+    weights load."""
+    check = getattr(model.config, "check_image_side", None)
+    for side, pixels in (("height", height), ("width", width)):
+        if check is not None and pixels is not None:
+            try:
+                check(side, pixels)
+            except ValueError as exc:
+                raise ConfigError(str(exc), path=f"job.{side}") from None
 
 
 def pick_device(name: str) -> str:

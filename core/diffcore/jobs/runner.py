@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,15 +65,56 @@ def prepare(path: str | Path, overrides: list[str] = ()) -> PreparedJob:
 
 
 def run(path: str | Path, overrides: list[str] = (), *, debug: bool = False) -> Any:
-    """Prepare the job, write its resolved config next to the outputs, run it."""
+    """Prepare the job, write its resolved config next to the outputs, run it. A job stopped by
+    bad input before it wrote anything leaves no trace (see ``untouched_unless_written``); its
+    ``ConfigError`` names the job file even when raised deep inside a component."""
     job = prepare(path, overrides)
     output_dir = Path(getattr(job.config.job, "output_dir", "outputs"))
     resolved = job.resolved()
-    if is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_toml(output_dir / "config.toml", resolved)
     ctx = JobContext(file=job.doc.file, output_dir=output_dir, resolved=resolved, debug=debug)
-    return job.component.factory(job.config, ctx)
+    main = is_main_process()
+    with untouched_unless_written(output_dir) if main else contextlib.nullcontext():
+        if main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            write_toml(output_dir / "config.toml", resolved)
+        try:
+            return job.component.factory(job.config, ctx)
+        except ConfigError as exc:
+            if exc.file is not None:
+                raise
+            raise ConfigError(exc.detail, file=job.doc.origin(exc.path or ""), path=exc.path) from exc
+
+
+@contextlib.contextmanager
+def untouched_unless_written(output_dir: Path) -> Iterator[None]:
+    """On a ``DiffcoreError``, undo the run's own traces when the job itself changed nothing in
+    ``output_dir``: its ``config.toml`` goes (or the previous one comes back), and so do the
+    folders made for it. A job that failed after writing results keeps them all."""
+    config = output_dir / "config.toml"
+    made = [p for p in (output_dir, *output_dir.parents) if not p.exists()]   # deepest first
+    previous = config.read_bytes() if config.is_file() else None
+    before = _listing(output_dir)
+    try:
+        yield
+    except DiffcoreError:
+        if _listing(output_dir) == before:
+            if previous is None:
+                config.unlink(missing_ok=True)
+            else:
+                config.write_bytes(previous)
+            for folder in made:
+                if not folder.is_dir() or any(folder.iterdir()):
+                    break
+                folder.rmdir()
+        raise
+
+
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every file under ``folder`` but its ``config.toml``."""
+    if not folder.is_dir():
+        return {}
+    files = (p for p in folder.rglob("*") if p.is_file() and p != folder / "config.toml")
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in files}
 
 
 def write_toml(path: Path, data: dict[str, Any]) -> None:

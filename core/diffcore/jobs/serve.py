@@ -28,6 +28,10 @@ Endpoints, JSON in and out:
 A request goes through the code that checks job files (``diffcore.config.structure``), so a
 mistake is HTTP 400 with the message the job file would get, path included (``at
 guidance[0].scale: ...``); anything else is a 500 with one line, the traceback in the server's log.
+Besides the job file's checks a request meets the server's limits (``max_batch`` images,
+``max_steps``, ``max_pixels`` for the output and each image sent), checked before any tensor is
+made, so no request can ask for more memory or time than the job file allows; the HTTP limits
+(body size, timeouts, open connections) are in ``diffcore.jobs.serve_http``.
 
 Why the standard library's ``ThreadingHTTPServer`` and no web framework: the model runs one
 request at a time behind a lock (a second generation would only split the same accelerator and
@@ -43,24 +47,20 @@ import base64
 import binascii
 import io
 import json
-import socket
-import sys
 import tempfile
 import threading
-import traceback
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import attrs
 from attrs import validators as v
 
 from diffcore.config.spec import Spec, component, component_list
 from diffcore.config.structure import structure, unstructure
-from diffcore.errors import ConfigError, DiffcoreError
+from diffcore.errors import ConfigError
 from diffcore.jobs import JobContext, JobSettings
 from diffcore.jobs.generate import GenerateSettings
+from diffcore.jobs.serve_http import JSONServer, Limits, Routes
 
 
 @attrs.define
@@ -68,6 +68,15 @@ class ServeSettings(JobSettings):
     host: str = "127.0.0.1"
     port: int = attrs.field(default=8000, validator=[v.ge(0), v.le(65535)])   # 0: any free port
     max_batch: int = attrs.field(default=4, validator=v.gt(0))   # most images one request may ask for
+    max_steps: int = attrs.field(default=1000, validator=v.gt(0))
+    max_pixels: int = attrs.field(default=2048 * 2048, validator=v.gt(0))   # output size and each image sent
+    max_body_mb: int = attrs.field(default=16, validator=v.gt(0))
+    timeout: float = attrs.field(default=30.0, validator=v.gt(0))   # seconds to send a request
+    max_connections: int = attrs.field(default=16, validator=v.gt(0))
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_body=self.max_body_mb << 20, timeout=self.timeout, max_connections=self.max_connections)
 
 
 @attrs.define(kw_only=True)
@@ -93,9 +102,6 @@ SEED_NAMES = {"num_inference_steps": "num_steps", "guidance_scale": "cfg_scale"}
 NAG_PAG_FIELDS = {"nag_pag_scale": "scale", "nag_pag_applied_layers": "layers"}
 # diffusers' StableDiffusionImg2ImgPipeline default, and the value in seed 003's example
 IMG2IMG_STRENGTH = 0.8
-MAX_BODY = 64 << 20
-ENDPOINTS = {"/health": "GET", "/layers": "GET", "/generate": "POST", "/text-to-image": "POST",
-             "/image-to-image": "POST"}
 
 
 class Service:
@@ -113,6 +119,11 @@ class Service:
         self.names = {"model": config.model.name, "sampler": config.sampler.name}
         self.guidance = [unstructure(spec) for spec in config.guidance]   # as a request would write them
         self.lock = threading.Lock()
+
+    def routes(self) -> Routes:
+        return {"/health": ("GET", self.health), "/layers": ("GET", self.layers), "/generate": ("POST", self.generate),
+                "/text-to-image": ("POST", lambda body: self.seed_api(body, image_to_image=False)),
+                "/image-to-image": ("POST", lambda body: self.seed_api(body, image_to_image=True))}
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "model": self.names["model"], "device": self.device}
@@ -149,12 +160,32 @@ class Service:
                 "batch_size": self.settings.max_batch, "progress": False, "grid": False}
         settings = structure({**base, **body}, GenerateSettings)
         guidance = structure({"guidance": tables}, _RequestGuidance).guidance
+        self.check_limits(settings)
         count = sample_plan(settings, self.bundle)[2] * len(settings.seeds or [settings.seed])
         if count > self.settings.max_batch:
             raise ConfigError(f"this request asks for {count} images; this server makes at most "
                               f"{self.settings.max_batch} per request (its job.max_batch)")
         self.check_layers(guidance)
-        return attrs.evolve(settings, **_write_images(settings, folder)), guidance
+        return attrs.evolve(settings, **_write_images(settings, folder, self.settings.max_pixels)), guidance
+
+    def check_limits(self, s: GenerateSettings) -> None:
+        """The server's limits, before any tensor is made: a count the sample plan would build a
+        tensor of (``num_samples = 1e12``) stops here, not in the allocator."""
+        most = self.settings
+        asked = {"num_samples": s.num_samples, "seeds": len(s.seeds or [])}
+        if s.class_grid:
+            asked["samples_per_class"] = s.samples_per_class
+        for key, count in asked.items():
+            if count > most.max_batch:
+                raise ConfigError(f"asks for at least {count} images; this server makes at most {most.max_batch} per "
+                                  "request (its job.max_batch)", path=key)
+        if s.num_steps is not None and s.num_steps > most.max_steps:
+            raise ConfigError(f"{s.num_steps} steps; this server runs at most {most.max_steps} (its job.max_steps)",
+                              path="num_steps")
+        if (s.height or 1) * (s.width or 1) > most.max_pixels:
+            size = f"{s.width or '?'}x{s.height or '?'}"
+            raise ConfigError(f"a {size} image is more than this server makes: at most {most.max_pixels} pixels "
+                              f"(its job.max_pixels)", path="height" if (s.height or 1) > (s.width or 1) else "width")
 
     def check_layers(self, guidance: list[Spec]) -> None:
         """A layer the model lacks is the request's mistake: say where before sampling starts
@@ -223,7 +254,8 @@ class Service:
 def _json_object(body: Any) -> dict[str, Any]:
     """The request's settings; ``null`` means the server's default, as if the key were absent."""
     if not isinstance(body, dict):
-        raise ConfigError(f"expected a JSON object of settings, found {type(body).__name__}")
+        found = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}
+        raise ConfigError(f"expected a JSON object of settings, found {found.get(type(body), 'a number')}")
     return {key: value for key, value in body.items() if value is not None}
 
 
@@ -239,32 +271,42 @@ def _renamed(exc: ConfigError, renames: dict[str, str]) -> ConfigError:
     return ConfigError(detail, file=exc.file, path=path or None)
 
 
-def _write_images(s: GenerateSettings, folder: Path) -> dict[str, Any]:
+def _write_images(s: GenerateSettings, folder: Path, max_pixels: int) -> dict[str, Any]:
     """The request's base64 images as files, so they load exactly as a job file's images do."""
     files: dict[str, Any] = {}
     for key in IMAGE_KEYS:
         value = getattr(s, key)
         if isinstance(value, list):
-            files[key] = [_write_image(data, folder / f"{key}-{i}", f"{key}[{i}]") for i, data in enumerate(value)]
+            files[key] = [_write_image(data, folder / f"{key}-{i}", f"{key}[{i}]", max_pixels)
+                          for i, data in enumerate(value)]
         elif value is not None:
-            files[key] = _write_image(value, folder / key, key)
+            files[key] = _write_image(value, folder / key, key, max_pixels)
     return files
 
 
-def _write_image(data: str, path: Path, where: str) -> str:
+def _write_image(data: str, path: Path, where: str, max_pixels: int) -> str:
+    """Decode and check one image; its size is checked from the header, before its pixels are
+    decompressed (a few kilobytes of PNG can hold gigabytes of pixels)."""
     from PIL import Image, UnidentifiedImageError
 
     if data.startswith("data:"):
         header, _, data = data.partition(",")
         if not header.endswith(";base64"):
-            raise ConfigError(f"expected a base64 data: URL (data:image/png;base64,...), found {header!r}",
+            raise ConfigError(f"expected a base64 data: URL (data:image/png;base64,...), found {header[:40]!r}",
                               path=where)
     try:
-        raw = base64.b64decode("".join(data.split()), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ConfigError(f"expected a base64-encoded PNG, found text that is not base64 ({exc})", path=where) from None
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):    # line breaks (base64's 76-column lines) are fine; nothing else
+        try:
+            raw = base64.b64decode("".join(data.split()), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ConfigError(f"expected a base64-encoded PNG, found text that is not base64 ({exc})",
+                              path=where) from None
     try:
         with Image.open(io.BytesIO(raw)) as image:
+            if image.width * image.height > max_pixels:
+                raise ConfigError(f"the image is {image.width}x{image.height} ({image.width * image.height} pixels); "
+                                  f"this server takes at most {max_pixels} (its job.max_pixels)", path=where)
             image.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         reason = "no image format Pillow reads" if isinstance(exc, UnidentifiedImageError) else str(exc)
@@ -286,110 +328,21 @@ def _png_base64(image: Any, params: dict[str, Any]) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-class _HTTPError(Exception):
-    def __init__(self, status: int, message: str, allow: str | None = None):
-        super().__init__(message)
-        self.status, self.allow = status, allow
-
-
-class Handler(BaseHTTPRequestHandler):
-    """Routes a request to the server's ``Service`` and turns every outcome into JSON."""
-
-    server: DiffcoreServer
-    server_version = "diffcore"
-
-    def do_GET(self) -> None:
-        self.respond("GET")
-
-    def do_POST(self) -> None:
-        self.respond("POST")
-
-    def respond(self, method: str) -> None:
-        allow = None
-        try:
-            status, payload = 200, self.dispatch(method, urlsplit(self.path).path.rstrip("/") or "/")
-        except _HTTPError as exc:
-            status, payload, allow = exc.status, {"error": str(exc)}, exc.allow
-        except DiffcoreError as exc:    # the request's mistake: the message a job file would get
-            path = getattr(exc, "path", None)
-            status, payload = 400, {"error": str(exc), **({"path": path} if path else {})}
-        except Exception as exc:
-            traceback.print_exc(file=sys.stderr)
-            first = (str(exc).strip().splitlines() or [""])[0]
-            status, payload = 500, {"error": f"internal error: {type(exc).__name__}" + (f": {first}" if first else "")}
-        self.send_json(status, payload, allow)
-
-    def dispatch(self, method: str, path: str) -> dict[str, Any]:
-        service = self.server.service
-        if path not in ENDPOINTS:
-            listing = ", ".join(f"{m} {p}" for p, m in ENDPOINTS.items())
-            raise _HTTPError(404, f"no endpoint {path}; this server has: {listing}")
-        if method != ENDPOINTS[path]:
-            raise _HTTPError(405, f"{path} takes {ENDPOINTS[path]}, not {method}", allow=ENDPOINTS[path])
-        if path == "/health":
-            return service.health()
-        if path == "/layers":
-            return service.layers()
-        body = self.read_json()
-        if path == "/generate":
-            return service.generate(body)
-        return service.seed_api(body, image_to_image=path == "/image-to-image")
-
-    def read_json(self) -> Any:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise _HTTPError(411, "a POST needs a Content-Length header with the body's size in bytes")
-        if int(length) > MAX_BODY:
-            raise _HTTPError(413, f"the body has {length} bytes; this server takes at most {MAX_BODY}")
-        try:
-            return json.loads(self.rfile.read(int(length)), parse_constant=_no_constant)
-        except ValueError as exc:   # JSONDecodeError and UnicodeDecodeError both are
-            raise ConfigError(f"the request body is not JSON: {exc}") from None
-
-    def send_json(self, status: int, payload: dict[str, Any], allow: str | None = None) -> None:
-        data = json.dumps(payload).encode()
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            if allow:
-                self.send_header("Allow", allow)
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass    # the client went away; nothing left to tell it
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
-class DiffcoreServer(ThreadingHTTPServer):
-    """A threading HTTP server holding the ``Service`` its handlers use."""
+class DiffcoreServer(JSONServer):
+    """The HTTP server with the ``Service`` its routes call."""
 
     service: Service
-
-    def __init__(self, host: str, port: int):
-        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        try:
-            super().__init__((host, port), Handler)
-        except OSError as exc:
-            raise DiffcoreError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def make_server(config: ServeJob) -> DiffcoreServer:
     """Bind first (a busy port fails before a long model load), then load the model."""
-    server = DiffcoreServer(config.job.host, config.job.port)
+    server = DiffcoreServer(config.job.host, config.job.port, config.job.limits)
     try:
         server.service = Service(config)
     except BaseException:
         server.server_close()
         raise
+    server.routes = server.service.routes()
     return server
 
 

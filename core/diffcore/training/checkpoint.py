@@ -8,10 +8,15 @@
         rng.pt              per process: torch CPU (and CUDA), python ``random``, numpy states
         state.json          step, samples consumed, data sampler position, EMA counters, world size
         config.json         the resolved job config
+        manifest.json       written last: every other file's size in bytes
 
-Everything is written into ``step-000200.tmp/``, flushed, and the folder is renamed with
-``os.replace``: a crash leaves at worst a ``*.tmp`` folder, which ``latest`` ignores and the
-next save removes. ``keep_last`` prunes older step folders after each save.
+Everything is written into ``step-000200.tmp/``, each file fsynced, the manifest last, the
+folder fsynced and renamed with ``os.replace``, then the parent fsynced. A process killed at any
+point leaves the previous checkpoints as they were plus at worst a ``*.tmp`` folder, which
+``latest`` never picks and the next run removes. Old checkpoints (``keep_last``) and a step
+saved again are renamed to ``*.tmp`` before they are deleted, so an interrupted delete leaves
+no half-empty step folder either. A step folder counts as a checkpoint only when its manifest is
+there and every size matches (folders from before manifests: when every file is there).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,39 +39,76 @@ from diffcore.errors import CheckpointError
 STEP_DIR = re.compile(r"^step-(\d+)$")
 FILES = ("model.safetensors", "ema.safetensors", "optimizer.pt", "scheduler.json", "rng.pt", "state.json",
          "config.json")
+MANIFEST = "manifest.json"
 
 
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:06d}"
 
 
+def incomplete(path: Path) -> str | None:
+    """Why ``path`` is not a whole checkpoint folder, or None when it is one."""
+    if not path.is_dir():
+        return "not a folder"
+    try:
+        sizes = json.loads((path / MANIFEST).read_text())["files"]
+    except FileNotFoundError:  # written before manifests existed: the file names are all there is to check
+        sizes = dict.fromkeys(FILES)
+    except (OSError, ValueError, KeyError, TypeError):
+        sizes = None
+    if not isinstance(sizes, dict):
+        return f"its {MANIFEST} is unreadable"
+    sizes = {**dict.fromkeys(FILES), **sizes}  # every file a resume reads, whatever the manifest lists
+    missing = [name for name in sizes if not (path / name).is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    for name, size in sizes.items():
+        if size is not None and (found := (path / name).stat().st_size) != size:
+            return f"{name} has {found} bytes, {MANIFEST} says {size}"
+    return None
+
+
+def scan(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Step folders under ``root``, oldest first: the complete ones, and the others with the reason."""
+    if not root.is_dir():
+        return [], []
+    found = sorted((p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)), key=_step)
+    complete, broken = [], []
+    for p in found:
+        if (reason := incomplete(p)) is None:
+            complete.append(p)
+        else:
+            broken.append((p, reason))
+    return complete, broken
+
+
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoint folders under ``root``, oldest first (``*.tmp`` never counts)."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
-    return [p for _, p in sorted(found) if (p / "state.json").is_file()]
+    return scan(root)[0]
 
 
 def remove_stale(root: Path) -> list[Path]:
-    """Delete ``*.tmp`` folders and files left by an interrupted save; returns what was removed."""
+    """Delete ``*.tmp`` folders and files left by an interrupted save or delete; returns what was removed."""
     stale = sorted(root.glob("*.tmp")) if root.is_dir() else []
     for p in stale:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     return stale
 
 
-def resolve(resume: str, root: Path) -> Path | None:
-    """``"latest"`` -> the newest complete checkpoint under ``root`` (None when there is none yet),
-    anything else is a checkpoint folder path."""
+def resolve(resume: str, root: Path, warn: Callable[[str], None] | None = None) -> Path | None:
+    """``"latest"`` -> the newest complete checkpoint under ``root`` (None when there is none yet;
+    ``warn`` hears about every newer folder passed over), anything else is a checkpoint folder path."""
     if resume == "latest":
-        found = list_checkpoints(root)
-        return found[-1] if found else None
+        found, broken = scan(root)
+        newest = found[-1] if found else None
+        for path, reason in broken:
+            if warn is not None and (newest is None or _step(path) > _step(newest)):
+                warn(f"ignoring {path}: not a complete checkpoint ({reason})")
+        return newest
     path = Path(resume)
-    missing = [f for f in FILES if not (path / f).is_file()]
-    if not path.is_dir() or missing:
-        raise CheckpointError(f"resume = {resume!r}: not a training checkpoint folder"
-                              + (f" (missing {', '.join(missing)})" if path.is_dir() else ""))
+    reason = incomplete(path)
+    if reason is not None:
+        raise CheckpointError(f"resume = {resume!r}: not a training checkpoint folder ({reason})")
     return path
 
 
@@ -78,21 +121,33 @@ def save(root: Path, step: int, *, model: dict[str, torch.Tensor], ema: dict[str
     root.mkdir(parents=True, exist_ok=True)
     remove_stale(root)
     tmp.mkdir()
-    save_file(_cpu(model), tmp / "model.safetensors")
-    save_file(_cpu(ema), tmp / "ema.safetensors")
-    torch.save(optimizer, tmp / "optimizer.pt")
-    torch.save(rng, tmp / "rng.pt")
-    for name, data in (("scheduler.json", scheduler), ("config.json", config), ("state.json", state)):
-        (tmp / name).write_text(json.dumps(data, indent=2, default=str) + "\n")
-    for f in tmp.iterdir():
-        _fsync(f)
+    writers: dict[str, Callable[[Path], Any]] = {
+        "model.safetensors": lambda f: save_file(_cpu(model), f),
+        "ema.safetensors": lambda f: save_file(_cpu(ema), f),
+        "optimizer.pt": lambda f: torch.save(optimizer, f),
+        "rng.pt": lambda f: torch.save(rng, f),
+        **{name: _json_writer(data) for name, data in
+           (("scheduler.json", scheduler), ("config.json", config), ("state.json", state))},
+    }
+    for name, write in writers.items():
+        write(tmp / name)
+        _fsync(tmp / name)
+    sizes = {name: (tmp / name).stat().st_size for name in writers}
+    _json_writer({"step": step, "files": sizes})(tmp / MANIFEST)   # the mark of a finished folder
+    _fsync(tmp / MANIFEST)
+    _fsync(tmp)
     if final.exists():  # the same step saved before (a run restarted without resume)
-        shutil.rmtree(final)
+        _discard(final)
     os.replace(tmp, final)
     _fsync(root)
-    for old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old)
+    prune(root, keep_last)
     return final
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints."""
+    for old in list_checkpoints(root)[:-keep_last]:
+        _discard(old)
 
 
 def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -145,3 +200,20 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _step(path: Path) -> int:
+    return int(STEP_DIR.match(path.name).group(1))
+
+
+def _json_writer(data: Any) -> Callable[[Path], Any]:
+    return lambda f: f.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _discard(path: Path) -> None:
+    """Rename, then delete: a delete cut short leaves a ``*.tmp`` folder, not a half-empty step folder."""
+    trash = path.with_name(path.name + ".old.tmp")
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.replace(path, trash)
+    shutil.rmtree(trash)

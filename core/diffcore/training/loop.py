@@ -18,11 +18,19 @@ Exact resume. A checkpoint holds weights, EMA, optimizer, the step (the learning
 function of it), the data position and every rank's RNG states, so training 200 steps straight
 and 100 + resume + 100 give bit-identical weights on CPU in fp32 (with ``num_workers = 0``, or
 deterministic datasets: worker processes restart their own random streams).
+
+Killed runs. Whatever a SIGKILL interrupts (a step, a checkpoint save, a prune, a preview, the
+final grid), the disk holds only whole files and whole checkpoint folders plus ``*.tmp`` leftovers
+(checkpoint.py). At start rank 0 removes those leftovers (saying so), finishes an interrupted
+prune and cuts ``log.jsonl`` back to the checkpoint it continues from, so a killed run resumed
+with ``resume = "latest"`` ends exactly where one never killed ends
+(tests/reliability/test_kill_resume.py).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import time
@@ -95,9 +103,11 @@ def train(s: Any, *, bundle: Any, trainer: Any, dataset: Any, output_dir: str | 
     # resume, or seed this process
     step = 0
     root = output_dir / "checkpoints"
+    say = (lambda text: print(text, file=sys.stderr)) if main else None
     if main:
-        checkpoint.remove_stale(root)
-    path = checkpoint.resolve(s.resume, root) if s.resume else None
+        remove_interrupted_writes(output_dir, say)
+        checkpoint.prune(root, s.keep_last)  # finishes a prune a kill cut short
+    path = checkpoint.resolve(s.resume, root, warn=say) if s.resume else None
     restored_rng = False
     if path is not None:
         saved = checkpoint.load(path, device)
@@ -109,8 +119,6 @@ def train(s: Any, *, bundle: Any, trainer: Any, dataset: Any, output_dir: str | 
         optimizer.load_state_dict(saved["optimizer"])
         sampler.load_state_dict(saved["state"]["sampler"])
         step = saved["state"]["step"]
-        if main:  # steps logged after this checkpoint are about to be redone
-            _truncate_log(output_dir / "log.jsonl", step)
         if len(saved["rng"]) == world:
             checkpoint.set_rng_state(saved["rng"][rank])
             restored_rng = True
@@ -119,6 +127,8 @@ def train(s: Any, *, bundle: Any, trainer: Any, dataset: Any, output_dir: str | 
                   "continue exactly, the global RNG streams (dropout) are reseeded", file=sys.stderr)
         if main:
             print(f"resumed from {path} at step {step}", file=sys.stderr)
+    if main:  # the steps logged after the checkpoint (all of them when starting afresh) are about to be redone
+        _truncate_log(output_dir / "log.jsonl", step)
     if not restored_rng:
         torch.manual_seed(s.seed + rank)
         random.seed(s.seed + rank)
@@ -229,10 +239,33 @@ def average_gradients(params: list[nn.Parameter], world_size: int, bucket_numel:
             bucket, size = [], 0
 
 
+def remove_interrupted_writes(output_dir: Path, say: Callable[[str], None]) -> None:
+    """Delete what a killed run's atomic writers left: ``checkpoints/*.tmp`` (a save or a delete cut
+    short) and the ``.NAME.tmp`` files of images and logs that were never renamed into place."""
+    stale = checkpoint.remove_stale(output_dir / "checkpoints")
+    for p in [*output_dir.glob(".*.tmp"), *output_dir.glob("*/.*.tmp")]:
+        if p.is_file():
+            p.unlink()
+            stale.append(p)
+    for p in stale:
+        say(f"removed {p}, left by an interrupted run")
+
+
 def _truncate_log(log_file: Path, step: int) -> None:
-    if log_file.is_file():
-        lines = log_file.read_text().splitlines(keepends=True)
-        log_file.write_text("".join(x for x in lines if json.loads(x)["step"] <= step))
+    """Keep the log lines of steps up to ``step``, dropping a line a kill cut short; replaced atomically."""
+    if not log_file.is_file():
+        return
+    kept = []
+    for line in log_file.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    tmp = log_file.with_name(f".{log_file.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, log_file)
 
 
 def _seed(*parts: int) -> int:

@@ -19,7 +19,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from diffcore.api import CheckpointError
+from diffcore.api import CheckpointError, load_state_dict
 from diffcore_dit.params import DiTParams
 
 EMB = "transformer_blocks.{}.norm1.emb."
@@ -135,14 +135,16 @@ def checkpoint_file(path: str | Path) -> Path:
 
 
 def load_weights(network: torch.nn.Module, path: str | Path) -> Path:
-    """Load our or diffusers' DiT weights into ``network`` (all keys, same shapes); returns the file read."""
-    from safetensors.torch import load_file
-
+    """Load our or diffusers' DiT weights into ``network`` (all keys, same shapes); returns the file
+    read. The core's reader checks the file (empty, truncated, not safetensors, unsafe pickle)."""
     file = checkpoint_file(path)
-    sd = load_file(str(file))
+    sd = load_state_dict(file)
     if is_diffusers(sd):
         sd = from_diffusers(sd)
     own = network.state_dict()
+    if not own.keys() & sd.keys():
+        raise CheckpointError(f"{file}: not a DiT checkpoint: none of its {len(sd)} tensors has a DiT2D name "
+                              f"(first: {', '.join(sorted(sd)[:4]) or 'none'}); is it another model family's file?")
     missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
     wrong = [f"{k} {tuple(sd[k].shape)} (model: {tuple(own[k].shape)})"
              for k in own.keys() & sd.keys() if sd[k].shape != own[k].shape]

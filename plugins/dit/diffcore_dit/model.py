@@ -2,12 +2,11 @@
 
 Class-conditional transformer over 2-D patches with adaLN-Zero blocks. Here it predicts the
 flow-matching velocity ``v = noise - x0`` at ``sigma`` in [0, 1]; the timestep sinusoid reads
-``1000 * sigma`` as FLUX does, so weights keep DiT's (and diffusers') timestep scale.
+``1000 * sigma`` as FLUX does, so weights keep DiT's (and diffusers') timestep scale; its
+frequencies are diffusers' (``freq_shift``, see ``DiTParams``).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -15,19 +14,10 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from diffcore.api import Attention, ConfigError
+from diffcore.api import Attention, ConfigError, layer_norm, timestep_embedding
 from diffcore_dit.params import DiTParams
 
 TIME_DIM = 256
-
-
-def timestep_embedding(t: Tensor, dim: int = TIME_DIM, shift: float = 1.0, max_period: float = 10000.0) -> Tensor:
-    """cos | sin features of ``t`` (DDPM's sinusoid; cos first, as diffusers' ``flip_sin_to_cos``)."""
-    half = dim // 2
-    # the same op order as diffusers' get_timestep_embedding, so fp32 rounding matches bit for bit
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
-    args = t.float()[:, None] * torch.exp(exponent / (half - shift))[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 def sincos_2d(dim: int, grid: int) -> Tensor:
@@ -64,9 +54,9 @@ class DiTBlock(nn.Module):
 
     def __init__(self, hidden: int, heads: int, mlp_ratio: float):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.norm1 = layer_norm(hidden)
         self.attn = SelfAttention(hidden, heads)
-        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.norm2 = layer_norm(hidden)
         mlp = int(hidden * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(hidden, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, hidden))
         self.modulation = nn.Linear(hidden, 6 * hidden)
@@ -82,7 +72,7 @@ class FinalLayer(nn.Module):
 
     def __init__(self, hidden: int, out: int):
         super().__init__()
-        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.norm = layer_norm(hidden)
         self.modulation = nn.Linear(hidden, 2 * hidden)
         self.linear = nn.Linear(hidden, out)
 
@@ -138,7 +128,7 @@ class DiT2D(nn.Module):
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(batch)
         if y is None:
             y = torch.full((batch,), p.num_classes, dtype=torch.long, device=x.device)
-        t = timestep_embedding(sigma.float() * 1000, shift=p.freq_shift).to(dtype)
+        t = timestep_embedding(sigma.float(), TIME_DIM, freq_shift=p.freq_shift).to(dtype)
         vec = F.silu(self.t_embed(t) + self.y_embed(y))  # every modulation reads silu(c)
         tokens = rearrange(self.patch_embed(x.to(dtype)), "b d h w -> b (h w) d") + self.pos.to(dtype)
         for block in self.blocks:

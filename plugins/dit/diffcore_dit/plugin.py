@@ -6,22 +6,11 @@ from typing import Any
 
 import attrs
 
-from diffcore.api import ConfigError, did_you_mean, hookimpl
+from diffcore.api import ConfigError, hookimpl, one_of, variant_of
 from diffcore_dit.params import VARIANTS, DiTParams
 
 DTYPES = ("float32", "bfloat16")
 OVERRIDES = ("hidden", "depth", "heads", "image_size", "in_channels", "num_classes")
-
-
-def _variant(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-    if value not in VARIANTS:
-        raise ConfigError(f"unknown DiT variant {value!r}{did_you_mean(value, VARIANTS)}; "
-                          f"known: {', '.join(VARIANTS)}", path=attribute.name)
-
-
-def _dtype(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-    if value not in DTYPES:
-        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {value!r}", path=attribute.name)
 
 
 def _positive(instance: Any, attribute: attrs.Attribute, value: int | None) -> None:
@@ -37,7 +26,7 @@ def _override() -> Any:
 class DiTConfig:
     """``variant`` picks a row of the variant table; set fields override it; ``checkpoint`` loads weights."""
 
-    variant: str = attrs.field(default="digits", validator=_variant)
+    variant: str = attrs.field(default="digits", validator=variant_of("DiT", VARIANTS, auto=False))
     hidden: int | None = _override()
     depth: int | None = _override()
     heads: int | None = _override()
@@ -45,11 +34,19 @@ class DiTConfig:
     in_channels: int | None = _override()
     num_classes: int | None = _override()
     checkpoint: str | None = None   # .safetensors file, or a training checkpoint folder
-    dtype: str = attrs.field(default="float32", validator=_dtype)
+    dtype: str = attrs.field(default="float32", validator=one_of(DTYPES))
 
     def params(self) -> DiTParams:
         changes = {k: getattr(self, k) for k in OVERRIDES if getattr(self, k) is not None}
         return attrs.evolve(VARIANTS[self.variant], **changes)
+
+    def check_image_side(self, side: str, pixels: int) -> None:
+        """A DiT makes images of its own size only (pixel space, a fixed grid of positions):
+        the generate job asks before any weights load."""
+        size = self.params().image_size
+        if pixels != size:
+            raise ValueError(f"this DiT ({self.variant}) makes {size}x{size} images, so {side} must be {size} "
+                             f"(or left unset), not {pixels}")
 
 
 def build_dit(config: DiTConfig, device: Any = "cpu") -> Any:

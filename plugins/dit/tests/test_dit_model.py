@@ -6,9 +6,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from diffcore.api import timestep_embedding
 from diffcore.errors import ConfigError
 from diffcore.nn.attention import attention_layers, patch_attention, resolve_layers
-from diffcore_dit.model import DiT2D, sincos_2d, timestep_embedding
+from diffcore_dit.model import DiT2D, sincos_2d
 from diffcore_dit.params import DiTParams
 
 
@@ -100,7 +101,7 @@ def test_bfloat16_model_takes_and_returns_fp32(tiny, randomize):
 
 
 def test_embeddings_follow_dit_layout():
-    t = timestep_embedding(torch.tensor([0.0, 500.0]), dim=8, shift=0.0)
+    t = timestep_embedding(torch.tensor([0.0, 500.0]), dim=8, time_factor=1.0)
     assert torch.equal(t[0], torch.tensor([1.0] * 4 + [0.0] * 4))  # cos | sin
     assert torch.allclose(t[1, 0], torch.cos(torch.tensor(500.0)))
     pos = sincos_2d(8, grid=3)  # token 2 is (row 0, col 2); the first half encodes the column

@@ -10,14 +10,14 @@ so a loader reports them instead of silently dropping them.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 
 import attrs
 import torch
 from torch import Tensor
 
-from diffcore.api import CheckpointError
+from diffcore.api import CheckpointError, block_indices, meta_state, strip_prefix, swap_halves
+from diffcore.api import detect_layout as layout_of
 from diffcore_flux1.model import VARIANTS, FluxParams
 
 COMFY_PREFIX = "model.diffusion_model."
@@ -61,11 +61,6 @@ _SINGLE = [
 _SINGLE_NORMS = [("norm.query_norm.scale", "attn.norm_q.weight"), ("norm.key_norm.scale", "attn.norm_k.weight")]
 
 
-def _blocks(keys: Iterable[str], prefix: str) -> list[int]:
-    pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
-    return sorted({int(m.group(1)) for k in keys if (m := pattern.match(k))})
-
-
 def _pairs(keys: Iterable[str], layout: str) -> list[tuple[str, list[str]]]:
     """(BFL key, [diffusers keys]) for every tensor the block counts in ``keys`` imply."""
     keys = list(keys)
@@ -78,11 +73,11 @@ def _pairs(keys: Iterable[str], layout: str) -> list[tuple[str, list[str]]]:
 
     for bfl, diff in _TOP:
         linear(bfl, diff)
-    for i in _blocks(keys, double_prefix):
+    for i in block_indices(keys, double_prefix):
         for bfl, diff in _DOUBLE:
             linear(f"double_blocks.{i}.{bfl}", [f"transformer_blocks.{i}.{d}" for d in diff])
         out.extend((f"double_blocks.{i}.{b}", [f"transformer_blocks.{i}.{d}"]) for b, d in _DOUBLE_NORMS)
-    for i in _blocks(keys, single_prefix):
+    for i in block_indices(keys, single_prefix):
         for bfl, diff in _SINGLE:
             linear(f"single_blocks.{i}.{bfl}", [f"single_transformer_blocks.{i}.{d}" for d in diff])
         out.extend((f"single_blocks.{i}.{b}", [f"single_transformer_blocks.{i}.{d}"]) for b, d in _SINGLE_NORMS)
@@ -100,11 +95,6 @@ def fused_on_load(key: str) -> bool:
         key.startswith(("transformer_blocks.", "single_transformer_blocks.")) and key.split(".", 2)[-1] in _FUSED_PARTS)
 
 
-def _swap_halves(t: Tensor) -> Tensor:
-    a, b = t.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
-
-
 def diffusers_to_bfl(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """diffusers ``FluxTransformer2DModel`` keys -> BFL keys (fusing q, k, v [, mlp])."""
     out = {}
@@ -112,7 +102,7 @@ def diffusers_to_bfl(sd: dict[str, Tensor]) -> dict[str, Tensor]:
         if all(d in sd for d in diff):
             parts = [sd.pop(d) for d in diff]
             t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-            out[bfl] = _swap_halves(t) if bfl.startswith(FINAL_ADALN) else t
+            out[bfl] = swap_halves(t) if bfl.startswith(FINAL_ADALN) else t
     out.update(sd)  # unknown keys travel on, to be reported by the loader
     sd.clear()
     return out
@@ -132,7 +122,7 @@ def bfl_to_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
             continue
         t = sd.pop(bfl)
         if bfl.startswith(FINAL_ADALN):
-            t = _swap_halves(t)
+            t = swap_halves(t)
         if len(diff) == 1:
             out[diff[0]] = t
             continue
@@ -149,9 +139,7 @@ def bfl_to_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 def strip_comfy(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """ComfyUI (``model.diffusion_model.*``) -> BFL. Other parts of an all-in-one file (VAE, text
     encoders) are not the transformer's and are left out."""
-    out = {k[len(COMFY_PREFIX):]: v for k, v in sd.items() if k.startswith(COMFY_PREFIX)}
-    sd.clear()
-    return out
+    return strip_prefix(sd, (COMFY_PREFIX,))
 
 
 # (what the file is, a key prefix or name only it has); checked in order on keys without their
@@ -180,21 +168,17 @@ def identify_foreign(keys: Iterable[str]) -> str | None:
     return None
 
 
+LAYOUTS = {"comfyui": (COMFY_PREFIX,), "bfl": ("img_in.weight", "double_blocks."),
+           "diffusers": ("x_embedder.weight", "transformer_blocks.")}
+
+
 def detect_layout(keys: Iterable[str]) -> str:
     """``"bfl"``, ``"diffusers"`` or ``"comfyui"`` from a transformer checkpoint's key names."""
     keys = set(keys)
     foreign = identify_foreign(keys)
     if foreign is not None:
         raise CheckpointError(f"not a FLUX.1 transformer: the keys are those of {foreign}")
-    if any(k.startswith(COMFY_PREFIX) for k in keys):
-        return "comfyui"
-    if "img_in.weight" in keys or any(k.startswith("double_blocks.") for k in keys):
-        return "bfl"
-    if "x_embedder.weight" in keys or any(k.startswith("transformer_blocks.") for k in keys):
-        return "diffusers"
-    raise CheckpointError("not a FLUX.1 transformer checkpoint: none of img_in.weight (BFL), x_embedder.weight "
-                          f"(diffusers) or {COMFY_PREFIX}* (ComfyUI) is present; "
-                          f"first keys: {', '.join(sorted(keys)[:5])}")
+    return layout_of(keys, LAYOUTS, "a FLUX.1 transformer checkpoint")
 
 
 def to_bfl(sd: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -206,7 +190,7 @@ def to_bfl(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _bfl_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Tensor]:
-    return to_bfl({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+    return to_bfl(meta_state(shapes))
 
 
 def infer_params(shapes: Mapping[str, tuple[int, ...]], axes_dim: tuple[int, ...] | None = None) -> FluxParams:
@@ -227,7 +211,7 @@ def infer_params(shapes: Mapping[str, tuple[int, ...]], axes_dim: tuple[int, ...
     return FluxParams(
         in_channels=in_channels, out_channels=out_channels, vec_in_dim=vec_in_dim, context_in_dim=context_in_dim,
         hidden_size=hidden, mlp_ratio=mlp_hidden / hidden, num_heads=hidden // head_dim,
-        depth=len(_blocks(sd, "double_blocks")), depth_single_blocks=len(_blocks(sd, "single_blocks")),
+        depth=len(block_indices(sd, "double_blocks")), depth_single_blocks=len(block_indices(sd, "single_blocks")),
         axes_dim=axes_dim or (16, 56, 56), qkv_bias="double_blocks.0.img_attn.qkv.bias" in sd,
         guidance_embed="guidance_in.in_layer.weight" in sd)
 

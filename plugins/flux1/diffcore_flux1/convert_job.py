@@ -24,8 +24,8 @@ from typing import Any
 
 import attrs
 
-from diffcore.api import JobContext, JobSettings, is_main_process
-from diffcore_flux1.plugin import _choice, _local, _variant
+from diffcore.api import JobContext, JobSettings, is_main_process, local_path, one_of, variant_of
+from diffcore_flux1.params import VARIANTS
 
 LAYOUTS = ("bfl", "diffusers")
 DTYPES = ("keep", "bfloat16", "float16", "float32")
@@ -34,11 +34,11 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 @attrs.define
 class ConvertSettings(JobSettings):
-    input: str = attrs.field(default="", validator=_local)
-    layout: str = attrs.field(default="diffusers", validator=_choice(LAYOUTS))
-    variant: str = attrs.field(default="auto", validator=_variant)
-    vae: str | None = attrs.field(default=None, validator=_local)
-    dtype: str = attrs.field(default="keep", validator=_choice(DTYPES))
+    input: str = attrs.field(default="", validator=local_path)
+    layout: str = attrs.field(default="diffusers", validator=one_of(LAYOUTS))
+    variant: str = attrs.field(default="auto", validator=variant_of("FLUX.1", VARIANTS))
+    vae: str | None = attrs.field(default=None, validator=local_path)
+    dtype: str = attrs.field(default="keep", validator=one_of(DTYPES))
     filename: str | None = None
 
 

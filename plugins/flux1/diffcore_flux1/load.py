@@ -20,38 +20,27 @@ from pathlib import Path
 
 import torch
 
-from diffcore.api import CheckpointError, checkpoint_files, load_model, tensor_shapes
+from diffcore.api import (
+    CheckpointError,
+    checkpoint_files,
+    load_model,
+    tensor_shapes,
+    vae_diffusers_config,
+    vae_params_from_diffusers,
+)
+from diffcore.api import check_safetensors as core_check_safetensors
+from diffcore.api import vae_params_from_shapes as core_vae_params_from_shapes
 from diffcore_flux1.convert import detect_variant, fused_on_load, identify_foreign, infer_params, to_bfl
 from diffcore_flux1.model import VARIANTS, Flux, FluxParams, params_from_diffusers_config
 from diffcore_flux1.vae import AE_VARIANTS, AutoEncoder, AutoEncoderParams, vae_to_bfl
 
-MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
-
 
 def check_safetensors(path: str | Path) -> None:
-    """Every ``.safetensors`` file behind ``path`` is whole: its header parses and the file holds
-    all the bytes the header promises (an interrupted download is the usual culprit)."""
+    """Every ``.safetensors`` file behind ``path`` is whole (the core's check: not empty, a header
+    that parses, every byte it promises present), before anything is read."""
     for file in checkpoint_files(path):
-        if file.suffix != ".safetensors":
-            continue
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            head = f.read(8)
-            length = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if length < 0 or length > MAX_HEADER:
-                raise CheckpointError(f"{file}: not a safetensors file ({size} bytes, no valid header length); "
-                                      f"an incomplete download or another format")
-            if 8 + length > size:
-                raise CheckpointError(f"{file}: truncated: {size:,} bytes, but its header alone is {length:,} "
-                                      f"(incomplete download? fetch it again)")
-            try:
-                header = json.loads(f.read(length))
-                end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-            except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
-                raise CheckpointError(f"{file}: not a safetensors file: its header does not parse ({exc})") from None
-        if 8 + length + end > size:
-            raise CheckpointError(f"{file}: truncated: {size:,} bytes of the {8 + length + end:,} its header "
-                                  f"describes (incomplete download? fetch it again)")
+        if file.suffix == ".safetensors":
+            core_check_safetensors(file)
 
 
 def component(path: Path, name: str) -> tuple[Path, dict | None]:
@@ -100,25 +89,32 @@ def transformer_params(path: str | Path, variant: str | None = None) -> tuple[st
     foreign = identify_foreign(shapes)
     if foreign is not None:
         raise CheckpointError(f"{path}: not a FLUX.1 transformer: the keys are those of {foreign}")
-    if config is not None:
-        params = params_from_diffusers_config(config)
-    else:
-        try:
-            params = VARIANTS[detect_variant(shapes)]
-        except CheckpointError:
-            # no row has these sizes; the RoPE axes (never stored) come from the named variant or a
-            # row with the same head dim (FLUX.1's 128 -> (16, 56, 56))
-            found = infer_params(shapes, axes_dim=(0,))
-            head_dim = found.hidden_size // found.num_heads
-            rows = [VARIANTS[variant]] if variant is not None else []
-            axes = next((r.axes_dim for r in [*rows, *VARIANTS.values()] if r.hidden_size // r.num_heads == head_dim),
-                        None)
-            if axes is None:
-                raise
-            params = infer_params(shapes, axes_dim=axes)
+    try:
+        params = _sizes(shapes, config, variant)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     name = variant or next((k for k, row in VARIANTS.items() if row == params), None) or _role_name(params)
     _check_role(name, params, path)
     return name, params
+
+
+def _sizes(shapes: Mapping[str, tuple[int, ...]], config: dict | None, variant: str | None) -> FluxParams:
+    """The transformer's sizes: config.json's, else a ``VARIANTS`` row's, else the shapes'."""
+    if config is not None:
+        return params_from_diffusers_config(config)
+    try:
+        return VARIANTS[detect_variant(shapes)]
+    except CheckpointError:
+        # no row has these sizes; the RoPE axes (never stored) come from the named variant or a
+        # row with the same head dim (FLUX.1's 128 -> (16, 56, 56))
+        found = infer_params(shapes, axes_dim=(0,))
+        head_dim = found.hidden_size // found.num_heads
+        rows = [VARIANTS[variant]] if variant is not None else []
+        axes = next((r.axes_dim for r in [*rows, *VARIANTS.values()] if r.hidden_size // r.num_heads == head_dim),
+                    None)
+        if axes is None:
+            raise
+        return infer_params(shapes, axes_dim=axes)
 
 
 def _role(params: FluxParams) -> tuple[str, bool]:
@@ -154,48 +150,22 @@ def load_transformer(path: str | Path, *, variant: str | None = None, params: Fl
 
 
 def vae_params_from_diffusers_config(config: dict) -> AutoEncoderParams:
-    widths = list(config.get("block_out_channels", (128, 256, 512, 512)))
-    if any(w % widths[0] for w in widths) or config.get("use_quant_conv") or config.get("use_post_quant_conv"):
-        raise CheckpointError(f"not a FLUX.1-style VAE config (block_out_channels {widths}, quant convs "
-                              f"{config.get('use_quant_conv')}/{config.get('use_post_quant_conv')})")
-    return AutoEncoderParams(
-        in_channels=config.get("in_channels", 3), out_ch=config.get("out_channels", 3), ch=widths[0],
-        ch_mult=tuple(w // widths[0] for w in widths), num_res_blocks=config.get("layers_per_block", 2),
-        z_channels=config.get("latent_channels", 16), scale_factor=config.get("scaling_factor", 0.3611),
-        shift_factor=config.get("shift_factor", 0.1159))
-
-
-def vae_diffusers_config(params: AutoEncoderParams) -> dict:
-    """The ``config.json`` of a diffusers ``AutoencoderKL`` with these parameters (FLUX.1: no quant convs)."""
-    levels = len(params.ch_mult)
-    return {"_class_name": "AutoencoderKL", "in_channels": params.in_channels, "out_channels": params.out_ch,
-            "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
-            "block_out_channels": [params.ch * m for m in params.ch_mult], "layers_per_block": params.num_res_blocks,
-            "act_fn": "silu", "latent_channels": params.z_channels, "norm_num_groups": 32,
-            "scaling_factor": params.scale_factor, "shift_factor": params.shift_factor, "use_quant_conv": False,
-            "use_post_quant_conv": False, "mid_block_add_attention": True, "force_upcast": True}
+    """FLUX.1's autoencoder from a diffusers ``config.json`` (FLUX.1's values fill what it omits)."""
+    params = vae_params_from_diffusers({**vae_diffusers_config(AE_VARIANTS["flux1"]), **config})
+    if params.quant_conv:
+        raise CheckpointError(f"not a FLUX.1-style VAE config: it has quant convs (block_out_channels "
+                              f"{config.get('block_out_channels')})")
+    return params
 
 
 def vae_params_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> AutoEncoderParams:
     """``AutoEncoderParams`` read off an autoencoder's tensor shapes (any layout); the latent
     scale and shift are not stored, so FLUX.1's are assumed."""
-    sd = vae_to_bfl({k: torch.empty(s, device="meta") for k, s in shapes.items()})
-    if any(k.startswith(("encoder.quant_conv.", "quant_conv.", "decoder.post_quant_conv.", "post_quant_conv."))
-           for k in sd):
+    flux1 = AE_VARIANTS["flux1"]
+    params = core_vae_params_from_shapes(shapes, scale_factor=flux1.scale_factor, shift_factor=flux1.shift_factor)
+    if params.quant_conv or params.batch_norm:
         raise CheckpointError("an autoencoder with quant convs (FLUX.2's or Stable Diffusion's), not FLUX.1's")
-    try:
-        ch = sd["encoder.conv_in.weight"].shape[0]
-        levels = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.down.")})
-        widths = [sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in levels]
-        blocks = len({k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")})
-        z_channels = sd["decoder.conv_in.weight"].shape[1]
-        io = sd["encoder.conv_in.weight"].shape[1], sd["decoder.conv_out.weight"].shape[0]
-    except KeyError as exc:
-        raise CheckpointError(f"not a complete FLUX.1 autoencoder: {exc.args[0]} is missing") from None
-    if any(w % ch for w in widths):
-        raise CheckpointError(f"autoencoder level widths {widths} are not multiples of conv_in's {ch}")
-    return AutoEncoderParams(in_channels=io[0], out_ch=io[1], ch=ch, ch_mult=tuple(w // ch for w in widths),
-                             num_res_blocks=blocks, z_channels=z_channels)
+    return params
 
 
 def load_vae(path: str | Path, *, variant: str | None = None, params: AutoEncoderParams | None = None,

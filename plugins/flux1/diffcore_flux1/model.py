@@ -11,12 +11,12 @@ import re
 import torch
 from torch import Tensor, nn
 
-from diffcore.api import Linear
-
-from diffcore_flux1.layers import (
+from diffcore.api import (
     DoubleStreamBlock,
     EmbedND,
+    GeluMLP,
     LastLayer,
+    Linear,
     MLPEmbedder,
     SingleStreamBlock,
     timestep_embedding,
@@ -44,10 +44,12 @@ class Flux(nn.Module):
         self.vector_in = MLPEmbedder(p.vec_in_dim, p.hidden_size)
         self.guidance_in = MLPEmbedder(256, p.hidden_size) if p.guidance_embed else nn.Identity()
         self.txt_in = Linear(p.context_in_dim, p.hidden_size)
+        h, mlp_hidden = p.hidden_size, int(p.hidden_size * p.mlp_ratio)
         self.double_blocks = nn.ModuleList(
-            DoubleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio, p.qkv_bias) for _ in range(p.depth))
+            DoubleStreamBlock(h, p.num_heads, lambda: GeluMLP(h, mlp_hidden), qkv_bias=p.qkv_bias)
+            for _ in range(p.depth))
         self.single_blocks = nn.ModuleList(
-            SingleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio) for _ in range(p.depth_single_blocks))
+            SingleStreamBlock(h, p.num_heads, mlp_hidden) for _ in range(p.depth_single_blocks))
         self.final_layer = LastLayer(p.hidden_size, p.out_channels)
 
     def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
@@ -76,10 +78,10 @@ class Flux(nn.Module):
         img, txt = self.img_in(img), self.txt_in(txt)
 
         for block in self.double_blocks:
-            img, txt = block(img, txt, vec, pe)
+            img, txt = block(img, txt, pe, vec)
         x = torch.cat((txt, img), dim=1)
         for block in self.single_blocks:
-            x = block(x, vec, pe)
+            x = block(x, pe, vec)
         return self.final_layer(x[:, txt.shape[1]:], vec)
 
 

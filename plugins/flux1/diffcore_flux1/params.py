@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import attrs
 
+from diffcore.api import AutoEncoderParams
+
 
 @attrs.frozen
 class FluxParams:
@@ -73,19 +75,8 @@ KONTEXT_RESOLUTIONS: tuple[tuple[int, int], ...] = (
 )
 
 
-@attrs.frozen
-class AutoEncoderParams:
-    in_channels: int = 3
-    out_ch: int = 3
-    ch: int = 128
-    ch_mult: tuple[int, ...] = attrs.field(default=(1, 2, 4, 4), converter=tuple)
-    num_res_blocks: int = 2
-    z_channels: int = 16
-    scale_factor: float = 0.3611
-    shift_factor: float = 0.1159
-
-
 AE_VARIANTS: dict[str, AutoEncoderParams] = {
-    "flux1": AutoEncoderParams(),
-    "tiny": AutoEncoderParams(ch=32, ch_mult=(1, 2), num_res_blocks=1),
+    "flux1": AutoEncoderParams(z_channels=16, scale_factor=0.3611, shift_factor=0.1159),
+    "tiny": AutoEncoderParams(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=16, scale_factor=0.3611,
+                              shift_factor=0.1159),
 }

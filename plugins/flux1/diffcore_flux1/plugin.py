@@ -10,44 +10,16 @@ diffusers keys) with BFL's ``ae.safetensors`` next to it (or ``vae`` set) and ``
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from diffcore.api import ConfigError, did_you_mean, hookimpl
+from diffcore.api import DTYPES, ConfigError, hookimpl, local_path, one_of, resolve_dtype, variant_of
 from diffcore_flux1.params import DEFAULTS, VARIANTS
 
-DTYPES = ("auto", "bfloat16", "float16", "float32")
-OFFLOAD = ("none", "model", "sequential")
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+OFFLOAD = ("none", "model", "sequential")  # diffcore.nn.offload.MODES, without importing torch
 BFL_AE = "ae.safetensors"
-
-
-def _variant(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-    if value != "auto" and value not in VARIANTS:
-        raise ConfigError(f"unknown FLUX.1 variant {value!r}{did_you_mean(value, VARIANTS)}; "
-                          f"known: auto, {', '.join(VARIANTS)}", path=attribute.name)
-
-
-def _choice(choices: tuple[str, ...]) -> Any:
-    def check(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-        if value not in choices:
-            raise ConfigError(f"{attribute.name} must be one of {', '.join(choices)}, got {value!r}"
-                              f"{did_you_mean(str(value), choices)}", path=attribute.name)
-    return check
-
-
-def _local(instance: Any, attribute: attrs.Attribute, value: str | None) -> None:
-    if not value or Path(value).expanduser().exists():
-        return  # an empty path is reported when the model is built
-    if HUB_ID.fullmatch(value) and not value.startswith((".", "/", "~")):
-        raise ConfigError(f"{value!r} looks like a Hugging Face hub id; diffcore never downloads. Fetch it first "
-                          f"(huggingface-cli download {value} --local-dir ./{value.split('/')[-1]}) and set "
-                          f"{attribute.name} to that local folder (the one holding model_index.json)",
-                          path=attribute.name)
-    raise ConfigError(f"no such file or folder: {value}", path=attribute.name)
 
 
 @attrs.frozen
@@ -57,35 +29,27 @@ class Flux1Config:
     canny-dev; name kontext-dev and depth-dev, whose shapes are dev's and canny-dev's); it sets
     the defaults below. ``guidance``: the embedded guidance (variant default: dev 3.5, Kontext
     2.5, Fill 30). ``dtype = "auto"``: bfloat16 on CUDA, float32 elsewhere. ``offload``: see
-    ``diffcore_flux1.offload``. ``resize_references``: snap Kontext references to the nearest
+    ``diffcore.nn.offload``. ``resize_references``: snap Kontext references to the nearest
     training resolution (BFL, diffusers)."""
 
-    variant: str = attrs.field(default="auto", validator=_variant)
-    path: str = attrs.field(default="", validator=_local)
-    vae: str | None = attrs.field(default=None, validator=_local)
-    text_encoders: str | None = attrs.field(default=None, validator=_local)
-    dtype: str = attrs.field(default="auto", validator=_choice(DTYPES))
-    offload: str = attrs.field(default="none", validator=_choice(OFFLOAD))
+    variant: str = attrs.field(default="auto", validator=variant_of("FLUX.1", VARIANTS))
+    path: str = attrs.field(default="", validator=local_path)
+    vae: str | None = attrs.field(default=None, validator=local_path)
+    text_encoders: str | None = attrs.field(default=None, validator=local_path)
+    dtype: str = attrs.field(default="auto", validator=one_of(DTYPES))
+    offload: str = attrs.field(default="none", validator=one_of(OFFLOAD))
     guidance: float | None = None
     max_sequence_length: int | None = attrs.field(default=None)  # T5 tokens: 512, schnell 256
     resize_references: bool = True
-
-
-def resolve_dtype(name: str, device: Any) -> Any:
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 def build_flux1(config: Flux1Config, device: Any = "cpu") -> Any:
     """A ``FluxBundle`` computing on ``device`` from the local files ``config`` names. Paths and
     files are checked before anything loads; then the text encoders load (they run first), the
     autoencoder, and the transformer."""
+    from diffcore.api import Offload
     from diffcore_flux1.bundle import FluxBundle
     from diffcore_flux1.load import check_safetensors, load_transformer, load_vae, transformer_params
-    from diffcore_flux1.offload import Offload
     from diffcore_flux1.text import FluxTextEncoder
 
     if not config.path:

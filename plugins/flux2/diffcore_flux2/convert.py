@@ -20,7 +20,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from diffcore.api import CheckpointError
+from diffcore.api import CheckpointError, meta_state, strip_prefix, swap_halves  # noqa: F401 (meta_state: for callers)
+from diffcore.api import detect_layout as layout_of
 from diffcore_flux2.params import TAGGED, VARIANTS, Flux2Params
 
 COMFYUI_PREFIX = "model.diffusion_model."
@@ -64,24 +65,15 @@ _BFL_BLOCK = re.compile(r"(double|single)_blocks\.(\d+)\.(.+)")
 _DIFFUSERS_BLOCK = re.compile(r"(single_)?transformer_blocks\.(\d+)\.(.+)")
 
 
-def _swap_halves(t: Tensor) -> Tensor:
-    first, second = t.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
+LAYOUTS = {"comfyui": (COMFYUI_PREFIX + "double_stream_modulation_img.",),
+           "bfl": ("double_stream_modulation_img.lin.weight",),
+           "diffusers": ("double_stream_modulation_img.linear.weight",)}
 
 
 def detect_layout(keys: Sequence[str] | Mapping[str, object]) -> str:
-    """``"bfl"``, ``"diffusers"`` or ``"comfyui"`` for a FLUX.2 transformer's keys."""
-    keys = list(keys)
-    if any(k.startswith(COMFYUI_PREFIX + "double_stream_modulation_img.") for k in keys):
-        return "comfyui"
-    if "double_stream_modulation_img.lin.weight" in keys:
-        return "bfl"
-    if "double_stream_modulation_img.linear.weight" in keys:
-        return "diffusers"
-    shown = ", ".join(keys[:5])
-    raise CheckpointError(f"not a FLUX.2 transformer: none of its {len(keys)} keys is a shared double-stream "
-                          f"modulation (double_stream_modulation_img.lin/.linear, also under {COMFYUI_PREFIX}); "
-                          f"first keys: {shown}")
+    """``"bfl"``, ``"diffusers"`` or ``"comfyui"`` for a FLUX.2 transformer's keys: the shared
+    double-stream modulation (``lin`` in BFL's, ``linear`` in diffusers' names) tells them apart."""
+    return layout_of(keys, LAYOUTS, "a FLUX.2 transformer")
 
 
 def bfl_to_diffusers(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -91,7 +83,7 @@ def bfl_to_diffusers(state: dict[str, Tensor]) -> dict[str, Tensor]:
         if key in _TOP:
             out[_TOP[key]] = state.pop(key)
         elif key == _FINAL_ADALN[0]:
-            out[_FINAL_ADALN[1]] = _swap_halves(state.pop(key))
+            out[_FINAL_ADALN[1]] = swap_halves(state.pop(key))
         elif m := _BFL_BLOCK.fullmatch(key):
             kind, index, name = m.groups()
             if kind == "double" and name in _DOUBLE_QKV:
@@ -125,7 +117,7 @@ def diffusers_to_bfl(state: dict[str, Tensor]) -> dict[str, Tensor]:
         if key in _TOP_BACK:
             out[_TOP_BACK[key]] = state.pop(key)
         elif key == _FINAL_ADALN[1]:
-            out[_FINAL_ADALN[0]] = _swap_halves(state.pop(key))
+            out[_FINAL_ADALN[0]] = swap_halves(state.pop(key))
         elif m := _DIFFUSERS_BLOCK.fullmatch(key):
             single, index, name = m.groups()
             if single and name in _SINGLE_BACK:
@@ -157,13 +149,8 @@ def to_bfl(state: dict[str, Tensor]) -> dict[str, Tensor]:
     layout = detect_layout(state)
     if layout == "diffusers":
         return diffusers_to_bfl(state)
-    if layout == "comfyui":
-        outside = [k for k in state if not k.startswith(COMFYUI_PREFIX)]
-        if outside:
-            raise CheckpointError(f"ComfyUI FLUX.2 file holds {len(outside)} tensor(s) outside "
-                                  f"{COMFYUI_PREFIX} (text encoder or VAE?): {', '.join(sorted(outside)[:5])}; "
-                                  f"load the diffusion model file alone")
-        state = {k[len(COMFYUI_PREFIX):]: state.pop(k) for k in list(state)}
+    if layout == "comfyui":  # an all-in-one file's other parts (VAE, text encoder) are left out
+        state = strip_prefix(state, (COMFYUI_PREFIX,))
     _leftovers({k: v for k, v in state.items() if not _is_bfl_key(k)}, "BFL")
     return state
 
@@ -173,11 +160,6 @@ def _is_bfl_key(key: str) -> bool:
         return True
     m = _BFL_BLOCK.fullmatch(key)
     return bool(m) and m.group(3) in (_SINGLE if m.group(1) == "single" else {**_DOUBLE, **_DOUBLE_QKV})
-
-
-def meta_state(shapes: Mapping[str, Sequence[int]]) -> dict[str, Tensor]:
-    """Shapes (``diffcore.io.checkpoint.tensor_shapes``) as meta tensors, so the converters run on them."""
-    return {k: torch.empty(tuple(s), device="meta") for k, s in shapes.items()}
 
 
 def params_from_state(state: Mapping[str, Tensor]) -> Flux2Params:

@@ -1,5 +1,6 @@
 """FLUX.2 files to modules: any layout (BFL, diffusers, ComfyUI), built on the meta device and
-filled through ``diffcore.io.checkpoint.load_model`` so each weight exists once in memory."""
+filled through ``diffcore.io.checkpoint.load_model`` so each weight exists once in memory (the
+core checks every safetensors header before it reads, ``diffcore.io.headers``)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,10 @@ def transformer_params(path: PathLike, variant: str | None = None) -> tuple[str 
                                   f"known: {', '.join(VARIANTS)}")
         return variant, VARIANTS[variant]
     state = meta_state(tensor_shapes(path))
-    params = params_from_state(state)
+    try:
+        params = params_from_state(state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     try:
         name = detect_variant(state, hint=str(path))
     except CheckpointError:

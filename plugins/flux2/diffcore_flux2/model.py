@@ -5,6 +5,11 @@
 [0, 1]. Position ids are 4-D ``[t, h, w, l]``: image tokens ``[0, row, col, 0]``, text tokens
 ``[0, 0, 0, index]``, reference images ``[10 * (i + 1), row, col, 0]``. Reference tokens
 (``ref``, ``ref_ids``) join the image stream after the target tokens and are cut from the output.
+
+The blocks are FLUX.1's (``diffcore.nn.mmdit``) with what BFL changed: no biases anywhere, a
+SwiGLU MLP whose input projection is fused [gate | up], and adaLN modulation computed once per
+forward from the timestep (+ guidance) embedding and shared by every block, so blocks hold no
+modulation weights (and modulate with fused multiply-adds).
 """
 
 from __future__ import annotations
@@ -15,21 +20,23 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from diffcore.api import ConfigError, Linear
-from diffcore_flux2.layers import (
-    TIME_DIM,
+from diffcore.api import (
+    ConfigError,
     DoubleStreamBlock,
     EmbedND,
     LastLayer,
+    Linear,
     MLPEmbedder,
-    Mod,
     Modulation,
-    ReferenceCache,
-    ReferenceSpan,
+    ModulationOut,
     SingleStreamBlock,
+    swiglu_mlp,
     timestep_embedding,
 )
+from diffcore_flux2.references import ReferenceCache, ReferenceSpan
 from diffcore_flux2.params import VARIANTS, Flux2Params
+
+TIME_DIM = 256
 
 __all__ = ["Flux2", "Flux2Params", "ReferenceCache", "VARIANTS", "attention_alias"]
 
@@ -47,18 +54,22 @@ class Flux2(nn.Module):
             raise ConfigError(f"FLUX.2 RoPE axes {p.axes_dim} must all be even (features rotate in pairs)")
         h = p.hidden_size
         self.gradient_checkpointing = False
-        self.pe_embedder = EmbedND(p.theta, p.axes_dim)
+        self.pe_embedder = EmbedND(p.axes_dim, p.theta)
         self.img_in = Linear(p.in_channels, h, bias=False)
         self.txt_in = Linear(p.context_in_dim, h, bias=False)
-        self.time_in = MLPEmbedder(TIME_DIM, h)
-        self.guidance_in = MLPEmbedder(TIME_DIM, h) if p.guidance_embed else None
-        self.double_stream_modulation_img = Modulation(h, sets=2)
-        self.double_stream_modulation_txt = Modulation(h, sets=2)
-        self.single_stream_modulation = Modulation(h, sets=1)
-        self.double_blocks = nn.ModuleList(DoubleStreamBlock(h, p.num_heads, p.mlp_hidden) for _ in range(p.depth))
+        self.time_in = MLPEmbedder(TIME_DIM, h, bias=False)
+        self.guidance_in = MLPEmbedder(TIME_DIM, h, bias=False) if p.guidance_embed else None
+        self.double_stream_modulation_img = Modulation(h, double=True, bias=False, fused=True)
+        self.double_stream_modulation_txt = Modulation(h, double=True, bias=False, fused=True)
+        self.single_stream_modulation = Modulation(h, double=False, bias=False, fused=True)
+        # no biases; the blocks read the shared modulations above instead of holding their own
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(h, p.num_heads, lambda: swiglu_mlp(h, p.mlp_hidden), qkv_bias=False, bias=False,
+                              modulation=False) for _ in range(p.depth))
         self.single_blocks = nn.ModuleList(
-            SingleStreamBlock(h, p.num_heads, p.mlp_hidden) for _ in range(p.depth_single_blocks))
-        self.final_layer = LastLayer(h, p.in_channels)
+            SingleStreamBlock(h, p.num_heads, p.mlp_hidden, mlp_act="swiglu", bias=False, modulation=False)
+            for _ in range(p.depth_single_blocks))
+        self.final_layer = LastLayer(h, p.in_channels, bias=False, fused=True)
 
     def forward(self, x: Tensor, x_ids: Tensor, timesteps: Tensor, ctx: Tensor, ctx_ids: Tensor,
                 guidance: Tensor | None = None, ref: Tensor | None = None, ref_ids: Tensor | None = None,
@@ -101,18 +112,18 @@ class Flux2(nn.Module):
             spans = self.reference_spans(ref_cache, txt.shape[1], refs if filling else 0, tokens, x.device)
         if filling:  # references are modulated as at timestep 0, and come before the image tokens
             ref_vec = self.embed_time(torch.zeros_like(_per_sample(timesteps, batch, x)), guidance, batch, x)
-            img_mod = tuple(_per_token([r, m], [refs, tokens]) for r, m in
-                            zip(self.double_stream_modulation_img(ref_vec), img_mod))
+            img_mod = [_per_token([r, m], [refs, tokens])
+                       for r, m in zip(self.double_stream_modulation_img(ref_vec), img_mod)]
             single_mod = _per_token([single_mod, self.single_stream_modulation(ref_vec)[0], single_mod],
                                     [txt.shape[1], refs, tokens])
             image_tokens = slice(txt.shape[1] + refs, txt.shape[1] + refs + tokens)
 
         for block, span in zip(self.double_blocks, spans):
-            img, txt = self._run(block, img, txt, pe, img_mod, txt_mod, span)
+            img, txt = self._run(block, img, txt, pe, None, (img_mod, txt_mod), span)
         seq = torch.cat([txt, img], dim=1)
         for i, (block, span) in enumerate(zip(self.single_blocks, spans[len(self.double_blocks):])):
             last = i == len(self.single_blocks) - 1
-            seq = self._run(block, seq, pe, single_mod, image_tokens if last else None, span)
+            seq = self._run(block, seq, pe, None, single_mod, image_tokens if last else None, span)
         if not self.single_blocks:
             seq = seq[:, image_tokens]
         return self.final_layer(seq, vec).to(x.dtype)
@@ -154,10 +165,10 @@ def _per_sample(t: Tensor | float, batch: int, like: Tensor) -> Tensor:
     return torch.as_tensor(t, device=like.device).reshape(-1).expand(batch)
 
 
-def _per_token(mods: list[Mod], counts: list[int]) -> Mod:
+def _per_token(mods: list[ModulationOut], counts: list[int]) -> ModulationOut:
     """Per-token (shift, scale, gate): ``mods[i]`` for the next ``counts[i]`` tokens."""
-    return tuple(torch.cat([m.expand(m.shape[0], n, -1) for m, n in zip(parts, counts)], dim=1)
-                 for parts in zip(*mods))
+    return type(mods[0])(*(torch.cat([m.expand(m.shape[0], n, -1) for m, n in zip(parts, counts)], dim=1)
+                           for parts in zip(*mods)))
 
 
 _DIFFUSERS_LAYER = re.compile(r"(single_)?transformer_blocks\.(\d+)(?:\.attn)?")

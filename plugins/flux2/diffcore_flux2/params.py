@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import attrs
 
+from diffcore.api import AutoEncoderParams
+
 
 @attrs.frozen
 class Flux2Params:
@@ -84,30 +86,12 @@ DEFAULTS: dict[str, Flux2Defaults] = {
 }
 
 
-@attrs.frozen
-class AutoEncoderParams:
-    """The FLUX.2 autoencoder (BFL flux2 ``autoencoder.py``): FLUX.1's encoder/decoder with 32
-    latent channels, 1x1 quant convs, and BatchNorm statistics of the 2x2-patchified latents."""
-
-    ch: int = 128
-    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    z_channels: int = 32
-    in_channels: int = 3
-    out_ch: int = 3
-    patch: int = 2
-    bn_eps: float = 1e-4
-    bn_momentum: float = 0.1
-
-    @property
-    def latent_channels(self) -> int:
-        """Channels after patchify: what the transformer reads."""
-        return self.z_channels * self.patch**2
-
-
+# the FLUX.2 autoencoder (BFL flux2 ``autoencoder.py``): FLUX.1's encoder / decoder with 32 latent
+# channels, 1x1 quant convs and BatchNorm statistics of the 2x2-patchified latents
 AE_VARIANTS: dict[str, AutoEncoderParams] = {
-    "flux2": AutoEncoderParams(),
-    "tiny": AutoEncoderParams(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4),
+    "flux2": AutoEncoderParams(z_channels=32, quant_conv=True, batch_norm=True, patch=2),
+    "tiny": AutoEncoderParams(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, quant_conv=True,
+                              batch_norm=True, patch=2),
 }
 
 

@@ -4,7 +4,8 @@ the factories do, when called.
 Weights load from local files only: a diffusers FLUX.2 folder (``transformer/``, ``vae/``,
 ``text_encoder/``, ``tokenizer/``), or a single transformer file (BFL, ComfyUI or diffusers
 keys) with ``vae`` (BFL's ``ae.safetensors`` or a diffusers ``vae/`` folder) and
-``text_encoder`` (a diffusers folder holding ``text_encoder/`` and ``tokenizer/``) set.
+``text_encoders`` (a diffusers folder holding ``text_encoder/`` and ``tokenizer/``) set; the
+old name ``text_encoder`` still works, with a deprecation warning.
 """
 
 from __future__ import annotations
@@ -15,27 +16,18 @@ from typing import Any
 
 import attrs
 
-from diffcore.api import ConfigError, NoConfig, did_you_mean, hookimpl
+from diffcore.api import (
+    DTYPES,
+    ConfigError,
+    NoConfig,
+    hookimpl,
+    local_path,
+    one_of,
+    renamed_field,
+    resolve_dtype,
+    variant_of,
+)
 from diffcore_flux2.params import DEFAULTS, TEXT_ENCODERS, VARIANTS
-
-DTYPES = ("auto", "bfloat16", "float16", "float32")
-
-
-def _variant(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-    if value != "auto" and value not in VARIANTS:
-        raise ConfigError(f"unknown FLUX.2 variant {value!r}{did_you_mean(value, VARIANTS)}; "
-                          f"known: auto, {', '.join(VARIANTS)}", path=attribute.name)
-
-
-def _dtype(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-    if value not in DTYPES:
-        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {value!r}", path=attribute.name)
-
-
-def _local(instance: Any, attribute: attrs.Attribute, value: str | None) -> None:
-    if value and not Path(value).expanduser().exists():
-        raise ConfigError(f"no such file or folder: {value} (diffcore reads local files only; download the "
-                          f"model first)", path=attribute.name)
 
 
 @attrs.frozen
@@ -49,29 +41,30 @@ class Flux2Config:
     ``reference_max_pixels``: unset for BFL's caps on reference images (2024^2 for one, 1024^2
     each for several); 1048576 matches diffusers' pipelines, which cap every reference at 1024^2."""
 
-    variant: str = attrs.field(default="auto", validator=_variant)
-    path: str = attrs.field(default="", validator=_local)
-    vae: str | None = attrs.field(default=None, validator=_local)
-    text_encoder: str | None = attrs.field(default=None, validator=_local)
-    dtype: str = attrs.field(default="auto", validator=_dtype)   # auto: bfloat16 on CUDA, float32 elsewhere
+    variant: str = attrs.field(default="auto", validator=variant_of("FLUX.2", VARIANTS))
+    path: str = attrs.field(default="", validator=local_path)
+    vae: str | None = attrs.field(default=None, validator=local_path)
+    text_encoders: str | None = attrs.field(default=None, validator=local_path)
+    dtype: str = attrs.field(default="auto", validator=one_of(DTYPES))   # auto: bfloat16 on CUDA, float32 elsewhere
     guidance: float | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.ge(0)))
     max_sequence_length: int = attrs.field(default=512, validator=attrs.validators.gt(0))
     reference_max_pixels: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.ge(64 * 64)))
+    text_encoder: str | None = attrs.field(default=None, validator=local_path)  # deprecated: text_encoders
+
+    def __attrs_post_init__(self) -> None:
+        renamed_field(self, "text_encoder", "text_encoders")
 
 
 def build_flux2(config: Flux2Config, device: Any = "cpu") -> Any:
     """A ``Flux2Bundle`` on ``device`` from the local files ``config`` names."""
-    import torch
-
     from diffcore_flux2.bundle import Flux2Bundle
     from diffcore_flux2.load import load_ae, load_transformer, transformer_params
     from diffcore_flux2.text import Flux2TextEncoder, TextSpec
 
     if not config.path:
         raise ConfigError("set path to a local FLUX.2 diffusers folder or transformer .safetensors file", path="path")
-    dtype = getattr(torch, config.dtype) if config.dtype != "auto" else (
-        torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+    dtype = resolve_dtype(config.dtype, device)
     root = Path(config.path).expanduser()
     folder = root if root.is_dir() and (root / "transformer").is_dir() else None
     weights = folder / "transformer" if folder else root
@@ -89,10 +82,10 @@ def build_flux2(config: Flux2Config, device: Any = "cpu") -> Any:
         raise ConfigError(f"{root} has no vae/ folder: set vae to FLUX.2's ae.safetensors", path="vae")
     vae = load_ae(vae_path, variant="tiny" if variant.startswith("tiny") else "flux2", dtype=dtype, device=device)
 
-    text_path = config.text_encoder or (folder if folder and (folder / "text_encoder").is_dir() else None)
+    text_path = config.text_encoders or (folder if folder and (folder / "text_encoder").is_dir() else None)
     if text_path is None:
-        raise ConfigError(f"{root} has no text encoder: set text_encoder to a local diffusers FLUX.2 folder "
-                          f"(text_encoder/, tokenizer/)", path="text_encoder")
+        raise ConfigError(f"{root} has no text encoder: set text_encoders to a local diffusers FLUX.2 folder "
+                          f"(text_encoder/, tokenizer/)", path="text_encoders")
     chat, layers = TEXT_ENCODERS[variant]
     text = Flux2TextEncoder.from_folder(text_path, TextSpec(chat, layers), max_length=config.max_sequence_length,
                                         dtype=dtype, device=device)

@@ -111,6 +111,21 @@ def test_config_errors_name_the_field(tmp_path):
         config(path=str(tmp_path / "absent"))
 
 
+def test_text_encoder_is_the_old_name_of_text_encoders(tmp_path):
+    """FLUX.1 (and SDXL, SD3) call the folder of the text encoders ``text_encoders``; FLUX.2's
+    earlier ``text_encoder`` still loads, with a deprecation warning."""
+    from diffcore.config.structure import structure
+    from diffcore.errors import ConfigError
+    from diffcore_flux2.plugin import Flux2Config
+
+    with pytest.warns(FutureWarning, match="'text_encoder' is deprecated, call it 'text_encoders'"):
+        config = structure({"text_encoder": str(tmp_path)}, Flux2Config)
+    assert config.text_encoders == str(tmp_path) and config.text_encoder is None
+    assert Flux2Config(text_encoders=str(tmp_path)).text_encoders == str(tmp_path)
+    with pytest.raises(ConfigError, match="set only text_encoders"):
+        Flux2Config(text_encoder=str(tmp_path), text_encoders=str(tmp_path.parent))
+
+
 def _schedule(bundle):
     with plugins_for_test() as pm:
         return pm.registry("schedules").get(bundle.default_schedule["name"]).build()

@@ -1,0 +1,241 @@
+"""Pieces of adaLN transformers with joint attention (SD3's MMDiT, Esser et al. 2024; FLUX.1 and
+FLUX.2): one stream's attention projections, adaLN modulation, the final layer, and FLUX's
+double-stream and single-stream blocks, whose variants differ only in constructor arguments
+(MLP, biases, where the modulation comes from).
+
+Parameter names are BFL's checkpoint keys (``qkv``, ``norm.query_norm.scale``, ``proj``,
+``lin``, ``adaLN_modulation.1``), so a family in that layout loads its files without renaming.
+
+Two arithmetics of the modulation exist, and a family keeps the one its numbers were checked
+with: ``(1 + scale) * x + shift`` as BFL and diffusers write it, or the same in one fused
+multiply-add (``torch.addcmul``: one kernel, one rounding; FLUX.2 here). They differ in the last
+bit, so the choice is a constructor argument (``fused``), never a silent change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from diffcore.nn.attention import Attention
+from diffcore.nn.embeddings import apply_rope
+from diffcore.nn.linear import Linear, linear, plain
+from diffcore.nn.norms import QKNorm, layer_norm
+
+__all__ = ["DoubleStreamBlock", "FusedModulationOut", "LastLayer", "Modulation", "ModulationOut", "SelfAttention",
+           "SingleStreamBlock", "SwiGLU", "modulate", "swiglu", "swiglu_mlp"]
+
+# kv(k, v) -> (k, v, mask): a hook that may change a block's keys and values and add an attention
+# mask (True = may attend) before the softmax; FLUX.2 klein-9b-kv's reference cache is one
+KVHook = Callable[[Tensor, Tensor], "tuple[Tensor, Tensor, Tensor | None]"]
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor, *, fused: bool = False) -> Tensor:
+    """adaLN: ``(1 + scale) * x + shift``; with ``fused``, as one multiply-add."""
+    return torch.addcmul(shift, x, 1 + scale) if fused else (1 + scale) * x + shift
+
+
+class ModulationOut(NamedTuple):
+    """One (shift, scale, gate) set, each (batch, 1 or tokens, hidden)."""
+
+    shift: Tensor
+    scale: Tensor
+    gate: Tensor
+
+    def modulate(self, x: Tensor) -> Tensor:
+        """adaLN: (1 + scale) * x + shift."""
+        return modulate(x, self.shift, self.scale)
+
+    def residual(self, x: Tensor, update: Tensor) -> Tensor:
+        """The gated residual: x + gate * update."""
+        return x + self.gate * update
+
+
+class FusedModulationOut(ModulationOut):
+    """``ModulationOut`` whose two operations are single fused multiply-adds."""
+
+    __slots__ = ()
+
+    def modulate(self, x: Tensor) -> Tensor:
+        return modulate(x, self.shift, self.scale, fused=True)
+
+    def residual(self, x: Tensor, update: Tensor) -> Tensor:
+        return torch.addcmul(x, self.gate, update)
+
+
+class Modulation(nn.Module):
+    """adaLN from the conditioning vector: ``lin(silu(vec))`` cut into one (shift, scale, gate)
+    set, or two for a double block (attention, then MLP). FLUX.1 has one per block; FLUX.2 one
+    per kind of block, shared by all of them."""
+
+    def __init__(self, dim: int, double: bool, *, bias: bool = True, fused: bool = False):
+        super().__init__()
+        self.multiplier = 6 if double else 3
+        self.out = FusedModulationOut if fused else ModulationOut
+        self.lin = Linear(dim, self.multiplier * dim, bias=bias)
+
+    def forward(self, vec: Tensor) -> list[ModulationOut]:
+        out = self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)
+        return [self.out(*out[i:i + 3]) for i in range(0, self.multiplier, 3)]
+
+
+class SelfAttention(nn.Module):
+    """One stream's projections around an attention: fused ``qkv``, per-head QK-norm, output
+    ``proj``. The softmax belongs to the block (joint attention spans both streams)."""
+
+    def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, proj_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = Linear(dim, dim, bias=proj_bias)
+
+    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(batch, tokens, dim) -> normalised q, k and v, each (batch, heads, tokens, head_dim)."""
+        q, k, v = rearrange(self.qkv(x), "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
+        q, k = self.norm(q, k)
+        return q, k, v
+
+
+class LastLayer(nn.Module):
+    """adaLN then the projection to the output channels. The modulation is stored (shift, scale),
+    BFL's and SD3's order; diffusers' ``AdaLayerNormContinuous`` stores (scale, shift), so key
+    converters swap the halves (``diffcore.nn.keys.swap_halves``)."""
+
+    def __init__(self, hidden: int, out_channels: int, *, bias: bool = True, fused: bool = False):
+        super().__init__()
+        self.fused = fused
+        self.norm_final = layer_norm(hidden)
+        self.linear = Linear(hidden, out_channels, bias=bias)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(hidden, 2 * hidden, bias=bias))
+
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale, fused=self.fused))
+
+
+def swiglu(x: Tensor) -> Tensor:
+    """silu(gate) * up over the two halves of a fused [gate | up] projection (Shazeer 2020)."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class SwiGLU(nn.Module):
+    """``swiglu`` as a module (the middle of ``swiglu_mlp``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return swiglu(x)
+
+
+def swiglu_mlp(hidden: int, mlp_hidden: int, *, bias: bool = False) -> nn.Sequential:
+    """``Linear(hidden, 2 * mlp_hidden) -> SwiGLU -> Linear(mlp_hidden, hidden)``, keys ``0.*`` / ``2.*``."""
+    return nn.Sequential(Linear(hidden, 2 * mlp_hidden, bias=bias), SwiGLU(), Linear(mlp_hidden, hidden, bias=bias))
+
+
+def _attend(attend: Attention, q: Tensor, k: Tensor, v: Tensor, kv: KVHook | None) -> Tensor:
+    """(batch, heads, tokens, head_dim) q, k, v -> (batch, tokens, heads * head_dim)."""
+    mask = None
+    if kv is not None:
+        k, v, mask = kv(k, v)
+    return rearrange(attend(q, k, v, mask), "B H L D -> B L (H D)")
+
+
+class DoubleStreamBlock(nn.Module):
+    """MMDiT block: image and text keep their own weights and attend jointly over [txt, img].
+
+    ``mlp()`` builds each stream's MLP (FLUX.1: ``GeluMLP``, FLUX.2: ``swiglu_mlp``). With
+    ``modulation`` the block owns its adaLN (``img_mod`` / ``txt_mod``, FLUX.1); without, the
+    caller passes ``mods`` = (img sets, txt sets), computed once for every block (FLUX.2). The
+    softmax is the ``attend`` child, which names the layer (``double_blocks.3``) for patches."""
+
+    def __init__(self, hidden: int, num_heads: int, mlp: Callable[[], nn.Module], *, qkv_bias: bool = True,
+                 bias: bool = True, modulation: bool = True, fused: bool = False):
+        super().__init__()
+        if modulation:
+            self.img_mod = Modulation(hidden, double=True, bias=bias, fused=fused)
+            self.txt_mod = Modulation(hidden, double=True, bias=bias, fused=fused)
+        self.img_norm1, self.img_norm2 = layer_norm(hidden), layer_norm(hidden)
+        self.img_attn = SelfAttention(hidden, num_heads, qkv_bias=qkv_bias, proj_bias=bias)
+        self.img_mlp = mlp()
+        self.txt_norm1, self.txt_norm2 = layer_norm(hidden), layer_norm(hidden)
+        self.txt_attn = SelfAttention(hidden, num_heads, qkv_bias=qkv_bias, proj_bias=bias)
+        self.txt_mlp = mlp()
+        self.attend = Attention()
+
+    def forward(self, img: Tensor, txt: Tensor, pe: Tensor, vec: Tensor | None = None,
+                mods: tuple[list[ModulationOut], list[ModulationOut]] | None = None,
+                kv: KVHook | None = None) -> tuple[Tensor, Tensor]:
+        (img_mod1, img_mod2), (txt_mod1, txt_mod2) = mods or (self.img_mod(vec), self.txt_mod(vec))
+        img_q, img_k, img_v = self.img_attn.heads(img_mod1.modulate(self.img_norm1(img)))
+        txt_q, txt_k, txt_v = self.txt_attn.heads(txt_mod1.modulate(self.txt_norm1(txt)))
+        q = apply_rope(torch.cat((txt_q, img_q), dim=2), pe)
+        k = apply_rope(torch.cat((txt_k, img_k), dim=2), pe)
+        attn = _attend(self.attend, q, k, torch.cat((txt_v, img_v), dim=2), kv)
+        txt_attn, img_attn = attn[:, :txt.shape[1]], attn[:, txt.shape[1]:]
+
+        img = img_mod1.residual(img, self.img_attn.proj(img_attn))
+        img = img_mod2.residual(img, self.img_mlp(img_mod2.modulate(self.img_norm2(img))))
+        txt = txt_mod1.residual(txt, self.txt_attn.proj(txt_attn))
+        txt = txt_mod2.residual(txt, self.txt_mlp(txt_mod2.modulate(self.txt_norm2(txt))))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """Parallel attention + MLP over the joint sequence (Dehghani et al. 2023, ViT-22B): one
+    ``linear1`` gives [q | k | v | mlp_in], one ``linear2`` maps [attention | act(mlp_in)] back.
+
+    ``mlp_act``: ``"gelu_tanh"`` (FLUX.1) or ``"swiglu"`` (FLUX.2, whose mlp_in is [gate | up]);
+    ``modulation`` as for ``DoubleStreamBlock`` (without it, pass ``mod``). ``keep``: the tokens
+    whose output is used (the last block's image tokens): the others still give keys and values,
+    but their MLP and output projection are skipped and only the kept tokens are returned."""
+
+    def __init__(self, hidden: int, num_heads: int, mlp_hidden: int, *, mlp_act: str = "gelu_tanh",
+                 bias: bool = True, modulation: bool = True, fused: bool = False):
+        super().__init__()
+        if mlp_act not in ("gelu_tanh", "swiglu"):
+            raise ValueError(f"mlp_act must be gelu_tanh or swiglu, got {mlp_act!r}")
+        self.hidden, self.num_heads, self.mlp_act = hidden, num_heads, mlp_act
+        self.mlp_in = mlp_hidden * (2 if mlp_act == "swiglu" else 1)
+        self.linear1 = Linear(hidden, 3 * hidden + self.mlp_in, bias=bias)
+        self.linear2 = Linear(hidden + mlp_hidden, hidden, bias=bias)
+        self.norm = QKNorm(hidden // num_heads)
+        self.pre_norm = layer_norm(hidden)
+        if modulation:
+            self.modulation = Modulation(hidden, double=False, bias=bias, fused=fused)
+        self.attend = Attention()
+
+    def forward(self, x: Tensor, pe: Tensor, vec: Tensor | None = None, mod: ModulationOut | None = None,
+                keep: slice | None = None, kv: KVHook | None = None) -> Tensor:
+        mod = mod or self.modulation(vec)[0]
+        qkv, mlp = self.project_in(mod.modulate(self.pre_norm(x)), keep)
+        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
+        q, k = self.norm(q, k)
+        attn = _attend(self.attend, apply_rope(q, pe), apply_rope(k, pe), v, kv)
+        if keep is not None:
+            x, attn = x[:, keep], attn[:, keep]
+            if mod.gate.shape[1] != 1:  # per-token modulation
+                mod = mod._replace(gate=mod.gate[:, keep])
+        return mod.residual(x, self.linear2(torch.cat((attn, mlp), dim=-1)))
+
+    def project_in(self, x: Tensor, keep: slice | None = None) -> tuple[Tensor, Tensor]:
+        """``linear1`` -> (qkv, act(mlp_in) of the kept tokens). When ``linear1`` is plain and it
+        saves work, as two matmuls on row blocks of its weight: a GELU then runs inside the
+        second (oneDNN post-op), and only the kept tokens go through the MLP half."""
+        sizes = [3 * self.hidden, self.mlp_in]
+        gelu = self.mlp_act == "gelu_tanh"
+        if plain(self.linear1) and (gelu or keep is not None):
+            w_qkv, w_mlp = self.linear1.weight.split(sizes)
+            b_qkv, b_mlp = self.linear1.bias.split(sizes) if self.linear1.bias is not None else (None, None)
+            qkv = linear(x, w_qkv, b_qkv)
+            mlp = linear(x if keep is None else x[:, keep], w_mlp, b_mlp, "gelu_tanh" if gelu else None)
+            return qkv, mlp if gelu else swiglu(mlp)
+        qkv, mlp = self.linear1(x).split(sizes, dim=-1)  # a hooked or adapter-wrapped linear1 runs as a module
+        mlp = mlp if keep is None else mlp[:, keep]
+        return qkv, F.gelu(mlp, approximate="tanh") if gelu else swiglu(mlp)
