@@ -132,7 +132,7 @@ def train_guidance(args: argparse.Namespace, checkpoint: Path, classifier_path: 
 
     job = {
         "job": {"kind": "train-guidance", "output_dir": str(out), "seed": 0, "device": "cpu", "objective": "reward",
-                "num_samples": args.trajectories, "batch_size": 100, "num_steps": args.steps, "cfg_scale": args.cfg,
+                "num_samples": args.trajectories, "batch_size": 100, "sampling_steps": args.steps, "cfg_scale": args.cfg,
                 "train_steps": args.train_steps, "train_batch": 128, "lr": args.lr, "guidance_scale": 1.0,
                 "reg_weight": args.reg_weight, "log_every": LOG_EVERY},
         "model": {"family": "dit", "variant": "digits", "checkpoint": str(checkpoint)},

@@ -1,4 +1,5 @@
-"""The import surface promised to plugin authors: import from here, nothing else in the core.
+"""The import surface promised to plugin authors: import from here, nothing else in the core
+(tests may also use ``diffcore.testing``).
 
     from diffcore.api import hookimpl, ModelBundle, GuidanceProcessor, Branch
 
@@ -90,6 +91,21 @@ _NAMES = {
     "strip_prefix": "diffcore.nn.keys",
     "block_indices": "diffcore.nn.keys",
     "sample": "diffcore.sampling.engine",
+    "euler": "diffcore.sampling.samplers",
+    "heun": "diffcore.sampling.samplers",
+    "dpmpp_2m": "diffcore.sampling.samplers",
+    "euler_ancestral": "diffcore.sampling.samplers",
+    "dpmpp_2m_sde": "diffcore.sampling.samplers",
+    "ddim": "diffcore.sampling.samplers",
+    "Pipeline": "diffcore.sampling.pipeline",
+    "FlowConfig": "diffcore.sampling.catalog",
+    "DynamicShiftConfig": "diffcore.sampling.catalog",
+    "flow_schedule": "diffcore.sampling.catalog",
+    "time_shift": "diffcore.sampling.schedules",
+    "dynamic_shift_mu": "diffcore.sampling.schedules",
+    "pick_device": "diffcore.sampling.pipeline",
+    "build_schedule": "diffcore.sampling.pipeline",
+    "CFG": "diffcore.sampling.cfg",
     "add_noise": "diffcore.sampling.denoisers",
     "make_denoiser": "diffcore.sampling.denoisers",
     "ddpm_sigma_table": "diffcore.sampling.schedules",

@@ -32,11 +32,6 @@ def register_guidance(register):
 
 
 @hookspec
-def register_conditioners(register):
-    """Register conditioners (text encoders, class labels, images)."""
-
-
-@hookspec
 def register_trainers(register):
     """Register training methods (objectives and what they train)."""
 
@@ -49,6 +44,12 @@ def register_datasets(register):
 @hookspec
 def register_jobs(register):
     """Register job kinds, dispatched on ``[job] kind`` by ``diffcore run``."""
+
+
+@hookspec
+def register_request_fields(register):
+    """Register HTTP request fields of the ``serve`` job that set an option of a guidance
+    processor: ``register(field, guidance="name", option="config field")``."""
 
 
 @hookspec(historic=True)

@@ -1,7 +1,9 @@
-"""What a model family hands the core: a bundle of network, parametrisation and conditioning.
+"""What a model family hands the core (a ``ModelBundle``) and what the core asks of it (a
+``GenerationRequest``).
 
-A family's factory (registered with ``register_models``) returns a ``ModelBundle``. The core's
-jobs (generate, train) and the sampling engine use nothing else, so they work for any family.
+A family's factory (registered with ``register_models``) returns a ``ModelBundle``. The generation
+pipeline (``diffcore.sampling.pipeline``), the training loop and guidance processors use nothing
+else, so they work for any family.
 """
 
 from __future__ import annotations
@@ -12,6 +14,41 @@ import attrs
 import torch
 from torch import nn
 
+Conditioning = dict[str, Any]   # one branch's keyword arguments for ``ModelBundle.forward``
+
+
+@attrs.define
+class GenerationRequest:
+    """What to generate, family-agnostic. ``batch`` is the number of samples in this forward.
+
+    Class-conditional families read ``labels``; text families ``prompts`` (and
+    ``negative_prompts`` for the unconditional branch) or, to skip their text encoders,
+    ``embeddings``: precomputed conditioning per branch key in the family's own names (FLUX.1:
+    ``{"cond": {"txt": ..., "vec": ...}}``).
+
+    Images are (C, H, W) tensors in [-1, 1]; masks (1, H, W) in [0, 1], 1 = repaint. A family
+    raises a ``ConfigError`` for an image it cannot use.
+
+    ``sampling_steps`` and ``cfg_scale`` left None are the bundle's defaults; ``init_image`` with
+    ``strength`` < 1 is image-to-image (the pipeline runs the last ``strength`` of the schedule).
+    """
+
+    batch: int
+    labels: torch.Tensor | None = None
+    prompts: list[str] | None = None
+    negative_prompts: list[str] | None = None
+    embeddings: dict[str, Conditioning] | None = None
+    height: int | None = None
+    width: int | None = None
+    init_image: torch.Tensor | None = None         # image-to-image: sampling starts from it, noised
+    strength: float = 1.0
+    reference_images: list[torch.Tensor] = attrs.Factory(list)   # editing: FLUX.1 Kontext, FLUX.2
+    image: torch.Tensor | None = None               # the image ``mask`` repaints (inpainting, Fill)
+    mask: torch.Tensor | None = None
+    control_image: torch.Tensor | None = None       # a structure map to follow (Canny, Depth)
+    sampling_steps: int | None = None
+    cfg_scale: float | None = None
+
 
 @attrs.define(eq=False)
 class ModelBundle:
@@ -19,13 +56,20 @@ class ModelBundle:
 
     network: nn.Module
     prediction_type: str = "flow"        # "flow" (velocity) | "epsilon" | "v"
-    default_steps: int = 28
+    default_sampling_steps: int = 28
     default_schedule: dict[str, Any] = attrs.Factory(lambda: {"name": "flow"})
+    default_cfg_scale: float = 1.0       # 1.0: no classifier-free guidance unless a job asks for it
     # discrete-time models (epsilon / v): training sigmas indexed by timestep, e.g.
     # ``diffcore.sampling.schedules.ddpm_sigma_table()``; the denoiser then passes ``forward`` that
     # fractional timestep instead of sigma. None: the network takes sigma itself.
     sigma_table: torch.Tensor | None = None
 
+    @property
+    def num_classes(self) -> int | None:
+        """Class-conditional families: the number of classes (labels 0..num_classes - 1)."""
+        return None
+
+    # -- sampling ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         """The network's raw prediction at noise level ``sigma`` (shape (batch,)) given conditioning.
 
@@ -34,19 +78,24 @@ class ModelBundle:
         set, the fractional training timestep in place of sigma."""
         return self.network(x, sigma, **cond)
 
-    def conditions(self, request: Any) -> dict[str, dict[str, Any]]:
+    def conditions(self, request: GenerationRequest) -> dict[str, Conditioning]:
         """Conditioning per branch key (``cond``, ``uncond``, ...) for a generation request."""
         raise NotImplementedError
 
-    def latent_shape(self, request: Any) -> tuple[int, ...]:
-        """Shape of one sample's initial noise."""
+    def latent_shape(self, request: GenerationRequest) -> tuple[int, ...]:
+        """Shape of one sample's initial noise, in whatever layout ``forward`` and ``decode`` take."""
         raise NotImplementedError
+
+    def seq_len(self, request: GenerationRequest) -> int | None:
+        """How many image tokens the network sees for this request: what a resolution-dependent
+        schedule shifts by (FLUX's). None: this family's schedules do not depend on the size."""
+        return None
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents to images in [-1, 1], (batch, channels, height, width)."""
         return latents
 
-    def image_shape(self, request: Any) -> tuple[int, ...]:
+    def image_shape(self, request: GenerationRequest) -> tuple[int, ...]:
         """(channels, height, width) of the images ``decode`` returns; pixel-space models: the latent shape."""
         return self.latent_shape(request)
 
@@ -58,23 +107,19 @@ class ModelBundle:
         """Map another tool's layer name (diffusers' ``transformer_blocks.8.attn``) to ours."""
         return name
 
-    # training
+    # -- what guidance models read from one branch's conditioning -------------------------------------
+    def sequence_condition(self, cond: Conditioning) -> torch.Tensor | None:
+        """The conditioning tokens (batch, tokens, dim), e.g. a text encoder's; None without."""
+        return None
+
+    def pooled_condition(self, cond: Conditioning) -> torch.Tensor | None:
+        """One conditioning value per sample: a pooled embedding (batch, dim) or integer class
+        labels (batch,); None without."""
+        return None
+
+    # -- training ---------------------------------------------------------------------------------
     def training_inputs(self, batch: dict[str, torch.Tensor], *, dropout: float = 0.0,
-                        generator: torch.Generator | None = None) -> dict[str, Any]:
+                        generator: torch.Generator | None = None) -> Conditioning:
         """Conditioning kwargs for ``forward`` from a data batch; ``dropout`` is the rate at which
         the condition is replaced by the unconditional one (for classifier-free guidance)."""
         return {}
-
-
-@attrs.define
-class GenerationRequest:
-    """What to generate, family-agnostic: class labels for class-conditional models, prompts for
-    text-to-image ones; ``batch`` is the number of samples in this forward."""
-
-    batch: int
-    labels: torch.Tensor | None = None
-    prompts: list[str] | None = None
-    negative_prompts: list[str] | None = None
-    height: int | None = None
-    width: int | None = None
-    extra: dict[str, Any] = attrs.Factory(dict)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import attrs
 import click
+import pytest
 from click.testing import CliRunner
 
 from diffcore.hookspecs import hookimpl
@@ -55,10 +56,6 @@ def test_hook_register_guidance():
     _check("guidance")
 
 
-def test_hook_register_conditioners():
-    _check("conditioners")
-
-
 def test_hook_register_trainers():
     _check("trainers")
 
@@ -69,6 +66,27 @@ def test_hook_register_datasets():
 
 def test_hook_register_jobs():
     _check("jobs")
+
+
+def test_hook_register_request_fields():
+    from diffcore.errors import PluginError
+    from diffcore.jobs.serve import request_fields
+
+    class Plugin:
+        @hookimpl
+        def register_request_fields(self, register):
+            register("cfg_strength", guidance="cfg", option="scale")
+
+    class Clash:
+        @hookimpl
+        def register_request_fields(self, register):
+            register("cfg_strength", guidance="cfg", option="stop")
+
+    with plugins_for_test(Plugin(), entry_points=False) as pm:
+        assert request_fields(pm) == {"cfg_strength": ("cfg", "scale")}
+    with plugins_for_test(Plugin(), Clash(), entry_points=False) as pm:
+        with pytest.raises(PluginError, match="'cfg_strength' is registered by two plugins"):
+            request_fields(pm)
 
 
 def test_hook_register_commands():

@@ -20,7 +20,7 @@ JOB = """
 kind = "generate"
 output_dir = "{out}"
 num_samples = 1
-num_steps = 2
+sampling_steps = 2
 progress = false
 {extra}
 [model]
@@ -43,7 +43,7 @@ class Recorder(torch.nn.Module):
 
 @attrs.define(eq=False)
 class ToyBundle(ModelBundle):
-    default_steps: int = 2
+    default_sampling_steps: int = 2
 
     def conditions(self, request):
         return {"cond": {"label": torch.zeros(request.batch)}, "uncond": {"label": torch.ones(request.batch)}}

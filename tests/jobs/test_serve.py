@@ -125,12 +125,12 @@ NAG_PAG = {"name": "nag-pag", "scale": 4.0, "layers": ["blocks.0.attn"]}
 @pytest.mark.parametrize("guidance", [[CFG], pytest.param([CFG, NAG_PAG], marks=needs_guidance)],
                          ids=["cfg", "cfg+nag-pag"])
 def test_generate_gives_the_generate_jobs_pngs(served, guidance):
-    status, answer = call(served, "/generate", {"class_label": 3, "num_samples": 2, "num_steps": 3, "seed": 7,
+    status, answer = call(served, "/generate", {"class_label": 3, "num_samples": 2, "sampling_steps": 3, "seed": 7,
                                                 "cfg_scale": 1.0, "guidance": guidance})
     assert status == 200 and len(answer["images"]) == 2
-    assert answer["parameters"][1] == {"model": "dit", "sampler": "euler", "steps": 3, "cfg_scale": 1.0, "seed": 7,
-                                       "index": 1, "class_label": 3}
-    out = generate_job(served, f"generate-{len(guidance)}", "class_label = 3\nnum_samples = 2\nnum_steps = 3\n"
+    assert answer["parameters"][1] == {"model": "dit", "sampler": "euler", "sampling_steps": 3, "cfg_scale": 1.0,
+                                       "seed": 7, "index": 1, "class_label": 3}
+    out = generate_job(served, f"generate-{len(guidance)}", "class_label = 3\nnum_samples = 2\nsampling_steps = 3\n"
                                                             "seed = 7\ncfg_scale = 1.0", guidance)
     for i, (image, params) in enumerate(zip(answer["images"], answer["parameters"])):
         same_png(image, params, out / f"sample-{i:04d}.png")
@@ -143,7 +143,7 @@ def test_seed_names_reach_nag_pag(served):
                 "nag_pag_scale": 4.0, "nag_pag_applied_layers": ["blocks.0.attn"]}
     status, answer = call(served, "/text-to-image", seed_api)
     assert status == 200
-    generate = {"class_label": 5, "num_steps": 3, "cfg_scale": 2.0, "seed": 1}
+    generate = {"class_label": 5, "sampling_steps": 3, "cfg_scale": 2.0, "seed": 1}
     assert call(served, "/generate", {**generate, "guidance": [NAG_PAG]})[1]["images"] == answer["images"]
     plain = call(served, "/generate", generate)[1]["images"]
     assert png(plain[0]).tobytes() != png(answer["images"][0]).tobytes()
@@ -157,14 +157,15 @@ def test_image_to_image_matches_init_image_job(served):
             "seed": 3}
     status, answer = call(served, "/image-to-image", body)
     assert status == 200 and answer["parameters"][0]["strength"] == 0.5
-    out = generate_job(served, "img2img", f'init_image = "{init}"\nstrength = 0.5\nnum_steps = 4\ncfg_scale = 1.0\n'
+    out = generate_job(served, "img2img", f'init_image = "{init}"\nstrength = 0.5\nsampling_steps = 4\n'
+                                          'cfg_scale = 1.0\n'
                                           "class_label = 1\nseed = 3\nnum_samples = 1", [])
     same_png(answer["images"][0], answer["parameters"][0], out / "sample-0000.png")
     data_url = {**{k: v for k, v in body.items() if k != "image"}, "image_url": f"data:image/png;base64,{encoded}"}
     assert call(served, "/image-to-image", data_url)[1]["images"] == answer["images"]
     wrapped = "\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))     # as `base64` writes it
     assert call(served, "/image-to-image", {**body, "image": wrapped})[1]["images"] == answer["images"]
-    # the seed's default strength (0.8) starts elsewhere on the schedule
+    # the default strength (0.8, diffusers') starts elsewhere on the schedule
     default = call(served, "/image-to-image", {k: v for k, v in body.items() if k != "strength"})[1]
     assert default["parameters"][0]["strength"] == 0.8 and default["images"] != answer["images"]
 
@@ -176,7 +177,7 @@ BAD = [
      "guidance[0].scale", "invalid value -1.0: 'scale' must be >= 0: -1.0"),
     ("/generate", {"guidance": [{"name": "cgf"}]},
      "guidance[0].name", "unknown guidance 'cgf' (did you mean \"cfg\"?)"),
-    ("/generate", {"num_steps": 2.5}, "num_steps", "expected an integer, found a number 2.5"),
+    ("/generate", {"sampling_steps": 2.5}, "sampling_steps", "expected an integer, found a number 2.5"),
     ("/generate", {"class_label": 12}, "class_label", "class_label 12 is out of range: this model has 10 classes"),
     ("/generate", {"num_samples": 5}, "num_samples", "asks for at least 5 images; this server makes at most 4 per request"),
     ("/generate", {"class_label": 1, "num_samples": 2, "seeds": [1, 2, 3]}, None,
@@ -187,8 +188,8 @@ BAD = [
      "found 5 bytes of no image format Pillow reads"),
     ("/generate", [1, 2], None, "expected a JSON object of settings, found an array"),
     ("/text-to-image", {"guidance_scale": -1.0}, "guidance_scale", "'guidance_scale' must be >= 0: -1.0"),
-    ("/text-to-image", {"num_inference_steps": 3, "num_steps": 3}, "num_inference_steps",
-     "give num_inference_steps or num_steps, not both"),
+    ("/text-to-image", {"num_inference_steps": 3, "sampling_steps": 3}, "num_inference_steps",
+     "give num_inference_steps or sampling_steps, not both"),
     ("/image-to-image", {"image_url": "https://example.com/cat.png"}, "image_url",
      "this server does not download images (it has no network access)"),
     ("/image-to-image", {"class_label": 1}, "image", "give the input image once"),
@@ -226,12 +227,12 @@ def test_server_error_is_a_500_with_one_line(served, monkeypatch, capsys):
     def broken(model, x, sigmas, **kwargs):
         raise RuntimeError("sampler exploded\nsecond line")
 
-    monkeypatch.setattr(served.service, "sampler", broken)
-    status, answer = call(served, "/generate", {"class_label": 1, "num_steps": 2})
+    monkeypatch.setattr(served.service.pipeline, "sampler", broken)
+    status, answer = call(served, "/generate", {"class_label": 1, "sampling_steps": 2})
     assert (status, answer) == (500, {"error": "internal error: RuntimeError: sampler exploded"})
     assert "Traceback" in capsys.readouterr().err     # the server's log keeps the details
     monkeypatch.undo()
-    assert call(served, "/generate", {"class_label": 1, "num_steps": 2})[0] == 200   # the lock was released
+    assert call(served, "/generate", {"class_label": 1, "sampling_steps": 2})[0] == 200   # the lock was released
 
 
 def test_health_answers_while_a_generation_waits_for_the_model(served):

@@ -40,7 +40,7 @@ batch_size = 8
 lr = 1e-3
 log_every = 1
 checkpoint_every = 2
-final_grid = { samples_per_class = 1, steps = 2 }
+final_grid = { samples_per_class = 1, sampling_steps = 2 }
 [dataset]
 name = "digits"
 """ + MODEL.format(checkpoint=""))
@@ -57,7 +57,7 @@ kind = "generate"
 output_dir = "samples"
 class_label = 3
 num_samples = 2
-num_steps = 2
+sampling_steps = 2
 """ + MODEL.format(checkpoint='checkpoint = "run"'))
     result = diffcore("run", "generate.toml", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

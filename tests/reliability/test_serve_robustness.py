@@ -222,7 +222,8 @@ BAD = [
     # unknown fields, with did-you-mean
     ("unknown field", "/generate", {"cfg_scal": 2.0}, 400, "cfg_scal",
      "unknown key 'cfg_scal' (did you mean \"cfg_scale\"?)"),
-    ("unknown field 2", "/text-to-image", {"num_step": 2}, 400, "num_step", "(did you mean \"num_steps\"?)"),
+    ("unknown field 2", "/text-to-image", {"sampling_step": 2}, 400, "sampling_step",
+     "(did you mean \"sampling_steps\"?)"),
     ("unknown nested field", "/generate", {"guidance": [{"name": "cfg", "scael": 2.0}]}, 400, "guidance[0].scael",
      "unknown key 'scael' (did you mean \"scale\"?)"),
     ("unknown guidance", "/generate", {"guidance": [{"name": "cgf"}]}, 400, "guidance[0].name",

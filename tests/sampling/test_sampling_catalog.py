@@ -26,7 +26,7 @@ def test_catalog_imports_no_torch():
 
 def test_everything_is_registered_with_a_description(registries):
     names = {kind: {c.name for c in reg} for kind, reg in registries.items()}
-    assert names["schedules"] >= {"flow", "flux", "sd3", "ddpm", "karras", "exponential", "beta"}
+    assert names["schedules"] == {"flow", "ddpm", "karras", "exponential", "beta"}   # families add their presets
     assert names["samplers"] >= {"euler", "heun", "dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde", "ddim"}
     assert "cfg" in names["guidance"]
     for reg in registries.values():
@@ -38,22 +38,23 @@ def test_everything_is_registered_with_a_description(registries):
 def test_built_schedules_give_their_functions_sigmas(registries):
     reg = registries["schedules"]
     torch.testing.assert_close(reg.get("flow").build().sigmas(5), S.flow_sigmas(5))
-    torch.testing.assert_close(reg.get("flux").build().sigmas(5, seq_len=1024),
-                               S.flow_sigmas(5, mu=S.dynamic_shift_mu(1024)))
-    torch.testing.assert_close(reg.get("sd3").build().sigmas(5), S.flow_sigmas(5, shift=3.0, train_steps=1000))
+    dynamic = reg.get("flow").build(catalog.DynamicShiftConfig(base_shift=0.4, max_seq_len=2048))
+    torch.testing.assert_close(dynamic.sigmas(5, seq_len=1024),
+                               S.flow_sigmas(5, mu=S.dynamic_shift_mu(1024, base_shift=0.4, max_seq_len=2048)))
+    torch.testing.assert_close(reg.get("flow").build(catalog.FlowConfig(shift=3.0, train_steps=1000)).sigmas(5),
+                               S.flow_sigmas(5, shift=3.0, train_steps=1000))
     torch.testing.assert_close(reg.get("ddpm").build().sigmas(5), S.ddpm_sigmas(5, spacing="leading", steps_offset=1))
     for name, fn in [("karras", S.karras_sigmas), ("exponential", S.exponential_sigmas), ("beta", S.beta_sigmas)]:
         torch.testing.assert_close(reg.get(name).build().sigmas(7), fn(7))
     custom = reg.get("karras").build(catalog.KarrasConfig(sigma_min=0.002, sigma_max=80.0, rho=5.0))
     torch.testing.assert_close(custom.sigmas(4), S.karras_sigmas(4, sigma_min=0.002, sigma_max=80.0, rho=5.0))
     with pytest.raises(ValueError, match="pass seq_len"):
-        reg.get("flux").build().sigmas(5)
+        dynamic.sigmas(5)
 
 
 def test_config_defaults_match_the_schedule_functions():
     assert catalog.SigmaRange().sigma_min == S.SD_SIGMA_MIN and catalog.SigmaRange().sigma_max == S.SD_SIGMA_MAX
-    assert catalog.FluxConfig().dynamic and not catalog.FlowConfig().dynamic
-    assert catalog.SD3Config().shift == 3.0
+    assert catalog.DynamicShiftConfig().dynamic and not catalog.FlowConfig().dynamic
 
 
 def test_built_samplers_bind_their_options(registries):
@@ -73,7 +74,7 @@ def test_built_guidance_is_the_cfg_processor(registries):
 
 @pytest.mark.parametrize("make", [
     lambda: catalog.FlowConfig(shift=0.0),
-    lambda: catalog.FluxConfig(base_seq_len=4096, max_seq_len=256),
+    lambda: catalog.DynamicShiftConfig(base_seq_len=4096, max_seq_len=256),
     lambda: catalog.DDPMConfig(beta_start=0.02, beta_end=0.01),
     lambda: catalog.KarrasConfig(sigma_min=1.0, sigma_max=0.5),
     lambda: catalog.KarrasConfig(rho=0.0),

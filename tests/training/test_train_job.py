@@ -46,8 +46,8 @@ def _spec(kind, name, **config):
 
 def test_train_job_writes_checkpoints_previews_and_a_class_grid(tmp_path):
     settings = TrainSettings(output_dir=str(tmp_path), device="cpu", seed=1, steps=4, batch_size=16, lr=1e-3,
-                             sample_every=2, sample_steps=2, checkpoint_every=2, keep_last=1, log_every=2,
-                             final_grid=FinalGrid(samples_per_class=2, cfg_scale=2.0, steps=3))
+                             sample_every=2, sampling_steps=2, checkpoint_every=2, keep_last=1, log_every=2,
+                             final_grid=FinalGrid(samples_per_class=2, cfg_scale=2.0, sampling_steps=3))
     config = TrainJob(job=settings, model=_spec("models", "dit", hidden=32, depth=1, heads=2),
                       dataset=_spec("datasets", "digits"), trainer=_spec("trainers", "full"),
                       sampler=_spec("samplers", "euler"), schedule=_spec("schedules", "flow"))
@@ -56,7 +56,7 @@ def test_train_job_writes_checkpoints_previews_and_a_class_grid(tmp_path):
 
     grid = tmp_path / "grid.png"
     params = read_params(grid)
-    assert params["weights"] == "ema" and params["steps"] == 3 and params["cfg_scale"] == 2.0
+    assert params["weights"] == "ema" and params["sampling_steps"] == 3 and params["cfg_scale"] == 2.0
     with Image.open(grid) as im:   # 10 classes, one per row, 2 samples each, 8x8 pixels, 2 px apart
         assert im.size == (2 * 10 + 2, 10 * 10 + 2) and im.mode == "L"
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step-000002.png", "step-000004.png"]

@@ -26,7 +26,7 @@ def test_flow_path_and_target():
     torch.testing.assert_close(x, (1 - s) * x0 + s * noise, rtol=0, atol=0)
     torch.testing.assert_close(target, noise - x0, rtol=0, atol=0)
     torch.testing.assert_close(time, sigma, rtol=0, atol=0)
-    # the seed guide's x_t = (1 - t) noise + t data is the same point with sigma = 1 - t
+    # the convention x_t = (1 - t) noise + t data is the same point with sigma = 1 - t
     t = 1 - s
     torch.testing.assert_close(x, (1 - t) * noise + t * x0)
 

@@ -3,17 +3,18 @@
 Class-conditional families take ``class_label`` / ``class_grid``; text families take
 ``prompt`` (a string, a list, or ``prompt_file`` with one prompt per line). ``init_image`` +
 ``strength`` is image-to-image (the schedule starts ``strength`` of the way from the end, as in
-diffusers); ``reference_image``, ``image`` and ``mask`` reach the family in ``request.extra``
-(Kontext / FLUX.2 editing, Fill). ``cfg_scale`` left unset is the bundle's ``default_cfg_scale``
-(1.0, no CFG, for bundles without one). Each image is a PNG with its parameters in a text
-chunk; a grid PNG sums them up. ``generate_images`` is the sampling itself, shared with the
-``serve`` job.
+diffusers); ``reference_image``, ``image`` and ``mask`` become the request's reference images,
+image to repaint and mask (``image`` without a ``mask``: its control image), for Kontext / FLUX.2
+editing, Fill, Canny. ``cfg_scale`` left unset is the bundle's ``default_cfg_scale``. Each image
+is a PNG with its parameters in a text chunk; a grid PNG sums them up. ``generate_images`` turns
+the settings into requests for the generation pipeline (``diffcore.sampling.pipeline``), for this
+job and the ``serve`` job alike.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 from attrs import validators as v
@@ -47,7 +48,7 @@ class GenerateSettings(JobSettings):
     mask: str | None = None
     height: int | None = attrs.field(default=None, validator=_SIDE)
     width: int | None = attrs.field(default=None, validator=_SIDE)
-    num_steps: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
+    sampling_steps: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))   # None: the model's
     cfg_scale: float | None = attrs.field(default=None, validator=v.optional(v.ge(0)))  # None: the model's default
     grid: bool = True
     progress: bool = True
@@ -60,6 +61,8 @@ class GenerateJob:
     sampler: Spec = component("samplers", default={"name": "euler"})
     schedule: Spec | None = component("schedules", optional=True)
     guidance: list[Spec] = component_list("guidance")
+
+    renamed: ClassVar[dict[str, str]] = {"job.num_steps": "job.sampling_steps"}
 
     def __attrs_post_init__(self) -> None:
         check_image_size(self.model, self.job.height, self.job.width)
@@ -78,24 +81,13 @@ def check_image_size(model: Spec, height: int | None, width: int | None) -> None
                 raise ConfigError(str(exc), path=f"job.{side}") from None
 
 
-def pick_device(name: str) -> str:
-    import torch
-
-    if name != "auto":
-        return name
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def run_generate(config: GenerateJob, ctx: JobContext) -> list[Any]:
     from diffcore.io.images import make_grid, save_png
+    from diffcore.sampling.pipeline import Pipeline
 
     s = config.job
-    device = pick_device(s.device)
-    bundle = config.model.build(device=device)
-    sampler = config.sampler.build()
-    schedule = config.schedule.build() if config.schedule else default_schedule(bundle)
-    images, params = generate_images(bundle, s, sampler, schedule, config.guidance, device=device,
-                                     names={"model": config.model.name, "sampler": config.sampler.name})
+    pipeline = Pipeline.build(config.model, config.sampler, config.schedule, config.guidance, device=s.device)
+    images, params = generate_images(pipeline, s, names={"model": config.model.name, "sampler": config.sampler.name})
     if is_main_process():
         ctx.output_dir.mkdir(parents=True, exist_ok=True)
         for i, (img, p) in enumerate(zip(images, params)):
@@ -107,46 +99,32 @@ def run_generate(config: GenerateJob, ctx: JobContext) -> list[Any]:
     return images
 
 
-def generate_images(bundle: Any, s: GenerateSettings, sampler: Any, schedule: Any, guidance: list[Spec], *,
-                    device: str, names: dict[str, str]) -> tuple[Any, list[dict[str, Any]]]:
-    """Sample what ``s`` asks for with a built model, sampler and schedule: (N, C, H, W) images in
-    [-1, 1] on the CPU and each image's parameters (``names``, the model and sampler, first).
-    The ``generate`` job and the ``serve`` job's requests both come through here."""
+def generate_images(pipeline: Any, s: GenerateSettings, *, names: dict[str, str]) -> tuple[Any, list[dict[str, Any]]]:
+    """What ``s`` asks for, through ``pipeline``: (N, C, H, W) images in [-1, 1] on the CPU and each
+    image's parameters (``names``, the model and sampler, first). The ``generate`` job and the
+    ``serve`` job's requests both come through here: it turns the settings into requests (labels
+    or prompts in batches, once per seed), the pipeline does the rest."""
     import torch
 
     from diffcore.models import GenerationRequest
-    from diffcore.sampling.engine import sample
 
-    cfg_scale = s.cfg_scale if s.cfg_scale is not None else getattr(bundle, "default_cfg_scale", 1.0)
-    chain = build_guidance(guidance, cfg_scale)
-    steps = s.num_steps or bundle.default_steps
-    labels, prompts, per_seed = sample_plan(s, bundle)
-    extra = _image_inputs(s)
-
+    labels, prompts, per_seed = sample_plan(s, pipeline.bundle)
+    images_in = _image_inputs(s, pipeline.bundle)
     images, params = [], []
     for seed in s.seeds or [s.seed]:
         generator = torch.Generator("cpu").manual_seed(seed)
         for start in range(0, per_seed, s.batch_size):
             n = min(s.batch_size, per_seed - start)
             request = GenerationRequest(
-                batch=n, labels=labels[start:start + n].to(device) if labels is not None else None,
+                batch=n, labels=labels[start:start + n].to(pipeline.device) if labels is not None else None,
                 prompts=prompts[start:start + n] if prompts else None,
                 negative_prompts=[s.negative_prompt or ""] * n if prompts else None, height=s.height,
-                width=s.width, extra=dict(extra))
-            shape = bundle.latent_shape(request)
-            noise = torch.randn((n, *shape), generator=generator).to(device)
-            seq_len = math.prod(shape[1:]) if len(shape) == 3 else None
-            sigmas = schedule.sigmas(steps, seq_len=seq_len).to(device)
-            x0 = None
-            if s.init_image is not None:
-                x0, sigmas = _img2img_start(bundle, s, request, sigmas, device)
-            with torch.no_grad():
-                latents = sample(bundle, noise, bundle.conditions(request), sigmas, sampler, guidance=chain,
-                                 generator=generator, disable=not s.progress, x0=x0)
-                images.append(bundle.decode(latents).float().clamp(-1, 1).cpu())
+                width=s.width, sampling_steps=s.sampling_steps, cfg_scale=s.cfg_scale, strength=s.strength, **images_in)
+            images.append(pipeline(request, generator=generator, progress=s.progress))
+            steps, cfg_scale = pipeline.sampling_steps(request), pipeline.cfg_scale(request)
             for i in range(n):
-                params.append({**names, "steps": steps, "cfg_scale": cfg_scale, "seed": seed, "index": start + i,
-                               **({"strength": s.strength} if s.init_image else {}),
+                params.append({**names, "sampling_steps": steps, "cfg_scale": cfg_scale, "seed": seed,
+                               "index": start + i, **({"strength": s.strength} if s.init_image else {}),
                                **({"class_label": int(labels[start + i])} if labels is not None else {}),
                                **({"prompt": prompts[start + i]} if prompts else {})})
     return torch.cat(images), params
@@ -154,18 +132,10 @@ def generate_images(bundle: Any, s: GenerateSettings, sampler: Any, schedule: An
 
 def sample_plan(s: GenerateSettings, bundle: Any) -> tuple[Any, list[str] | None, int]:
     """The class labels (or None), the prompts (or None) and how many images one seed makes."""
-    labels = class_labels(s, getattr(bundle, "num_classes", None))
+    labels = class_labels(s, bundle.num_classes)
     prompts = _prompts(s)
     per_seed = len(labels) if labels is not None else (len(prompts) if prompts else s.num_samples)
     return labels, prompts, per_seed
-
-
-def build_guidance(specs: list[Spec], cfg_scale: float) -> list[Any]:
-    """The processor chain: CFG from ``cfg_scale`` first (when > 1), then the ``[[guidance]]`` tables."""
-    from diffcore.sampling.cfg import CFG
-
-    chain = [CFG(scale=cfg_scale)] if cfg_scale != 1.0 else []
-    return chain + [spec.build() for spec in specs]
 
 
 def class_labels(s: GenerateSettings, num_classes: int | None):
@@ -183,10 +153,17 @@ def class_labels(s: GenerateSettings, num_classes: int | None):
         raise ConfigError(f"class_label {s.class_label} is out of range: this model has {num_classes} classes "
                           f"(0..{num_classes - 1})", path="job.class_label")
     if s.class_grid:
-        return torch.arange(num_classes).repeat_interleave(s.samples_per_class)
+        return grid_labels(num_classes, s.samples_per_class)
     if s.class_label is not None:
         return torch.full((s.num_samples,), s.class_label, dtype=torch.long)
     return torch.arange(s.num_samples) % num_classes
+
+
+def grid_labels(num_classes: int, samples_per_class: int) -> Any:
+    """Every class ``samples_per_class`` times in a row: one class per grid row."""
+    import torch
+
+    return torch.arange(num_classes).repeat_interleave(samples_per_class)
 
 
 def _prompts(s: GenerateSettings) -> list[str] | None:
@@ -207,41 +184,25 @@ def _prompts(s: GenerateSettings) -> list[str] | None:
     return [p for p in prompts for _ in range(s.num_samples)]
 
 
-def _image_inputs(s: GenerateSettings) -> dict[str, Any]:
-    """The job's image files as tensors in [-1, 1], for the family's ``conditions`` to use."""
+def _image_inputs(s: GenerateSettings, bundle: Any) -> dict[str, Any]:
+    """The job's image files as the request's tensors in [-1, 1]. ``image`` with a ``mask`` is
+    the image to repaint, without one a control image. ``init_image`` loads at the size the
+    request makes (which the other images may decide, as FLUX's do)."""
     from diffcore.io.images import load_image
+    from diffcore.models import GenerationRequest
 
     size = (s.height, s.width) if s.height and s.width else None
-    extra: dict[str, Any] = {}
+    images: dict[str, Any] = {}
     if s.reference_image is not None:
         refs = [s.reference_image] if isinstance(s.reference_image, str) else s.reference_image
-        extra["reference_images"] = [load_image(r) for r in refs]
+        images["reference_images"] = [load_image(r) for r in refs]
     if s.image is not None:
-        extra["image"] = load_image(s.image, size=size)
+        images["image" if s.mask is not None else "control_image"] = load_image(s.image, size=size)
     if s.mask is not None:
         mask = load_image(s.mask, size=size, channels=1)
-        extra["mask"] = (mask + 1) / 2  # white (1) = repaint
-    return extra
-
-
-def _img2img_start(bundle: Any, s: GenerateSettings, request: Any, sigmas: Any, device: str) -> tuple[Any, Any]:
-    """Encode ``init_image`` and drop the first ``1 - strength`` of the schedule, by diffusers'
-    rule: skip ``int(steps - steps * strength)`` steps, run the rest (at least one)."""
-    from diffcore.io.images import load_image
-
-    channels, height, width = bundle.image_shape(request)
-    image = load_image(s.init_image, size=(height, width), channels=channels).to(device)
-    x0 = bundle.encode(image[None])
-    x0 = x0.expand(request.batch, *x0.shape[1:])
-    steps = len(sigmas) - 1
-    skip = min(int(max(steps - steps * s.strength, 0)), steps - 1)
-    return x0, sigmas[skip:]
-
-
-def default_schedule(bundle: Any) -> Any:
-    from diffcore.config.structure import structure
-    from diffcore.plugins import registry
-
-    table = dict(bundle.default_schedule)
-    comp = registry("schedules").get(table.pop("name"))
-    return comp.factory(structure(table, comp.config))
+        images["mask"] = (mask + 1) / 2  # white (1) = repaint
+    if s.init_image is not None:
+        channels, height, width = bundle.image_shape(GenerationRequest(batch=1, height=s.height, width=s.width,
+                                                                       **images))
+        images["init_image"] = load_image(s.init_image, size=(height, width), channels=channels)
+    return images

@@ -13,7 +13,7 @@ import tomli_w
 from diffcore.config.loader import Document, load_document
 from diffcore.config.structure import structure, unstructure
 from diffcore.errors import ConfigError, DiffcoreError
-from diffcore.jobs import JobContext, is_main_process
+from diffcore.jobs import JobContext, in_given_names, is_main_process, rename_settings
 from diffcore.plugins import check_requirements, registry
 from diffcore.registry import Component
 
@@ -61,7 +61,14 @@ def prepare(path: str | Path, overrides: list[str] = ()) -> PreparedJob:
             raise ConfigError(str(exc), file=doc.origin("job.kind"), path="job.kind") from None
     data["job"] = {k: v for k, v in job_table.items() if k != "kind"}
     component = jobs.get(kind)
-    return PreparedJob(doc, component, structure(data, component.config, doc))
+    data, applied = rename_settings(data, getattr(component.config, "renamed", {}), file=file)
+    for new, old in applied.items():   # a renamed setting still comes from the file (or --set) that gave it
+        if old in doc.origins:
+            doc.origins[new] = doc.origins[old]
+    try:
+        return PreparedJob(doc, component, structure(data, component.config, doc))
+    except ConfigError as exc:
+        raise in_given_names(exc, applied) from None
 
 
 def run(path: str | Path, overrides: list[str] = (), *, debug: bool = False) -> Any:

@@ -15,15 +15,17 @@ Endpoints, JSON in and out:
 
 - ``GET /health``; ``GET /layers``: the model's attention layer names (for ``layers = [...]``).
 - ``POST /generate``: the ``generate`` job's ``[job]`` settings (``class_label``, ``prompt``,
-  ``num_samples``, ``num_steps``, ``cfg_scale``, ``seed``, ``strength``, ...) and ``guidance``, an
+  ``num_samples``, ``sampling_steps``, ``cfg_scale``, ``seed``, ``strength``, ...) and ``guidance``, an
   array of tables like the job file's ``[[guidance]]``; ``init_image``, ``reference_image``,
   ``image`` and ``mask`` are base64-encoded PNGs rather than file names. The answer is
   ``{"images": [base64 PNG, ...], "parameters": [...]}``, each PNG carrying its parameters in the
   text chunk the generate job writes.
-- ``POST /text-to-image``, ``POST /image-to-image``: seed 003's API. ``num_inference_steps`` and
-  ``guidance_scale`` are ``num_steps`` and ``cfg_scale``; ``nag_pag_scale`` and
-  ``nag_pag_applied_layers`` set the ``nag-pag`` entry of the chain (added when there is none);
-  the input image is ``image`` (base64) or ``image_url`` as a ``data:`` URL.
+- ``POST /text-to-image``, ``POST /image-to-image``: diffusers-style names. ``num_inference_steps``
+  and ``guidance_scale`` are ``sampling_steps`` and ``cfg_scale``; fields plugins register with the
+  ``register_request_fields`` hook set an option of a guidance entry of the chain (added at its
+  end when there is none): diffcore-guidance's ``nag_pag_scale`` and ``nag_pag_applied_layers``
+  are ``nag-pag``'s ``scale`` and ``layers``. The input image is ``image`` (base64) or
+  ``image_url`` as a ``data:`` URL.
 
 A request goes through the code that checks job files (``diffcore.config.structure``), so a
 mistake is HTTP 400 with the message the job file would get, path included (``at
@@ -58,8 +60,8 @@ from attrs import validators as v
 from diffcore.config.spec import Spec, component, component_list
 from diffcore.config.structure import structure, unstructure
 from diffcore.errors import ConfigError
-from diffcore.jobs import JobContext, JobSettings
-from diffcore.jobs.generate import GenerateSettings
+from diffcore.jobs import JobContext, JobSettings, rename_settings
+from diffcore.jobs.generate import GenerateJob, GenerateSettings
 from diffcore.jobs.serve_http import JSONServer, Limits, Routes
 
 
@@ -98,9 +100,8 @@ class _RequestGuidance:
 # generate settings that belong to the server: its device, its files, its terminal
 SERVER_ONLY = ("output_dir", "device", "prompt_file", "progress", "grid")
 IMAGE_KEYS = ("init_image", "reference_image", "image", "mask")
-SEED_NAMES = {"num_inference_steps": "num_steps", "guidance_scale": "cfg_scale"}
-NAG_PAG_FIELDS = {"nag_pag_scale": "scale", "nag_pag_applied_layers": "layers"}
-# diffusers' StableDiffusionImg2ImgPipeline default, and the value in seed 003's example
+SEED_NAMES = {"num_inference_steps": "sampling_steps", "guidance_scale": "cfg_scale"}
+# diffusers' StableDiffusionImg2ImgPipeline default
 IMG2IMG_STRENGTH = 0.8
 
 
@@ -109,15 +110,14 @@ class Service:
     model runs one generation at a time."""
 
     def __init__(self, config: ServeJob):
-        from diffcore.jobs.generate import default_schedule, pick_device
+        from diffcore.sampling.pipeline import Pipeline
 
         self.settings = config.job
-        self.device = pick_device(config.job.device)
-        self.bundle = config.model.build(device=self.device)
-        self.sampler = config.sampler.build()
-        self.schedule = config.schedule.build() if config.schedule else default_schedule(self.bundle)
+        self.pipeline = Pipeline.build(config.model, config.sampler, config.schedule, device=config.job.device)
+        self.bundle, self.device = self.pipeline.bundle, str(self.pipeline.device)
         self.names = {"model": config.model.name, "sampler": config.sampler.name}
         self.guidance = [unstructure(spec) for spec in config.guidance]   # as a request would write them
+        self.fields = request_fields()
         self.lock = threading.Lock()
 
     def routes(self) -> Routes:
@@ -137,21 +137,25 @@ class Service:
         """``POST /generate``; ``renames`` maps generate names back to the ones the request used."""
         from diffcore.jobs.generate import generate_images
 
+        renames = dict(renames or {})
+        if isinstance(body, dict):   # old setting names: errors name them as the request did
+            old_names = {old.removeprefix("job."): new.removeprefix("job.") for old, new in GenerateJob.renamed.items()}
+            renames.update({new: old for old, new in old_names.items() if old in body})
         try:
             with tempfile.TemporaryDirectory(prefix="diffcore-serve-") as folder:
                 settings, guidance = self.parse(body, Path(folder))
                 with self.lock:
-                    images, params = generate_images(self.bundle, settings, self.sampler, self.schedule, guidance,
-                                                     device=self.device, names=self.names)
+                    pipeline = attrs.evolve(self.pipeline, guidance=[spec.build() for spec in guidance])
+                    images, params = generate_images(pipeline, settings, names=self.names)
         except ConfigError as exc:
-            raise _renamed(exc, renames or {}) from None
+            raise _renamed(exc, renames) from None
         return {"images": [_png_base64(image, p) for image, p in zip(images, params)], "parameters": params}
 
     def parse(self, body: Any, folder: Path) -> tuple[GenerateSettings, list[Spec]]:
         """The request as the generate code takes it, its images written to ``folder``."""
         from diffcore.jobs.generate import sample_plan
 
-        body = _json_object(body)
+        body = rename_settings({"job": _json_object(body)}, GenerateJob.renamed)[0]["job"]
         for key in SERVER_ONLY:
             if key in body:
                 raise ConfigError("set by the server's job file, not per request", path=key)
@@ -179,9 +183,9 @@ class Service:
             if count > most.max_batch:
                 raise ConfigError(f"asks for at least {count} images; this server makes at most {most.max_batch} per "
                                   "request (its job.max_batch)", path=key)
-        if s.num_steps is not None and s.num_steps > most.max_steps:
-            raise ConfigError(f"{s.num_steps} steps; this server runs at most {most.max_steps} (its job.max_steps)",
-                              path="num_steps")
+        if s.sampling_steps is not None and s.sampling_steps > most.max_steps:
+            raise ConfigError(f"{s.sampling_steps} steps; this server runs at most {most.max_steps} (its "
+                              f"job.max_steps)", path="sampling_steps")
         if (s.height or 1) * (s.width or 1) > most.max_pixels:
             size = f"{s.width or '?'}x{s.height or '?'}"
             raise ConfigError(f"a {size} image is more than this server makes: at most {most.max_pixels} pixels "
@@ -201,7 +205,7 @@ class Service:
                     raise ConfigError(exc.detail, path=f"guidance[{i}].layers") from None
 
     def seed_api(self, body: Any, *, image_to_image: bool) -> dict[str, Any]:
-        """``POST /text-to-image`` and ``/image-to-image``: seed 003's names put into generate's."""
+        """``POST /text-to-image`` and ``/image-to-image``: diffusers' names put into generate's."""
         body, renames = _json_object(body), {}
         for seed_name, name in SEED_NAMES.items():
             if seed_name in body:
@@ -209,7 +213,7 @@ class Service:
                     raise ConfigError(f"give {seed_name} or {name}, not both", path=seed_name)
                 body[name] = body.pop(seed_name)
                 renames[name] = seed_name
-        self._nag_pag(body, renames)
+        self._guidance_fields(body, renames)
         given = [key for key in ("image", "image_url") if key in body]
         if not image_to_image:
             if given:
@@ -227,28 +231,44 @@ class Service:
         body.setdefault("strength", IMG2IMG_STRENGTH)
         return self.generate(body, renames)
 
-    def _nag_pag(self, body: dict[str, Any], renames: dict[str, str]) -> None:
-        """``nag_pag_*`` tune the chain's ``nag-pag`` entry, or add one at its end."""
-        from diffcore.plugins import registry
-
-        given = {key: body.pop(key) for key in NAG_PAG_FIELDS if key in body}
+    def _guidance_fields(self, body: dict[str, Any], renames: dict[str, str]) -> None:
+        """Registered request fields tune their guidance entry of the chain, or add one at its end."""
+        given = {key: body.pop(key) for key in self.fields if key in body}
         if not given:
             return
-        if "nag-pag" not in registry("guidance"):
-            raise ConfigError("needs the nag-pag guidance processor, from diffcore-guidance, which is not "
-                              "installed here", path=next(iter(given)))
         tables = body.get("guidance", self.guidance)
         if not isinstance(tables, list):
             raise ConfigError("expected an array of tables ([[guidance]]), found something else", path="guidance")
         tables = [dict(t) if isinstance(t, dict) else t for t in tables]
-        i = next((i for i, t in enumerate(tables) if isinstance(t, dict) and t.get("name") == "nag-pag"), None)
-        if i is None:
-            i = len(tables)
-            tables.append({"name": "nag-pag"})
         for key, value in given.items():
-            tables[i][NAG_PAG_FIELDS[key]] = value
-            renames[f"guidance[{i}].{NAG_PAG_FIELDS[key]}"] = key
+            name, option = self.fields[key]
+            i = next((i for i, t in enumerate(tables) if isinstance(t, dict) and t.get("name") == name), None)
+            if i is None:
+                i = len(tables)
+                tables.append({"name": name})
+            tables[i][option] = value
+            renames[f"guidance[{i}].{option}"] = key
         body["guidance"] = tables
+
+
+def request_fields(plugins: Any = None) -> dict[str, tuple[str, str]]:
+    """The HTTP fields plugins register (``register_request_fields``): field -> (guidance, option).
+    A field two plugins map differently is an error naming both."""
+    from diffcore.errors import PluginError
+    from diffcore.plugins import get_plugins
+
+    plugins = plugins or get_plugins()
+    fields: dict[str, tuple[str, str]] = {}
+    owners: dict[str, str] = {}
+    for impl in plugins.pm.hook.register_request_fields.get_hookimpls():
+        def register(field: str, *, guidance: str, option: str, _plugin: str = impl.plugin_name) -> None:
+            if field in fields and fields[field] != (guidance, option):
+                raise PluginError(f"request field {field!r} is registered by two plugins: {owners[field]} and "
+                                  f"{_plugin}")
+            fields[field], owners[field] = (guidance, option), _plugin
+
+        impl.function(register=register)
+    return fields
 
 
 def _json_object(body: Any) -> dict[str, Any]:
@@ -260,7 +280,7 @@ def _json_object(body: Any) -> dict[str, Any]:
 
 
 def _renamed(exc: ConfigError, renames: dict[str, str]) -> ConfigError:
-    """``exc`` in the request's own names: seed 003's where it used them, and without the
+    """``exc`` in the request's own names: the diffusers-style ones where it used them, and without the
     ``job.`` the generate code's own checks put in front of a setting."""
     path, detail = (exc.path or "").removeprefix("job."), exc.detail
     for name, used in renames.items():

@@ -22,7 +22,7 @@ Imports no torch until it runs.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import attrs
 from attrs import validators as v
@@ -37,12 +37,13 @@ class FinalGrid:
 
     samples_per_class: int = attrs.field(default=8, validator=v.gt(0))
     cfg_scale: float = attrs.field(default=3.0, validator=v.ge(0))
-    steps: int = attrs.field(default=50, validator=v.gt(0))
+    sampling_steps: int = attrs.field(default=50, validator=v.gt(0))
 
 
 @attrs.define
 class TrainSettings(JobSettings):
-    """``batch_size`` is the global batch of one forward (split across processes); one optimizer
+    """``steps`` are optimizer steps; ``sampling_steps`` the previews' sampling steps.
+    ``batch_size`` is the global batch of one forward (split across processes); one optimizer
     step sees ``batch_size * grad_accum`` samples."""
 
     steps: int = attrs.field(default=1000, validator=v.gt(0))
@@ -59,7 +60,7 @@ class TrainSettings(JobSettings):
     ema_decay: float = attrs.field(default=0.9999, validator=[v.ge(0), v.lt(1)])
     ema_warmup: bool = True
     sample_every: int = attrs.field(default=0, validator=v.ge(0))        # 0: no previews
-    sample_steps: int = attrs.field(default=28, validator=v.gt(0))
+    sampling_steps: int = attrs.field(default=28, validator=v.gt(0))
     sample_cfg: float = attrs.field(default=3.0, validator=v.ge(0))
     checkpoint_every: int = attrs.field(default=500, validator=v.ge(0))  # 0: only at the end
     keep_last: int = attrs.field(default=3, validator=v.gt(0))
@@ -78,6 +79,9 @@ class TrainJob:
     sampler: Spec = component("samplers", default={"name": "euler"})
     schedule: Spec = component("schedules", default={"name": "flow"})
 
+    renamed: ClassVar[dict[str, str]] = {"job.sample_steps": "job.sampling_steps",
+                                         "job.final_grid.steps": "job.final_grid.sampling_steps"}
+
 
 def run_train(config: TrainJob, ctx: JobContext) -> Any:
     """Build the pieces, train, then sample the final class grid with the EMA weights."""
@@ -85,6 +89,7 @@ def run_train(config: TrainJob, ctx: JobContext) -> Any:
     from accelerate import PartialState
 
     from diffcore.io.images import make_grid, save_png
+    from diffcore.sampling.pipeline import Pipeline
     from diffcore.training.loop import train
 
     s = config.job
@@ -93,53 +98,41 @@ def run_train(config: TrainJob, ctx: JobContext) -> Any:
     bundle = config.model.build(device=state.device)
     trainer = config.trainer.build(bundle=bundle)
     dataset = config.dataset.build()
-    sampler = config.sampler.build()
-    schedule = config.schedule.build()
+    pipeline = Pipeline(bundle=bundle, sampler=config.sampler.build(), schedule=config.schedule.build(),
+                        device=state.device)
 
     def write_grid(path: Any, steps: int, cfg_scale: float, **extra: Any) -> None:
-        images = sample_class_grid(bundle, sampler, schedule, samples_per_class=s.final_grid.samples_per_class,
-                                   steps=steps, cfg_scale=cfg_scale, seed=s.seed)
+        images = class_grid(pipeline, samples_per_class=s.final_grid.samples_per_class, steps=steps,
+                            cfg_scale=cfg_scale, seed=s.seed)
         params = {"model": config.model.name, "sampler": config.sampler.name, "schedule": config.schedule.name,
-                  "steps": steps, "cfg_scale": cfg_scale, "seed": s.seed, "weights": "ema", **extra}
+                  "sampling_steps": steps, "cfg_scale": cfg_scale, "seed": s.seed, "weights": "ema", **extra}
         save_png(path, make_grid(images, nrow=s.final_grid.samples_per_class), params)
 
     def preview(bundle: Any, step: int) -> None:
-        write_grid(ctx.output_dir / "samples" / f"step-{step:06d}.png", s.sample_steps, s.sample_cfg, step=step)
+        write_grid(ctx.output_dir / "samples" / f"step-{step:06d}.png", s.sampling_steps, s.sample_cfg, step=step)
 
     result = train(s, bundle=bundle, trainer=trainer, dataset=dataset, output_dir=ctx.output_dir,
                    config=ctx.resolved, preview=preview)
     if state.is_main_process:
         network = bundle.network
         network.eval()
-        with result.ema.applied(network), torch.no_grad():
-            write_grid(ctx.output_dir / "grid.png", s.final_grid.steps, s.final_grid.cfg_scale, step=result.step)
+        with result.ema.applied(network):
+            write_grid(ctx.output_dir / "grid.png", s.final_grid.sampling_steps, s.final_grid.cfg_scale, step=result.step)
     state.wait_for_everyone()
     return result
 
 
-def sample_class_grid(bundle: Any, sampler: Any, schedule: Any, *, samples_per_class: int, steps: int,
-                      cfg_scale: float, seed: int) -> Any:
-    """``samples_per_class`` images of every class (class-major), from noise fixed by ``seed``;
-    ``samples_per_class`` unconditional images for a model without classes."""
-    import math
-
+def class_grid(pipeline: Any, *, samples_per_class: int, steps: int, cfg_scale: float, seed: int) -> Any:
+    """``samples_per_class`` images of every class (class-major) from noise fixed by ``seed``, as
+    the generate job's ``class_grid`` makes them; ``samples_per_class`` unconditional images (no
+    CFG) for a model without classes."""
     import torch
 
+    from diffcore.jobs.generate import grid_labels
     from diffcore.models import GenerationRequest
-    from diffcore.sampling.cfg import CFG
-    from diffcore.sampling.engine import sample
 
-    device = next(bundle.network.parameters()).device
-    num_classes = getattr(bundle, "num_classes", None)
-    labels = torch.arange(num_classes).repeat_interleave(samples_per_class) if num_classes else None
-    n = len(labels) if labels is not None else samples_per_class
-    request = GenerationRequest(batch=n, labels=None if labels is None else labels.to(device))
-    shape = bundle.latent_shape(request)
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((n, *shape), generator=generator).to(device)
-    seq_len = math.prod(shape[1:]) if len(shape) == 3 else None
-    sigmas = schedule.sigmas(steps, seq_len=seq_len).to(device)
-    guidance = [CFG(scale=cfg_scale)] if cfg_scale != 1.0 and labels is not None else []
-    latents = sample(bundle, noise, bundle.conditions(request), sigmas, sampler, guidance=guidance,
-                     generator=generator, disable=True)
-    return bundle.decode(latents).float().clamp(-1, 1).cpu()
+    num_classes = pipeline.bundle.num_classes
+    labels = grid_labels(num_classes, samples_per_class).to(pipeline.device) if num_classes else None
+    request = GenerationRequest(batch=len(labels) if labels is not None else samples_per_class, labels=labels,
+                                sampling_steps=steps, cfg_scale=cfg_scale if labels is not None else 1.0)
+    return pipeline(request, generator=torch.Generator().manual_seed(seed))

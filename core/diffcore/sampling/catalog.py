@@ -1,5 +1,9 @@
 """The core's schedules, samplers and guidance, registered through the plugin hooks.
 
+Only generic components live here; a family registers its named presets itself (FLUX.1 and
+FLUX.2 register ``flux`` from ``flow_schedule`` and ``DynamicShiftConfig``: the same two objects,
+so the second registration is a no-op).
+
 No torch at import time: ``diffcore plugins`` and config validation read these config classes
 without loading torch; the factories import the sampling modules when a component is built.
 """
@@ -35,10 +39,11 @@ class Timer:
 
 @attrs.frozen(kw_only=True)
 class FlowConfig:
-    """Flow matching, ``t = linspace(1, 0, steps + 1)`` shifted: statically by ``shift``
-    (SD3) or, with ``dynamic``, by ``mu`` interpolated from the image's token count (FLUX).
-    ``train_steps = N`` spaces ``t`` as SD3's reference sampler does (down to its smallest of N
-    training sigmas instead of 0)."""
+    """Flow matching, ``t = linspace(1, 0, steps + 1)`` shifted: statically by ``shift`` or, with
+    ``dynamic``, by ``mu`` on the line through the anchor points ``(base_seq_len, base_shift)``
+    and ``(max_seq_len, max_shift)`` at the image's token count (defaults: diffusers'
+    ``FlowMatchEulerDiscreteScheduler``). ``train_steps = N`` spaces ``t`` down to the smallest
+    of N discrete training sigmas instead of 0, as a discrete flow model's reference sampler does."""
 
     shift: float = attrs.field(default=1.0, validator=_positive)
     dynamic: bool = False
@@ -55,18 +60,11 @@ class FlowConfig:
 
 
 @attrs.frozen(kw_only=True)
-class FluxConfig(FlowConfig):
-    """FLUX.1's schedule: the flow schedule with resolution-dependent (dynamic) shift."""
+class DynamicShiftConfig(FlowConfig):
+    """The flow schedule with its resolution-dependent shift on: the config of families' presets
+    (``flux``) that shift by the image size."""
 
     dynamic: bool = True
-
-
-@attrs.frozen(kw_only=True)
-class SD3Config(FlowConfig):
-    """SD3's schedule: static shift 3 on the reference sampler's grid."""
-
-    shift: float = attrs.field(default=3.0, validator=_positive)
-    train_steps: int = attrs.field(default=1000, validator=v.ge(0))
 
 
 @attrs.frozen(kw_only=True)
@@ -160,11 +158,7 @@ def beta_schedule(config: BetaConfig, **_: Any) -> Timer:
 
 def register_schedules(register: Callable[..., None]) -> None:
     register("flow", flow_schedule, config=FlowConfig,
-             description="flow matching, linspace in t with static (SD3) or dynamic (FLUX) shift")
-    register("flux", flow_schedule, config=FluxConfig,
-             description="FLUX.1: flow matching with shift by image size (mu from 0.5 at 256 to 1.15 at 4096 tokens)")
-    register("sd3", flow_schedule, config=SD3Config,
-             description="SD3 / SD3.5: flow matching, shift 3, on the reference sampler's grid")
+             description="flow matching, linspace in t, static shift or shift by image size (dynamic, anchor points)")
     register("ddpm", ddpm_schedule, config=DDPMConfig,
              description="a discrete DDPM model's sigmas, leading / trailing / linspace timestep spacing")
     register("karras", karras_schedule, config=KarrasConfig, description="Karras et al. 2022, rho = 7")

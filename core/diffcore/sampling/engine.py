@@ -70,7 +70,8 @@ class GuidedDenoiser:
         info = StepInfo(x=x, sigma=sigma, step=self.step_index(sigma), num_steps=len(self.sigmas) - 1,
                         prediction_type=self.bundle.prediction_type,
                         to_denoised=lambda raw: den.to_denoised(x, sigma, raw),
-                        from_denoised=lambda x0: den.from_denoised(x, sigma, x0), conditions=self.conditions)
+                        from_denoised=lambda x0: den.from_denoised(x, sigma, x0), conditions=self.conditions,
+                        bundle=self.bundle)
         active = [p for p in self.guidance if p.active(info)]
         branches = {"cond": COND}
         for processor in active:

@@ -68,6 +68,9 @@ class StepInfo:
     extra: dict[str, Any] = attrs.Factory(dict)
     # conditioning kwargs per branch key ("cond", "uncond", ...), as the model bundle gave them
     conditions: Mapping[str, Mapping[str, Any]] = attrs.Factory(dict)
+    # the model bundle being sampled: its ``sequence_condition`` / ``pooled_condition`` name what
+    # a branch's conditioning holds, without guessing the family's keys
+    bundle: Any = None
 
     @property
     def progress(self) -> float:

@@ -40,4 +40,15 @@ def run_job_file(path: Any, overrides: list[str] = ()) -> Any:
     return run(path, list(overrides))
 
 
-__all__ = ["Plugins", "get_plugins", "plugins_for_test", "reset_plugins", "run_job_file"]
+def run_cli(args: list[str]) -> Any:
+    """``diffcore ARGS`` with the installed plugins' commands, in-process: a ``click.testing.Result``
+    (``exit_code``, ``output``)."""
+    from click.testing import CliRunner
+
+    from diffcore.cli import cli
+
+    get_plugins().add_commands(cli)
+    return CliRunner().invoke(cli, list(args))
+
+
+__all__ = ["Plugins", "get_plugins", "plugins_for_test", "reset_plugins", "run_cli", "run_job_file"]

@@ -29,7 +29,8 @@ def _step(bundle: ModelBundle, x: torch.Tensor, step: int, num_steps: int,
     sigma = torch.full((x.shape[0],), 1.0 - step / num_steps * 0.9)
     return StepInfo(x=x, sigma=sigma, step=step, num_steps=num_steps, prediction_type=bundle.prediction_type,
                     to_denoised=lambda raw: denoiser.to_denoised(x, sigma, raw),
-                    from_denoised=lambda d: denoiser.from_denoised(x, sigma, d), conditions=conditions or {})
+                    from_denoised=lambda d: denoiser.from_denoised(x, sigma, d), conditions=conditions or {},
+                    bundle=bundle)
 
 
 def check_model_family(bundle: ModelBundle, request: GenerationRequest, *, seed: int = 0) -> None:
@@ -38,6 +39,13 @@ def check_model_family(bundle: ModelBundle, request: GenerationRequest, *, seed:
     conditions = bundle.conditions(request)
     assert "cond" in conditions, "conditions(request) must provide the 'cond' branch"
     shape = (request.batch, *bundle.latent_shape(request))
+    seq_len = bundle.seq_len(request)
+    assert seq_len is None or (isinstance(seq_len, int) and seq_len > 0), \
+        f"seq_len(request) must be a positive int (image tokens) or None, got {seq_len!r}"
+    for name in ("sequence_condition", "pooled_condition"):
+        value = getattr(bundle, name)(conditions["cond"])
+        assert value is None or (torch.is_tensor(value) and value.shape[0] == request.batch), \
+            f"{name}(cond) must be None or a tensor with one row per sample"
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     sigma = torch.full((request.batch,), 0.5)
     with torch.no_grad():

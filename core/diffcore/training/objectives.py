@@ -4,7 +4,7 @@ All three share the core's sigma convention (docs/architecture.md): ``x = alpha 
 
 - ``"flow"``, rectified flow / flow matching (Lipman et al. 2023, arXiv:2210.02747; Liu et al.
   2022, arXiv:2209.03003): ``x_sigma = (1 - sigma) x0 + sigma noise`` with sigma in [0, 1], and
-  the network regresses the velocity ``noise - x0``. The seed guide's ``x_t = (1 - t) noise + t data``
+  the network regresses the velocity ``noise - x0``. The other convention, ``x_t = (1 - t) noise + t data``
   with target ``data - noise`` is the same path with ``sigma = 1 - t`` (and the time axis, hence
   the velocity's sign, reversed); we keep sigma as "how much noise" everywhere.
 - ``"epsilon"`` (Ho et al. 2020, arXiv:2006.11239) and ``"v"`` (Salimans & Ho 2022,

@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from typing import Any
 
 import attrs
 import torch
 
-from diffcore.api import ConfigError, ModelBundle
-
-
-def _field(request: Any, key: str) -> Any:
-    """A request's field, from a ``GenerationRequest``-like object or a plain mapping."""
-    return request.get(key) if isinstance(request, Mapping) else getattr(request, key, None)
+from diffcore.api import ConfigError, GenerationRequest, ModelBundle
 
 
 @attrs.define(eq=False)
@@ -28,21 +22,18 @@ class DiTBundle(ModelBundle):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return self.network(x, sigma, y)
 
-    def conditions(self, request: Any) -> dict[str, dict[str, Any]]:
+    def conditions(self, request: GenerationRequest) -> dict[str, dict[str, Any]]:
         """``request.labels`` (one per sample; one label is repeated to ``request.batch``); no labels
         means unconditional samples, the null class in both branches."""
-        labels, batch = _field(request, "labels"), _field(request, "batch")
+        labels, batch = request.labels, request.batch
         device = self.network.pos.device
         if labels is None:
-            if batch is None:
-                raise ConfigError("a DiT request needs class labels (or a batch size for unconditional samples)",
-                                  path="labels")
             labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
             return {"cond": {"y": labels}, "uncond": {"y": labels.clone()}}
         labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
-        if batch is not None and labels.numel() == 1:
+        if labels.numel() == 1:
             labels = labels.expand(batch).clone()
-        if batch is not None and labels.numel() != batch:
+        if labels.numel() != batch:
             raise ConfigError(f"{labels.numel()} class labels for a batch of {batch}", path="labels")
         bad = labels[(labels < 0) | (labels >= self.num_classes)]
         if bad.numel():
@@ -50,13 +41,22 @@ class DiTBundle(ModelBundle):
                               f"classes (0..{self.num_classes - 1})", path="labels")
         return {"cond": {"y": labels}, "uncond": {"y": torch.full_like(labels, self.num_classes)}}
 
-    def latent_shape(self, request: Any = None) -> tuple[int, int, int]:
+    def latent_shape(self, request: GenerationRequest | None = None) -> tuple[int, int, int]:
         p = self.network.params
         for side in ("height", "width"):
-            if _field(request, side) not in (None, p.image_size):
+            value = getattr(request, side, None)
+            if value not in (None, p.image_size):
                 raise ConfigError(f"this DiT makes {p.image_size}x{p.image_size} images, the request asks for "
-                                  f"{side} {_field(request, side)}", path=side)
+                                  f"{side} {value}", path=side)
         return (p.in_channels, p.image_size, p.image_size)
+
+    def seq_len(self, request: GenerationRequest) -> int:
+        """Patch tokens: (image_size / patch)^2."""
+        return self.network.params.tokens
+
+    def pooled_condition(self, cond: dict[str, Any]) -> torch.Tensor | None:
+        """The class labels (the null class ``num_classes`` in the unconditional branch)."""
+        return cond.get("y")
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latents  # pixel space, already in [-1, 1]

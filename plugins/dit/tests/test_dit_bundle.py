@@ -1,13 +1,11 @@
 """DiTBundle: what the core's sampling and training see of the DiT family."""
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from diffcore.errors import ConfigError
-from diffcore.nn.attention import resolve_layers
+from diffcore.api import ConfigError, GenerationRequest, resolve_layers
 from diffcore_dit.bundle import DiTBundle
 from diffcore_dit.model import DiT2D
 
@@ -18,21 +16,24 @@ def bundle(tiny):
 
 
 def test_conditions_give_labels_and_the_null_class(bundle):
-    for request in ({"labels": torch.tensor([0, 3, 4])}, SimpleNamespace(labels=[0, 3, 4])):
-        cond = bundle.conditions(request)
+    for labels in (torch.tensor([0, 3, 4]), [0, 3, 4]):
+        cond = bundle.conditions(GenerationRequest(batch=3, labels=labels))
         assert torch.equal(cond["cond"]["y"], torch.tensor([0, 3, 4]))
         assert torch.equal(cond["uncond"]["y"], torch.tensor([5, 5, 5]))
         assert cond["cond"]["y"].dtype == torch.long
+        assert bundle.pooled_condition(cond["cond"]) is cond["cond"]["y"]
+        assert bundle.sequence_condition(cond["cond"]) is None
 
 
 def test_out_of_range_label_names_the_class_count(bundle):
     with pytest.raises(ConfigError, match=r"label 5 .* 5 classes \(0..4\)"):
-        bundle.conditions({"labels": [1, 5]})
+        bundle.conditions(GenerationRequest(batch=2, labels=[1, 5]))
 
 
 def test_shape_decode_and_prediction_type(bundle, randomize):
     assert bundle.prediction_type == "flow"
-    assert bundle.latent_shape({"labels": [1]}) == (3, 8, 8)
+    request = GenerationRequest(batch=1, labels=[1])
+    assert bundle.latent_shape(request) == (3, 8, 8) and bundle.seq_len(request) == 16  # (8 / 2)^2 patches
     x = torch.randn(2, 3, 8, 8)
     assert bundle.decode(x) is x
     randomize(bundle.network)
@@ -63,7 +64,6 @@ def test_no_dropout_keeps_labels(bundle):
 
 
 def test_generation_request_and_conformance(bundle, randomize):
-    from diffcore.models import GenerationRequest
     from diffcore.testing.conformance import check_model_family
 
     randomize(bundle.network)

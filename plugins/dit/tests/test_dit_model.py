@@ -6,9 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffcore.api import timestep_embedding
-from diffcore.errors import ConfigError
-from diffcore.nn.attention import attention_layers, patch_attention, resolve_layers
+from diffcore.api import ConfigError, attention_layers, patch_attention, resolve_layers, timestep_embedding
 from diffcore_dit.model import DiT2D, sincos_2d
 from diffcore_dit.params import DiTParams
 

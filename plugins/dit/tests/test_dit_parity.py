@@ -4,7 +4,7 @@ import attrs
 import pytest
 import torch
 
-from diffcore.errors import CheckpointError
+from diffcore.api import CheckpointError
 from diffcore_dit.convert import diffusers_config, from_diffusers, params_from_diffusers
 from diffcore_dit.model import DiT2D
 from diffcore_dit.params import VARIANTS, DiTParams

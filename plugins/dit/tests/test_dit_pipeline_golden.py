@@ -42,14 +42,14 @@ def generate(tmp_path, weights, job: str, tables: str = "") -> torch.Tensor:
 
 
 def test_class_grid(tmp_path, weights):
-    images = generate(tmp_path, weights, "class_grid = true\nsamples_per_class = 2\nnum_steps = 4\n"
+    images = generate(tmp_path, weights, "class_grid = true\nsamples_per_class = 2\nsampling_steps = 4\n"
                                          "cfg_scale = 2.0\nbatch_size = 8\nseed = 3")
     assert images.shape == (20, 1, 8, 8)
     check_golden(GOLDEN / "dit-class-grid.safetensors", {"images": images})
 
 
 def test_seeds_schedule_and_guidance_chain(tmp_path, weights):
-    images = generate(tmp_path, weights, "seeds = [1, 2]\nclass_label = 7\nnum_samples = 2\nnum_steps = 3",
+    images = generate(tmp_path, weights, "seeds = [1, 2]\nclass_label = 7\nnum_samples = 2\nsampling_steps = 3",
                       '[sampler]\nname = "dpmpp_2m"\n[schedule]\nname = "flow"\nshift = 2.0\n'
                       '[[guidance]]\nname = "cfg"\nscale = 1.5\n')
     assert images.shape == (4, 1, 8, 8)
@@ -59,7 +59,7 @@ def test_seeds_schedule_and_guidance_chain(tmp_path, weights):
 def test_img2img_with_an_ancestral_sampler(tmp_path, weights):
     init = torch.linspace(-1, 1, 64).reshape(1, 8, 8)
     save_png(tmp_path / "init.png", init, {})
-    images = generate(tmp_path, weights, f'init_image = "{tmp_path / "init.png"}"\nstrength = 0.6\nnum_steps = 5\n'
+    images = generate(tmp_path, weights, f'init_image = "{tmp_path / "init.png"}"\nstrength = 0.6\nsampling_steps = 5\n'
                                          'num_samples = 3\nbatch_size = 2\ncfg_scale = 1.5\nclass_label = 4',
                       '[sampler]\nname = "euler_ancestral"\n')
     check_golden(GOLDEN / "dit-img2img.safetensors", {"images": images})
@@ -69,8 +69,8 @@ def test_train_job_previews_and_final_grid(tmp_path):
     pytest.importorskip("sklearn")
     path = tmp_path / "train.toml"
     path.write_text(f'[job]\nkind = "train"\noutput_dir = "{tmp_path / "out"}"\ndevice = "cpu"\nseed = 2\nsteps = 2\n'
-                    'batch_size = 16\nlr = 1e-3\nsample_every = 1\nsample_steps = 2\ncheckpoint_every = 0\n'
-                    'final_grid = {samples_per_class = 1, cfg_scale = 2.0, steps = 3}\n'
+                    'batch_size = 16\nlr = 1e-3\nsample_every = 1\nsampling_steps = 2\ncheckpoint_every = 0\n'
+                    'final_grid = {samples_per_class = 1, cfg_scale = 2.0, sampling_steps = 3}\n'
                     '[model]\nfamily = "dit"\nvariant = "digits"\nhidden = 32\ndepth = 1\nheads = 2\n'
                     '[dataset]\nname = "digits"\n')
     run_job_file(path)

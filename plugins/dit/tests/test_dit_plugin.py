@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffcore.errors import CheckpointError, ConfigError
-from diffcore.plugins import Plugins
+from diffcore.api import CheckpointError, ConfigError
+from diffcore.testing import Plugins
 from diffcore_dit.bundle import DiTBundle
 from diffcore_dit.plugin import DiTConfig, build_dit
 

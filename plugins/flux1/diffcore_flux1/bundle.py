@@ -2,18 +2,18 @@
 
 The sampler's latent is the packed one laid out as an image, (64, H/16, W/16) for FLUX.1's
 8x autoencoder: each position is one transformer token (16 channels x 2 x 2, in (c, ph, pw)
-order), so a schedule's ``seq_len`` is the number of positions, and ``forward`` only flattens.
+order), so ``forward`` only flattens and ``seq_len`` counts positions. (The layout fixes which
+noise a seed gives, so it stays as it was when the token count was still read from it.)
 
-Image inputs arrive in ``request.extra`` as pixel tensors in [-1, 1] (the core's generate job
-puts them there) and become conditioning once per request (``diffcore_flux1.images``):
-``reference_images`` -> Kontext tokens (``ref``, ``ref_ids``); ``image`` + ``mask`` -> Fill's
-320 extra channels, ``image`` alone -> Canny / Depth's 64 (``img_cond``). Which applies follows
-from the transformer's input channels (64, 128 or 384).
+The request's images (pixel tensors in [-1, 1]) become conditioning once per request
+(``diffcore_flux1.images``): ``reference_images`` -> Kontext tokens (``ref``, ``ref_ids``);
+``image`` + ``mask`` -> Fill's 320 extra channels, ``control_image`` -> Canny / Depth's 64
+(``img_cond``). Which applies follows from the transformer's input channels (64, 128 or 384).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -21,7 +21,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from diffcore.api import ConfigError, ModelBundle
+from diffcore.api import ConfigError, GenerationRequest, ModelBundle
 from diffcore_flux1.images import fill_condition, fit, kontext_size, token_multiple
 from diffcore_flux1.model import attention_alias
 from diffcore_flux1.offload import Offload
@@ -84,24 +84,22 @@ class FluxBundle(ModelBundle):
         return rearrange(out[:, :h * w], "b (h w) c -> b c h w", h=h, w=w).to(x.dtype)
 
     # -- conditioning -----------------------------------------------------------------------------
-    def conditions(self, request: Any) -> dict[str, dict[str, Any]]:
+    def conditions(self, request: GenerationRequest) -> dict[str, dict[str, Any]]:
         """``cond`` from the prompts, ``uncond`` from the negative prompts ("" by default; true
-        CFG when the job's ``cfg_scale`` > 1), or precomputed ``txt`` / ``vec`` (and optionally
-        ``uncond_txt`` / ``uncond_vec``) from ``request.extra``. Both branches carry the embedded
-        guidance and the image conditioning."""
-        extra = _field(request, "extra") or {}
-        if "txt" in extra and "vec" in extra:
-            branches = {"cond": (extra["txt"], extra["vec"])}
-            if "uncond_txt" in extra and "uncond_vec" in extra:
-                branches["uncond"] = (extra["uncond_txt"], extra["uncond_vec"])
+        CFG when the job's ``cfg_scale`` > 1), or ``txt`` / ``vec`` per branch from
+        ``request.embeddings``. Both branches carry the embedded guidance and the image conditioning."""
+        if request.embeddings is not None:
+            if "cond" not in request.embeddings:
+                raise ConfigError("precomputed embeddings need the 'cond' branch (txt and vec)", path="embeddings")
+            branches = {key: (c["txt"], c["vec"]) for key, c in request.embeddings.items()}
         else:
-            prompts = _field(request, "prompts")
+            prompts = request.prompts
             if not prompts:
                 raise ConfigError("FLUX.1 is a text-to-image model: give a prompt", path="job.prompt")
             if self.text is None:
                 raise ConfigError("this FLUX.1 bundle has no text encoders (a single transformer file was "
                                   "loaded): set text_encoders to a local diffusers FLUX.1 folder", path="model")
-            negatives = _field(request, "negative_prompts") or [""] * len(prompts)
+            negatives = request.negative_prompts or [""] * len(prompts)
             self.offload.use("text")
             txt, vec = self.text.encode(list(prompts) + list(negatives), device=self.device)
             n = len(prompts)
@@ -112,10 +110,17 @@ class FluxBundle(ModelBundle):
         return {key: {"txt": txt.to(self.device), "vec": vec.to(self.device), **shared}
                 for key, (txt, vec) in branches.items()}
 
-    def image_conditions(self, request: Any, batch: int) -> dict[str, Tensor]:
-        """Kontext tokens and Fill / control channels from ``request.extra``, ``batch`` rows each."""
-        extra = _field(request, "extra") or {}
-        refs, image, mask = extra.get("reference_images") or [], extra.get("image"), extra.get("mask")
+    def sequence_condition(self, cond: dict[str, Any]) -> Tensor | None:
+        """The T5 tokens."""
+        return cond.get("txt")
+
+    def pooled_condition(self, cond: dict[str, Any]) -> Tensor | None:
+        """The pooled CLIP embedding."""
+        return cond.get("vec")
+
+    def image_conditions(self, request: GenerationRequest, batch: int) -> dict[str, Tensor]:
+        """Kontext tokens and Fill / control channels from the request's images, ``batch`` rows each."""
+        refs, image, mask, control_image = request.reference_images, request.image, request.mask, request.control_image
         p = self.network.params
         wanted = p.in_channels - p.out_channels
         control = p.out_channels  # the control map's packed latents are as wide as the noisy ones
@@ -130,21 +135,21 @@ class FluxBundle(ModelBundle):
         if wanted == fill:
             if image is None or mask is None:
                 raise ConfigError("FLUX.1 Fill repaints the white part of a mask: set both image and mask",
-                                  path="job.image" if image is None else "job.mask")
+                                  path="job.mask" if image is not None or control_image is not None else "job.image")
             out["img_cond"] = self.fill_tokens(image, mask, self._size(request))
         elif wanted == control:
-            if image is None:
-                raise ConfigError("FLUX.1 Canny / Depth follow a control image (an edge or depth map): set image",
-                                  path="job.image")
-            out["img_cond"] = self.control_tokens(image, self._size(request))
+            if control_image is None:
+                raise ConfigError("FLUX.1 Canny / Depth follow a control image (an edge or depth map): set image, "
+                                  "without a mask", path="job.mask" if mask is not None else "job.image")
+            out["img_cond"] = self.control_tokens(control_image, self._size(request))
         elif wanted:
             raise ConfigError(f"a FLUX.1 transformer with {p.in_channels} input channels is no known variant "
                               f"({p.out_channels}: text-to-image / Kontext, {p.out_channels + control}: Canny / Depth, "
                               f"{p.out_channels + fill}: Fill)", path="model.variant")
-        elif image is not None or mask is not None:
+        elif image is not None or mask is not None or control_image is not None:
             raise ConfigError("image / mask need the fill-dev variant (image + mask) or canny-dev / depth-dev "
                               "(image = control map); for image-to-image set init_image",
-                              path="job.image" if image is not None else "job.mask")
+                              path="job.mask" if image is None and mask is not None else "job.image")
         return {k: v.expand(batch, *v.shape[1:]) for k, v in out.items()}
 
     def encode_references(self, images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -177,20 +182,20 @@ class FluxBundle(ModelBundle):
         return pack(self.vae_encode(fit(image, *size)[None].to(self.device)))
 
     # -- shapes and the autoencoder ---------------------------------------------------------------
-    def _size(self, request: Any) -> tuple[int, int]:
+    def _size(self, request: GenerationRequest) -> tuple[int, int]:
         """The target's (height, width) in pixels: the request's, else the Fill / control image's,
         else the (resized) Kontext reference's, as BFL's CLIs do, else ``default_size``."""
-        extra = _field(request, "extra") or {}
-        height, width = _field(request, "height"), _field(request, "width")
+        height, width = request.height, request.width
         for side, value in (("height", height), ("width", width)):
             if value is not None and value % self.pixels_per_token:
                 raise ConfigError(f"FLUX.1 images must be multiples of {self.pixels_per_token} pixels on each side, "
                                   f"got {width}x{height}", path=f"job.{side}")
         if height and width:
             return height, width
-        refs = extra.get("reference_images") or []
-        if extra.get("image") is not None:
-            derived = tuple(self._whole(s) for s in extra["image"].shape[-2:])
+        refs = request.reference_images
+        image = request.image if request.image is not None else request.control_image
+        if image is not None:
+            derived = tuple(self._whole(s) for s in image.shape[-2:])
         elif refs:
             derived = (kontext_size(*refs[0].shape[-2:]) if self.resize_references
                        else tuple(self._whole(s) for s in refs[0].shape[-2:]))
@@ -201,11 +206,16 @@ class FluxBundle(ModelBundle):
     def _whole(self, size: int) -> int:
         return token_multiple(size, self.pixels_per_token)
 
-    def latent_shape(self, request: Any) -> tuple[int, int, int]:
+    def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int]:
         height, width = self._size(request)
         return (self.network.params.out_channels, height // self.pixels_per_token, width // self.pixels_per_token)
 
-    def image_shape(self, request: Any) -> tuple[int, int, int]:
+    def seq_len(self, request: GenerationRequest) -> int:
+        """Image tokens: one per latent position (16 x 16 pixels)."""
+        height, width = self._size(request)
+        return (height // self.pixels_per_token) * (width // self.pixels_per_token)
+
+    def image_shape(self, request: GenerationRequest) -> tuple[int, int, int]:
         return (3, *self._size(request))
 
     def vae_encode(self, images: Tensor) -> Tensor:
@@ -232,7 +242,3 @@ class FluxBundle(ModelBundle):
 
     def attention_alias(self, name: str) -> str:
         return attention_alias(name)
-
-
-def _field(request: Any, name: str) -> Any:
-    return request.get(name) if isinstance(request, Mapping) else getattr(request, name, None)

@@ -1,5 +1,5 @@
-"""diffcore plugin: the ``flux1`` model family and the ``flux1-convert`` job. Imports no torch;
-``build_flux1`` and the job do, when called.
+"""diffcore plugin: the ``flux1`` model family, its ``flux`` schedule and the ``flux1-convert``
+job. Imports no torch; ``build_flux1`` and the job do, when called.
 
 Weights load from local files only: a diffusers FLUX.1 folder (``model_index.json`` with
 ``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``text_encoder_2/``,
@@ -84,7 +84,8 @@ def build_flux1(config: Flux1Config, device: Any = "cpu") -> Any:
         offload.add(name, module)
     return FluxBundle(network=network, vae=vae, text=text, offload=offload, dtype=dtype,
                       guidance=config.guidance if config.guidance is not None else defaults.guidance,
-                      default_steps=defaults.steps, default_schedule={"name": "flux" if defaults.shift else "flow"},
+                      default_sampling_steps=defaults.steps,
+                      default_schedule={"name": "flux" if defaults.shift else "flow"},
                       resize_references=config.resize_references)
 
 
@@ -92,6 +93,14 @@ def build_flux1(config: Flux1Config, device: Any = "cpu") -> Any:
 def register_models(register):
     register("flux1", build_flux1, config=Flux1Config,
              description="FLUX.1 dev / schnell / Kontext / Fill / Canny / Depth (Black Forest Labs): MMDiT, T5 + CLIP")
+
+
+@hookimpl
+def register_schedules(register):
+    from diffcore.api import DynamicShiftConfig, flow_schedule
+
+    register("flux", flow_schedule, config=DynamicShiftConfig,
+             description="FLUX.1: flow matching shifted by image size (mu from 0.5 at 256 to 1.15 at 4096 tokens)")
 
 
 @hookimpl

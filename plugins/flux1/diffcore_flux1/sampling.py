@@ -1,5 +1,6 @@
 """FLUX.1 sampling in BFL's functional form (``src/flux/sampling.py``): the resolution-shifted
-schedule, position ids, and the Euler loop over sigma with the transformer's velocity.
+schedule (the core's ``time_shift`` and ``dynamic_shift_mu``), position ids, and the Euler loop
+over sigma with the transformer's velocity.
 
 Flow matching: x_sigma = (1 - sigma) x0 + sigma noise; the model predicts v = noise - x0;
 Euler: x <- x + (sigma_next - sigma) v. The diffcore engine does the same through
@@ -8,24 +9,13 @@ Euler: x <- x + (sigma_next - sigma) v. The diffcore engine does the same throug
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from einops import repeat
 from torch import Tensor, nn
 
-
-def time_shift(mu: float, sigma: float, t: Tensor) -> Tensor:
-    """Shift sigmas towards 1 for larger images: e^mu / (e^mu + (1/t - 1)^sigma) (SD3, Esser et al. 2024)."""
-    return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
-
-
-def get_lin_function(x1: float = 256, y1: float = 0.5, x2: float = 4096, y2: float = 1.15) -> Callable[[float], float]:
-    """The line through (x1, y1) and (x2, y2); not clamped outside [x1, x2]."""
-    m = (y2 - y1) / (x2 - x1)
-    b = y1 - m * x1
-    return lambda x: m * x + b
+from diffcore.api import dynamic_shift_mu, time_shift
 
 
 def get_schedule(num_steps: int, image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15,
@@ -36,7 +26,8 @@ def get_schedule(num_steps: int, image_seq_len: int, base_shift: float = 0.5, ma
         raise ValueError(f"num_steps must be at least 1, got {num_steps}")
     timesteps = torch.linspace(1, 0, num_steps + 1)
     if shift:
-        timesteps = time_shift(get_lin_function(y1=base_shift, y2=max_shift)(image_seq_len), 1.0, timesteps)
+        mu = dynamic_shift_mu(image_seq_len, base_shift=base_shift, max_shift=max_shift)
+        timesteps = time_shift(mu, 1.0, timesteps)
     return timesteps.tolist()
 
 

@@ -118,7 +118,7 @@ def image_variants(tiny_pipeline, tmp_path_factory):
     same weights and tiny_pipeline's text encoders. Returns (folder, fill_pipe, control_pipe)."""
     from diffusers import AutoencoderKL, FluxControlPipeline, FluxFillPipeline, FluxTransformer2DModel
 
-    from diffcore.io.checkpoint import save_file_atomic
+    from diffcore.api import save_file_atomic
     from diffcore_flux1.convert import diffusers_to_bfl
     from diffcore_flux1.vae import vae_diffusers_to_bfl
 
@@ -146,7 +146,7 @@ def run_job():
     import tomli_w
     from PIL import Image
 
-    from diffcore.jobs.runner import run
+    from diffcore.testing import run_job_file as run
     from diffcore.testing import plugins_for_test
 
     def run_job(folder, model, **job):

@@ -6,10 +6,8 @@ import tomli_w
 import torch
 from safetensors.torch import load_file
 
-from diffcore.errors import CheckpointError, ConfigError
-from diffcore.io.checkpoint import save_file_atomic
-from diffcore.jobs.runner import run
-from diffcore.testing import plugins_for_test
+from diffcore.api import CheckpointError, ConfigError, save_file_atomic
+from diffcore.testing import plugins_for_test, run_job_file as run
 from diffcore_flux1.convert import diffusers_to_bfl
 from diffcore_flux1.load import load_transformer, load_vae
 from diffcore_flux1.vae import vae_diffusers_to_bfl

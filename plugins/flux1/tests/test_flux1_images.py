@@ -8,9 +8,7 @@ import torch
 from einops import rearrange
 from PIL import Image
 
-from diffcore.errors import ConfigError
-from diffcore.io.images import load_image
-from diffcore.models import GenerationRequest
+from diffcore.api import ConfigError, GenerationRequest, load_image
 from diffcore.testing.conformance import check_model_family
 from diffcore_flux1.images import fill_condition, kontext_size, pack_mask
 from diffcore_flux1.plugin import Flux1Config, build_flux1
@@ -49,16 +47,16 @@ def test_kontext_editing_matches_diffusers(tiny_pipeline, tmp_path, run_job):
     folder, pipe = tiny_pipeline
     ref = random_png(tmp_path / "ref.png", 24, 40, seed=1)
     model = {"path": str(folder), "variant": "kontext-dev", "resize_references": False}
-    images, params = run_job(tmp_path, model, reference_image=str(ref), height=32, width=32, num_steps=3)
+    images, params = run_job(tmp_path, model, reference_image=str(ref), height=32, width=32, sampling_steps=3)
     kontext = FluxKontextPipeline(**pipe.components)
     expected = kontext(prompt=PROMPT, image=Image.open(ref), height=32, width=32, max_area=32 * 32, _auto_resize=False,
                        num_inference_steps=3, guidance_scale=2.5, max_sequence_length=16, output_type="pt",
                        latents=job_noise(64, 32, 32, per_token=4)).images
     close_to_pipeline(images, expected)
-    plain, _ = run_job(tmp_path / "plain", model, height=32, width=32, num_steps=3)
+    plain, _ = run_job(tmp_path / "plain", model, height=32, width=32, sampling_steps=3)
     assert (plain - images).abs().max() > 1e-3  # the reference changed the result (beyond rounding)
     bundle = build_flux1(Flux1Config(**model, dtype="float32", max_sequence_length=16))
-    assert (bundle.default_steps, bundle.guidance) == (28, 2.5)
+    assert (bundle.default_sampling_steps, bundle.guidance) == (28, 2.5)
 
 
 @torch.no_grad()
@@ -72,15 +70,15 @@ def test_fill_matches_diffusers(image_variants, tiny_pipeline, tmp_path, run_job
     mask = save_png(tmp_path / "mask.png", mask)
     model = {"path": str(folder / "flux1-fill-tiny.safetensors"), "variant": "fill-dev",
              "text_encoders": str(tiny_pipeline[0])}
-    images, params = run_job(tmp_path, model, image=str(image), mask=str(mask), height=64, width=48, num_steps=3)
+    images, params = run_job(tmp_path, model, image=str(image), mask=str(mask), height=64, width=48, sampling_steps=3)
     expected = fill_pipe(prompt=PROMPT, image=Image.open(image), mask_image=Image.open(mask), height=64, width=48,
                          num_inference_steps=3, guidance_scale=30.0, max_sequence_length=16, output_type="pt",
                          latents=job_noise(64, 64, 48, per_token=16)).images
     close_to_pipeline(images, expected)
     bundle = build_flux1(Flux1Config(**model, dtype="float32", max_sequence_length=16))
-    assert (bundle.default_steps, bundle.guidance, bundle.default_schedule) == (50, 30.0, {"name": "flux"})
-    extra = {"image": load_image(image), "mask": (load_image(mask, channels=1) + 1) / 2}
-    check_model_family(bundle, GenerationRequest(batch=2, prompts=["a", "b"], negative_prompts=["", "c"], extra=extra))
+    assert (bundle.default_sampling_steps, bundle.guidance, bundle.default_schedule) == (50, 30.0, {"name": "flux"})
+    images = {"image": load_image(image), "mask": (load_image(mask, channels=1) + 1) / 2}
+    check_model_family(bundle, GenerationRequest(batch=2, prompts=["a", "b"], negative_prompts=["", "c"], **images))
     with pytest.raises(ConfigError, match="Fill repaints the white part of a mask: set both image and mask"):
         bundle.conditions(GenerationRequest(batch=1, prompts=[PROMPT], height=64, width=48))
 
@@ -106,7 +104,7 @@ def test_control_image_matches_diffusers(image_variants, tiny_pipeline, tmp_path
     folder, _, control_pipe = image_variants
     control = random_png(tmp_path / "edges.png", 32, 48, seed=3)
     model = {"path": str(folder / "flux1-canny-tiny.safetensors"), "text_encoders": str(tiny_pipeline[0])}
-    images, _ = run_job(tmp_path, model, image=str(control), height=32, width=48, num_steps=2)
+    images, _ = run_job(tmp_path, model, image=str(control), height=32, width=48, sampling_steps=2)
     expected = control_pipe(prompt=PROMPT, control_image=Image.open(control), height=32, width=48,
                             num_inference_steps=2, guidance_scale=30.0, max_sequence_length=16, output_type="pt",
                             latents=job_noise(64, 32, 48, per_token=16)).images
@@ -117,7 +115,7 @@ def test_control_image_matches_diffusers(image_variants, tiny_pipeline, tmp_path
 def test_true_cfg_with_negative_prompt_matches_diffusers(tiny_pipeline, tmp_path, run_job):
     folder, pipe = tiny_pipeline
     images, params = run_job(tmp_path, {"path": str(folder)}, negative_prompt="blurry", cfg_scale=2.0,
-                              height=32, width=32, num_steps=3)
+                              height=32, width=32, sampling_steps=3)
     expected = pipe(PROMPT, negative_prompt="blurry", true_cfg_scale=2.0, height=32, width=32, num_inference_steps=3,
                     guidance_scale=3.5, max_sequence_length=16, output_type="pt",
                     latents=job_noise(64, 32, 32, per_token=4)).images
@@ -129,14 +127,14 @@ def test_true_cfg_with_negative_prompt_matches_diffusers(tiny_pipeline, tmp_path
 def test_img2img_starts_from_the_encoded_image(tiny_pipeline, tmp_path, run_job):
     """init_image + strength: the bundle encodes (VAE mean, packed) and the job noises it to the
     first kept sigma; a pixel image of the right size, and encode / decode invert each other."""
-    from diffcore.plugins import registry
-    from diffcore.sampling.engine import sample
-    from diffcore.sampling.samplers import euler
+    from diffcore.api import registry
+    from diffcore.api import sample
+    from diffcore.api import euler
 
     folder, pipe = tiny_pipeline
     init = random_png(tmp_path / "init.png", 32, 48, seed=4)
     images, params = run_job(tmp_path, {"path": str(folder)}, init_image=str(init), strength=0.5, height=32,
-                              width=48, num_steps=4)
+                              width=48, sampling_steps=4)
     bundle = build_flux1(Flux1Config(path=str(folder), dtype="float32", max_sequence_length=16))
     request = GenerationRequest(batch=1, prompts=[PROMPT], negative_prompts=[""], height=32, width=48)
     assert bundle.image_shape(request) == (3, 32, 48)
@@ -150,7 +148,7 @@ def test_img2img_starts_from_the_encoded_image(tiny_pipeline, tmp_path, run_job)
     noise = torch.randn(1, 64, 8, 12, generator=torch.Generator("cpu").manual_seed(7))
     latents = sample(bundle, noise, bundle.conditions(request), sigmas[2:], euler, disable=True, x0=x0)
     torch.testing.assert_close(images, bundle.decode(latents).clamp(-1, 1), rtol=0, atol=1e-5)
-    assert params["strength"] == 0.5 and params["steps"] == 4
+    assert params["strength"] == 0.5 and params["sampling_steps"] == 4
 
 
 def test_kontext_sizes_and_errors(tiny_pipeline):
@@ -160,15 +158,15 @@ def test_kontext_sizes_and_errors(tiny_pipeline):
     assert kontext_size(480, 640) == (880, 1184)
     bundle = build_flux1(Flux1Config(path=str(tiny_pipeline[0]), dtype="float32", max_sequence_length=16))
     ref = torch.zeros(3, 600, 800)
-    request = GenerationRequest(batch=2, prompts=["a", "b"], extra={"reference_images": [ref]})
+    request = GenerationRequest(batch=2, prompts=["a", "b"], reference_images=[ref])
     assert bundle.image_shape(request) == (3, 880, 1184)  # the target follows the resized reference, as in BFL
     bundle.resize_references = False
-    small = GenerationRequest(batch=2, prompts=["a", "b"], extra={"reference_images": [torch.zeros(3, 30, 42)]})
+    small = GenerationRequest(batch=2, prompts=["a", "b"], reference_images=[torch.zeros(3, 30, 42)])
     assert bundle.latent_shape(small) == (64, 7, 10)  # whole tokens (4 px for the tiny 2x autoencoder)
     cond = bundle.conditions(small)
     assert cond["cond"]["ref"].shape == (2, 70, 64) and cond["uncond"]["ref_ids"].shape == (2, 70, 3)
     assert (cond["cond"]["ref_ids"][..., 0] == 1).all() and cond["cond"]["ref_ids"][0, -1].tolist() == [1, 6, 9]
     with pytest.raises(ConfigError, match="image / mask need the fill-dev variant"):
-        bundle.conditions(GenerationRequest(batch=1, prompts=["a"], extra={"image": torch.zeros(3, 32, 32)}))
+        bundle.conditions(GenerationRequest(batch=1, prompts=["a"], control_image=torch.zeros(3, 32, 32)))
     with pytest.raises(ConfigError, match=r"expected \(3, H, W\)"):
-        bundle.conditions(GenerationRequest(batch=1, prompts=["a"], extra={"reference_images": [torch.zeros(32, 32)]}))
+        bundle.conditions(GenerationRequest(batch=1, prompts=["a"], reference_images=[torch.zeros(32, 32)]))

@@ -6,8 +6,7 @@ import attrs
 import pytest
 import torch
 
-from diffcore.errors import CheckpointError, ConfigError
-from diffcore.io.checkpoint import load_model, save_file_atomic
+from diffcore.api import CheckpointError, ConfigError, load_model, save_file_atomic
 from diffcore_flux1.convert import diffusers_to_bfl, to_bfl
 from diffcore_flux1.load import load_transformer, load_vae, transformer_params
 from diffcore_flux1.model import VARIANTS, Flux

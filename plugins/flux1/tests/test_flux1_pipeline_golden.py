@@ -23,7 +23,7 @@ def random_png(path, height, width, seed, channels=3):
 @torch.no_grad()
 def test_text_to_image_two_prompts(tiny_pipeline, tmp_path, run_job):
     images, _ = run_job(tmp_path, {"path": str(tiny_pipeline[0])}, prompt=["a red cat", "a dog"], batch_size=2,
-                        height=32, width=48, num_steps=3)
+                        height=32, width=48, sampling_steps=3)
     assert images.shape == (2, 3, 32, 48)
     check_golden(GOLDEN / "flux1-text-to-image.safetensors", {"images": images})
 
@@ -31,7 +31,7 @@ def test_text_to_image_two_prompts(tiny_pipeline, tmp_path, run_job):
 @torch.no_grad()
 def test_true_cfg(tiny_pipeline, tmp_path, run_job):
     images, _ = run_job(tmp_path, {"path": str(tiny_pipeline[0])}, negative_prompt="blurry", cfg_scale=2.0,
-                        height=32, width=32, num_steps=2)
+                        height=32, width=32, sampling_steps=2)
     check_golden(GOLDEN / "flux1-true-cfg.safetensors", {"images": images})
 
 
@@ -39,7 +39,7 @@ def test_true_cfg(tiny_pipeline, tmp_path, run_job):
 def test_img2img(tiny_pipeline, tmp_path, run_job):
     init = random_png(tmp_path / "init.png", 32, 48, seed=4)
     images, _ = run_job(tmp_path, {"path": str(tiny_pipeline[0])}, init_image=init, strength=0.5, height=32,
-                        width=48, num_steps=4)
+                        width=48, sampling_steps=4)
     check_golden(GOLDEN / "flux1-img2img.safetensors", {"images": images})
 
 
@@ -47,7 +47,7 @@ def test_img2img(tiny_pipeline, tmp_path, run_job):
 def test_kontext_reference(tiny_pipeline, tmp_path, run_job):
     ref = random_png(tmp_path / "ref.png", 24, 40, seed=1)
     model = {"path": str(tiny_pipeline[0]), "variant": "kontext-dev", "resize_references": False}
-    images, _ = run_job(tmp_path, model, reference_image=ref, height=32, width=32, num_steps=2)
+    images, _ = run_job(tmp_path, model, reference_image=ref, height=32, width=32, sampling_steps=2)
     check_golden(GOLDEN / "flux1-kontext.safetensors", {"images": images})
 
 
@@ -60,9 +60,9 @@ def test_fill_and_canny(image_variants, tiny_pipeline, tmp_path, run_job):
     Image.fromarray(mask).save(tmp_path / "mask.png")
     fill, _ = run_job(tmp_path / "fill", {"path": str(folder / "flux1-fill-tiny.safetensors"), "variant": "fill-dev",
                                           "text_encoders": str(tiny_pipeline[0])},
-                      image=image, mask=str(tmp_path / "mask.png"), height=64, width=48, num_steps=2)
+                      image=image, mask=str(tmp_path / "mask.png"), height=64, width=48, sampling_steps=2)
     control = random_png(tmp_path / "edges.png", 32, 48, seed=3)
     canny, _ = run_job(tmp_path / "canny", {"path": str(folder / "flux1-canny-tiny.safetensors"),
                                             "text_encoders": str(tiny_pipeline[0])},
-                       image=control, height=32, width=48, num_steps=2)
+                       image=control, height=32, width=48, sampling_steps=2)
     check_golden(GOLDEN / "flux1-fill-canny.safetensors", {"fill": fill, "canny": canny})

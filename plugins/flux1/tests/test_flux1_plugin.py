@@ -8,15 +8,18 @@ import pytest
 import torch
 from einops import rearrange
 
-from diffcore.errors import CheckpointError, ConfigError
-from diffcore.io.checkpoint import save_file_atomic
-from diffcore.models import GenerationRequest
-from diffcore.nn.attention import resolve_layers
-from diffcore.plugins import Plugins, registry
-from diffcore.sampling.engine import sample
-from diffcore.sampling.samplers import euler
-from diffcore.sampling.cfg import CFG
-from diffcore.testing import plugins_for_test
+from diffcore.api import (
+    CFG,
+    CheckpointError,
+    ConfigError,
+    euler,
+    GenerationRequest,
+    registry,
+    resolve_layers,
+    sample,
+    save_file_atomic,
+)
+from diffcore.testing import Plugins, plugins_for_test
 from diffcore.testing.conformance import check_guidance_processor, check_model_family
 from diffcore_flux1.bundle import FluxBundle
 from diffcore_flux1.plugin import Flux1Config, build_flux1, resolve_dtype
@@ -55,7 +58,8 @@ def test_engine_matches_diffusers_pipeline(tiny_pipeline):
     shape = bundle.latent_shape(request)
     noise = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
     sigmas = registry("schedules").get("flux").build().sigmas(4, seq_len=shape[1] * shape[2])
-    given = bundle.conditions(GenerationRequest(batch=1, height=32, width=32, extra={"txt": txt, "vec": vec}))
+    given = bundle.conditions(GenerationRequest(batch=1, height=32, width=32,
+                                                embeddings={"cond": {"txt": txt, "vec": vec}}))
     latents = sample(bundle, noise, given, sigmas, euler, disable=True)  # diffusers' own embeddings
     kwargs = dict(height=32, width=32, num_inference_steps=4, guidance_scale=3.5, max_sequence_length=16,
                   latents=rearrange(noise, "b c h w -> b (h w) c"))
@@ -79,7 +83,7 @@ def test_conformance_and_layer_aliases(tiny_pipeline):
 def test_generate_job_writes_images(tiny_pipeline, tmp_path):
     from PIL import Image
 
-    from diffcore.jobs.runner import run
+    from diffcore.testing import run_job_file as run
 
     job = tmp_path / "job.toml"
     job.write_text(f"""
@@ -91,7 +95,7 @@ num_samples = 2
 batch_size = 2
 height = 32
 width = 48
-num_steps = 2
+sampling_steps = 2
 progress = false
 device = "cpu"
 
@@ -171,7 +175,7 @@ def test_bundle_errors(tiny_pipeline):
     with pytest.raises(ConfigError, match="multiples of 4 pixels .* 30x32"):
         bundle.latent_shape(GenerationRequest(batch=1, height=32, width=30))
     txt, vec = torch.randn(1, 5, 48), torch.randn(1, 32)
-    conditions = bundle.conditions(GenerationRequest(batch=1, extra={"txt": txt, "vec": vec}))
+    conditions = bundle.conditions(GenerationRequest(batch=1, embeddings={"cond": {"txt": txt, "vec": vec}}))
     assert list(conditions) == ["cond"] and conditions["cond"]["guidance"].tolist() == [3.5]
 
 
@@ -181,9 +185,9 @@ def test_offload_modes_give_the_same_images(tiny_pipeline, tmp_path, run_job):
     """"model" moves each component to the device only while it runs, "sequential" streams each
     layer's weights through accelerate's hooks; on CPU both must reproduce "none"."""
     folder = str(tiny_pipeline[0])
-    plain, _ = run_job(tmp_path / "none", {"path": folder}, height=32, width=32, num_steps=2)
+    plain, _ = run_job(tmp_path / "none", {"path": folder}, height=32, width=32, sampling_steps=2)
     for mode in ("model", "sequential"):
-        images, _ = run_job(tmp_path / mode, {"path": folder, "offload": mode}, height=32, width=32, num_steps=2)
+        images, _ = run_job(tmp_path / mode, {"path": folder, "offload": mode}, height=32, width=32, sampling_steps=2)
         torch.testing.assert_close(images, plain, rtol=0, atol=1e-5, msg=f"offload = {mode!r}")
 
     model = build(folder, offload="model")
@@ -208,7 +212,7 @@ def test_variant_defaults(tiny_pipeline, diffusers_flux, tmp_path, run_job):
 
     folder, pipe = tiny_pipeline
     dev = build(folder, max_sequence_length=None)
-    assert (dev.default_steps, dev.guidance, dev.default_schedule) == (28, 3.5, {"name": "flux"})
+    assert (dev.default_sampling_steps, dev.guidance, dev.default_schedule) == (28, 3.5, {"name": "flux"})
     assert dev.text.max_length == 512
     transformer = diffusers_flux(guidance=False)
     save_file_atomic(diffusers_to_bfl(dict(transformer.state_dict())), tmp_path / "flux1-schnell-tiny.safetensors")
@@ -216,9 +220,10 @@ def test_variant_defaults(tiny_pipeline, diffusers_flux, tmp_path, run_job):
     model = {"path": str(tmp_path / "flux1-schnell-tiny.safetensors"), "variant": "schnell",
              "text_encoders": str(folder)}
     schnell = build_flux1(Flux1Config(**model, dtype="float32"))
-    assert (schnell.default_steps, schnell.default_schedule, schnell.text.max_length) == (4, {"name": "flow"}, 256)
+    assert (schnell.default_sampling_steps, schnell.default_schedule, schnell.text.max_length) == \
+        (4, {"name": "flow"}, 256)
     images, params = run_job(tmp_path / "job", model, height=32, width=32)
-    assert params["steps"] == 4 and torch.isfinite(images).all()
+    assert params["sampling_steps"] == 4 and torch.isfinite(images).all()
     with pytest.raises(CheckpointError, match="not FLUX.1 dev: they take 64 input channels .* without a guidance "
                                               "embedding, which is schnell's kind"):
         build_flux1(Flux1Config(**{**model, "variant": "dev"}))
@@ -227,9 +232,9 @@ def test_variant_defaults(tiny_pipeline, diffusers_flux, tmp_path, run_job):
 def test_guidance_conformance_with_cfg(tiny_pipeline):
     """The core's guidance checks with CFG on this family, with and without Kontext reference tokens."""
     bundle = build(tiny_pipeline[0], resize_references=False)  # a 1024-px reference is slow for the 2x tiny VAE
-    for extra in ({}, {"reference_images": [torch.rand(3, 16, 24) * 2 - 1]}):
+    for references in ([], [torch.rand(3, 16, 24) * 2 - 1]):
         request = GenerationRequest(batch=2, prompts=["a cat", "a dog"], negative_prompts=["", "blurry"], height=32,
-                                    width=32, extra=extra)
+                                    width=32, reference_images=references)
         check_model_family(bundle, request)
         check_guidance_processor(CFG(scale=3.0), bundle, request, num_steps=4)
         check_guidance_processor(CFG(scale=2.0, start=0.25, stop=0.75), bundle, request, num_steps=4)
@@ -243,7 +248,7 @@ def test_guidance_conformance_with_cfg(tiny_pipeline):
 def test_guidance_plugin_processors(tiny_pipeline, name, table):
     """Attention-level and prediction-level guidance from diffcore-guidance, addressed with
     diffusers' layer names, once that plugin registers them."""
-    from diffcore.config.structure import structure
+    from diffcore.api import structure
 
     guidance = Plugins().load().registry("guidance")
     if name not in guidance:

@@ -8,7 +8,6 @@ from torch import nn
 from diffcore_flux1.model import VARIANTS, Flux
 from diffcore_flux1.sampling import (
     denoise,
-    get_lin_function,
     get_schedule,
     prepare_img_ids,
     prepare_kontext_ids,
@@ -44,12 +43,6 @@ def test_unshifted_schedule_matches_schnell_scheduler():
     ours = torch.tensor(get_schedule(4, 4096, shift=False))
     assert (ours - diffusers_sigmas(4, 4096, shift=False).sigmas).abs().max() <= 1e-6
     assert torch.allclose(ours, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
-
-
-def test_mu_line_is_unclamped():
-    mu = get_lin_function()
-    assert mu(256) == pytest.approx(0.5) and mu(4096) == pytest.approx(1.15)
-    assert mu(1024) == pytest.approx(0.63, abs=1e-3) and mu(16384) == pytest.approx(3.23, abs=1e-2)
 
 
 def test_ids_match_diffusers_pipeline():

@@ -4,9 +4,7 @@ import attrs
 import pytest
 import torch
 
-import diffcore.nn.linear as linear_module
-from diffcore.errors import CheckpointError, ConfigError
-from diffcore.nn.attention import attention_layers, patch_attention, resolve_layers
+from diffcore.api import attention_layers, CheckpointError, ConfigError, patch_attention, resolve_layers
 from diffcore_flux1.convert import (
     bfl_to_diffusers,
     detect_layout,

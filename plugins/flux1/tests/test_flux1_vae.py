@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffcore.errors import CheckpointError
+from diffcore.api import CheckpointError
 from diffcore_flux1.vae import (
     AE_VARIANTS,
     AutoEncoder,

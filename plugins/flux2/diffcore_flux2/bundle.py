@@ -1,14 +1,15 @@
 """What the FLUX.2 family hands the core: transformer + autoencoder + text encoder as a ModelBundle.
 
 The sampler's latent is the normalised, patchified one laid out as an image, (128, H/16, W/16):
-each position is one transformer token, so a schedule's ``seq_len`` is the number of positions
-and ``forward`` only packs, adds the position ids and unpacks.
+each position is one transformer token, so ``seq_len`` counts positions and ``forward`` only
+packs, adds the position ids and unpacks.
 
-Images reach ``conditions`` in ``request.extra`` as the generate job loads them:
+The request's images, as the generate job loads them:
 
 - ``reference_images``: a list of (3, H, W) in [-1, 1]; editing appends their tokens at
   t = 10, 20, ... (pixel caps and crops: ``diffcore_flux2.images``).
 - ``image`` + ``mask`` ((1, H, W) in [0, 1], 1 = repaint): inpainting with the normal model.
+  FLUX.2 has no control variant: a ``control_image`` is an error.
   As in diffusers' ``Flux2KleinInpaintPipeline`` the image is also the first reference, and
   the kept region is held to it by ``sampling.keep_known`` inside ``forward``. The channel-concat
   Fill checkpoint is FLUX.1's; FLUX.2 has none.
@@ -18,14 +19,14 @@ img2img (``init_image`` + ``strength`` in the job) goes through ``image_shape`` 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
 import torch
 from torch import Tensor
 
-from diffcore.api import ConfigError, ModelBundle
+from diffcore.api import ConfigError, GenerationRequest, ModelBundle
 from diffcore_flux2.images import (
     inpaint_size,
     prepare_reference,
@@ -72,24 +73,26 @@ class Flux2Bundle(ModelBundle):
             v = keep_known(v, x, sigma, known, known_mask)
         return v
 
-    def conditions(self, request: Any) -> dict[str, dict[str, Any]]:
+    def conditions(self, request: GenerationRequest) -> dict[str, dict[str, Any]]:
         """``cond`` from the prompts and ``uncond`` from the negative prompts ("" by default, as
-        klein-base's CFG uses), or precomputed ``txt`` (optionally ``uncond_txt``) from
-        ``request.extra``; each with the embedded guidance, the reference tokens and, for
-        inpainting, the encoded image (``known``) and the token mask (``known_mask``)."""
-        extra = _field(request, "extra") or {}
-        branches = self._text(request, extra)
+        klein-base's CFG uses), or ``txt`` per branch from ``request.embeddings``; each with the
+        embedded guidance, the reference tokens and, for inpainting, the encoded image
+        (``known``) and the token mask (``known_mask``)."""
+        if request.control_image is not None:
+            raise ConfigError("FLUX.2 has no control variant; inpainting needs both image (what to repaint) and "
+                              "mask (white = repaint)", path="job.mask")
+        branches = self._text(request)
         device = self.network.img_in.weight.device
         batch = branches["cond"].shape[0]
         shared: dict[str, Tensor] = {}
         if self.network.params.guidance_embed:
             shared["guidance"] = torch.full((batch,), self.guidance, device=device)
 
-        image, mask = extra.get("image"), extra.get("mask")
+        image, mask = request.image, request.mask
         if (image is None) != (mask is None):
             raise ConfigError("inpainting needs both image (what to repaint) and mask (white = repaint)",
                               path="job.mask" if mask is None else "job.image")
-        references = list(extra.get("reference_images") or [])
+        references = list(request.reference_images)
         latents = self.reference_latents(references, others=int(image is not None))
         if image is not None:
             height, width = self.image_size(request)
@@ -109,19 +112,18 @@ class Flux2Bundle(ModelBundle):
                 cond["ref_cache"] = ReferenceCache()
         return conditions
 
-    def _text(self, request: Any, extra: Mapping[str, Any]) -> dict[str, Tensor]:
-        if "txt" in extra:
-            branches = {"cond": extra["txt"]}
-            if "uncond_txt" in extra:
-                branches["uncond"] = extra["uncond_txt"]
-            return branches
-        prompts = _field(request, "prompts")
+    def _text(self, request: GenerationRequest) -> dict[str, Tensor]:
+        if request.embeddings is not None:
+            if "cond" not in request.embeddings:
+                raise ConfigError("precomputed embeddings need the 'cond' branch (txt)", path="embeddings")
+            return {key: c["txt"] for key, c in request.embeddings.items()}
+        prompts = request.prompts
         if not prompts:
             raise ConfigError("FLUX.2 is a text-to-image model: give a prompt", path="job.prompt")
         if self.text is None:
             raise ConfigError("this FLUX.2 bundle has no text encoder: set text_encoder to a local diffusers "
                               "FLUX.2 folder (text_encoder/, tokenizer/)", path="model.text_encoder")
-        negatives = _field(request, "negative_prompts") or [""] * len(prompts)
+        negatives = request.negative_prompts or [""] * len(prompts)
         txt = self.text.encode(list(prompts) + list(negatives))
         return {"cond": txt[:len(prompts)], "uncond": txt[len(prompts):]}
 
@@ -137,22 +139,21 @@ class Flux2Bundle(ModelBundle):
         return [self.encode(prepare_reference(img, cap, self.downscale, index=i)[None].to(p.device))
                 for i, img in enumerate(images)]
 
-    def image_size(self, request: Any) -> tuple[int, int]:
+    def image_size(self, request: GenerationRequest) -> tuple[int, int]:
         """Output (height, width) in pixels: the request's; where it gives none, the image to
         repaint's (capped at 1024^2, sides floored to multiples of 16, as diffusers), else the
         first reference's after its preparation (diffusers' editing), else ``default_size``."""
-        extra = _field(request, "extra") or {}
         f = self.downscale
-        references = extra.get("reference_images") or []
-        if extra.get("image") is not None:
-            size = inpaint_size(*extra["image"].shape[-2:], f)
+        references = request.reference_images
+        if request.image is not None:
+            size = inpaint_size(*request.image.shape[-2:], f)
         elif references:
             cap = self.reference_max_pixels or reference_cap(len(references))
             size = reference_size(*references[0].shape[-2:], cap, f)
         else:
             size = (self.default_size, self.default_size)
-        height = _field(request, "height") or size[0]
-        width = _field(request, "width") or size[1]
+        height = request.height or size[0]
+        width = request.width or size[1]
         if height % f or width % f or not height or not width:
             raise ConfigError(f"FLUX.2 images must be positive multiples of {f} pixels on each side, got "
                               f"{width}x{height}", path="job.height" if height % f or not height else "job.width")
@@ -163,11 +164,20 @@ class Flux2Bundle(ModelBundle):
         """Pixels per latent token along each side."""
         return self.vae.downscale if self.vae is not None else 16
 
-    def latent_shape(self, request: Any) -> tuple[int, int, int]:
+    def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int]:
         height, width = self.image_size(request)
         return (self.network.params.in_channels, height // self.downscale, width // self.downscale)
 
-    def image_shape(self, request: Any) -> tuple[int, int, int]:
+    def seq_len(self, request: GenerationRequest) -> int:
+        """Image tokens: one per latent position."""
+        height, width = self.image_size(request)
+        return (height // self.downscale) * (width // self.downscale)
+
+    def sequence_condition(self, cond: dict[str, Any]) -> Tensor | None:
+        """The stacked LLM hidden states (FLUX.2 has no pooled text vector)."""
+        return cond.get("txt")
+
+    def image_shape(self, request: GenerationRequest) -> tuple[int, int, int]:
         return (3, *self.image_size(request))
 
     def encode(self, images: Tensor) -> Tensor:
@@ -201,6 +211,3 @@ class Flux2Timer:
                              "latent tokens")
         return torch.tensor(get_schedule(steps, seq_len), dtype=torch.float32)
 
-
-def _field(request: Any, name: str) -> Any:
-    return request.get(name) if isinstance(request, Mapping) else getattr(request, name, None)

@@ -1,5 +1,6 @@
-"""diffcore plugin: the ``flux2`` model family and its ``flux2`` schedule. Imports no torch;
-the factories do, when called.
+"""diffcore plugin: the ``flux2`` model family, its ``flux2`` schedule and FLUX.1's ``flux`` (the
+same registration as the flux1 plugin's, so both installed is no clash). Imports no torch; the
+factories do, when called.
 
 Weights load from local files only: a diffusers FLUX.2 folder (``transformer/``, ``vae/``,
 ``text_encoder/``, ``tokenizer/``), or a single transformer file (BFL, ComfyUI or diffusers
@@ -89,7 +90,7 @@ def build_flux2(config: Flux2Config, device: Any = "cpu") -> Any:
     chat, layers = TEXT_ENCODERS[variant]
     text = Flux2TextEncoder.from_folder(text_path, TextSpec(chat, layers), max_length=config.max_sequence_length,
                                         dtype=dtype, device=device)
-    return Flux2Bundle(network=network.eval(), vae=vae, text=text, default_steps=steps,
+    return Flux2Bundle(network=network.eval(), vae=vae, text=text, default_sampling_steps=steps,
                        default_schedule={"name": "flux2"}, guidance=guidance, default_cfg_scale=cfg_scale,
                        reference_max_pixels=config.reference_max_pixels,
                        reference_cache=DEFAULTS[variant].reference_cache)
@@ -139,5 +140,9 @@ def register_models(register):
 
 @hookimpl
 def register_schedules(register):
+    from diffcore.api import DynamicShiftConfig, flow_schedule
+
     register("flux2", flux2_schedule, config=NoConfig,
              description="FLUX.2: flow matching shifted by BFL's empirical mu (image tokens and step count)")
+    register("flux", flow_schedule, config=DynamicShiftConfig,
+             description="FLUX.1: flow matching shifted by image size (mu from 0.5 at 256 to 1.15 at 4096 tokens)")

@@ -7,7 +7,6 @@ Euler step is ``x += (sigma_next - sigma) v``. FLUX.2 shifts a uniform grid with
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from diffcore.api import time_shift
 from diffcore_flux2.model import batched
 
 REF_T_SCALE = 10  # reference image i sits at t = 10 * (i + 1)
@@ -35,13 +35,9 @@ def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
     return float(slope * num_steps + intercept)
 
 
-def time_shift(mu: float, sigma: float, t: Tensor) -> Tensor:
-    """e^mu / (e^mu + (1/t - 1)^sigma) (SD3, Esser et al. 2024, eq. 23 with shift e^mu); 0 stays 0."""
-    return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
-
-
 def get_schedule(num_steps: int, image_seq_len: int) -> list[float]:
-    """``num_steps + 1`` sigmas from 1 down to 0, shifted by ``compute_empirical_mu``."""
+    """``num_steps + 1`` sigmas from 1 down to 0, shifted by ``compute_empirical_mu`` through the
+    core's ``time_shift``."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be at least 1, got {num_steps}")
     mu = compute_empirical_mu(image_seq_len, num_steps)

@@ -7,8 +7,7 @@ import copy
 import pytest
 import torch
 
-from diffcore.errors import CheckpointError
-from diffcore.io.checkpoint import save_file_atomic
+from diffcore.api import CheckpointError, save_file_atomic
 from diffcore_flux2.convert import (
     COMFYUI_PREFIX,
     bfl_to_diffusers,

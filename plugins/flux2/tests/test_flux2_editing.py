@@ -8,13 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffcore.errors import ConfigError
-from diffcore.jobs.runner import run
-from diffcore.models import GenerationRequest
-from diffcore.sampling.cfg import CFG
-from diffcore.sampling.engine import sample
-from diffcore.sampling.samplers import euler, heun
-from diffcore.testing import plugins_for_test
+from diffcore.api import CFG, ConfigError, euler, GenerationRequest, heun, sample
+from diffcore.testing import plugins_for_test, run_job_file as run
 from diffcore_flux2 import images as prep
 from diffcore_flux2.plugin import sampling_defaults
 from diffcore_flux2.sampling import get_schedule
@@ -28,7 +23,7 @@ kind = "generate"
 output_dir = "{out}"
 num_samples = 1
 seed = {seed}
-num_steps = 4
+sampling_steps = 4
 progress = false
 grid = false
 prompt = "{prompt}"
@@ -104,7 +99,7 @@ def test_kept_tokens_end_as_the_encoded_image(flux2_folder, sampler):
     image = torch.rand(3, 24, 32, generator=g) * 2 - 1
     mask = torch.zeros(1, 24, 32)
     mask[:, 5:14, 9:23] = 1  # edges inside tokens: fractional token values
-    request = GenerationRequest(batch=2, prompts=["a cat", "a dog"], extra={"image": image, "mask": mask})
+    request = GenerationRequest(batch=2, prompts=["a cat", "a dog"], image=image, mask=mask)
     conditions = bundle.conditions(request)
     known, token_mask = conditions["cond"]["known"], conditions["cond"]["known_mask"]
     assert token_mask.shape == (2, 1, 6, 8) and ((token_mask > 0) & (token_mask < 1)).any()
@@ -167,8 +162,8 @@ def test_bundle_caps_references_by_their_count(flux2_folder, monkeypatch):
     bundle.reference_latents([ref, ref])
     bundle.reference_latents([ref], others=1)
     assert caps == [2024**2, 1024**2, 1024**2, 1024**2]
-    assert bundle.image_size(GenerationRequest(batch=1, extra={"reference_images": [ref, ref]})) == (64, 68)
-    assert bundle.image_size(GenerationRequest(batch=1, height=32, extra={"reference_images": [ref]})) == (32, 68)
+    assert bundle.image_size(GenerationRequest(batch=1, reference_images=[ref, ref])) == (64, 68)
+    assert bundle.image_size(GenerationRequest(batch=1, height=32, reference_images=[ref])) == (32, 68)
     assert bundle.image_size(GenerationRequest(batch=1)) == (1024, 1024)
     caps.clear()
     _bundle(root, reference_max_pixels=4096).reference_latents([ref])
@@ -189,7 +184,7 @@ def test_references_at_their_own_size_match_klein_pipeline(flux2_folder, make_pi
         image=[Image.fromarray(a) for a in arrays], prompt="a blue dog", latents=noise, num_inference_steps=2,
         guidance_scale=4.0, max_sequence_length=SEQ, text_encoder_out_layers=(1, 2, 3), output_type="pt").images
     request = GenerationRequest(batch=1, prompts=["a blue dog"],
-                                extra={"reference_images": [_pixels(a) for a in arrays]})
+                                reference_images=[_pixels(a) for a in arrays])
     assert bundle.latent_shape(request) == (16, 16, 17)
     with torch.no_grad():
         latents = sample(bundle, noise, bundle.conditions(request), torch.tensor(get_schedule(2, 16 * 17)), euler,
@@ -212,13 +207,13 @@ def test_klein_kv_editing_matches_klein_kv_pipeline(flux2_folder, make_pipeline)
     root, parts = flux2_folder(False)
     (root / "model_index.json").write_text(json.dumps({"_class_name": "Flux2KleinKVPipeline"}))
     bundle = _bundle(root)
-    assert bundle.reference_cache and bundle.default_cfg_scale == 1.0 and bundle.default_steps == 4
+    assert bundle.reference_cache and bundle.default_cfg_scale == 1.0 and bundle.default_sampling_steps == 4
     array = np.random.default_rng(3).integers(0, 256, (64, 72, 3), dtype=np.uint8)
     noise = torch.randn(1, 16, 16, 18, generator=torch.Generator().manual_seed(4))
     expected = make_pipeline(Flux2KleinKVPipeline, parts)(
         image=Image.fromarray(array), prompt="a red cat", latents=noise, num_inference_steps=3,
         max_sequence_length=SEQ, text_encoder_out_layers=(1, 2, 3), output_type="pt").images
-    request = GenerationRequest(batch=1, prompts=["a red cat"], extra={"reference_images": [_pixels(array)]})
+    request = GenerationRequest(batch=1, prompts=["a red cat"], reference_images=[_pixels(array)])
     conditions = bundle.conditions(request)
     calls = []
     network_forward = bundle.network.forward
@@ -297,4 +292,4 @@ def test_inpainting_needs_image_and_mask(flux2_folder):
     root, _ = flux2_folder(False)
     bundle = _bundle(root)
     with pytest.raises(ConfigError, match="needs both image"):
-        bundle.conditions(GenerationRequest(batch=1, prompts=["a cat"], extra={"mask": torch.ones(1, 16, 16)}))
+        bundle.conditions(GenerationRequest(batch=1, prompts=["a cat"], mask=torch.ones(1, 16, 16)))

@@ -21,9 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffcore.io.checkpoint import save_file_atomic
-from diffcore.jobs.runner import run
-from diffcore.testing import plugins_for_test
+from diffcore.api import save_file_atomic
+from diffcore.testing import plugins_for_test, run_job_file as run
 from diffcore_flux2 import __version__
 from diffcore_flux2.model import VARIANTS, Flux2
 from diffcore_flux2.vae import AE_VARIANTS, AutoEncoder
@@ -42,7 +41,7 @@ kind = "generate"
 output_dir = "{out}"
 prompt = "a red cat"
 num_samples = 1
-num_steps = 2
+sampling_steps = 2
 height = 32
 width = 32
 progress = false
@@ -125,6 +124,6 @@ def test_wheels_install_alone_list_the_plugin_and_run_a_job(tmp_path, tiny_llm):
         run(jobs["checkout"])
     made = Image.open(tmp_path / "out-venv" / "sample-0000.png")
     params = json.loads(made.text["parameters"])
-    assert made.size == (32, 32) and params["model"] == "flux2" and params["steps"] == 2
+    assert made.size == (32, 32) and params["model"] == "flux2" and params["sampling_steps"] == 2
     assert params["cfg_scale"] == 4.0  # the tiny klein-base's default true CFG, with none set in the job
     assert made.tobytes() == Image.open(tmp_path / "out-checkout" / "sample-0000.png").tobytes()

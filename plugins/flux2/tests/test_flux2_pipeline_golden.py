@@ -34,7 +34,7 @@ def png(path: Path, height: int, width: int, seed: int) -> str:
 @torch.no_grad()
 def test_dev_text_to_image(tmp_path, flux2_folder):
     root, _ = flux2_folder(True)
-    images = generate(tmp_path, root, height=32, width=48, num_steps=3, num_samples=2, batch_size=2)
+    images = generate(tmp_path, root, height=32, width=48, sampling_steps=3, num_samples=2, batch_size=2)
     assert images.shape == (2, 3, 32, 48)
     check_golden(GOLDEN / "flux2-dev-text-to-image.safetensors", {"images": images})
 
@@ -42,15 +42,15 @@ def test_dev_text_to_image(tmp_path, flux2_folder):
 @torch.no_grad()
 def test_klein_base_editing(tmp_path, flux2_folder):
     root, _ = flux2_folder(False)
-    cfg = generate(tmp_path / "cfg", root, height=32, width=32, num_steps=2, negative_prompt="blurry")
+    cfg = generate(tmp_path / "cfg", root, height=32, width=32, sampling_steps=2, negative_prompt="blurry")
     image = png(tmp_path / "image.png", 32, 48, seed=4)
     mask = np.zeros((32, 48), dtype=np.uint8)
     mask[8:24, 16:40] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
     reference = png(tmp_path / "reference.png", 64, 64, seed=5)
     inpaint = generate(tmp_path / "inpaint", root, image=image, mask=str(tmp_path / "mask.png"), init_image=image,
-                       strength=0.75, reference_image=[reference], num_steps=4)
+                       strength=0.75, reference_image=[reference], sampling_steps=4)
     references = generate(tmp_path / "refs", root, reference_image=[reference, png(tmp_path / "b.png", 64, 96, 6)],
-                          height=32, width=32, num_steps=2, cfg_scale=2.5)
+                          height=32, width=32, sampling_steps=2, cfg_scale=2.5)
     check_golden(GOLDEN / "flux2-klein-base-editing.safetensors",
                  {"cfg": cfg, "inpaint": inpaint, "references": references})

@@ -7,10 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffcore.models import GenerationRequest
-from diffcore.sampling.cfg import CFG
-from diffcore.sampling.engine import sample
-from diffcore.sampling.samplers import euler
+from diffcore.api import CFG, euler, GenerationRequest, sample
 from diffcore.testing import plugins_for_test
 from diffcore.testing.conformance import check_model_family
 from diffcore_flux2.sampling import get_schedule
@@ -28,6 +25,22 @@ def _build(root, **overrides):
         component = pm.registry("models").get("flux2")
         return component.build(component.config(path=str(root), dtype="float32", max_sequence_length=SEQ,
                                                 **overrides))
+
+
+def test_flux_schedule_registered_by_both_flux_plugins_without_a_clash():
+    """FLUX.1's ``flux`` preset comes from either family (the same factory and config), so either
+    alone or both installed give the same schedule: the flow schedule shifted by image size."""
+    import diffcore_flux2.plugin as flux2
+
+    from diffcore.api import DynamicShiftConfig, FlowConfig, flow_schedule
+
+    flux1 = pytest.importorskip("diffcore_flux1.plugin")
+    expected = flow_schedule(FlowConfig(dynamic=True)).sigmas(4, seq_len=1024)
+    for modules in ((flux2,), (flux1, flux2), (flux2, flux1)):
+        with plugins_for_test(*modules, entry_points=False) as pm:
+            component = pm.registry("schedules").get("flux")
+            assert component.config is DynamicShiftConfig and component.plugin == modules[0].__name__
+            assert torch.equal(component.build().sigmas(4, seq_len=1024), expected)
 
 
 def test_registered_model_and_schedule():
@@ -49,7 +62,7 @@ def test_klein_base_cfg_edit_matches_klein_pipeline(flux2_folder, make_pipeline)
 
     root, parts = flux2_folder(False)
     bundle = _build(root)
-    assert bundle.network.params.guidance_embed is False and bundle.default_steps == 4
+    assert bundle.network.params.guidance_embed is False and bundle.default_sampling_steps == 4
     prompt, h, w, steps = "a red cat on the mat", 4, 6, 3
     noise = torch.randn(1, 16, h, w, generator=torch.Generator().manual_seed(0))
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
@@ -60,7 +73,7 @@ def test_klein_base_cfg_edit_matches_klein_pipeline(flux2_folder, make_pipeline)
 
     pixels = pipe.image_processor.preprocess(image, height=64, width=64, resize_mode="crop")[0]
     request = GenerationRequest(batch=1, prompts=[prompt], negative_prompts=[""], height=4 * h, width=4 * w,
-                                extra={"reference_images": [pixels]})
+                                reference_images=[pixels])
     assert bundle.latent_shape(request) == (16, h, w)
     with torch.no_grad():
         conditions = bundle.conditions(request)
@@ -101,7 +114,7 @@ def test_bundle_conformance(flux2_folder):
 
 
 def test_config_errors_name_the_field(tmp_path):
-    from diffcore.errors import ConfigError
+    from diffcore.api import ConfigError
 
     with plugins_for_test() as pm:
         config = pm.registry("models").get("flux2").config

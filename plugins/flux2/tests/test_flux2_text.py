@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffcore.errors import CheckpointError
+from diffcore.api import CheckpointError
 from diffcore_flux2.text import SYSTEM_MESSAGE, Flux2TextEncoder, TextSpec
 
 PROMPTS = ["a red cat on the mat", "a blue dog [IMG] sign"]

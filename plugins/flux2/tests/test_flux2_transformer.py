@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffcore.errors import ConfigError
-from diffcore.nn.attention import attention_layers, patch_attention, resolve_layers
+from diffcore.api import attention_layers, ConfigError, patch_attention, resolve_layers
 from diffcore_flux2.model import VARIANTS, Flux2, attention_alias
 from diffcore_flux2.params import Flux2Params
 from diffcore_flux2.sampling import image_ids, reference_tokens, text_ids

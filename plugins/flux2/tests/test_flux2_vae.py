@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffcore.errors import CheckpointError
-from diffcore.io.checkpoint import save_file_atomic
+from diffcore.api import CheckpointError, save_file_atomic
 from diffcore_flux2.load import load_ae
 from diffcore_flux2.params import AE_VARIANTS
 from diffcore_flux2.vae import AutoEncoder, ae_bfl_to_diffusers, ae_diffusers_to_bfl, ae_to_bfl, patchify, unpatchify

@@ -136,18 +136,18 @@ class NAG(GuidanceProcessor):
 
 @attrs.define
 class NAGPAG(GuidanceProcessor):
-    """NAG-PAG (seed 003; no published reference): NAG's normalised extrapolation with PAG's
+    """NAG-PAG (a diffcore method, no published reference): NAG's normalised extrapolation with PAG's
     identity attention as the negative, inside the conditional branch's own forward.
 
     In ``layers`` of the conditional branch: ``Z+ = softmax(q k^T / sqrt(d)) v``, ``Z- = v``
-    (identity map), then ``nag_combine(Z+, Z-, phi = 1 + scale, tau, alpha)``, i.e. the seed's
+    (identity map), then ``nag_combine(Z+, Z-, phi = 1 + scale, tau, alpha)``, i.e. the
     ``Z+ + scale (Z+ - Z-)`` extrapolation, L1-normalised NAG-style and alpha-blended. No
     negative prompt and no extra forward pass: 1 forward per step, the same as no guidance (the
     patched layers compute attention once plus a few elementwise ops).
 
-    Parameters: ``scale`` 0 to 10, default 3.0 (the seed's); ``layers`` default the seed's FLUX.1
-    [dev] choice ``transformer_blocks.8/12/16.attn``, set them for other models; ``tau = 2.5`` and
-    ``alpha = 0.25`` are NAG's FLUX defaults (the seed names the steps, not the values).
+    Parameters: ``scale`` 0 to 10, default 3.0; ``layers`` default to a choice for FLUX.1 [dev]
+    (``transformer_blocks.8/12/16.attn``), set them for other models; ``tau = 2.5`` and
+    ``alpha = 0.25`` are NAG's FLUX defaults.
     """
 
     scale: float = 3.0

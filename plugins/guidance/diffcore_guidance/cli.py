@@ -1,4 +1,4 @@
-"""CLI commands this plugin adds: ``diffcore layers`` (seed 003's structure analysis) and
+"""CLI commands this plugin adds: ``diffcore layers`` (the attention layer names a family has) and
 ``diffcore rewards``. Registering them imports click only; each command imports what it runs."""
 
 from __future__ import annotations
@@ -85,4 +85,5 @@ def add_commands(cli: Any) -> None:
             click.echo(f"{comp.name}  [{comp.plugin}]  {comp.description}")
             for a in attrs.fields(comp.config):
                 default = "(required)" if a.default is attrs.NOTHING else f"= {a.default!r}"
-                click.echo(f"    {a.name}: {a.type} {default}")
+                kind = a.type.__name__ if isinstance(a.type, type) else a.type  # resolved once structured
+                click.echo(f"    {a.name}: {kind} {default}")

@@ -71,7 +71,7 @@ def cfg_zero_star_factory(config: CFGZeroStarConfig, **_: Any) -> Any:
 # diffusers' PAG pipelines for transformers (PixArt-Sigma, SD3, HunyuanDiT) default to "blocks.1";
 # every family accepts diffusers' layer names as aliases, so this resolves on DiT and FLUX alike.
 PAG_LAYERS = ["transformer_blocks.1.attn"]
-# seed 003's layers for FLUX.1 [dev] (19 double blocks); set ``layers`` for smaller models
+# NAG-PAG's layers for FLUX.1 [dev] (19 double blocks); set ``layers`` for smaller models
 NAG_PAG_LAYERS = ["transformer_blocks.8.attn", "transformer_blocks.12.attn", "transformer_blocks.16.attn"]
 
 
@@ -102,7 +102,7 @@ class NAGConfig(_Window):
 
 @attrs.frozen(kw_only=True)
 class NAGPAGConfig(_Window):
-    """NAG-PAG (seed 003): NAG's normalised extrapolation with PAG's identity attention as the
+    """NAG-PAG (a diffcore method): NAG's normalised extrapolation with PAG's identity attention as the
     negative, inside the conditional branch: no negative prompt, no extra forward pass."""
 
     scale: float = attrs.field(default=3.0, validator=[v.ge(0), v.le(10)])
@@ -140,13 +140,13 @@ class LearnedConfig(_Window):
     """A trained guidance model (``save_guidance_model`` / a ``train-guidance`` job's output):
     ``pred + guidance_scale * model(x, pred, txt, vec, sigma, step)`` each step.
 
-    ``txt_key`` / ``vec_key`` name the conditioning kwargs the model reads; ``vec_key = "auto"``
-    takes ``vec`` (pooled text) when the family has it, else ``y`` (class labels)."""
+    ``txt_key`` / ``vec_key`` name the conditioning kwargs the model reads; ``"auto"`` asks the
+    family: its text tokens, and its pooled text vector (FLUX.1) or class labels (DiT)."""
 
     checkpoint: str
     guidance_scale: float = 1.0
     requires_grad: bool = False
-    txt_key: str = "txt"
+    txt_key: str = "auto"
     vec_key: str = "auto"
     start: float = attrs.field(default=0.0, validator=_unit)
     stop: float = attrs.field(default=1.0, validator=_unit)
@@ -173,7 +173,7 @@ def register_guidance(register: Any) -> None:
     register("nag-pag", nag_pag_factory, config=NAGPAGConfig,
              description="NAG-PAG: NAG-normalised identity-attention guidance inside the cond branch, no extra pass")
     register("learned", learned_factory, config=LearnedConfig,
-             description="a trained guidance model adds a correction to the prediction each step (seed 000)")
+             description="a trained guidance model adds a correction to the prediction each step")
 
 
 # -- rewards -------------------------------------------------------------------------------------

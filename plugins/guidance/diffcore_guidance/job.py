@@ -6,7 +6,7 @@ model on them, save it (and say how it does).
     output_dir = "outputs/guidance-digits"
     objective = "reward"          # or "cfg-distill"
     num_samples = 64
-    num_steps = 10
+    sampling_steps = 10
     train_steps = 300
 
     [model]
@@ -33,16 +33,16 @@ Writes ``guidance_model.safetensors`` (use it with ``[[guidance]] name = "learne
 ``log.jsonl``, ``checkpoints/step-*/`` and, with ``eval_samples``, ``summary.json`` comparing
 samples from held-out seeds with and without the learned guidance.
 
-This module stays torch-free at import (``diffcore list`` reads its config classes): it takes
-``Spec``/``component``/``JobSettings`` from their defining modules, the same objects
-``diffcore.api`` exports, and imports torch inside ``run_train_guidance``.
+Trajectories and evaluation samples come from the core's generation pipeline
+(``diffcore.api.Pipeline``: device, default schedule, steps and CFG as every job chooses them).
+This module stays torch-free at import (``diffcore list`` reads its config classes) and imports
+torch inside ``run_train_guidance``.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import attrs
 from attrs import validators as v
@@ -56,7 +56,7 @@ class TrainGuidanceSettings(JobSettings):
     # trajectories
     num_samples: int = attrs.field(default=64, validator=v.gt(0))
     batch_size: int = attrs.field(default=16, validator=v.gt(0))
-    num_steps: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
+    sampling_steps: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))   # None: the model's
     class_label: int | None = attrs.field(default=None, validator=v.optional(v.ge(0)))
     prompt: str | list[str] | None = None
     cfg_scale: float = attrs.field(default=1.0, validator=v.ge(0))          # the chain the model is trained after
@@ -85,7 +85,7 @@ class GuidanceModelSpec:
     layers: int = attrs.field(default=3, validator=v.gt(0))
     heads: int = attrs.field(default=4, validator=v.gt(0))
     patch: int = attrs.field(default=1, validator=v.gt(0))
-    txt_key: str = "txt"
+    txt_key: str = "auto"
     vec_key: str = "auto"
 
 
@@ -98,11 +98,13 @@ class TrainGuidanceJob:
     guidance_model: GuidanceModelSpec = attrs.Factory(GuidanceModelSpec)
     reward: Spec | None = component("rewards", optional=True)
 
+    renamed: ClassVar[dict[str, str]] = {"job.num_steps": "job.sampling_steps"}
+
 
 def run_train_guidance(config: TrainGuidanceJob, ctx: JobContext) -> dict[str, Any]:
     import torch
 
-    from diffcore.api import ConfigError, GenerationRequest, is_main_process, registry
+    from diffcore.api import ConfigError, Pipeline, is_main_process
 
     from diffcore_guidance.learned import LearnedGuidance
     from diffcore_guidance.models import save_guidance_model
@@ -114,23 +116,13 @@ def run_train_guidance(config: TrainGuidanceJob, ctx: JobContext) -> dict[str, A
         raise ConfigError("objective = \"reward\" needs a [reward] table naming a reward (diffcore rewards "
                           "lists them)", path="reward")
     torch.manual_seed(s.seed)
-    device = "cuda" if s.device == "auto" and torch.cuda.is_available() else ("cpu" if s.device == "auto" else s.device)
-    bundle = config.model.build(device=device)
-    sampler = config.sampler.build()
-    schedule = config.schedule.build() if config.schedule else _default_schedule(bundle, registry)
-    steps = s.num_steps or bundle.default_steps
-    requests = _requests(s, bundle, GenerationRequest, torch, device)
-    shape = bundle.latent_shape(requests[0])
-    sigmas = schedule.sigmas(steps, seq_len=math.prod(shape[1:]) if len(shape) == 3 else None)
-
-    def cfg(scale: float) -> list[Any]:
-        comp = registry("guidance").get("cfg")
-        return [comp.factory(comp.config(scale=scale))] if scale != 1 else []
-
-    chain = cfg(s.teacher_cfg_scale if s.objective == "cfg-distill" else s.cfg_scale)
+    pipeline = Pipeline.build(config.model, config.sampler, config.schedule, device=s.device)
+    bundle, device = pipeline.bundle, pipeline.device
+    requests = _requests(s, bundle, device, s.teacher_cfg_scale if s.objective == "cfg-distill" else s.cfg_scale)
     spec = config.guidance_model
-    data = collect_trajectories(bundle, requests, sampler, sigmas, guidance=chain, seed=s.seed,
-                                txt_key=spec.txt_key, vec_key=spec.vec_key)
+    data = collect_trajectories(bundle, requests, pipeline.sampler, pipeline.sigmas(requests[0]),
+                                guidance=pipeline.chain(requests[0]), seed=s.seed, txt_key=spec.txt_key,
+                                vec_key=spec.vec_key)
     model = _build_model(spec, data, bundle).to(device)
     reward_fn = config.reward.build() if config.reward is not None else None
     trainer = GuidanceModelTrainer(model, lr=s.lr, weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm,
@@ -171,31 +163,33 @@ def run_train_guidance(config: TrainGuidanceJob, ctx: JobContext) -> dict[str, A
     if s.eval_samples:
         learned = LearnedGuidance(model=model, guidance_scale=s.guidance_scale, txt_key=spec.txt_key,
                                   vec_key=spec.vec_key)
-        summary["eval"] = _evaluate(s, bundle, sampler, sigmas, cfg, learned, reward_fn, torch, GenerationRequest,
-                                    device)
+        summary["eval"] = _evaluate(s, pipeline, learned, reward_fn)
     if main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _requests(s: TrainGuidanceSettings, bundle: Any, request_cls: Any, torch: Any, device: str,
-              count: int | None = None, offset: int = 0) -> list[Any]:
+def _requests(s: TrainGuidanceSettings, bundle: Any, device: Any, cfg_scale: float, count: int | None = None,
+              offset: int = 0) -> list[Any]:
     """Generation requests of ``batch_size``: every class in turn for class-conditional models
     (or ``class_label``), the prompts in turn for text ones, else unconditional batches."""
+    import torch
+
+    from diffcore.api import GenerationRequest
+
     total = count or s.num_samples
-    num_classes = getattr(bundle, "num_classes", None)
     prompts = [s.prompt] if isinstance(s.prompt, str) else list(s.prompt or [])
     out = []
     for start in range(0, total, s.batch_size):
         n = min(s.batch_size, total - start)
         index = torch.arange(offset + start, offset + start + n)
-        if num_classes is not None:
-            labels = torch.full((n,), s.class_label) if s.class_label is not None else index % num_classes
-            out.append(request_cls(batch=n, labels=labels.to(device)))
+        fields: dict[str, Any] = {"batch": n, "sampling_steps": s.sampling_steps, "cfg_scale": cfg_scale}
+        if bundle.num_classes is not None:
+            labels = torch.full((n,), s.class_label) if s.class_label is not None else index % bundle.num_classes
+            fields["labels"] = labels.to(device)
         elif prompts:
-            out.append(request_cls(batch=n, prompts=[prompts[i % len(prompts)] for i in index.tolist()]))
-        else:
-            out.append(request_cls(batch=n))
+            fields["prompts"] = [prompts[i % len(prompts)] for i in index.tolist()]
+        out.append(GenerationRequest(**fields))
     return out
 
 
@@ -220,42 +214,32 @@ def _build_model(spec: GuidanceModelSpec, data: Any, bundle: Any) -> Any:
     return ConvGuidanceModel(channels, hidden_channels=spec.hidden, num_blocks=spec.layers, patch=spec.patch, **cond)
 
 
-def _evaluate(s: TrainGuidanceSettings, bundle: Any, sampler: Any, sigmas: Any, cfg: Any, learned: Any,
-              reward_fn: Any, torch: Any, request_cls: Any, device: str) -> dict[str, float]:
+def _evaluate(s: TrainGuidanceSettings, pipeline: Any, learned: Any, reward_fn: Any) -> dict[str, float]:
     """Final samples from held-out seeds (``seed + 1``) without and with the learned guidance;
     the reward of each (reward objective) or the distance to the CFG teacher (cfg-distill)."""
-    from diffcore.api import sample
+    import attrs
+    import torch
 
-    requests = _requests(s, bundle, request_cls, torch, device, count=s.eval_samples, offset=s.num_samples)
-    chains = {"base": cfg(s.cfg_scale), "learned": [*cfg(s.cfg_scale), learned]}
+    requests = _requests(s, pipeline.bundle, pipeline.device, s.cfg_scale, count=s.eval_samples,
+                         offset=s.num_samples)
+    runs = {"base": (s.cfg_scale, []), "learned": (s.cfg_scale, [learned])}   # (CFG scale, guidance after CFG)
     if s.objective == "cfg-distill":
-        chains = {"base": [], "learned": [learned], "teacher": cfg(s.teacher_cfg_scale)}
-    finals: dict[str, list[Any]] = {k: [] for k in chains}
-    conds: list[Any] = []
-    for name, chain in chains.items():
+        runs = {"base": (1.0, []), "learned": (1.0, [learned]), "teacher": (s.teacher_cfg_scale, [])}
+    finals: dict[str, list[Any]] = {k: [] for k in runs}
+    for name, (scale, guidance) in runs.items():
+        run = attrs.evolve(pipeline, guidance=guidance)
         generator = torch.Generator("cpu").manual_seed(s.seed + 1)
         for request in requests:
-            conditions = bundle.conditions(request)
-            noise = torch.randn((request.batch, *bundle.latent_shape(request)), generator=generator).to(device)
-            with torch.no_grad():
-                finals[name].append(sample(bundle, noise, conditions, sigmas.to(device), sampler, guidance=chain,
-                                           generator=generator, disable=True))
-            if name == "base":
-                conds.append(conditions["cond"])
+            finals[name].append(run.latents(attrs.evolve(request, cfg_scale=scale), generator=generator))
     result: dict[str, float] = {}
     if s.objective == "cfg-distill":
         teacher = torch.cat(finals["teacher"])
         for name in ("base", "learned"):
             result[f"{name}_mse_to_teacher"] = float((torch.cat(finals[name]) - teacher).pow(2).mean())
     elif reward_fn is not None:
+        conds = [pipeline.bundle.conditions(request)["cond"] for request in requests]
         with torch.no_grad():
             for name in ("base", "learned"):
                 scores = [reward_fn(x, c) for x, c in zip(finals[name], conds)]
                 result[f"{name}_reward"] = float(torch.cat(scores).mean())
     return result
-
-
-def _default_schedule(bundle: Any, registry: Any) -> Any:
-    table = dict(bundle.default_schedule)
-    comp = registry("schedules").get(table.pop("name"))
-    return comp.factory(comp.config(**table))

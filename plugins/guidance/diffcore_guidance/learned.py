@@ -8,26 +8,27 @@ from typing import Any
 import attrs
 import torch
 
-from diffcore.api import GuidanceProcessor, StepInfo
+from diffcore.api import GuidanceProcessor, PluginError, StepInfo
 
 
-def conditioning_inputs(cond: Mapping[str, Any], txt_key: str | None = "txt",
-                        vec_key: str | None = "auto") -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def conditioning_inputs(bundle: Any, cond: Mapping[str, Any], txt_key: str | None = "auto",
+                       vec_key: str | None = "auto") -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(txt, vec)`` for a guidance model from a branch's conditioning kwargs.
 
-    ``vec_key = "auto"``: the pooled ``vec`` of text families (FLUX.1), else the class labels
-    ``y`` of class-conditional ones (DiT), else None. A missing key gives None."""
-    txt = cond.get(txt_key) if txt_key else None
-    if vec_key == "auto":
-        vec = cond.get("vec", cond.get("y"))
-    else:
-        vec = cond.get(vec_key) if vec_key else None
+    ``"auto"`` asks the model bundle: ``sequence_condition`` (text tokens) for ``txt``,
+    ``pooled_condition`` (FLUX.1's pooled CLIP vector, DiT's class labels) for ``vec``. Another
+    string reads that key of the conditioning; None (or a missing key) gives None."""
+    if "auto" in (txt_key, vec_key) and bundle is None:
+        raise PluginError("txt_key / vec_key = \"auto\" asks the model bundle what its conditioning holds, but "
+                          "this step has no bundle (StepInfo.bundle); name the keys instead")
+    txt = bundle.sequence_condition(cond) if txt_key == "auto" else (cond.get(txt_key) if txt_key else None)
+    vec = bundle.pooled_condition(cond) if vec_key == "auto" else (cond.get(vec_key) if vec_key else None)
     return (txt if torch.is_tensor(txt) else None), (vec if torch.is_tensor(vec) else None)
 
 
 @attrs.define
 class LearnedGuidance(GuidanceProcessor):
-    """``pred + guidance_scale * model(x, pred, txt, vec, sigma, step)`` each step (seed 000).
+    """``pred + guidance_scale * model(x, pred, txt, vec, sigma, step)`` each step.
 
     ``model`` is any ``BaseGuidanceModel``; it reads the ``cond`` branch's conditioning through
     ``txt_key`` / ``vec_key`` (see ``conditioning_inputs``). ``requires_grad``: run the model with
@@ -40,7 +41,7 @@ class LearnedGuidance(GuidanceProcessor):
     model: Any = None
     guidance_scale: float = 1.0
     requires_grad: bool = False
-    txt_key: str | None = "txt"
+    txt_key: str | None = "auto"
     vec_key: str | None = "auto"
     start: float = 0.0
     stop: float = 1.0
@@ -49,7 +50,7 @@ class LearnedGuidance(GuidanceProcessor):
         if self.model is None or self.guidance_scale == 0:
             return pred
         self._place(pred.device)
-        txt, vec = conditioning_inputs(step.conditions.get("cond", {}), self.txt_key, self.vec_key)
+        txt, vec = conditioning_inputs(step.bundle, step.conditions.get("cond", {}), self.txt_key, self.vec_key)
         with torch.enable_grad() if self.requires_grad else torch.no_grad():
             correction = self.model(step.x, pred, txt, vec, step.sigma, step.step)
         return pred + self.guidance_scale * correction.to(pred.dtype)

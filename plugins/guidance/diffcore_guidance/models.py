@@ -1,4 +1,4 @@
-"""Learned guidance models (seed 000): small networks that predict a correction to the sampling
+"""Learned guidance models: small networks that predict a correction to the sampling
 model's raw prediction at each step.
 
 Every model is ``forward(img, pred, txt, vec, timestep, step_idx) -> correction`` shaped like

@@ -27,6 +27,13 @@ def register_rewards(register):
 
 
 @hookimpl
+def register_request_fields(register):
+    """The serve job's diffusers-style endpoints take NAG-PAG's settings as two flat fields."""
+    register("nag_pag_scale", guidance="nag-pag", option="scale")
+    register("nag_pag_applied_layers", guidance="nag-pag", option="layers")
+
+
+@hookimpl
 def register_jobs(register):
     from diffcore_guidance.job import TrainGuidanceJob, run_train_guidance
 

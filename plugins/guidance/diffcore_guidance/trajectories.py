@@ -67,7 +67,7 @@ class Trajectories:
 
 def collect_trajectories(bundle: ModelBundle, requests: Iterable[GenerationRequest], sampler: Any,
                          sigmas: torch.Tensor, *, guidance: Sequence[GuidanceProcessor] = (), seed: int = 0,
-                         txt_key: str | None = "txt", vec_key: str | None = "auto") -> Trajectories:
+                         txt_key: str | None = "auto", vec_key: str | None = "auto") -> Trajectories:
     """Sample every request with ``guidance`` (e.g. CFG) and record each model evaluation."""
     device = next(bundle.network.parameters()).device
     generator = torch.Generator("cpu").manual_seed(seed)
@@ -81,7 +81,7 @@ def collect_trajectories(bundle: ModelBundle, requests: Iterable[GenerationReque
             sample(bundle, noise, conditions, sigmas.to(device), sampler, guidance=[*guidance, recorder],
                    generator=generator, disable=True)
         cond = conditions["cond"]
-        txt, vec = conditioning_inputs(cond, txt_key, vec_key)
+        txt, vec = conditioning_inputs(bundle, cond, txt_key, vec_key)
         per_sample = {k: v for k, v in cond.items() if torch.is_tensor(v) and v.ndim and v.shape[0] == request.batch}
         for record in recorder.records:
             rows.append(record)

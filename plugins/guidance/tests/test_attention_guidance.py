@@ -171,7 +171,7 @@ def test_diffusers_names_and_patterns_select_the_same_layers(dit, req):
     assert torch.equal(run(dit, [NAGPAG(layers=["blocks.*.attn"])], req), ours)
 
 
-def test_nag_pag_config_bounds_and_seed_defaults():
+def test_nag_pag_config_bounds_and_defaults():
     assert NAGPAGConfig().scale == 3.0
     assert NAGPAGConfig().layers == ["transformer_blocks.8.attn", "transformer_blocks.12.attn",
                                      "transformer_blocks.16.attn"]

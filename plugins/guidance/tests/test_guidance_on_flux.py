@@ -48,21 +48,20 @@ def flux2_bundle():
     return Flux2Bundle(network=randomize(Flux2(VARIANTS["tiny"]), seed=1))
 
 
-def embeddings(family: str, batch: int = 2) -> dict[str, torch.Tensor]:
-    """``request.extra`` with a prompt's and a negative prompt's embeddings, as the bundles accept them."""
+def embeddings(family: str, batch: int = 2) -> dict[str, dict[str, torch.Tensor]]:
+    """``request.embeddings``: a prompt's and a negative prompt's, as the bundles accept them."""
     g = torch.Generator().manual_seed(2)
-    extra = {"txt": torch.randn(batch, TXT_LEN, TXT_DIM, generator=g),
-             "uncond_txt": torch.randn(batch, TXT_LEN, TXT_DIM, generator=g)}
+    out = {key: {"txt": torch.randn(batch, TXT_LEN, TXT_DIM, generator=g)} for key in ("cond", "uncond")}
     if family == "flux1":
-        extra |= {"vec": torch.randn(batch, VEC_DIM, generator=g),
-                  "uncond_vec": torch.randn(batch, VEC_DIM, generator=g)}
-    return extra
+        for key in ("cond", "uncond"):
+            out[key]["vec"] = torch.randn(batch, VEC_DIM, generator=g)
+    return out
 
 
 @pytest.fixture(scope="module", params=["flux1", "flux2"])
 def family(request):
     bundle = flux1_bundle() if request.param == "flux1" else flux2_bundle()
-    req = GenerationRequest(batch=2, height=SIZE, width=SIZE, extra=embeddings(request.param))
+    req = GenerationRequest(batch=2, height=SIZE, width=SIZE, embeddings=embeddings(request.param))
     return request.param, bundle, req
 
 
@@ -141,14 +140,14 @@ def test_nag_pag_costs_no_forward_and_aliases_name_the_same_layers(family):
     assert torch.equal(run(bundle, [NAGPAG(scale=0.0, layers=BOTH)], req), run(bundle, [], req))
     with pytest.raises(ConfigError, match=r"this model has: double_blocks.0 .. double_blocks.1, "
                                           r"single_blocks.0 .. single_blocks.1"):
-        run(bundle, [NAGPAG()], req, steps=1)               # the seed's FLUX.1-dev layers: block 8 is not here
+        run(bundle, [NAGPAG()], req, steps=1)               # FLUX.1 [dev]'s default layers: block 8 is not here
 
 
 def test_nag_gives_the_negative_prompt_a_say_without_cfg(family):
     """cfg_scale = 1 (a guidance-distilled model): NAG alone steers away from the negative prompt."""
     _, bundle, req = family
-    other = GenerationRequest(batch=2, height=SIZE, width=SIZE,
-                              extra={**req.extra, "uncond_txt": req.extra["uncond_txt"] + 1.0})
+    uncond = {**req.embeddings["uncond"], "txt": req.embeddings["uncond"]["txt"] + 1.0}
+    other = GenerationRequest(batch=2, height=SIZE, width=SIZE, embeddings={**req.embeddings, "uncond": uncond})
     nag = NAG(layers=["*"])
     assert not torch.allclose(run(bundle, [nag], req), run(bundle, [nag], other))
     with ForwardCounter(bundle.network) as counter:
@@ -217,7 +216,7 @@ def test_klein_kv_reference_cache_with_guidance():
                          vae=AutoEncoder(AE_VARIANTS["tiny"]).eval(), reference_cache=True)
     reference = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(4)) * 2 - 1
     req = GenerationRequest(batch=1, height=SIZE, width=SIZE,
-                            extra={**embeddings("flux2", batch=1), "reference_images": [reference]})
+                            embeddings=embeddings("flux2", batch=1), reference_images=[reference])
     with ForwardCounter(bundle.network) as counter:
         guided = run(bundle, [cfg(3.0)], req, steps=3)
     assert counter.batches == [1, 1] * 3 and torch.isfinite(guided).all()

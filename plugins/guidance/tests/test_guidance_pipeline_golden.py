@@ -25,7 +25,7 @@ def test_train_guidance_job(tmp_path, objective, extra):
     job_table, reward = (extra, "") if objective == "cfg-distill" else ("cfg_scale = 1.5", extra)
     job = tmp_path / "job.toml"
     job.write_text(f'[job]\nkind = "train-guidance"\noutput_dir = "{tmp_path / "out"}"\nobjective = "{objective}"\n'
-                   f'num_samples = 4\nbatch_size = 2\nnum_steps = 3\ntrain_steps = 5\ntrain_batch = 8\n'
+                   f'num_samples = 4\nbatch_size = 2\nsampling_steps = 3\ntrain_steps = 5\ntrain_batch = 8\n'
                    f'eval_samples = 4\nseed = 3\n{job_table}\n[model]\nfamily = "dit"\ncheckpoint = "{weights}"\n'
                    f'{model}\n[guidance_model]\ntype = "conv"\nhidden = 8\nlayers = 1\n{reward}\n')
     summary = run_job_file(job)

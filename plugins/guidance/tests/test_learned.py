@@ -1,10 +1,10 @@
-"""Learned guidance models (seed 000): shapes, zero start, wrappers, save/load, the processor."""
+"""Learned guidance models: shapes, zero start, wrappers, save/load, the processor."""
 
 import pytest
 import torch
 from guidance_helpers import ForwardCounter, randomize, run
 
-from diffcore.api import CheckpointError, registry
+from diffcore.api import CheckpointError, PluginError, registry
 from diffcore.testing.conformance import check_guidance_processor
 from diffcore_guidance.learned import LearnedGuidance, conditioning_inputs
 from diffcore_guidance.models import (AttentionGuidanceModel, ConvGuidanceModel, MLPGuidanceModel,
@@ -56,11 +56,15 @@ def test_the_processor_reads_class_labels_and_changes_with_them(dit):
     assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
 
 
-def test_conditioning_inputs():
-    txt, vec, y = torch.randn(2, 3, 4), torch.randn(2, 6), torch.tensor([0, 1])
-    assert conditioning_inputs({"txt": txt, "vec": vec, "guidance": torch.ones(2)}) == (txt, vec)
-    assert conditioning_inputs({"y": y}) == (None, y)
-    assert conditioning_inputs({"txt": txt, "y": y}, vec_key=None) == (txt, None)
+def test_conditioning_inputs_ask_the_bundle(dit):
+    """``auto`` takes what the bundle names (DiT: no text, the class labels as the pooled value);
+    a key reads that key; None hides it; without a bundle ``auto`` is an error naming the fix."""
+    txt, y = torch.randn(2, 3, 4), torch.tensor([0, 1])
+    assert conditioning_inputs(dit, {"txt": txt, "y": y}) == (None, y)
+    assert conditioning_inputs(dit, {"txt": txt, "y": y}, txt_key="txt", vec_key=None) == (txt, None)
+    assert conditioning_inputs(None, {"y": y}, txt_key=None, vec_key="y") == (None, y)
+    with pytest.raises(PluginError, match="name the keys instead"):
+        conditioning_inputs(None, {"y": y})
 
 
 def test_text_families_and_packed_latents():

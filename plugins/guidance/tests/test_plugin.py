@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-from click.testing import CliRunner
 from guidance_helpers import TINY
 
 from diffcore.api import ConfigError, registry
@@ -19,7 +18,7 @@ def test_plugin_module_imports_no_torch():
 
 
 def test_registered_components():
-    from diffcore.plugins import get_plugins
+    from diffcore.api import get_plugins
 
     pm = get_plugins()
     guidance = {c.name: c for c in pm.registry("guidance")}
@@ -31,7 +30,7 @@ def test_registered_components():
 
 
 def generate(tmp_path, guidance_table, cfg_scale=1.0):
-    from diffcore.jobs.runner import run
+    from diffcore.testing import run_job_file as run
 
     model = "\n".join(f"{k} = {v}" for k, v in TINY.items())
     job = tmp_path / "job.toml"
@@ -41,7 +40,7 @@ kind = "generate"
 output_dir = "{tmp_path / 'out'}"
 num_samples = 4
 batch_size = 4
-num_steps = 3
+sampling_steps = 3
 cfg_scale = {cfg_scale}
 progress = false
 
@@ -66,21 +65,18 @@ def test_job_files_are_validated(tmp_path):
         generate(tmp_path, '[[guidance]]\nname = "nag-pag"\nscale = 12.0\n')
     with pytest.raises(ConfigError, match="unknown attention layer 'transformer_blocks.8.attn'.*this model has: "
                                           "blocks.0.attn .. blocks.1.attn"):
-        generate(tmp_path, '[[guidance]]\nname = "nag-pag"\n')      # the seed's FLUX layers on a 2-block DiT
+        generate(tmp_path, '[[guidance]]\nname = "nag-pag"\n')      # FLUX.1 [dev]'s layers on a 2-block DiT
 
 
 def test_layers_command_lists_attention_layers_of_a_family():
-    from diffcore.cli import cli
+    from diffcore.testing import run_cli
 
-    from diffcore.plugins import get_plugins
-
-    get_plugins().add_commands(cli)
-    result = CliRunner().invoke(cli, ["layers", "dit", "--variant", "digits", "--set", "depth=3"])
+    result = run_cli(["layers", "dit", "--variant", "digits", "--set", "depth=3"])
     assert result.exit_code == 0, result.output
     assert result.output.split() == ["blocks.0.attn", "blocks.1.attn", "blocks.2.attn"]
-    bad = CliRunner().invoke(cli, ["layers", "dit", "--set", "dept=3"])
+    bad = run_cli(["layers", "dit", "--set", "dept=3"])
     assert bad.exit_code == 1 and "has no config field 'dept'; it accepts: checkpoint, depth" in bad.output
-    rewards = CliRunner().invoke(cli, ["rewards"])
+    rewards = run_cli(["rewards"])
     assert "mean-target  [guidance]" in rewards.output and "target: float = 0.0" in rewards.output
 
 

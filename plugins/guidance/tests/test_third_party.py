@@ -45,7 +45,7 @@ def test_an_installed_third_party_processor_runs_in_a_job(installed, tmp_path):
 kind = "generate"
 output_dir = "out"
 num_samples = 3
-num_steps = 3
+sampling_steps = 3
 progress = false
 
 [model]

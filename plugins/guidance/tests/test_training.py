@@ -154,7 +154,7 @@ output_dir = "{tmp_path / 'out'}"
 objective = "{objective}"
 num_samples = 10
 batch_size = 5
-num_steps = 4
+sampling_steps = 4
 train_steps = 40
 train_batch = 32
 lr = 3e-3
@@ -176,7 +176,7 @@ layers = 2
 
 
 def test_train_guidance_job_with_a_reward(tmp_path):
-    from diffcore.jobs.runner import run
+    from diffcore.testing import run_job_file as run
 
     job = write_job(tmp_path, "reward")
     job.write_text(job.read_text() + '\n[reward]\nname = "mean-target"\ntarget = 0.5\n')
@@ -192,14 +192,14 @@ def test_train_guidance_job_with_a_reward(tmp_path):
 
 
 def test_train_guidance_job_distilling_cfg(tmp_path):
-    from diffcore.jobs.runner import run
+    from diffcore.testing import run_job_file as run
 
     summary = run(write_job(tmp_path, "cfg-distill", "teacher_cfg_scale = 3.0"))
     assert summary["eval"]["learned_mse_to_teacher"] < 0.7 * summary["eval"]["base_mse_to_teacher"]
 
 
 def test_a_reward_objective_without_a_reward_is_a_config_error(tmp_path):
-    from diffcore.jobs.runner import run
+    from diffcore.testing import run_job_file as run
 
     with pytest.raises(ConfigError, match="needs a \\[reward\\] table"):
         run(write_job(tmp_path, "reward"))
