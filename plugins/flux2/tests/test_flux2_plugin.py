@@ -127,8 +127,7 @@ def test_config_errors_name_the_field(tmp_path):
 def test_text_encoder_is_the_old_name_of_text_encoders(tmp_path):
     """FLUX.1 (and SDXL, SD3) call the folder of the text encoders ``text_encoders``; FLUX.2's
     earlier ``text_encoder`` still loads, with a deprecation warning."""
-    from diffcore.config.structure import structure
-    from diffcore.errors import ConfigError
+    from diffcore.api import ConfigError, structure
     from diffcore_flux2.plugin import Flux2Config
 
     with pytest.warns(FutureWarning, match="'text_encoder' is deprecated, call it 'text_encoders'"):

@@ -22,10 +22,6 @@ from diffcore.api import ConfigError, ModelBundle, ddpm_sigma_table
 from diffcore_sdxl.model import UNet, attention_alias, label_vector
 from diffcore_sdxl.text import SDXLText, micro_conditioning
 
-# request.extra keys that override the bundle's micro-conditioning for one request
-MICRO_KEYS = ("original_size", "crop_top_left", "target_size", "aesthetic_score", "negative_aesthetic_score")
-
-
 @attrs.frozen
 class MicroConditioning:
     """What the label embedding is told about the image; sizes default to the output's (diffusers)."""
@@ -85,7 +81,7 @@ class SDXLBundle(ModelBundle):
     text: SDXLText | None = None
     vae: nn.Module | None = None
     prediction_type: str = "epsilon"
-    default_steps: int = 50
+    default_sampling_steps: int = 50
     default_schedule: dict[str, Any] = attrs.Factory(lambda: {"name": "ddpm", "spacing": "leading",
                                                               "steps_offset": 1})
     sigma_table: Tensor | None = attrs.Factory(ddpm_sigma_table)
@@ -122,19 +118,35 @@ class SDXLBundle(ModelBundle):
         return h, w
 
     def conditions(self, request: Any) -> dict[str, dict[str, Any]]:
+        """``cond`` / ``uncond`` from the prompts (or ``request.embeddings``: ``context`` and ``y`` per
+        branch, the text encoders skipped); each also carries the refiner's when there is one."""
+        for name, what in (("mask", "inpainting"), ("image", "inpainting"), ("control_image", "control images"),
+                           ("reference_images", "reference images")):
+            if _field(request, name) is not None and _field(request, name) != []:
+                raise ConfigError(f"SDXL takes no {name} here: {what} is not built for this family yet",
+                                  path=f"job.{name}")
+        embeddings = _field(request, "embeddings")
+        if embeddings:
+            return {key: dict(value) for key, value in embeddings.items()}
         prompts = _field(request, "prompts")
         if not prompts:
             raise ConfigError("SDXL is a text-to-image model: give a prompt", path="job.prompt")
         negatives = _field(request, "negative_prompts") or [None] * len(prompts)
-        extra = _field(request, "extra") or {}
-        micro = attrs.evolve(self.micro, **{k: extra[k] for k in MICRO_KEYS if k in extra})
         size = self.size(request)
-        cond, uncond = self.base.branches(prompts, negatives, size, micro)
+        cond, uncond = self.base.branches(prompts, negatives, size, self.micro)
         if self.refiner is not None:
-            r_cond, r_uncond = self.refiner.branches(prompts, negatives, size, micro)
+            r_cond, r_uncond = self.refiner.branches(prompts, negatives, size, self.micro)
             cond.update(refiner_context=r_cond["context"], refiner_y=r_cond["y"])
             uncond.update(refiner_context=r_uncond["context"], refiner_y=r_uncond["y"])
         return {"cond": cond, "uncond": uncond}
+
+    def sequence_condition(self, cond: dict[str, Any]) -> Tensor | None:
+        return cond.get("context")
+
+    def pooled_condition(self, cond: dict[str, Any]) -> Tensor | None:
+        """The pooled text: the head of ``y``, before the micro-conditioning sinusoids."""
+        y = cond.get("y")
+        return None if y is None or self.text is None else y[:, :self.text.pooled_dim]
 
     def latent_shape(self, request: Any) -> tuple[int, int, int]:
         h, w = self.size(request)

@@ -10,23 +10,18 @@ cross-attention over the text.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from diffcore.api import Attention, Linear
+from diffcore.api import Attention, Linear, timestep_embedding
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """[cos | sin] sinusoid of ``t`` (DDPM timesteps, or a micro-conditioning scalar), float32;
-    SGM's ``timestep_embedding`` and diffusers' ``flip_sin_to_cos=True, freq_shift=0``."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t[:, None].float() * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+def timestep_sinusoid(t: Tensor, dim: int) -> Tensor:
+    """[cos | sin] float32 sinusoid of integer-scale ``t`` (DDPM timesteps, micro-conditioning
+    scalars): SGM's ``timestep_embedding``, diffusers' ``flip_sin_to_cos=True, freq_shift=0``."""
+    return timestep_embedding(t.float(), dim, time_factor=1.0)
 
 
 def group_norm(channels: int, groups: int, eps: float = 1e-5) -> nn.GroupNorm:

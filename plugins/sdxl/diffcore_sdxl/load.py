@@ -14,17 +14,14 @@ Before anything is read, each file is checked: a truncated download, another fam
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 
-from diffcore.api import CheckpointError, ConfigError, checkpoint_files, load_model, tensor_shapes
+from diffcore.api import CheckpointError, check_safetensors, checkpoint_files, load_model, tensor_shapes
 from diffcore_sdxl.convert import detect_variant, identify_foreign, infer_params, to_stability
 from diffcore_sdxl.model import VARIANTS, UNet, UNetParams, params_from_diffusers_config
 
-MAX_HEADER = 100 * 2**20   # safetensors' own limit on the JSON header
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 PIPELINES = {"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"}
 FOREIGN_PIPELINES = (("Flux2", "a FLUX.2 pipeline: load it with the flux2 family"),
                      ("Flux", "a FLUX.1 pipeline: load it with the flux1 family"),
@@ -32,38 +29,12 @@ FOREIGN_PIPELINES = (("Flux2", "a FLUX.2 pipeline: load it with the flux2 family
                      ("StableDiffusion", "a Stable Diffusion 1.x / 2.x pipeline (SD1.5-style): not supported"))
 
 
-def local_path(value: str, what: str = "path") -> Path:
-    """``value`` as an existing local path; a Hugging Face hub id gets the command that fetches it."""
-    path = Path(value).expanduser()
-    if path.exists():
-        return path
-    if HUB_ID.fullmatch(value) and not value.startswith((".", "/", "~")):
-        raise ConfigError(f"{value!r} looks like a Hugging Face hub id; diffcore never downloads. Fetch it first "
-                          f"(huggingface-cli download {value} --local-dir ./{value.split('/')[-1]}) and set "
-                          f"{what} to that local folder", path=what)
-    raise ConfigError(f"no such file or folder: {value}", path=what)
-
-
-def check_safetensors(path: str | Path) -> None:
-    """Every ``.safetensors`` file behind ``path`` holds all the bytes its header promises."""
+def check_files(path: str | Path) -> None:
+    """Every ``.safetensors`` file behind ``path`` is whole (the core's header check: a truncated
+    download is named as one)."""
     for file in checkpoint_files(path):
-        if file.suffix != ".safetensors":
-            continue
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            head = f.read(8)
-            length = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if not 0 <= length <= MAX_HEADER or 8 + length > size:
-                raise CheckpointError(f"{file}: truncated or not a safetensors file ({size:,} bytes; header "
-                                      f"length {length:,}): an incomplete download? fetch it again")
-            try:
-                header = json.loads(f.read(length))
-                end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-            except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
-                raise CheckpointError(f"{file}: not a safetensors file: its header does not parse ({exc})") from None
-        if 8 + length + end > size:
-            raise CheckpointError(f"{file}: truncated: {size:,} bytes of the {8 + length + end:,} its header "
-                                  f"describes (incomplete download? fetch it again)")
+        if file.suffix == ".safetensors":
+            check_safetensors(file)
 
 
 def _read_json(file: Path) -> dict:
@@ -120,7 +91,7 @@ def unet_params(path: str | Path, variant: str | None = None) -> tuple[str | Non
     if variant is not None and variant not in VARIANTS:
         raise CheckpointError(f"unknown SDXL variant {variant!r}; known: {', '.join(VARIANTS)}")
     weights, config = component(Path(path), "unet")
-    check_safetensors(weights)
+    check_files(weights)
     if config is not None and config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
         raise CheckpointError(f"{weights.parent}: config.json describes a {config['_class_name']}, not SDXL's "
                               f"UNet2DConditionModel")
@@ -149,5 +120,5 @@ def load_unet(path: str | Path, *, params: UNetParams | None = None, dtype: torc
     if params is None:
         _, params = unet_params(path)
     else:
-        check_safetensors(weights)
+        check_files(weights)
     return load_model(lambda: UNet(params), weights, rename=to_stability, dtype=dtype, device=device).eval()

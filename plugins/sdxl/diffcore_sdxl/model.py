@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from diffcore.api import Linear
 
-from diffcore_sdxl.layers import Downsample, ResBlock, SpatialTransformer, Upsample, group_norm, timestep_embedding
+from diffcore_sdxl.layers import Downsample, ResBlock, SpatialTransformer, Upsample, group_norm, timestep_sinusoid
 from diffcore_sdxl.params import VARIANTS, UNetParams
 
 __all__ = ["VARIANTS", "UNet", "UNetParams", "attention_alias", "diffusers_config", "label_vector",
@@ -99,7 +99,7 @@ class UNet(nn.Module):
             raise ValueError(f"expected context with {p.context_dim} features and y with {p.adm_in_channels}, "
                              f"got {context.shape[-1]} and {y.shape[-1]}")
         t = timesteps.expand(x.shape[0]) if timesteps.ndim == 0 else timesteps
-        emb = self.time_embed(timestep_embedding(t, p.model_channels).to(x.dtype)) + self.label_emb(y.to(x.dtype))
+        emb = self.time_embed(timestep_sinusoid(t, p.model_channels).to(x.dtype)) + self.label_emb(y.to(x.dtype))
         hs, h = [], x
         for block in self.input_blocks:
             h = block(h, emb, context)
@@ -114,7 +114,7 @@ def label_vector(pooled: Tensor, scalars: Tensor, dim: int = 256) -> Tensor:
     """``y``: pooled text ‖ a ``dim``-wide sinusoid of each micro-conditioning scalar (original size,
     crop, target size or aesthetic score), in that order (SGM's embedder order; diffusers'
     ``text_time`` embedding)."""
-    sinusoids = rearrange(timestep_embedding(scalars.flatten(), dim), "(B N) D -> B (N D)", B=scalars.shape[0])
+    sinusoids = rearrange(timestep_sinusoid(scalars.flatten(), dim), "(B N) D -> B (N D)", B=scalars.shape[0])
     return torch.cat([pooled, sinusoids.to(pooled.dtype)], dim=-1)
 
 

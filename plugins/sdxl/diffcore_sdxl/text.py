@@ -59,6 +59,10 @@ class SDXLText(nn.Module):
         return cls(tokenizers, encoders, zero_empty_negative).to(device).eval()
 
     @property
+    def pooled_dim(self) -> int:
+        return self.encoders[-1].config.projection_dim
+
+    @property
     def device(self) -> torch.device:
         return next(self.encoders.parameters()).device
 

@@ -113,7 +113,8 @@ def tiny_text_encoders(seed: int = 0):
     tok, tok2 = tiny_tokenizer("<|endoftext|>"), tiny_tokenizer("!")
     ids = dict(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=len(tok) - 2, eos_token_id=len(tok) - 1)
     clip_l = CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                          num_attention_heads=2, hidden_act="quick_gelu", pad_token_id=ids["eos_token_id"],
+                                          num_attention_heads=2, hidden_act="quick_gelu",
+                                          pad_token_id=ids["eos_token_id"],
                                           **ids)).eval()
     big_g = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=3,
                                                        num_attention_heads=4, hidden_act="gelu", projection_dim=32,

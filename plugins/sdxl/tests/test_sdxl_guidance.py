@@ -3,11 +3,7 @@
 import pytest
 import torch
 
-from diffcore.models import GenerationRequest
-from diffcore.sampling.cfg import CFG
-from diffcore.sampling.engine import sample
-from diffcore.sampling.samplers import euler
-from diffcore.sampling.schedules import ddpm_sigmas
+from diffcore.api import CFG, GenerationRequest, build_schedule, euler, sample
 from diffcore.testing.conformance import check_guidance_processor
 from diffcore_guidance.attention import NAG, NAGPAG, PAG
 from diffcore_sdxl.bundle import SDXLBundle
@@ -32,7 +28,7 @@ def plain(bundle):
 def run(bundle, guidance):
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        return sample(bundle, noise, bundle.conditions(REQUEST), ddpm_sigmas(3, steps_offset=1), euler,
+        return sample(bundle, noise, bundle.conditions(REQUEST), build_schedule(bundle).sigmas(3), euler,
                       guidance=guidance, disable=True)
 
 

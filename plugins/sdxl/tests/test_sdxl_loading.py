@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffcore.errors import CheckpointError, ConfigError
+from diffcore.api import CheckpointError, ConfigError
 from diffcore_sdxl.convert import infer_params
-from diffcore_sdxl.load import load_unet, local_path, unet_params
+from diffcore_sdxl.load import load_unet, unet_params
 from diffcore_sdxl.model import VARIANTS, diffusers_config, label_vector, params_from_diffusers_config
 
 
@@ -77,7 +77,12 @@ def test_truncated_file(unet_files, tmp_path):
 
 
 def test_hub_id_is_not_downloaded():
+    from diffcore.api import structure
+    from diffcore_sdxl.plugin import SDXLConfig
+
     with pytest.raises(ConfigError, match="hub id.*huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0"):
-        local_path("stabilityai/stable-diffusion-xl-base-1.0")
+        structure({"path": "stabilityai/stable-diffusion-xl-base-1.0"}, SDXLConfig)
     with pytest.raises(ConfigError, match="no such file"):
-        local_path("./nowhere/model.safetensors")
+        structure({"path": "./nowhere/model.safetensors"}, SDXLConfig)
+    with pytest.raises(ConfigError, match="unknown SDXL variant 'refner-1.0'"):
+        structure({"variant": "refner-1.0"}, SDXLConfig)

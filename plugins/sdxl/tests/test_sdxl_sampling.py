@@ -3,10 +3,7 @@
 import pytest
 import torch
 
-from diffcore.sampling.cfg import CFG
-from diffcore.sampling.engine import GuidedDenoiser, sample
-from diffcore.sampling.samplers import euler
-from diffcore.sampling.schedules import ddpm_sigmas
+from diffcore.api import CFG, build_schedule, euler, sample
 from diffcore_sdxl.bundle import SDXLBundle
 from diffcore_sdxl.load import load_unet
 from diffcore_sdxl.text import SDXLText
@@ -33,7 +30,7 @@ def start_latents(pipe, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.
 def test_text_to_image_matches_pipeline(tiny_pipelines, negative):
     folder, pipe = tiny_pipelines["base"]
     bundle = bundle_from(folder)
-    sigmas = ddpm_sigmas(4, spacing="leading", steps_offset=1)
+    sigmas = build_schedule(bundle).sigmas(4)   # the bundle's default: leading spacing, steps offset 1
     pipe.scheduler.set_timesteps(4)
     # diffusers builds its table in float32 (ours: float64), 1e-6 apart; run both on its sigmas
     assert torch.allclose(sigmas, pipe.scheduler.sigmas, rtol=3e-6)
@@ -42,8 +39,9 @@ def test_text_to_image_matches_pipeline(tiny_pipelines, negative):
     expected = pipe(prompt=PROMPTS, negative_prompt=negative, num_inference_steps=4, guidance_scale=5.0,
                     height=16, width=16, latents=latents, output_type="latent").images
     request = {"prompts": PROMPTS, "negative_prompts": negative, "height": 16, "width": 16}
-    model = GuidedDenoiser(bundle, bundle.conditions(request), [CFG(scale=5.0)], sigmas)
-    got = euler(model, x, sigmas, disable=True)
+    # x0 = x with zero noise: the sampler starts from exactly diffusers' x (alpha = 1 for epsilon)
+    got = sample(bundle, torch.zeros_like(x), bundle.conditions(request), sigmas, euler, guidance=[CFG(scale=5.0)],
+                 disable=True, x0=x)
     assert expected.abs().max() > 0.1
     assert (got - expected).abs().max() <= TOL, f"max abs err {(got - expected).abs().max():.3g}"
 

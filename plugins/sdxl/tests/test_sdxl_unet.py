@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from diffcore.errors import ConfigError
-from diffcore.nn.attention import attention_layers, patch_attention, resolve_layers
+from diffcore.api import ConfigError, attention_layers, patch_attention, resolve_layers
 from diffcore_sdxl.convert import diffusers_to_stability, detect_layout, structure, to_diffusers, to_stability
 from diffcore_sdxl.model import VARIANTS, UNet, attention_alias, label_vector
 
@@ -115,7 +114,8 @@ def test_attention_layers_and_aliases():
     found = resolve_layers(model, ["down_blocks.2.attentions.1", "mid_block.attentions.0",
                                    "up_blocks.0.attentions.1", "up_blocks.1.attentions.2.transformer_blocks.0.attn2"],
                            lambda name: attention_alias(name, params))
-    expected = ["input_blocks.8.1", "middle_block.1", "output_blocks.1.1", "output_blocks.5.1.transformer_blocks.0.attn2"]
+    expected = ["input_blocks.8.1", "middle_block.1", "output_blocks.1.1",
+                "output_blocks.5.1.transformer_blocks.0.attn2"]
     assert all(layers[k] is v for k, v in zip(expected, found.values(), strict=True))
     with pytest.raises(ConfigError, match="unknown attention layer"):
         resolve_layers(model, ["down_blocks.0.attentions.0"], lambda name: attention_alias(name, params))
