@@ -112,7 +112,7 @@ def test_wheels_install_alone_list_the_plugin_and_run_a_job(tmp_path, tiny_llm):
     listing = json.loads(_sh(cli, "plugins", "--json", env=env, cwd=tmp_path).stdout)
     (flux2,) = [row for row in listing if row["name"] == "flux2"]
     assert (flux2["distribution"], flux2["version"], flux2["error"]) == ("diffcore-flux2", __version__, None)
-    assert flux2["registered"] == {"models": ["flux2"], "schedules": ["flux2"]}
+    assert flux2["registered"] == {"models": ["flux2"], "schedules": ["flux2", "flux"]}
     assert f"flux2 (diffcore-flux2 {__version__})" in _sh(cli, "plugins", env=env, cwd=tmp_path).stdout
 
     model = _tiny_model(tmp_path / "tiny-flux2", tiny_llm)
