@@ -108,6 +108,7 @@ _NAMES = {
     "CFG": "diffcore.sampling.cfg",
     "add_noise": "diffcore.sampling.denoisers",
     "make_denoiser": "diffcore.sampling.denoisers",
+    "ddpm_sigma_table": "diffcore.sampling.schedules",
     "COND": "diffcore.sampling.guidance",
     "UNCOND": "diffcore.sampling.guidance",
     "Branch": "diffcore.sampling.guidance",

@@ -1,0 +1,212 @@
+"""What the SDXL family hands the core: a discrete-time epsilon (or v) UNet on VAE latents,
+conditioned on two CLIP text encoders and the micro-conditioning scalars.
+
+The network sees what diffusers' ``EulerDiscreteScheduler`` gives it: ``x / sqrt(sigma^2 + 1)``
+and the DDPM timestep of sigma on the scaled-linear table (the core's ``ddpm_sigma_table``).
+With a refiner the base denoises the high-noise part and the refiner the rest (diffusers'
+"ensemble of experts": ``denoising_end`` / ``denoising_start`` at ``switch_at``), each with its
+own text encoders and label embedding; the branch tensors carry both experts' conditioning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+from torch import Tensor, nn
+
+from diffcore.api import ConfigError, ModelBundle, ddpm_sigma_table
+
+from diffcore_sdxl.model import UNet, attention_alias, label_vector
+from diffcore_sdxl.text import SDXLText, micro_conditioning
+
+@attrs.frozen
+class MicroConditioning:
+    """What the label embedding is told about the image; sizes default to the output's (diffusers)."""
+
+    original_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+
+
+@attrs.define(eq=False)
+class Expert:
+    """One UNet with its text encoders (the refiner is one, taking over below timestep ``switch_t``)."""
+
+    network: UNet
+    text: SDXLText
+    switch_t: float = 0.0
+
+    def scalars(self, pooled_dim: int) -> int:
+        p = self.network.params
+        n, rest = divmod(p.adm_in_channels - pooled_dim, p.time_embed_scalar_dim)
+        if rest or n not in (5, 6):
+            raise ConfigError(f"the UNet's label embedding takes {p.adm_in_channels} features; pooled text of "
+                              f"{pooled_dim} leaves {p.adm_in_channels - pooled_dim}, which is neither 6 (base: "
+                              f"sizes) nor 5 (refiner: aesthetic score) scalars of {p.time_embed_scalar_dim}")
+        return n
+
+    def branches(self, prompts: Sequence[str], negatives: Sequence[str | None], size: tuple[int, int],
+                 micro: MicroConditioning) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(cond, uncond) tensors ``context`` and ``y`` for this expert."""
+        context, pooled = self.text.encode(prompts)
+        neg_context, neg_pooled = self.text.encode_negative(negatives, (context, pooled))
+        aesthetic = self.scalars(pooled.shape[-1]) == 5
+        common = dict(original_size=micro.original_size, crop=tuple(micro.crop_top_left), target_size=micro.target_size)
+        pos = micro_conditioning(*size, aesthetic=aesthetic, aesthetic_score=micro.aesthetic_score, **common)
+        neg = micro_conditioning(*size, aesthetic=aesthetic, aesthetic_score=micro.negative_aesthetic_score, **common)
+        dim, dtype = self.network.params.time_embed_scalar_dim, next(self.network.parameters()).dtype
+
+        def y(vec: Tensor, scalars: list[float]) -> Tensor:
+            ids = torch.tensor([scalars] * vec.shape[0], device=vec.device)
+            return label_vector(vec, ids, dim).to(dtype)
+
+        return ({"context": context.to(dtype), "y": y(pooled, pos)},
+                {"context": neg_context.to(dtype), "y": y(neg_pooled, neg)})
+
+
+def on_grid(t: Tensor) -> Tensor:
+    """Timesteps within 1e-3 of an integer are that integer: schedules built on the training grid
+    (leading / trailing spacing) come back from float32 sigmas a few 1e-5 off it."""
+    r = t.round()
+    return torch.where((t - r).abs() < 1e-3, r, t)
+
+
+@attrs.define(eq=False)
+class SDXLBundle(ModelBundle):
+    text: SDXLText | None = None
+    vae: nn.Module | None = None
+    prediction_type: str = "epsilon"
+    default_sampling_steps: int = 50
+    default_schedule: dict[str, Any] = attrs.Factory(lambda: {"name": "ddpm", "spacing": "leading",
+                                                              "steps_offset": 1})
+    sigma_table: Tensor | None = attrs.Factory(ddpm_sigma_table)
+    default_cfg_scale: float = 5.0
+    default_size: int = 1024
+    latent_scale: int = 8                 # pixels per latent cell (the VAE's downsampling)
+    micro: MicroConditioning = attrs.Factory(MicroConditioning)
+    refiner: Expert | None = None
+
+    @property
+    def base(self) -> Expert:
+        return Expert(self.network, self.text)
+
+    def forward(self, x: Tensor, sigma: Tensor, context: Tensor, y: Tensor, refiner_context: Tensor | None = None,
+                refiner_y: Tensor | None = None) -> Tensor:
+        """``sigma`` is the DDPM timestep here (the bundle has a ``sigma_table``)."""
+        t = on_grid(sigma)
+        if self.refiner is None or refiner_context is None:
+            return self.network(x, t, context, y)
+        late = t < self.refiner.switch_t
+        if bool(late.all()):
+            return self.refiner.network(x, t, refiner_context, refiner_y)
+        base = self.network(x, t, context, y)
+        if not bool(late.any()):
+            return base
+        refined = self.refiner.network(x, t, refiner_context, refiner_y)   # per-sample times straddle the switch
+        return torch.where(late[:, None, None, None], refined, base)
+
+    def size(self, request: Any) -> tuple[int, int]:
+        h, w = _field(request, "height") or self.default_size, _field(request, "width") or self.default_size
+        if h % self.latent_scale or w % self.latent_scale:
+            raise ConfigError(f"SDXL images are multiples of {self.latent_scale} pixels on each side; "
+                              f"{h} x {w} is not", path="job.height")
+        return h, w
+
+    def conditions(self, request: Any) -> dict[str, dict[str, Any]]:
+        """``cond`` / ``uncond`` from the prompts (or ``request.embeddings``: ``context`` and ``y`` per
+        branch, the text encoders skipped); each also carries the refiner's when there is one."""
+        for name, what in (("mask", "inpainting"), ("image", "inpainting"), ("control_image", "control images"),
+                           ("reference_images", "reference images")):
+            if _field(request, name) is not None and _field(request, name) != []:
+                raise ConfigError(f"SDXL takes no {name} here: {what} is not built for this family yet",
+                                  path=f"job.{name}")
+        embeddings = _field(request, "embeddings")
+        if embeddings:
+            return {key: dict(value) for key, value in embeddings.items()}
+        prompts = _field(request, "prompts")
+        if not prompts:
+            raise ConfigError("SDXL is a text-to-image model: give a prompt", path="job.prompt")
+        negatives = _field(request, "negative_prompts") or [None] * len(prompts)
+        size = self.size(request)
+        cond, uncond = self.base.branches(prompts, negatives, size, self.micro)
+        if self.refiner is not None:
+            r_cond, r_uncond = self.refiner.branches(prompts, negatives, size, self.micro)
+            cond.update(refiner_context=r_cond["context"], refiner_y=r_cond["y"])
+            uncond.update(refiner_context=r_uncond["context"], refiner_y=r_uncond["y"])
+        return {"cond": cond, "uncond": uncond}
+
+    def sequence_condition(self, cond: dict[str, Any]) -> Tensor | None:
+        return cond.get("context")
+
+    def pooled_condition(self, cond: dict[str, Any]) -> Tensor | None:
+        """The pooled text: the head of ``y``, before the micro-conditioning sinusoids."""
+        y = cond.get("y")
+        return None if y is None or self.text is None else y[:, :self.text.pooled_dim]
+
+    def latent_shape(self, request: Any) -> tuple[int, int, int]:
+        h, w = self.size(request)
+        return (self.network.params.out_channels, h // self.latent_scale, w // self.latent_scale)
+
+    def image_shape(self, request: Any) -> tuple[int, int, int]:
+        return (3, *self.size(request))
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return self._vae().decode(latents)
+
+    def encode(self, images: Tensor) -> Tensor:
+        return self._vae().encode(images)
+
+    def _vae(self) -> nn.Module:
+        if self.vae is None:
+            raise ConfigError("this SDXL model was loaded without its VAE; set vae in [model]", path="model.vae")
+        return self.vae
+
+    def attention_alias(self, name: str) -> str:
+        return attention_alias(name, self.network.params)
+
+    def training_inputs(self, batch: dict[str, Any], *, dropout: float = 0.0,
+                        generator: torch.Generator | None = None) -> dict[str, Any]:
+        """``context`` and ``y`` for a batch of captioned images: each caption is dropped to the empty
+        prompt (the unconditional input sampling uses) with probability ``dropout``; the label
+        embedding gets each image's ``original_size`` and ``crop_top_left`` (B, 2) where the batch
+        has them (bucketed data) and the training size as the target."""
+        captions = list(batch["caption"])
+        if dropout > 0:
+            drop = torch.rand(len(captions), generator=generator) < dropout
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        context, pooled = self.text.encode([c or "" for c in captions])
+        if any(not c for c in captions):   # empty captions as the model's unconditional input (zeros for base)
+            empty = torch.tensor([not c for c in captions], device=context.device)
+            neg_context, neg_pooled = self.text.encode_negative([""] * len(captions), (context, pooled))
+            context = torch.where(empty[:, None, None], neg_context, context)
+            pooled = torch.where(empty[:, None], neg_pooled, pooled)
+        image = batch["image"]
+        scale = self.latent_scale if image.shape[1] == self.network.params.in_channels else 1
+        target = (image.shape[-2] * scale, image.shape[-1] * scale)
+        rows = []
+        for i in range(len(captions)):
+            original = _pair(batch.get("original_size"), i) or target
+            crop = _pair(batch.get("crop_top_left"), i) or (0, 0)
+            rows.append(micro_conditioning(*target, aesthetic=self.base.scalars(pooled.shape[-1]) == 5,
+                                           original_size=original, crop=crop, target_size=target,
+                                           aesthetic_score=self.micro.aesthetic_score))
+        ids = torch.tensor(rows, device=pooled.device)
+        dtype = next(self.network.parameters()).dtype
+        return {"context": context.to(dtype),
+                "y": label_vector(pooled, ids, self.network.params.time_embed_scalar_dim).to(dtype)}
+
+
+def _pair(value: Any, i: int) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    row = value[i]
+    return tuple(int(v) for v in (row.tolist() if isinstance(row, Tensor) else row))
+
+
+def _field(request: Any, key: str) -> Any:
+    return request.get(key) if isinstance(request, Mapping) else getattr(request, key, None)
