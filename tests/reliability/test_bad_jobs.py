@@ -75,7 +75,7 @@ CASES = [
      ["line 5", "a key set a second time", "'num_steps = 4'"]),
     ("duplicate-table", {"job.toml": generate(extra='[model]\nfamily = "dit"')}, JOB,
      ["line 9", "table [model] declared a second time"]),
-    ("empty-file", {"job.toml": ""}, JOB, ["at job.kind", 'missing [job] kind = "..."', "generate, serve, train"]),
+    ("empty-file", {"job.toml": ""}, JOB, ["at job.kind", 'missing [job] kind = "..."', "registered job kinds: ", "generate, "]),
     # -- extends ------------------------------------------------------------------------------------
     ("extends-folder", {"job.toml": 'extends = "conf"\n' + generate(), "conf": folder}, JOB,
      ["at extends", "conf, which is a folder"]),

@@ -25,6 +25,8 @@ def plugins_for_test(*extra: Any, entry_points: bool = True) -> Iterator[Plugins
     previous = plugins_module._plugins
     pm = Plugins().load(entry_points=entry_points)
     for i, obj in enumerate(extra):
+        if pm.pm.is_registered(obj):     # already installed as an entry point: keep that one
+            continue
         pm.register_module(obj, name=getattr(obj, "__name__", f"test-plugin-{i}"), distribution="test")
     reset_plugins(pm)
     try:
