@@ -117,10 +117,13 @@ _NAMES = {
     "StepInfo": "diffcore.sampling.guidance",
     # weights and images
     "check_safetensors": "diffcore.io.headers",
+    "read_config_json": "diffcore.io.headers",
     "checkpoint_files": "diffcore.io.checkpoint",
     "load_model": "diffcore.io.checkpoint",
     "load_state_dict": "diffcore.io.checkpoint",
     "save_file_atomic": "diffcore.io.checkpoint",
+    "save_converted": "diffcore.io.checkpoint",
+    "cast_state": "diffcore.io.checkpoint",
     "tensor_shapes": "diffcore.io.checkpoint",
     "load_image": "diffcore.io.images",
     "make_grid": "diffcore.io.images",

@@ -350,3 +350,33 @@ def save_file_atomic(tensors: Mapping[str, torch.Tensor], path: PathLike,
 __all__ = ["check_safetensors", "checkpoint_files", "tensor_shapes", "load_state_dict", "load_model",
            "save_file_atomic", "CheckpointError", "PICKLE_SUFFIXES", "INDEX_SUFFIX"]
 
+
+
+def cast_state(state: Mapping[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """Floating tensors cast to ``dtype`` (a torch dtype name; ``"keep"`` leaves them), for convert jobs."""
+    if dtype == "keep":
+        return dict(state)
+    target = getattr(torch, dtype)
+    return {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def save_converted(state: Mapping[str, torch.Tensor], file: PathLike, config: dict | None = None) -> Path:
+    """A converted state dict to ``file`` atomically (and ``config`` to config.json beside it), on
+    the main process only. Split tensors are views of one fused tensor and safetensors stores each
+    storage once, so every view after the first gets its own copy."""
+    from diffcore.jobs import is_main_process
+
+    file = Path(file)
+    if not is_main_process():
+        return file
+    file.parent.mkdir(parents=True, exist_ok=True)
+    seen: set[int] = set()
+    tensors = {}
+    for key, tensor in state.items():
+        storage = tensor.untyped_storage().data_ptr()
+        tensors[key] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
+    save_file_atomic(tensors, file, metadata={"format": "pt"})
+    if config is not None:
+        (file.parent / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return file

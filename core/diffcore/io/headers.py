@@ -101,3 +101,15 @@ def plain_safetensors_error(message: str, header: dict) -> str:
     names = [k for k, v in header.items() if isinstance(v, dict) and v.get("dtype") == m[1]]
     where = f"tensor {names[0]!r}" if names else "a tensor"
     return f"{where} has dtype {m[1]!r}, which is not a safetensors dtype (expected one of {m[2].replace('`', '')})"
+
+
+def read_config_json(file: Path) -> dict:
+    """A model folder's JSON file (``config.json``, ``model_index.json``) as a dict; anything
+    unreadable or not an object is a ``CheckpointError`` naming the file."""
+    try:
+        data = json.loads(Path(file).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{file}: unreadable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return data

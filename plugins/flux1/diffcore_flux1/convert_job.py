@@ -18,13 +18,11 @@ this module is cheap; ``run_convert`` imports torch.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import attrs
 
-from diffcore.api import JobContext, JobSettings, is_main_process, local_path, one_of, variant_of
+from diffcore.api import JobContext, JobSettings, local_path, one_of, variant_of
 from diffcore_flux1.params import VARIANTS
 
 LAYOUTS = ("bfl", "diffusers")
@@ -64,14 +62,14 @@ def run_convert(config: ConvertJob, ctx: JobContext) -> dict[str, Path]:
 def convert_transformer(src: Path, out: Path, s: ConvertSettings) -> Path:
     import torch
 
-    from diffcore.api import CheckpointError, load_state_dict
+    from diffcore.api import CheckpointError, cast_state, load_state_dict, save_converted
     from diffcore_flux1.convert import bfl_to_diffusers, to_bfl
     from diffcore_flux1.load import component, transformer_params
     from diffcore_flux1.model import Flux, diffusers_config
 
     variant, params = transformer_params(src, None if s.variant == "auto" else s.variant)
     weights, _ = component(src, "transformer")
-    state = _cast(to_bfl(load_state_dict(weights)), s.dtype)
+    state = cast_state(to_bfl(load_state_dict(weights)), s.dtype)
     with torch.device("meta"):
         expected = {k: v.shape for k, v in Flux(params).state_dict().items()}
     wrong = sorted(set(expected) ^ set(state)) + [k for k in expected if k in state and state[k].shape != expected[k]]
@@ -79,52 +77,25 @@ def convert_transformer(src: Path, out: Path, s: ConvertSettings) -> Path:
         raise CheckpointError(f"{weights}: does not match FLUX.1 {variant or 'with these shapes'}: "
                               f"{len(wrong)} key(s) missing, unexpected or mis-shaped: {', '.join(wrong[:5])}")
     if s.layout == "bfl":
-        return _write(state, out / (s.filename or f"flux1-{variant or 'custom'}.safetensors"))
+        return save_converted(state, out / (s.filename or f"flux1-{variant or 'custom'}.safetensors"))
     try:
         config = diffusers_config(params)
     except ValueError as exc:
         raise CheckpointError(f"{weights}: {exc}") from None
-    return _write(bfl_to_diffusers(state), out / "transformer" / WEIGHTS, config)
+    return save_converted(bfl_to_diffusers(state), out / "transformer" / WEIGHTS, config)
 
 
 def convert_vae(src: Path, out: Path, s: ConvertSettings) -> Path:
-    from diffcore.api import load_state_dict, tensor_shapes
+    from diffcore.api import cast_state, load_state_dict, save_converted, tensor_shapes
     from diffcore_flux1.load import check_safetensors, component, vae_diffusers_config, vae_params_from_shapes
     from diffcore_flux1.vae import vae_bfl_to_diffusers, vae_to_bfl
 
     weights, _ = component(src, "vae")
     check_safetensors(weights)
     params = vae_params_from_shapes(tensor_shapes(weights))
-    state = _cast(vae_to_bfl(load_state_dict(weights)), s.dtype)
+    state = cast_state(vae_to_bfl(load_state_dict(weights)), s.dtype)
     if s.layout == "bfl":
-        return _write(state, out / "ae.safetensors")
-    return _write(vae_bfl_to_diffusers(state), out / "vae" / WEIGHTS, vae_diffusers_config(params))
+        return save_converted(state, out / "ae.safetensors")
+    return save_converted(vae_bfl_to_diffusers(state), out / "vae" / WEIGHTS, vae_diffusers_config(params))
 
 
-def _cast(state: dict[str, Any], dtype: str) -> dict[str, Any]:
-    import torch
-
-    if dtype == "keep":
-        return state
-    target = getattr(torch, dtype)
-    return {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
-
-
-def _write(state: dict[str, Any], file: Path, config: dict | None = None) -> Path:
-    """``state`` to ``file`` (and ``config`` to config.json beside it). Split tensors are views of
-    one fused tensor; safetensors stores each storage once, so those get their own copy."""
-    from diffcore.api import save_file_atomic
-
-    if not is_main_process():
-        return file
-    file.parent.mkdir(parents=True, exist_ok=True)
-    seen: set[int] = set()
-    tensors = {}
-    for key, tensor in state.items():
-        storage = tensor.untyped_storage().data_ptr()
-        tensors[key] = tensor.clone() if storage in seen else tensor
-        seen.add(storage)
-    save_file_atomic(tensors, file, metadata={"format": "pt"})
-    if config is not None:
-        (file.parent / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return file

@@ -14,7 +14,6 @@ pipeline is one line saying so.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from diffcore.api import (
     CheckpointError,
     checkpoint_files,
     load_model,
+    read_config_json,
     tensor_shapes,
     vae_diffusers_config,
     vae_params_from_diffusers,
@@ -48,7 +48,7 @@ def component(path: Path, name: str) -> tuple[Path, dict | None]:
     diffusers folder of a pipeline other than FLUX.1's is refused by name."""
     index = path / "model_index.json" if path.is_dir() else None
     if index is not None and index.is_file():
-        pipeline = _read_json(index).get("_class_name", "")
+        pipeline = read_config_json(index).get("_class_name", "")
         if pipeline.startswith("Flux2"):
             raise CheckpointError(f"{path} is a FLUX.2 pipeline ({pipeline}): load it with the flux2 family")
         if pipeline and not pipeline.startswith("Flux"):
@@ -56,7 +56,7 @@ def component(path: Path, name: str) -> tuple[Path, dict | None]:
     if path.is_dir() and (path / name).is_dir():
         path = path / name
     config_file = path / "config.json" if path.is_dir() else None
-    config = _read_json(config_file) if config_file is not None and config_file.is_file() else None
+    config = read_config_json(config_file) if config_file is not None and config_file.is_file() else None
     expected = {"transformer": "FluxTransformer2DModel", "vae": "AutoencoderKL"}[name]
     found = (config or {}).get("_class_name", expected)
     if found != expected:
@@ -64,15 +64,6 @@ def component(path: Path, name: str) -> tuple[Path, dict | None]:
         raise CheckpointError(f"{path}: config.json describes a {found}, not FLUX.1's {expected}{hint}")
     return path, config
 
-
-def _read_json(file: Path) -> dict:
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{file}: unreadable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file}: expected a JSON object")
-    return data
 
 
 def transformer_params(path: str | Path, variant: str | None = None) -> tuple[str, FluxParams]:

@@ -16,13 +16,11 @@ so the folder loads in diffcore and in diffusers. Tensors keep their stored dtyp
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import attrs
 
-from diffcore.api import ConfigError, JobContext, JobSettings, is_main_process, local_path, one_of, variant_of
+from diffcore.api import ConfigError, JobContext, JobSettings, local_path, one_of, variant_of
 from diffcore_sd3.params import VARIANTS
 
 LAYOUTS = ("original", "diffusers")
@@ -48,7 +46,7 @@ def run_convert(config: ConvertJob, ctx: JobContext) -> dict[str, Path]:
     """Write the converted MMDiT under ``ctx.output_dir``; returns {"transformer": file}."""
     import torch
 
-    from diffcore.api import CheckpointError, load_state_dict
+    from diffcore.api import CheckpointError, cast_state, load_state_dict, save_converted
     from diffcore_sd3.convert import original_to_diffusers, to_original
     from diffcore_sd3.load import component, transformer_params
     from diffcore_sd3.model import MMDiT, diffusers_config
@@ -59,9 +57,7 @@ def run_convert(config: ConvertJob, ctx: JobContext) -> dict[str, Path]:
     src, out = Path(s.input).expanduser(), Path(ctx.output_dir)
     variant, params = transformer_params(src, None if s.variant == "auto" else s.variant)
     weights, _ = component(src, "transformer")
-    state = to_original(load_state_dict(weights))
-    if s.dtype != "keep":
-        state = {k: v.to(getattr(torch, s.dtype)) if v.is_floating_point() else v for k, v in state.items()}
+    state = cast_state(to_original(load_state_dict(weights)), s.dtype)
     with torch.device("meta"):
         expected = {k: v.shape for k, v in MMDiT(params).state_dict().items()}
     wrong = sorted(set(expected) ^ set(state)) + [k for k in expected if k in state and state[k].shape != expected[k]]
@@ -69,26 +65,7 @@ def run_convert(config: ConvertJob, ctx: JobContext) -> dict[str, Path]:
         raise CheckpointError(f"{weights}: does not match SD3 {variant}: {len(wrong)} key(s) missing, unexpected or "
                               f"mis-shaped: {', '.join(wrong[:5])}")
     if s.layout == "original":
-        return {"transformer": _write(state, out / (s.filename or f"sd3-{variant}.safetensors"))}
-    return {"transformer": _write(original_to_diffusers(state), out / "transformer" / WEIGHTS,
+        return {"transformer": save_converted(state, out / (s.filename or f"sd3-{variant}.safetensors"))}
+    return {"transformer": save_converted(original_to_diffusers(state), out / "transformer" / WEIGHTS,
                                   diffusers_config(params))}
 
-
-def _write(state: dict[str, Any], file: Path, config: dict | None = None) -> Path:
-    """``state`` to ``file`` (and ``config`` to config.json beside it). Split tensors are views of
-    one fused tensor; safetensors stores each storage once, so those get their own copy."""
-    from diffcore.api import save_file_atomic
-
-    if not is_main_process():
-        return file
-    file.parent.mkdir(parents=True, exist_ok=True)
-    seen: set[int] = set()
-    tensors = {}
-    for key, tensor in state.items():
-        storage = tensor.untyped_storage().data_ptr()
-        tensors[key] = tensor.clone() if storage in seen else tensor
-        seen.add(storage)
-    save_file_atomic(tensors, file, metadata={"format": "pt"})
-    if config is not None:
-        (file.parent / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return file

@@ -14,12 +14,11 @@ the core's reader names a truncated file.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from diffcore.api import CheckpointError, load_model, tensor_shapes
+from diffcore.api import CheckpointError, load_model, tensor_shapes, read_config_json
 from diffcore_sd3.convert import check_not_scaled, detect_variant, fused_on_load, identify_foreign, infer_params, to_original
 from diffcore_sd3.model import VARIANTS, MMDiT, SD3Params, params_from_diffusers_config
 
@@ -32,7 +31,7 @@ def component(path: Path, name: str) -> tuple[Path, dict | None]:
     diffusers folder of another pipeline is refused by name."""
     index = path / "model_index.json" if path.is_dir() else None
     if index is not None and index.is_file():
-        pipeline = read_json(index).get("_class_name", "")
+        pipeline = read_config_json(index).get("_class_name", "")
         if pipeline and not pipeline.startswith(PIPELINES):
             family = next((f for prefix, f in OTHER_FAMILIES.items() if pipeline.startswith(prefix)), None)
             hint = f": load it with the {family} family" if family else ""
@@ -40,22 +39,13 @@ def component(path: Path, name: str) -> tuple[Path, dict | None]:
     if path.is_dir() and (path / name).is_dir():
         path = path / name
     config_file = path / "config.json" if path.is_dir() else None
-    config = read_json(config_file) if config_file is not None and config_file.is_file() else None
+    config = read_config_json(config_file) if config_file is not None and config_file.is_file() else None
     expected = {"transformer": "SD3Transformer2DModel", "vae": "AutoencoderKL"}[name]
     found = (config or {}).get("_class_name", expected)
     if found != expected:
         raise CheckpointError(f"{path}: config.json describes a {found}, not SD3's {expected}")
     return path, config
 
-
-def read_json(file: Path) -> dict:
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{file}: unreadable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file}: expected a JSON object")
-    return data
 
 
 def transformer_params(path: str | Path, variant: str | None = None) -> tuple[str, SD3Params]:
@@ -99,4 +89,4 @@ def load_transformer(path: str | Path, *, variant: str | None = None, params: SD
                       copied=fused_on_load).eval()
 
 
-__all__ = ["component", "load_transformer", "read_json", "transformer_params"]
+__all__ = ["component", "load_transformer", "transformer_params"]

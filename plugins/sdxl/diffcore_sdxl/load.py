@@ -13,12 +13,11 @@ Before anything is read, each file is checked: a truncated download, another fam
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from diffcore.api import CheckpointError, check_safetensors, checkpoint_files, load_model, tensor_shapes
+from diffcore.api import CheckpointError, check_safetensors, checkpoint_files, load_model, tensor_shapes, read_config_json
 from diffcore_sdxl.convert import detect_variant, identify_foreign, infer_params, to_stability
 from diffcore_sdxl.model import VARIANTS, UNet, UNetParams, params_from_diffusers_config
 
@@ -37,22 +36,13 @@ def check_files(path: str | Path) -> None:
             check_safetensors(file)
 
 
-def _read_json(file: Path) -> dict:
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{file}: unreadable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file}: expected a JSON object")
-    return data
-
 
 def pipeline_class(path: Path) -> str | None:
     """The ``_class_name`` of a diffusers pipeline folder (None: not one); other families' are refused."""
     index = path / "model_index.json"
     if not (path.is_dir() and index.is_file()):
         return None
-    name = _read_json(index).get("_class_name", "")
+    name = read_config_json(index).get("_class_name", "")
     if name in PIPELINES:
         return name
     what = next((w for prefix, w in FOREIGN_PIPELINES if name.startswith(prefix)), f"a diffusers {name} folder")
@@ -82,7 +72,7 @@ def component(path: Path, name: str) -> tuple[Path, dict | None]:
     if path.is_file():
         return path, None
     config = path / "config.json"
-    return weights_in(path), _read_json(config) if config.is_file() else None
+    return weights_in(path), read_config_json(config) if config.is_file() else None
 
 
 def unet_params(path: str | Path, variant: str | None = None) -> tuple[str | None, UNetParams]:
