@@ -56,7 +56,22 @@ def run(ctx: click.Context, job_file: str, overrides: tuple[str, ...], processes
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                "-m", "diffcore", "run", job_file, *[a for o in overrides for a in ("--set", o)]]
         ctx.exit(subprocess.call(cmd))
-    run_job(job_file, list(overrides), debug=debug)
+    try:
+        run_job(job_file, list(overrides), debug=debug)
+    finally:
+        end_process_group()
+
+
+def end_process_group() -> None:
+    """Close the process group a job under torchrun opened. Left open, the collective library's
+    threads outlive the interpreter and a rank can abort at exit ("terminate called without an
+    active exception") after all its work is done, failing the whole launch."""
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @cli.command()

@@ -13,3 +13,7 @@ for stop_after, resume in ((steps // 2, None), (None, "latest")):
     trainer = full_trainer(bundle, cond_dropout=0.3)
     s = settings(out, steps=steps, batch_size=8, grad_accum=1, checkpoint_every=steps // 2, resume=resume)
     train(s, bundle=bundle, trainer=trainer, dataset=ToyImages(), output_dir=out, stop_after=stop_after)
+
+from diffcore.cli import end_process_group  # noqa: E402  (as `diffcore run` does after a job)
+
+end_process_group()
