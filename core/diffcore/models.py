@@ -8,7 +8,7 @@ else, so they work for any family.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import torch
@@ -118,8 +118,71 @@ class ModelBundle:
         return None
 
     # -- training ---------------------------------------------------------------------------------
-    def training_inputs(self, batch: dict[str, torch.Tensor], *, dropout: float = 0.0,
+    # The data a trainer sees is a dict batch. Image datasets give ``image`` (B, 3, H, W) in
+    # [-1, 1], captioned ones also ``caption`` (a list of B strings) and, when bucketed,
+    # ``original_size`` / ``crop_top_left`` / ``target_size`` (B, 2) as (height, width) pixels.
+    # A latent cache replaces ``image`` by ``latents`` (what ``encode`` returned) and a text cache
+    # adds ``text``: the dict ``encode_captions`` returned, batch first.
+
+    #: Set by a text-embedding cache: ``encode_captions([""])`` read back from disk, so caption
+    #: dropout needs no text encoder. None: the bundle encodes "" itself when it must.
+    empty_text: dict[str, torch.Tensor] | None = attrs.field(default=None, kw_only=True)
+
+    def training_latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The clean sample ``x0`` the objective noises: cached ``latents``, else ``encode(image)``."""
+        if "latents" in batch:
+            return batch["latents"]
+        with torch.no_grad():
+            return self.encode(batch["image"])
+
+    def encode_captions(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Text conditioning per caption, batch-first tensors in the family's own names: what a
+        text-embedding cache stores and ``training_inputs`` reads back from ``batch["text"]``."""
+        raise NotImplementedError(f"{type(self).__name__} has no text encoders")
+
+    def encoder_identity(self) -> dict[str, str]:
+        """Strings that change whenever the autoencoder (``"vae"``) or text encoders (``"text"``)
+        change; caches key their entries by them. Empty: nothing to key by."""
+        return {}
+
+    def training_inputs(self, batch: dict[str, Any], *, dropout: float = 0.0,
                         generator: torch.Generator | None = None) -> Conditioning:
         """Conditioning kwargs for ``forward`` from a data batch; ``dropout`` is the rate at which
         the condition is replaced by the unconditional one (for classifier-free guidance)."""
         return {}
+
+    #: LoRA target presets: name -> ``fnmatch`` patterns over ``network.named_modules()`` names.
+    #: Families define at least ``attention``, ``attention-mlp`` and ``all-linear``.
+    lora_presets: ClassVar[dict[str, list[str]]] = {}
+
+    def lora_patterns(self, pattern: str) -> list[str]:
+        """A user's target pattern in another tool's naming (diffusers' ``transformer_blocks.*.attn.to_q``)
+        as patterns over this network's module names (FLUX's fused ``double_blocks.*.img_attn.qkv``)."""
+        return [pattern]
+
+    def lora_targets(self, targets: str | list[str]) -> list[str]:
+        """The names of the ``nn.Linear`` modules a LoRA on ``targets`` adapts: a preset name or a
+        list of patterns in either naming. A pattern that matches no linear layer is an error."""
+        from fnmatch import fnmatchcase
+
+        from diffcore.errors import ConfigError, did_you_mean
+
+        if isinstance(targets, str):
+            if targets not in self.lora_presets:
+                known = ", ".join(self.lora_presets) or "none"
+                raise ConfigError(f"unknown LoRA target preset {targets!r}{did_you_mean(targets, self.lora_presets)}; "
+                                  f"{type(self).__name__} has: {known}", path="trainer.target_modules")
+            patterns, user = self.lora_presets[targets], False
+        else:
+            patterns, user = list(targets), True
+        linears = [n for n, m in self.network.named_modules() if isinstance(m, nn.Linear)]
+        chosen: dict[str, None] = {}
+        for pattern in patterns:
+            found = [n for p in (self.lora_patterns(pattern) if user else [pattern]) for n in linears
+                     if fnmatchcase(n, p)]
+            if not found:
+                raise ConfigError(f"LoRA target {pattern!r} matches no linear layer of {type(self.network).__name__} "
+                                  f"(its linear layers are named like {', '.join(linears[:4])}, ...)",
+                                  path="trainer.target_modules")
+            chosen.update(dict.fromkeys(found))
+        return list(chosen)

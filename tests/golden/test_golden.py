@@ -7,9 +7,9 @@ are drawn per tensor from its state-dict key (so the order modules are built in 
 matter, only the checkpoint layout), the inputs from fixed generators, on one thread.
 
 Bits depend on the machine (BLAS kernels, CPU features, the torch build): the recording's
-fingerprint is stored with it, and on another machine the comparison falls back to 1e-5
-relative (a real check still, but not the bit-for-bit one). Re-record only when a change of
-numbers is intended: ``python tests/golden/test_golden.py --record``.
+fingerprint (CPU model included) is stored with it, and on another machine the comparison
+falls back to 1e-4 of the output's largest value (a real check still, but not the bit-for-bit
+one). Re-record only when a change of numbers is intended: ``python tests/golden/test_golden.py --record``.
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ FAMILIES = ("flux1", "flux2", "dit")
 def fingerprint() -> str:
     import diffcore.nn.linear as linear
 
-    return (f"torch {torch.__version__}; {platform.machine()}; cpu {torch.backends.cpu.get_cpu_capability()}; "
-            f"onednn linears {linear.ONEDNN}")
+    from diffcore.testing.goldens import cpu_model
+
+    return (f"torch {torch.__version__}; {platform.machine()}; {cpu_model()}; "
+            f"cpu {torch.backends.cpu.get_cpu_capability()}; onednn linears {linear.ONEDNN}")
 
 
 @contextmanager
@@ -182,7 +184,7 @@ def test_outputs_are_the_recorded_ones(family):
             assert torch.equal(got[key], value), (
                 f"{family} {key}: not bit-identical (max abs diff {(got[key] - value).abs().max().item():.3g})")
         else:  # another machine: its kernels round differently
-            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-5 * value.abs().max().item())
+            torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-4 * value.abs().max().item())
 
 
 if __name__ == "__main__":

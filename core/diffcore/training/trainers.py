@@ -29,4 +29,4 @@ class FullTrainer:
 
     def loss(self, bundle: Any, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         cond = bundle.training_inputs(batch, dropout=self.config.cond_dropout, generator=generator)
-        return diffusion_loss(bundle, batch["image"], cond, generator, self.timesteps)
+        return diffusion_loss(bundle, bundle.training_latents(batch), cond, generator, self.timesteps)

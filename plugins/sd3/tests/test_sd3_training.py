@@ -28,8 +28,8 @@ def test_full_trainer_steps_on_sd3(tiny_pipeline):
         trainer = full.factory(structure({"timestep_sampling": "logit-normal", "cond_dropout": 0.1}, full.config),
                                bundle)
     optimizer = torch.optim.SGD(trainer.trainable_parameters(), lr=1e-2)
-    # the core's loss reads batch["image"] as x0: here already the VAE's normalised latents
-    batch = {"image": torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1)), "caption": captions}
+    # cached VAE latents (what bundle.encode returns) are x0 as they are
+    batch = {"latents": torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1)), "caption": captions}
     before = bundle.network.final_layer.linear.weight.detach().clone()
     loss = trainer.loss(bundle, batch, torch.Generator().manual_seed(2))
     loss.backward()
