@@ -82,6 +82,10 @@ _NAMES = {
     "vae_params_from_shapes": "diffcore.nn.autoencoder_keys",
     "vae_params_from_diffusers": "diffcore.nn.autoencoder_keys",
     "vae_diffusers_config": "diffcore.nn.autoencoder_keys",
+    "hint_encoder": "diffcore.nn.control",
+    "hint_from_diffusers": "diffcore.nn.control",
+    "hint_widths": "diffcore.nn.control",
+    "zero_": "diffcore.nn.control",
     # the family toolbox: key conversion helpers (diffcore.nn.keys)
     "Offload": "diffcore.nn.offload",
     "swap_halves": "diffcore.nn.keys",

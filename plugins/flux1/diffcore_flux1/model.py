@@ -6,8 +6,11 @@ Variants differ only in numbers, so they are rows of ``VARIANTS`` (``diffcore_fl
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Sequence
 
+import attrs
 import torch
 from torch import Tensor, nn
 
@@ -23,7 +26,24 @@ from diffcore.api import (
 )
 from diffcore_flux1.params import VARIANTS, FluxParams
 
-__all__ = ["VARIANTS", "Flux", "FluxParams", "attention_alias", "diffusers_config", "params_from_diffusers_config"]
+__all__ = ["VARIANTS", "ControlResiduals", "Flux", "FluxParams", "attention_alias", "diffusers_config", "params_from_diffusers_config"]
+
+
+@attrs.frozen
+class ControlResiduals:
+    """What a ControlNet adds to the image tokens after the blocks (diffusers'
+    ``controlnet_block_samples`` / ``controlnet_single_block_samples``). N samples over M blocks:
+    block i gets sample ``i // ceil(M / N)``, or with ``repeat`` (XLabs) sample ``i % N``."""
+
+    double: tuple[Tensor, ...] = ()
+    single: tuple[Tensor, ...] = ()
+    repeat: bool = False
+
+    def add(self, img: Tensor, samples: tuple[Tensor, ...], i: int, blocks: int) -> Tensor:
+        if not samples:
+            return img
+        index = i % len(samples) if self.repeat else i // math.ceil(blocks / len(samples))
+        return img + samples[index]
 
 
 class Flux(nn.Module):
@@ -53,10 +73,11 @@ class Flux(nn.Module):
         self.final_layer = LastLayer(p.hidden_size, p.out_channels)
 
     def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
-                y: Tensor, guidance: Tensor | None = None) -> Tensor:
+                y: Tensor, guidance: Tensor | None = None, control: Sequence[ControlResiduals] = ()) -> Tensor:
         """img (B, L_img, in_channels), txt (B, L_txt, context_in_dim), ids (B or 1, L, 3) or (L, 3),
         timesteps = sigma (B,), y pooled (B, vec_in_dim), guidance (B,) for guidance-distilled variants
-        (ignored by the others). Returns (B, L_img, out_channels)."""
+        (ignored by the others), ``control`` the residuals of ControlNets, added in order.
+        Returns (B, L_img, out_channels)."""
         p = self.params
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError(f"img and txt must be (batch, tokens, channels), got {tuple(img.shape)} and "
@@ -77,11 +98,18 @@ class Flux(nn.Module):
         vec = vec + self.vector_in(y)
         img, txt = self.img_in(img), self.txt_in(txt)
 
-        for block in self.double_blocks:
+        for i, block in enumerate(self.double_blocks):
             img, txt = block(img, txt, pe, vec)
+            for c in control:
+                img = c.add(img, c.double, i, len(self.double_blocks))
         x = torch.cat((txt, img), dim=1)
-        for block in self.single_blocks:
+        for i, block in enumerate(self.single_blocks):
             x = block(x, pe, vec)
+            if control:
+                img = x[:, txt.shape[1]:]
+                for c in control:
+                    img = c.add(img, c.single, i, len(self.single_blocks))
+                x = torch.cat((x[:, :txt.shape[1]], img), dim=1)
         return self.final_layer(x[:, txt.shape[1]:], vec)
 
 

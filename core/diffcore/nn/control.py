@@ -1,0 +1,64 @@
+"""ControlNet pieces shared by the families (Zhang et al. 2023, arXiv:2302.05543).
+
+``hint_encoder`` is the small conv stack that turns a pixel-space control image into features
+at the latent's resolution (diffusers' ``ControlNetConditioningEmbedding``), in the original
+checkpoints' layout: one ``nn.Sequential`` whose convs sit at even indices (lllyasviel's
+``input_hint_block``, which XLabs' FLUX.1 ControlNets and SGM's ControlNets keep).
+``hint_from_diffusers`` renames diffusers' ``conv_in`` / ``blocks.i`` / ``conv_out`` to those indices.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+
+def hint_encoder(widths: Sequence[int], out_channels: int, in_channels: int = 3) -> nn.Sequential:
+    """conv + SiLU, then per step between ``widths`` a conv and a stride-2 conv (each + SiLU), then
+    the output conv: ``len(widths) - 1`` halvings (8x for four widths)."""
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 3, padding=1), nn.SiLU()]
+    for a, b in zip(widths, widths[1:]):
+        layers += [nn.Conv2d(a, a, 3, padding=1), nn.SiLU(), nn.Conv2d(a, b, 3, padding=1, stride=2), nn.SiLU()]
+    layers.append(nn.Conv2d(widths[-1], out_channels, 3, padding=1))
+    return nn.Sequential(*layers)
+
+
+def hint_from_diffusers(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """``{prefix}.conv_in`` -> ``{prefix}.0``, ``{prefix}.blocks.i`` -> ``{prefix}.{2 i + 2}``,
+    ``{prefix}.conv_out`` -> the last conv's index; other keys pass unchanged (order kept)."""
+    blocks = {int(m.group(1)) for k in sd if (m := re.match(rf"{re.escape(prefix)}\.blocks\.(\d+)\.", k))}
+    last = 2 * len(blocks) + 2
+
+    def rename(key: str) -> str:
+        if not key.startswith(prefix + "."):
+            return key
+        rest = key[len(prefix) + 1:]
+        m = re.match(r"blocks\.(\d+)\.(.+)", rest)
+        if m:
+            return f"{prefix}.{2 * int(m.group(1)) + 2}.{m.group(2)}"
+        for name, index in (("conv_in.", 0), ("conv_out.", last)):
+            if rest.startswith(name):
+                return f"{prefix}.{index}.{rest[len(name):]}"
+        return key
+
+    return {rename(k): v for k, v in sd.items()}
+
+
+def hint_widths(shapes: dict[str, tuple[int, ...]], prefix: str) -> tuple[tuple[int, ...], int, int]:
+    """(widths, out_channels, in_channels) of a ``hint_encoder`` from its tensor shapes (our layout)."""
+    convs = sorted(int(m.group(1)) for k in shapes if (m := re.fullmatch(rf"{re.escape(prefix)}\.(\d+)\.weight", k)))
+    if not convs:
+        raise KeyError(f"{prefix}.0.weight")
+    weights = [shapes[f"{prefix}.{i}.weight"] for i in convs]
+    widths = (weights[0][0], *(w[0] for w in weights[2:-1:2]))
+    return tuple(int(w) for w in widths), int(weights[-1][0]), int(weights[0][1])
+
+
+def zero_(module: nn.Module) -> nn.Module:
+    """Every parameter of ``module`` set to zero: a fresh ControlNet's output projections, so it
+    starts as a no-op on the model it steers."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module

@@ -1,0 +1,194 @@
+"""FLUX.1 ControlNets against diffusers' FluxControlNetModel + FluxTransformer2DModel on tiny random weights."""
+
+import pytest
+import torch
+
+from diffcore.api import CheckpointError, save_file_atomic
+from diffcore_flux1.controlnet import FluxControlNet, controlnet_params, load_controlnet, to_ours
+from diffcore_flux1.convert import diffusers_to_bfl
+from diffcore_flux1.model import VARIANTS, Flux
+
+TOL = 1e-5
+TINY_DIFFUSERS = dict(in_channels=64, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=48,
+                      pooled_projection_dim=32, axes_dims_rope=(8, 12, 12))   # conftest's tiny FLUX.1
+# a main transformer deeper than the ControlNet, so residuals are spread over several blocks:
+# 3 double blocks / 2 samples -> interval 2; 5 single blocks / 2 samples -> interval 3
+MAIN = {**TINY_DIFFUSERS, "num_layers": 3, "num_single_layers": 5, "guidance_embeds": True}
+NET = {**TINY_DIFFUSERS, "num_layers": 2, "num_single_layers": 2, "guidance_embeds": True}
+
+
+def randomize(model, seed, std=0.2):
+    """Random weights everywhere (norm scales near 1), zero-initialised projections included."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            unit = p.ndim == 1 and "norm" in name and "linear" not in name
+            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if unit else 0.0))
+    return model.eval()
+
+
+def diffusers_pair(seed=0, **net):
+    from diffusers import FluxControlNetModel, FluxTransformer2DModel
+
+    main = randomize(FluxTransformer2DModel(**MAIN), seed)
+    control = randomize(FluxControlNetModel(**{**NET, **net}), seed + 1)
+    return main, control
+
+
+def ours_from(main, control):
+    import attrs
+
+    flux = Flux(attrs.evolve(VARIANTS["tiny"], depth=3, depth_single_blocks=5)).eval()
+    flux.load_state_dict(diffusers_to_bfl(dict(main.state_dict())), strict=True)
+    sd = {k: v for k, v in control.state_dict().items()}
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    params = _params(shapes, flux.params)
+    net = FluxControlNet(params).eval()
+    net.load_state_dict(to_ours(sd), strict=True)
+    return flux, net
+
+
+def _params(shapes, base):
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        file = Path(d) / "cn.safetensors"
+        save_file_atomic({k: torch.zeros(s) for k, s in shapes.items()}, file)
+        return controlnet_params(file, base)
+
+
+def inputs(cond_pixels=False, batch=2, h=4, w=5):
+    from diffcore_flux1.sampling import prepare_img_ids, prepare_txt_ids
+
+    g = torch.Generator().manual_seed(3)
+    cond = torch.randn(batch, 3, 16 * h, 16 * w, generator=g) if cond_pixels else torch.randn(batch, h * w, 64,
+                                                                                                generator=g)
+    return dict(img=torch.randn(batch, h * w, 64, generator=g), img_ids=prepare_img_ids(h, w)[0],
+                txt=torch.randn(batch, 7, 48, generator=g), txt_ids=prepare_txt_ids(7)[0],
+                y=torch.randn(batch, 32, generator=g), timesteps=torch.rand(batch, generator=g),
+                guidance=torch.tensor([3.5, 1.0]), cond=cond)
+
+
+def run_reference(main, control, x, mode=None, scale=0.7, repeat=False):
+    common = dict(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
+                  timestep=x["timesteps"], img_ids=x["img_ids"], txt_ids=x["txt_ids"], guidance=x["guidance"])
+    double, single = control(controlnet_cond=x["cond"], conditioning_scale=scale, controlnet_mode=mode,
+                             return_dict=False, **common)
+    out = main(controlnet_block_samples=double, controlnet_single_block_samples=single,
+               controlnet_blocks_repeat=repeat, **common).sample
+    return double, single, out
+
+
+def check(ours, theirs):
+    assert len(ours) == len(theirs or ())
+    for a, b in zip(ours, theirs or ()):
+        assert (a - b).abs().max().item() <= TOL
+
+
+@pytest.mark.usefixtures("reference_matmuls")
+@pytest.mark.parametrize("kind", ["instantx", "union", "xlabs"])
+@torch.no_grad()
+def test_parity_with_diffusers(kind):
+    """The ControlNet's residuals and the transformer's output with them, for diffusers' layout
+    (InstantX), a Union ControlNet (control-mode token) and XLabs' (pixel hint encoder, residuals
+    cycled over the blocks)."""
+    net = {"union": {"num_mode": 3}, "xlabs": {"conditioning_embedding_channels": 16, "patch_size": 2,
+                                               "num_single_layers": 0}}.get(kind, {})
+    main, control = diffusers_pair(**net)
+    flux, ours = ours_from(main, control)
+    x = inputs(cond_pixels=kind == "xlabs")
+    mode = torch.tensor([[2], [0]]) if kind == "union" else None
+    double, single, expected = run_reference(main, control, x, mode=mode, repeat=kind == "xlabs")
+    common = {k: x[k] for k in ("img", "img_ids", "txt", "txt_ids", "timesteps", "y")}
+    residuals = ours(**common, cond=x["cond"], guidance=x["guidance"], scale=0.7,
+                     mode=None if mode is None else mode[:, 0])
+    check(residuals.double, double)
+    check(residuals.single, single)
+    got = flux(**common, guidance=x["guidance"], control=[residuals])
+    err = (got - expected).abs().max().item()
+    assert err <= TOL, f"max abs err {err:.3g}"
+    assert (got - flux(**common, guidance=x["guidance"])).abs().max() > 1e-2   # the control matters
+    assert residuals.repeat == (kind == "xlabs")
+
+
+@pytest.mark.usefixtures("reference_matmuls")
+@torch.no_grad()
+def test_two_controlnets_add_up_as_diffusers_multi():
+    """Two ControlNets' residuals: diffusers' FluxMultiControlNetModel sums them, ours adds each."""
+    from diffusers import FluxMultiControlNetModel
+
+    main, a = diffusers_pair(seed=0)
+    _, b = diffusers_pair(seed=5)
+    flux, ours_a = ours_from(main, a)
+    _, ours_b = ours_from(main, b)
+    x, y = inputs(), inputs()
+    y["cond"] = torch.randn_like(x["cond"])
+    common = dict(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
+                  timestep=x["timesteps"], img_ids=x["img_ids"], txt_ids=x["txt_ids"], guidance=x["guidance"])
+    double, single = FluxMultiControlNetModel([a, b])(controlnet_cond=[x["cond"], y["cond"]],
+                                                      controlnet_mode=[torch.zeros(2, dtype=torch.long)] * 2,
+                                                      conditioning_scale=[0.5, 1.2],
+                                                      return_dict=False, **common)
+    expected = main(controlnet_block_samples=double, controlnet_single_block_samples=single, **common).sample
+    args = {k: x[k] for k in ("img", "img_ids", "txt", "txt_ids", "timesteps", "y")}
+    residuals = [ours_a(**args, cond=x["cond"], guidance=x["guidance"], scale=0.5),
+                 ours_b(**args, cond=y["cond"], guidance=x["guidance"], scale=1.2)]
+    got = flux(**args, guidance=x["guidance"], control=residuals)
+    assert (got - expected).abs().max().item() <= TOL
+
+
+def test_fresh_controlnet_is_a_no_op():
+    """Zero-initialised projections: a new ControlNet changes nothing (why training starts there)."""
+    import attrs
+
+    from diffcore_flux1.controlnet import ControlNetParams
+
+    base = attrs.evolve(VARIANTS["tiny"], depth=1, depth_single_blocks=1)
+    net = FluxControlNet(ControlNetParams(base))
+    x = inputs()
+    args = {k: x[k] for k in ("img", "img_ids", "txt", "txt_ids", "timesteps", "y")}
+    with torch.no_grad():
+        residuals = net(**args, cond=x["cond"], guidance=x["guidance"])
+    assert all(torch.equal(r, torch.zeros_like(r)) for r in residuals.double + residuals.single)
+
+
+def test_loading_files_and_errors(tmp_path):
+    """A diffusers folder and an XLabs-keyed file load; another family's ControlNet, a transformer
+    and a ControlNet of another width are one-line errors naming the file."""
+    main, control = diffusers_pair()
+    base = attrs_base()
+    control.save_pretrained(tmp_path / "instantx")
+    net = load_controlnet(tmp_path / "instantx", base)
+    assert net.params.blocks.depth == 2 and net.params.num_mode is None
+    theirs = dict(control.state_dict())
+    ours = to_ours(dict(theirs))
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in ours.items())
+
+    # XLabs: BFL block names, pos_embed_input, input_hint_block.N
+    from diffusers import FluxControlNetModel
+    xl = randomize(FluxControlNetModel(**{**NET, "conditioning_embedding_channels": 16, "patch_size": 2,
+                                          "num_single_layers": 0}), 2)
+    sd = to_ours(dict(xl.state_dict()))
+    sd = {k.replace("controlnet_x_embedder.", "pos_embed_input."): v for k, v in sd.items()}
+    save_file_atomic(sd, tmp_path / "xlabs.safetensors")
+    net = load_controlnet(tmp_path / "xlabs.safetensors", base)
+    assert net.params.hint == 16 and net.params.repeat and net.params.blocks.depth_single_blocks == 0
+
+    save_file_atomic({"controlnet_down_blocks.0.weight": torch.zeros(4, 4, 1, 1), "conv_in.weight": torch.zeros(1)},
+                     tmp_path / "sdxl.safetensors")
+    with pytest.raises(CheckpointError, match=r"sdxl\.safetensors: not a FLUX.1 ControlNet.*SDXL"):
+        load_controlnet(tmp_path / "sdxl.safetensors", base)
+    save_file_atomic(diffusers_to_bfl(dict(main.state_dict())), tmp_path / "main.safetensors")
+    with pytest.raises(CheckpointError, match="a FLUX.1 transformer, not a ControlNet"):
+        load_controlnet(tmp_path / "main.safetensors", base)
+    import attrs
+    wide = attrs.evolve(base, hidden_size=128, num_heads=4)
+    with pytest.raises(CheckpointError, match="does not fit the FLUX.1 transformer: hidden_size 64"):
+        load_controlnet(tmp_path / "instantx", wide)
+
+
+def attrs_base():
+    import attrs
+
+    return attrs.evolve(VARIANTS["tiny"], depth=3, depth_single_blocks=5)
