@@ -9,6 +9,7 @@ Variants differ only in numbers, so they are rows of ``VARIANTS`` (``diffcore_sd
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import torch
 from einops import rearrange
@@ -91,7 +92,11 @@ class UNet(nn.Module):
                 self.output_blocks.append(Step(layers))
         self.out = nn.Sequential(group_norm(ch, groups), nn.SiLU(), nn.Conv2d(ch, p.out_channels, 3, padding=1))
 
-    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor) -> Tensor:
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor, down_residuals: Sequence[Tensor] = (),
+                mid_residual: Tensor | None = None) -> Tensor:
+        """``down_residuals`` (one per input block) and ``mid_residual``: a ControlNet's additions to
+        the skip connections and the middle block's output (diffusers' ``down_block_additional_residuals``,
+        ``mid_block_additional_residual``)."""
         p = self.params
         if x.ndim != 4 or x.shape[1] != p.in_channels:
             raise ValueError(f"expected latents (batch, {p.in_channels}, height, width), got {tuple(x.shape)}")
@@ -105,6 +110,12 @@ class UNet(nn.Module):
             h = block(h, emb, context)
             hs.append(h)
         h = self.middle_block(h, emb, context)
+        if down_residuals:
+            if len(down_residuals) != len(hs):
+                raise ValueError(f"{len(down_residuals)} down residuals for {len(hs)} input blocks")
+            hs = [a + b for a, b in zip(hs, down_residuals)]
+        if mid_residual is not None:
+            h = h + mid_residual
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb, context, size=hs[-1].shape[-2:] if hs else None)
         return self.out(h)

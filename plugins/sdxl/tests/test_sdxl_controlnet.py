@@ -1,0 +1,94 @@
+"""SDXL ControlNets against diffusers' ControlNetModel + UNet2DConditionModel on tiny random weights."""
+
+import pytest
+import torch
+
+from diffcore.api import CheckpointError, save_file_atomic
+from diffcore_sdxl.controlnet import ControlNetParams, SDXLControlNet, load_controlnet, to_ours
+from diffcore_sdxl.convert import diffusers_to_stability
+from diffcore_sdxl.model import VARIANTS, UNet, label_vector
+
+TOL = 1e-5
+HINT = (16, 32)   # a 2x hint encoder: the tiny test latents are 8 x 8, the control image 16 x 16
+
+
+def randomize(model, seed, std=0.1):
+    """Random weights everywhere (norm scales near 1), the zero convs included."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            unit = p.ndim == 1 and "norm" in name and name.endswith("weight")
+            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if unit else 0.0))
+    return model.eval()
+
+
+def pair(diffusers_unet, seed=0):
+    from diffusers import ControlNetModel
+
+    unet = diffusers_unet("tiny", seed=seed)
+    control = randomize(ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=HINT), seed + 1)
+    ours_unet = UNet(VARIANTS["tiny"]).eval()
+    ours_unet.load_state_dict(diffusers_to_stability(dict(unet.state_dict())), strict=True)
+    ours = SDXLControlNet(ControlNetParams(VARIANTS["tiny"], hint_widths=HINT)).eval()
+    ours.load_state_dict(to_ours(dict(control.state_dict())), strict=True)
+    return unet, control, ours_unet, ours
+
+
+@pytest.mark.usefixtures("reference_matmuls")
+@torch.no_grad()
+def test_parity_with_diffusers(diffusers_unet, unet_inputs):
+    """Each down residual, the mid residual and the UNet's output with them, at conditioning scale 0.8."""
+    unet, control, ours_unet, ours = pair(diffusers_unet)
+    params = VARIANTS["tiny"]
+    x, t, context, pooled, time_ids = unet_inputs(params)
+    cond = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    added = {"text_embeds": pooled, "time_ids": time_ids}
+    down, mid = control(x, t, encoder_hidden_states=context, controlnet_cond=cond, conditioning_scale=0.8,
+                        added_cond_kwargs=added, return_dict=False)
+    expected = unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added,
+                    down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+    y = label_vector(pooled, time_ids, params.time_embed_scalar_dim)
+    got_down, got_mid = ours(x, t, context, y, cond, scale=0.8)
+    assert len(got_down) == len(down) == 9
+    for a, b in zip(got_down, down):
+        assert (a - b).abs().max().item() <= TOL
+    assert (got_mid - mid).abs().max().item() <= TOL
+    got = ours_unet(x, t, context, y, down_residuals=got_down, mid_residual=got_mid)
+    err = (got - expected).abs().max().item()
+    assert err <= TOL, f"max abs err {err:.3g}"
+    assert (got - ours_unet(x, t, context, y)).abs().max() > 1e-2   # the control matters
+
+
+def test_fresh_controlnet_is_a_no_op(unet_inputs):
+    """Zero convs: a new ControlNet adds nothing (where ControlNet training starts)."""
+    params = VARIANTS["tiny"]
+    net = SDXLControlNet(ControlNetParams(params, hint_widths=HINT))
+    x, t, context, pooled, time_ids = unet_inputs(params)
+    with torch.no_grad():
+        down, mid = net(x, t, context, label_vector(pooled, time_ids, params.time_embed_scalar_dim),
+                        torch.rand(2, 3, 16, 16))
+    assert all(torch.equal(r, torch.zeros_like(r)) for r in [*down, mid])
+
+
+def test_loading_files_and_errors(diffusers_unet, tmp_path):
+    """A diffusers folder and an SGM-keyed file load with the sizes read back; a FLUX.1
+    ControlNet, a UNet and a ControlNet of another width are one-line errors naming the file."""
+    import attrs
+
+    unet, control, _, ours = pair(diffusers_unet)
+    control.save_pretrained(tmp_path / "diffusers")
+    net = load_controlnet(tmp_path / "diffusers", VARIANTS["tiny"])
+    assert net.params == ControlNetParams(VARIANTS["tiny"], hint_widths=HINT)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in ours.state_dict().items())
+    save_file_atomic(dict(ours.state_dict()), tmp_path / "sgm.safetensors")
+    assert load_controlnet(tmp_path / "sgm.safetensors", VARIANTS["tiny"]).params == net.params
+
+    save_file_atomic({"controlnet_blocks.0.weight": torch.zeros(2, 2)}, tmp_path / "flux.safetensors")
+    with pytest.raises(CheckpointError, match=r"flux\.safetensors: not an SDXL ControlNet.*FLUX.1"):
+        load_controlnet(tmp_path / "flux.safetensors", VARIANTS["tiny"])
+    save_file_atomic({k: v.contiguous() for k, v in unet.state_dict().items()}, tmp_path / "unet.safetensors")
+    with pytest.raises(CheckpointError, match="not an SDXL ControlNet"):
+        load_controlnet(tmp_path / "unet.safetensors", VARIANTS["tiny"])
+    wide = attrs.evolve(VARIANTS["tiny"], model_channels=64)
+    with pytest.raises(CheckpointError, match="does not fit the SDXL UNet: model_channels 32"):
+        load_controlnet(tmp_path / "diffusers", wide)
