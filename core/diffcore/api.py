@@ -42,6 +42,7 @@ _NAMES = {
     # models, attention, sampling, guidance
     "ModelBundle": "diffcore.models",
     "GenerationRequest": "diffcore.models",
+    "Control": "diffcore.models",
     "Attention": "diffcore.nn.attention",
     "AttentionContext": "diffcore.nn.attention",
     "attention_layers": "diffcore.nn.attention",

@@ -17,6 +17,40 @@ from torch import nn
 Conditioning = dict[str, Any]   # one branch's keyword arguments for ``ModelBundle.forward``
 
 
+@attrs.frozen(eq=False)
+class Control:
+    """One ControlNet to follow (a ``[[control]]`` table): its weights (``path``, loaded by the
+    family), its conditioning image (3, H, W) in [-1, 1], the scale of its residuals (diffusers'
+    ``controlnet_conditioning_scale``), the part of the schedule it acts on as fractions of the steps
+    (``control_guidance_start`` / ``_end``) and, for Union ControlNets, the control mode."""
+
+    path: str
+    image: torch.Tensor
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    mode: int | None = None
+
+    def scale_at(self, step: int, steps: int) -> float:
+        """The scale at ``step`` of ``steps``: 0 outside [start, end] (diffusers' ``controlnet_keep``:
+        off when ``step / steps < start`` or ``(step + 1) / steps > end``)."""
+        return 0.0 if step / steps < self.start or (step + 1) / steps > self.end else self.scale
+
+    def check_image(self, height: int, width: int, where: str = "control") -> None:
+        """The image is RGB and has the output's aspect ratio (within 1%): families resize it to
+        (height, width), which must not distort it."""
+        from diffcore.errors import ConfigError
+
+        if self.image.ndim != 3 or self.image.shape[0] != 3:
+            raise ConfigError(f"the control image has shape {tuple(self.image.shape)}; expected an RGB image "
+                              f"(3, height, width)", path=f"{where}.image")
+        h, w = self.image.shape[-2:]
+        if abs(h * width - w * height) > 0.01 * h * width:
+            raise ConfigError(f"the control image is {w}x{h} pixels and the output {width}x{height}: another aspect "
+                              f"ratio; crop the image to the output's, or set width and height to match it",
+                              path=f"{where}.image")
+
+
 @attrs.define
 class GenerationRequest:
     """What to generate, family-agnostic. ``batch`` is the number of samples in this forward.
@@ -28,6 +62,8 @@ class GenerationRequest:
 
     Images are (C, H, W) tensors in [-1, 1]; masks (1, H, W) in [0, 1], 1 = repaint. A family
     raises a ``ConfigError`` for an image it cannot use.
+
+    ``controls`` are ControlNets to follow, each with its own image; the family loads them.
 
     ``sampling_steps`` and ``cfg_scale`` left None are the bundle's defaults; ``init_image`` with
     ``strength`` < 1 is image-to-image (the pipeline runs the last ``strength`` of the schedule).
@@ -46,6 +82,7 @@ class GenerationRequest:
     image: torch.Tensor | None = None               # the image ``mask`` repaints (inpainting, Fill)
     mask: torch.Tensor | None = None
     control_image: torch.Tensor | None = None       # a structure map to follow (Canny, Depth)
+    controls: list[Control] = attrs.Factory(list)   # ControlNets, each with its conditioning image
     sampling_steps: int | None = None
     cfg_scale: float | None = None
 
@@ -81,6 +118,12 @@ class ModelBundle:
     def conditions(self, request: GenerationRequest) -> dict[str, Conditioning]:
         """Conditioning per branch key (``cond``, ``uncond``, ...) for a generation request."""
         raise NotImplementedError
+
+    def schedule_conditions(self, conditions: dict[str, Conditioning], times: torch.Tensor) -> dict[str, Conditioning]:
+        """``conditions`` for a run whose steps give ``forward`` these times (the network's time
+        argument per step, after img2img's skip): where conditioning changes along the schedule
+        (a ControlNet's start / end) the family resolves it here. Default: unchanged."""
+        return conditions
 
     def latent_shape(self, request: GenerationRequest) -> tuple[int, ...]:
         """Shape of one sample's initial noise, in whatever layout ``forward`` and ``decode`` take."""

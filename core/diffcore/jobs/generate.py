@@ -5,7 +5,8 @@ Class-conditional families take ``class_label`` / ``class_grid``; text families 
 ``strength`` is image-to-image (the schedule starts ``strength`` of the way from the end, as in
 diffusers); ``reference_image``, ``image`` and ``mask`` become the request's reference images,
 image to repaint and mask (``image`` without a ``mask``: its control image), for Kontext / FLUX.2
-editing, Fill, Canny. ``cfg_scale`` left unset is the bundle's ``default_cfg_scale``. Each image
+editing, Fill, Canny. Each ``[[control]]`` table is a ControlNet to follow (``path``, ``image``,
+``scale``, ``start`` / ``end`` of the schedule, ``mode``). ``cfg_scale`` left unset is the bundle's ``default_cfg_scale``. Each image
 is a PNG with its parameters in a text chunk; a grid PNG sums them up. ``generate_images`` turns
 the settings into requests for the generation pipeline (``diffcore.sampling.pipeline``), for this
 job and the ``serve`` job alike.
@@ -20,6 +21,7 @@ import attrs
 from attrs import validators as v
 
 from diffcore.config.spec import Spec, component, component_list
+from diffcore.config.validators import local_path
 from diffcore.errors import ConfigError
 from diffcore.jobs import JobContext, JobSettings, is_main_process
 
@@ -54,6 +56,26 @@ class GenerateSettings(JobSettings):
     progress: bool = True
 
 
+@attrs.define
+class ControlSettings:
+    """One ``[[control]]`` table: a ControlNet (``path``: its file or diffusers folder, loaded by the
+    model's family), its conditioning image, the scale of its residuals and the fractions of the
+    schedule it acts on (diffusers' ``control_guidance_start`` / ``_end``); ``mode`` picks the
+    control type of a Union ControlNet."""
+
+    path: str = attrs.field(validator=local_path)
+    image: str = attrs.field(validator=local_path)
+    scale: float = attrs.field(default=1.0, validator=v.ge(0))
+    start: float = attrs.field(default=0.0, validator=[v.ge(0), v.le(1)])
+    end: float = attrs.field(default=1.0, validator=[v.ge(0), v.le(1)])
+    mode: int | None = attrs.field(default=None, validator=v.optional(v.ge(0)))
+
+    def __attrs_post_init__(self) -> None:
+        if self.start >= self.end:
+            raise ConfigError(f"start ({self.start}) must be before end ({self.end}): the fractions of the "
+                              f"schedule the ControlNet acts on", path="start")
+
+
 @attrs.define(kw_only=True)
 class GenerateJob:
     job: GenerateSettings = attrs.Factory(GenerateSettings)
@@ -61,6 +83,7 @@ class GenerateJob:
     sampler: Spec = component("samplers", default={"name": "euler"})
     schedule: Spec | None = component("schedules", optional=True)
     guidance: list[Spec] = component_list("guidance")
+    control: list[ControlSettings] = attrs.Factory(list)
 
     renamed: ClassVar[dict[str, str]] = {"job.num_steps": "job.sampling_steps"}
 
@@ -87,7 +110,8 @@ def run_generate(config: GenerateJob, ctx: JobContext) -> list[Any]:
 
     s = config.job
     pipeline = Pipeline.build(config.model, config.sampler, config.schedule, config.guidance, device=s.device)
-    images, params = generate_images(pipeline, s, names={"model": config.model.name, "sampler": config.sampler.name})
+    images, params = generate_images(pipeline, s, names={"model": config.model.name, "sampler": config.sampler.name},
+                                     controls=config.control)
     if is_main_process():
         ctx.output_dir.mkdir(parents=True, exist_ok=True)
         for i, (img, p) in enumerate(zip(images, params)):
@@ -99,8 +123,8 @@ def run_generate(config: GenerateJob, ctx: JobContext) -> list[Any]:
     return images
 
 
-def generate_images(pipeline: Any, s: GenerateSettings, *,
-                    names: dict[str, str]) -> tuple[Any, list[dict[str, Any]]]:
+def generate_images(pipeline: Any, s: GenerateSettings, *, names: dict[str, str],
+                    controls: list[ControlSettings] = ()) -> tuple[Any, list[dict[str, Any]]]:
     """What ``s`` asks for, through ``pipeline``: (N, C, H, W) images in [-1, 1] on the CPU and each
     image's parameters (``names``, the model and sampler, first). The ``generate`` job and the
     ``serve`` job's requests both come through here: it turns the settings into requests (labels
@@ -111,6 +135,8 @@ def generate_images(pipeline: Any, s: GenerateSettings, *,
 
     labels, prompts, per_seed = sample_plan(s, pipeline.bundle)
     images_in = _image_inputs(s, pipeline.bundle)
+    if controls:
+        images_in["controls"] = control_inputs(controls, s)
     images, params = [], []
     for seed in s.seeds or [s.seed]:
         generator = torch.Generator("cpu").manual_seed(seed)
@@ -127,6 +153,8 @@ def generate_images(pipeline: Any, s: GenerateSettings, *,
                 params.append({**names, "sampling_steps": steps, "cfg_scale": cfg_scale, "seed": seed,
                                "index": start + i, **({"strength": s.strength} if s.init_image else {}),
                                **({"class_label": int(labels[start + i])} if labels is not None else {}),
+                               **({"control": [{"path": c.path, "image": c.image, "scale": c.scale,
+                                                "start": c.start, "end": c.end} for c in controls]} if controls else {}),
                                **({"prompt": prompts[start + i]} if prompts else {})})
     return torch.cat(images), params
 
@@ -207,3 +235,26 @@ def _image_inputs(s: GenerateSettings, bundle: Any) -> dict[str, Any]:
                                                                        **images))
         images["init_image"] = load_image(s.init_image, size=(height, width), channels=channels)
     return images
+
+
+def control_inputs(tables: list[ControlSettings], s: GenerateSettings) -> list[Any]:
+    """The ``[[control]]`` tables as the request's ``Control``s, each image read as RGB in [-1, 1]
+    and, when ``height`` and ``width`` are set, checked for their aspect ratio and resized to them
+    (Lanczos, as diffusers' control pipelines do)."""
+    from diffcore.io.images import load_image
+    from diffcore.models import Control
+
+    size = (s.height, s.width) if s.height and s.width else None
+    out = []
+    for i, t in enumerate(tables):
+        try:
+            control = Control(path=t.path, image=load_image(t.image), scale=t.scale, start=t.start, end=t.end,
+                              mode=t.mode)
+            if size is not None:
+                control.check_image(*size, where=f"control[{i}]")
+                if tuple(control.image.shape[-2:]) != size:
+                    control = attrs.evolve(control, image=load_image(t.image, size=size))
+        except ConfigError as exc:
+            raise ConfigError(exc.detail, path=exc.path or f"control[{i}].image") from None
+        out.append(control)
+    return out

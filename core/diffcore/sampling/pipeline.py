@@ -26,6 +26,7 @@ import torch
 from diffcore.errors import ConfigError
 from diffcore.models import GenerationRequest, ModelBundle
 from diffcore.sampling.cfg import CFG
+from diffcore.sampling.denoisers import make_denoiser
 from diffcore.sampling.engine import sample
 from diffcore.sampling.guidance import GuidanceProcessor
 
@@ -100,7 +101,9 @@ class Pipeline:
             x0 = None
             if request.init_image is not None:
                 x0, sigmas = self.img2img_start(request, sigmas)
-            return sample(bundle, noise, bundle.conditions(request), sigmas, self.sampler, guidance=self.chain(request),
+            times = make_denoiser(bundle).time(sigmas[:-1])   # what forward sees at each step
+            conditions = bundle.schedule_conditions(bundle.conditions(request), times)
+            return sample(bundle, noise, conditions, sigmas, self.sampler, guidance=self.chain(request),
                           callback=callback, generator=generator, disable=not progress, x0=x0)
 
     def __call__(self, request: GenerationRequest, *, generator: torch.Generator | None = None,

@@ -22,6 +22,7 @@ from einops import rearrange
 from torch import Tensor
 
 from diffcore.api import ConfigError, GenerationRequest, ModelBundle
+from diffcore_flux1.controlnet import FluxControl, control_conditions, schedule_controls
 from diffcore_flux1.images import fill_condition, fit, kontext_size, token_multiple
 from diffcore_flux1.model import attention_alias
 from diffcore_flux1.offload import Offload
@@ -46,6 +47,7 @@ class FluxBundle(ModelBundle):
     offload: Offload = attrs.Factory(Offload)
     dtype: torch.dtype = torch.float32
     resize_references: bool = True
+    controlnets: dict[str, Any] = attrs.Factory(dict)   # loaded for [[control]] tables, by path
 
     @property
     def device(self) -> torch.device:
@@ -59,7 +61,7 @@ class FluxBundle(ModelBundle):
     # -- the network ------------------------------------------------------------------------------
     def forward(self, x: Tensor, sigma: Tensor, txt: Tensor | None = None, vec: Tensor | None = None,
                 guidance: Tensor | None = None, img_cond: Tensor | None = None, ref: Tensor | None = None,
-                ref_ids: Tensor | None = None) -> Tensor:
+                ref_ids: Tensor | None = None, control: Sequence[FluxControl] = ()) -> Tensor:
         """Velocity for packed latents ``x`` (B, C, h, w). ``img_cond`` (B, h * w, C') joins the
         channels (Fill, Canny, Depth); ``ref`` (B, N, C) with ``ref_ids`` (B, N, 3) joins the
         sequence (Kontext) and its outputs are dropped."""
@@ -80,7 +82,9 @@ class FluxBundle(ModelBundle):
         if guidance is None:
             guidance = torch.full((b,), self.guidance, device=device)
         txt_ids = torch.zeros(1, txt.shape[1], 3, device=device)
-        out = self.network(tokens, img_ids, txt.to(dtype), txt_ids, sigma.to(dtype), vec.to(dtype), guidance.to(dtype))
+        txt, vec, sigma, guidance = txt.to(dtype), vec.to(dtype), sigma.to(dtype), guidance.to(dtype)
+        residuals = [r for c in control if (r := c(tokens, img_ids, txt, txt_ids, sigma, vec, guidance)) is not None]
+        out = self.network(tokens, img_ids, txt, txt_ids, sigma, vec, guidance, control=residuals)
         return rearrange(out[:, :h * w], "b (h w) c -> b c h w", h=h, w=w).to(x.dtype)
 
     # -- conditioning -----------------------------------------------------------------------------
@@ -106,9 +110,13 @@ class FluxBundle(ModelBundle):
             branches = {"cond": (txt[:n], vec[:n]), "uncond": (txt[n:], vec[n:])}
         batch = branches["cond"][0].shape[0]
         shared = {"guidance": torch.full((batch,), self.guidance, device=self.device),
-                  **self.image_conditions(request, batch)}
+                  **self.image_conditions(request, batch), **control_conditions(self, request)}
         return {key: {"txt": txt.to(self.device), "vec": vec.to(self.device), **shared}
                 for key, (txt, vec) in branches.items()}
+
+    def schedule_conditions(self, conditions: dict[str, dict[str, Any]], times: Tensor) -> dict[str, dict[str, Any]]:
+        """ControlNets learn the schedule's times, for their start / end."""
+        return schedule_controls(conditions, times)
 
     def sequence_condition(self, cond: dict[str, Any]) -> Tensor | None:
         """The T5 tokens."""
@@ -194,6 +202,8 @@ class FluxBundle(ModelBundle):
             return height, width
         refs = request.reference_images
         image = request.image if request.image is not None else request.control_image
+        if image is None and request.controls:
+            image = request.controls[0].image
         if image is not None:
             derived = tuple(self._whole(s) for s in image.shape[-2:])
         elif refs:

@@ -284,14 +284,12 @@ def control_conditions(bundle: Any, request: Any) -> dict[str, list[FluxControl]
     if request.reference_images or bundle.network.params.in_channels != bundle.network.params.out_channels:
         raise ConfigError("[[control]] ControlNets steer the text-to-image FLUX.1 transformers (dev, schnell); "
                           "this one takes reference images or image channels", path="control")
-    cache: dict[str, FluxControlNet] = bundle.__dict__.setdefault("_controlnets", {})
+    cache: dict[str, FluxControlNet] = bundle.controlnets
     size, out = bundle._size(request), []
     for i, control in enumerate(controls):
         where = f"control[{i}]"
         image = control.image
-        if image.ndim != 3 or image.shape[0] != 3:
-            raise ConfigError(f"the control image has shape {tuple(image.shape)}; expected an RGB image "
-                              f"(3, height, width)", path=f"{where}.image")
+        control.check_image(*size, where)
         if control.path not in cache:
             try:
                 cache[control.path] = load_controlnet(control.path, bundle.network.params, dtype=bundle.dtype,

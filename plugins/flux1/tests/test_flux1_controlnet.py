@@ -192,3 +192,99 @@ def attrs_base():
     import attrs
 
     return attrs.evolve(VARIANTS["tiny"], depth=3, depth_single_blocks=5)
+
+
+def run_generate(folder, model, controls, **job):
+    """A generate job with ``[[control]]`` tables through the runner; (images, first PNG's parameters)."""
+    import json
+
+    import tomli_w
+    from PIL import Image
+
+    from diffcore.testing import plugins_for_test, run_job_file
+
+    table = {"job": {"kind": "generate", "output_dir": str(folder / "out"), "prompt": "a red cat", "num_samples": 1,
+                     "batch_size": 1, "progress": False, "device": "cpu", "grid": False, "seed": 7, **job},
+             "model": {"family": "flux1", "dtype": "float32", "max_sequence_length": 16, **model},
+             "control": controls}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "job.toml").write_text(tomli_w.dumps(table))
+    with plugins_for_test():
+        images = run_job_file(folder / "job.toml")
+    return images, json.loads(Image.open(folder / "out" / "sample-0000.png").text["parameters"])
+
+
+@pytest.fixture(scope="module")
+def controlnet_setup(tiny_pipeline, tmp_path_factory):
+    """A tiny InstantX-style ControlNet for tiny_pipeline's transformer, a narrow-posterior VAE (diffusers'
+    pipeline samples the control image's latents, ours takes the mean), both saved, and
+    diffusers' FluxControlNetPipeline on the same files."""
+    import copy
+
+    import numpy as np
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+    from PIL import Image
+
+    folder, pipe = tiny_pipeline
+    root = tmp_path_factory.mktemp("flux1-controlnet")
+    net = randomize(FluxControlNetModel(**{**NET, "num_layers": 1, "num_single_layers": 1}), 11, std=0.05)
+    net.save_pretrained(root / "controlnet")
+    vae = copy.deepcopy(pipe.vae)
+    with torch.no_grad():
+        z = vae.config.latent_channels
+        vae.encoder.conv_out.weight[z:] = 0
+        vae.encoder.conv_out.bias[z:] = -100
+    vae.save_pretrained(root / "vae")
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(root / "edges.png")
+    cn_pipe = FluxControlNetPipeline(**{**pipe.components, "vae": vae}, controlnet=net)
+    return folder, root, cn_pipe
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("scale, start, end", [(0.7, 0.0, 1.0), (1.3, 0.25, 0.75)], ids=["whole", "window"])
+def test_generate_job_matches_flux_controlnet_pipeline(controlnet_setup, tmp_path, scale, start, end):
+    """A 4-step controlled run through the generate job against FluxControlNetPipeline with the same
+    files, prompt and noise: conditioning scale, and control_guidance_start / end as fractions."""
+    from einops import rearrange
+    from PIL import Image
+
+    folder, root, cn_pipe = controlnet_setup
+    model = {"path": str(folder), "vae": str(root / "vae")}
+    control = {"path": str(root / "controlnet"), "image": str(root / "edges.png"), "scale": scale, "start": start,
+               "end": end}
+    images, params = run_generate(tmp_path, model, [control], height=32, width=48, sampling_steps=4)
+    noise = torch.randn(1, 64, 8, 12, generator=torch.Generator().manual_seed(7))
+    expected = cn_pipe(prompt="a red cat", control_image=Image.open(root / "edges.png"), height=32, width=48,
+                       num_inference_steps=4, guidance_scale=3.5, max_sequence_length=16, output_type="pt",
+                       controlnet_conditioning_scale=scale, control_guidance_start=start, control_guidance_end=end,
+                       latents=rearrange(noise, "b c h w -> b (h w) c")).images
+    err = ((images + 1) / 2).clamp(0, 1).sub(expected).abs().max().item()
+    assert expected.std() > 0.01 and err <= TOL, f"image max abs err {err:.3g}"
+    plain = cn_pipe(prompt="a red cat", control_image=Image.open(root / "edges.png"), height=32, width=48,
+                    num_inference_steps=4, guidance_scale=3.5, max_sequence_length=16, output_type="pt",
+                    controlnet_conditioning_scale=0.0, latents=rearrange(noise, "b c h w -> b (h w) c")).images
+    assert (plain - expected).abs().max() > 1e-3   # the ControlNet changed the image
+    assert params["control"][0]["scale"] == scale
+
+
+def test_control_errors_are_one_line(controlnet_setup, tmp_path):
+    """A control image of another aspect ratio, a ControlNet file of another family and a missing
+    image file each name the [[control]] key."""
+    import numpy as np
+    from PIL import Image
+
+    from diffcore.api import ConfigError, DiffcoreError
+
+    folder, root, _ = controlnet_setup
+    model = {"path": str(folder), "vae": str(root / "vae")}
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "square.png")
+    good = {"path": str(root / "controlnet"), "image": str(root / "edges.png")}
+    with pytest.raises(ConfigError, match=r"control\[0\]\.image.*32x32 pixels and the output 48x32"):
+        run_generate(tmp_path / "a", model, [{**good, "image": str(tmp_path / "square.png")}], height=32, width=48,
+                     sampling_steps=1)
+    save_file_atomic({"controlnet_down_blocks.0.weight": torch.zeros(4, 4, 1, 1)}, tmp_path / "sdxl.safetensors")
+    with pytest.raises(ConfigError, match=r"control\[0\]\.path.*not a FLUX.1 ControlNet.*SDXL"):
+        run_generate(tmp_path / "b", model, [{**good, "path": str(tmp_path / "sdxl.safetensors")}], height=32,
+                     width=48, sampling_steps=1)
+    with pytest.raises(DiffcoreError, match=r"control\[0\]\.image.*no such file"):
+        run_generate(tmp_path / "c", model, [{**good, "image": str(tmp_path / "missing.png")}], sampling_steps=1)

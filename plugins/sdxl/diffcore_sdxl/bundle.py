@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from diffcore.api import ConfigError, ModelBundle, ddpm_sigma_table
 
+from diffcore_sdxl.controlnet import SDXLControl, control_conditions, residuals, schedule_controls
 from diffcore_sdxl.model import UNet, attention_alias, label_vector
 from diffcore_sdxl.text import SDXLText, micro_conditioning
 
@@ -90,17 +91,19 @@ class SDXLBundle(ModelBundle):
     latent_scale: int = 8                 # pixels per latent cell (the VAE's downsampling)
     micro: MicroConditioning = attrs.Factory(MicroConditioning)
     refiner: Expert | None = None
+    controlnets: dict[str, Any] = attrs.Factory(dict)   # loaded for [[control]] tables, by path
 
     @property
     def base(self) -> Expert:
         return Expert(self.network, self.text)
 
     def forward(self, x: Tensor, sigma: Tensor, context: Tensor, y: Tensor, refiner_context: Tensor | None = None,
-                refiner_y: Tensor | None = None) -> Tensor:
-        """``sigma`` is the DDPM timestep here (the bundle has a ``sigma_table``)."""
+                refiner_y: Tensor | None = None, control: Sequence[SDXLControl] = ()) -> Tensor:
+        """``sigma`` is the DDPM timestep here (the bundle has a ``sigma_table``); ``control``: the
+        ControlNets steering the base UNet."""
         t = on_grid(sigma)
         if self.refiner is None or refiner_context is None:
-            return self.network(x, t, context, y)
+            return self.network(x, t, context, y, **residuals(control, x, t, context, y))
         late = t < self.refiner.switch_t
         if bool(late.all()):
             return self.refiner.network(x, t, refiner_context, refiner_y)
@@ -120,14 +123,15 @@ class SDXLBundle(ModelBundle):
     def conditions(self, request: Any) -> dict[str, dict[str, Any]]:
         """``cond`` / ``uncond`` from the prompts (or ``request.embeddings``: ``context`` and ``y`` per
         branch, the text encoders skipped); each also carries the refiner's when there is one."""
-        for name, what in (("mask", "inpainting"), ("image", "inpainting"), ("control_image", "control images"),
-                           ("reference_images", "reference images")):
+        for name, what in (("mask", "inpainting"), ("image", "inpainting"), ("control_image", "control images "
+                           "(use a [[control]] ControlNet)"), ("reference_images", "reference images")):
             if _field(request, name) is not None and _field(request, name) != []:
                 raise ConfigError(f"SDXL takes no {name} here: {what} is not built for this family yet",
                                   path=f"job.{name}")
+        control = control_conditions(self, request, self.size(request))
         embeddings = _field(request, "embeddings")
         if embeddings:
-            return {key: dict(value) for key, value in embeddings.items()}
+            return {key: {**value, **control} for key, value in embeddings.items()}
         prompts = _field(request, "prompts")
         if not prompts:
             raise ConfigError("SDXL is a text-to-image model: give a prompt", path="job.prompt")
@@ -138,7 +142,11 @@ class SDXLBundle(ModelBundle):
             r_cond, r_uncond = self.refiner.branches(prompts, negatives, size, self.micro)
             cond.update(refiner_context=r_cond["context"], refiner_y=r_cond["y"])
             uncond.update(refiner_context=r_uncond["context"], refiner_y=r_uncond["y"])
-        return {"cond": cond, "uncond": uncond}
+        return {"cond": {**cond, **control}, "uncond": {**uncond, **control}}
+
+    def schedule_conditions(self, conditions: dict[str, dict[str, Any]], times: Tensor) -> dict[str, dict[str, Any]]:
+        """ControlNets learn the schedule's times, for their start / end."""
+        return schedule_controls(conditions, times)
 
     def sequence_condition(self, cond: dict[str, Any]) -> Tensor | None:
         return cond.get("context")

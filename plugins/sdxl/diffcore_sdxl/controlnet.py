@@ -227,15 +227,13 @@ def control_conditions(bundle: Any, request: Any, size: tuple[int, int]) -> dict
     if bundle.refiner is not None:
         raise ConfigError("[[control]] with a refiner: the ControlNet steers the base UNet only; drop the refiner",
                           path="control")
-    cache: dict[str, SDXLControlNet] = bundle.__dict__.setdefault("_controlnets", {})
+    cache: dict[str, SDXLControlNet] = bundle.controlnets
     dtype, device = next(bundle.network.parameters()).dtype, next(bundle.network.parameters()).device
     out = []
     for i, control in enumerate(controls):
         where = f"control[{i}]"
         image = control.image
-        if image.ndim != 3 or image.shape[0] != 3:
-            raise ConfigError(f"the control image has shape {tuple(image.shape)}; expected an RGB image "
-                              f"(3, height, width)", path=f"{where}.image")
+        control.check_image(*size, where)
         if control.mode is not None:
             raise ConfigError("SDXL ControlNets take no mode (Union ControlNets are FLUX.1's here)",
                               path=f"{where}.mode")
