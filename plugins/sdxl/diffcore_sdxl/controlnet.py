@@ -200,7 +200,9 @@ class SDXLControl:
         if scale == 0:
             return None
         dtype = next(self.net.parameters()).dtype
-        return self.net(x.to(dtype), t, context.to(dtype), y.to(dtype), self.cond.to(x.device, dtype), scale=scale)
+        # one image per row, as diffusers runs it: a batch-1 hint encoder rounds its convs otherwise
+        cond = self.cond.to(x.device, dtype).expand(x.shape[0], -1, -1, -1)
+        return self.net(x.to(dtype), t, context.to(dtype), y.to(dtype), cond, scale=scale)
 
 
 def residuals(controls: Any, x: Tensor, t: Tensor, context: Tensor, y: Tensor) -> dict[str, Any]:
@@ -245,7 +247,9 @@ def control_conditions(bundle: Any, request: Any, size: tuple[int, int]) -> dict
         pixels = image[None].float()
         if tuple(pixels.shape[-2:]) != tuple(size):
             pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False, antialias=True)
-        out.append(SDXLControl(cache[control.path], ((pixels + 1) / 2).to(device, dtype), control))
+        # [0, 1] as diffusers' processor makes it from the 8-bit file: byte / 255, exactly
+        unit = ((pixels + 1) * 127.5).round().clamp(0, 255) / 255
+        out.append(SDXLControl(cache[control.path], unit.to(device, dtype), control))
     return {"control": out}
 
 

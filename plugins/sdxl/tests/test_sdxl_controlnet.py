@@ -92,3 +92,51 @@ def test_loading_files_and_errors(diffusers_unet, tmp_path):
     wide = attrs.evolve(VARIANTS["tiny"], model_channels=64)
     with pytest.raises(CheckpointError, match="does not fit the SDXL UNet: model_channels 32"):
         load_controlnet(tmp_path / "diffusers", wide)
+
+
+@pytest.mark.usefixtures("reference_matmuls")
+@pytest.mark.parametrize("scale, start, end", [(0.8, 0.0, 1.0), (1.5, 0.25, 0.75)], ids=["whole", "window"])
+@torch.no_grad()
+def test_controlled_run_matches_pipeline(tiny_pipelines, tmp_path, scale, start, end):
+    """4 steps with CFG 5 against StableDiffusionXLControlNetPipeline: the same prompts, starting
+    latents (x0 with zero noise: exactly diffusers' x, as in test_sdxl_sampling), control image,
+    conditioning scale and start / end (the steps told by the schedule's timesteps)."""
+    import numpy as np
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+    from PIL import Image
+
+    from diffcore.api import CFG, Control, GenerationRequest, euler, load_image, sample
+    from diffcore_sdxl.bundle import SDXLBundle
+    from diffcore_sdxl.load import load_unet
+    from diffcore_sdxl.text import SDXLText
+
+    folder, base = tiny_pipelines["base"]
+    net = randomize(ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=HINT), 9, std=0.05)
+    net.save_pretrained(tmp_path / "controlnet")
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "c.png")
+    pipe = StableDiffusionXLControlNetPipeline(**{k: v for k, v in base.components.items()
+                                                  if k not in ("image_encoder", "feature_extractor")}, controlnet=net)
+    pipe.scheduler.set_timesteps(4)
+    sigmas = pipe.scheduler.sigmas.clone()
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red cat", "two dogs on a beach"]
+    expected = pipe(prompt=prompts, image=Image.open(tmp_path / "c.png"), num_inference_steps=4, guidance_scale=5.0,
+                    height=16, width=16, controlnet_conditioning_scale=scale, control_guidance_start=start,
+                    control_guidance_end=end, output_type="latent",
+                    latents=latents).images
+
+    bundle = SDXLBundle(network=load_unet(folder), text=SDXLText.from_folder(folder), latent_scale=2)
+    control = Control(path=str(tmp_path / "controlnet"), image=load_image(tmp_path / "c.png"), scale=scale,
+                      start=start, end=end)
+    x = latents * pipe.scheduler.init_noise_sigma
+
+    def run(controls):
+        request = GenerationRequest(batch=2, prompts=prompts, height=16, width=16, controls=controls)
+        conditions = bundle.schedule_conditions(bundle.conditions(request), pipe.scheduler.timesteps.float())
+        return sample(bundle, torch.zeros_like(x), conditions, sigmas, euler, guidance=[CFG(scale=5.0)], disable=True,
+                      x0=x)
+
+    got = run([control])
+    err = (got - expected).abs().max().item()
+    assert expected.abs().max() > 0.1 and err <= TOL, f"max abs err {err:.3g}"
+    assert (run([]) - got).abs().max() > 1e-3   # the ControlNet changed the result
