@@ -99,6 +99,17 @@ class FluxControlNet(nn.Module):
         self.input_hint_block = hint_encoder(XLABS_HINT, params.hint) if params.hint else nn.Identity()
         self.controlnet_mode_embedder = nn.Embedding(params.num_mode, h) if params.num_mode else None
 
+    @classmethod
+    def from_transformer(cls, flux: nn.Module, depth: int = 4, depth_single_blocks: int = 10) -> FluxControlNet:
+        """A ControlNet to train for ``flux``: its embeddings and first ``depth`` double and
+        ``depth_single_blocks`` single blocks copied, the projections zero (diffusers'
+        ``FluxControlNetModel.from_transformer``, which its training script starts from)."""
+        params = ControlNetParams(attrs.evolve(flux.params, depth=depth, depth_single_blocks=depth_single_blocks))
+        net = cls(params)
+        own = net.state_dict()
+        net.load_state_dict({k: v for k, v in flux.state_dict().items() if k in own}, strict=False)
+        return net
+
     def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
                 cond: Tensor, guidance: Tensor | None = None, mode: Tensor | None = None,
                 scale: float = 1.0) -> ControlResiduals:

@@ -288,3 +288,17 @@ def test_control_errors_are_one_line(controlnet_setup, tmp_path):
                      width=48, sampling_steps=1)
     with pytest.raises(DiffcoreError, match=r"control\[0\]\.image.*no such file"):
         run_generate(tmp_path / "c", model, [{**good, "image": str(tmp_path / "missing.png")}], sampling_steps=1)
+
+
+def test_from_transformer_matches_diffusers():
+    """The training start: the transformer's embeddings and first blocks, zero projections."""
+    from diffusers import FluxControlNetModel, FluxTransformer2DModel
+
+    main = randomize(FluxTransformer2DModel(**MAIN), 0)
+    theirs = FluxControlNetModel.from_transformer(main, num_layers=2, num_single_layers=3, attention_head_dim=32,
+                                                  num_attention_heads=2)
+    flux, _ = ours_from(main, randomize(FluxControlNetModel(**NET), 1))
+    ours = FluxControlNet.from_transformer(flux, depth=2, depth_single_blocks=3)
+    expected = to_ours(dict(theirs.state_dict()))
+    assert ours.state_dict().keys() == expected.keys()
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in expected.items())

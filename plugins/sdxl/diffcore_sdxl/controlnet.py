@@ -67,6 +67,15 @@ class SDXLControlNet(nn.Module):
         self.zero_convs = nn.ModuleList(nn.Sequential(zero_(nn.Conv2d(w, w, 1))) for w in widths)
         self.middle_block_out = nn.Sequential(zero_(nn.Conv2d(widths[-1], widths[-1], 1)))
 
+    @classmethod
+    def from_unet(cls, unet: UNet, hint_widths: tuple[int, ...] = HINT_WIDTHS) -> SDXLControlNet:
+        """A ControlNet to train for ``unet``: its embeddings, down path and middle block copied, the
+        zero convs zero and the hint encoder freshly initialised (diffusers' ``ControlNetModel.from_unet``)."""
+        net = cls(ControlNetParams(unet.params, hint_widths=hint_widths))
+        for name in ("time_embed", "label_emb", "input_blocks", "middle_block"):
+            getattr(net, name).load_state_dict(getattr(unet, name).state_dict())
+        return net
+
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor, cond: Tensor,
                 scale: float = 1.0) -> tuple[list[Tensor], Tensor]:
         """``x`` the UNet's input latents, ``cond`` the control image (B or 1, 3, 8 h, 8 w) in [0, 1]

@@ -140,3 +140,16 @@ def test_controlled_run_matches_pipeline(tiny_pipelines, tmp_path, scale, start,
     err = (got - expected).abs().max().item()
     assert expected.abs().max() > 0.1 and err <= TOL, f"max abs err {err:.3g}"
     assert (run([]) - got).abs().max() > 1e-3   # the ControlNet changed the result
+
+
+def test_from_unet_copies_the_down_path(diffusers_unet):
+    """The training start, as diffusers' ControlNetModel.from_unet: the UNet's embeddings, down path
+    and middle block, zero convs; only the hint encoder's first convs are freshly drawn."""
+    from diffusers import ControlNetModel
+
+    unet, _, ours_unet, _ = pair(diffusers_unet)
+    theirs = to_ours(dict(ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=HINT).state_dict()))
+    ours = SDXLControlNet.from_unet(ours_unet, hint_widths=HINT).state_dict()
+    assert ours.keys() == theirs.keys()
+    fresh = [k for k in ours if k.startswith("input_hint_block.") and not k.startswith(f"input_hint_block.{4 * len(HINT) - 2}.")]
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours if k not in fresh)
