@@ -153,3 +153,60 @@ def test_from_unet_copies_the_down_path(diffusers_unet):
     assert ours.keys() == theirs.keys()
     fresh = [k for k in ours if k.startswith("input_hint_block.") and not k.startswith(f"input_hint_block.{4 * len(HINT) - 2}.")]
     assert all(torch.equal(ours[k], theirs[k]) for k in ours if k not in fresh)
+
+
+@pytest.mark.usefixtures("reference_matmuls")
+@torch.no_grad()
+def test_two_controlnets_sum_as_diffusers_multi(diffusers_unet, unet_inputs):
+    """Two ControlNets at different scales: their residuals summed, as MultiControlNetModel does."""
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+    from diffcore.api import Control
+    from diffcore_sdxl.controlnet import SDXLControl, residuals
+
+    unet, a, ours_unet, ours_a = pair(diffusers_unet, seed=0)
+    _, b, _, ours_b = pair(diffusers_unet, seed=4)
+    params = VARIANTS["tiny"]
+    x, t, context, pooled, time_ids = unet_inputs(params)
+    g = torch.Generator().manual_seed(8)
+    ca, cb = torch.rand(1, 3, 16, 16, generator=g), torch.rand(1, 3, 16, 16, generator=g)
+    added = {"text_embeds": pooled, "time_ids": time_ids}
+    down, mid = MultiControlNetModel([a, b])(x, t, encoder_hidden_states=context, controlnet_cond=[
+        ca.expand(2, -1, -1, -1), cb.expand(2, -1, -1, -1)], conditioning_scale=[0.6, 1.1], added_cond_kwargs=added,
+        return_dict=False)
+    expected = unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added,
+                    down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+    controls = [SDXLControl(ours_a, ca, Control(path="a", image=ca[0], scale=0.6)),
+                SDXLControl(ours_b, cb, Control(path="b", image=cb[0], scale=1.1))]
+    y = label_vector(pooled, time_ids, params.time_embed_scalar_dim)
+    got = ours_unet(x, t, context, y, **residuals(controls, x, t, context, y))
+    assert (got - expected).abs().max().item() <= TOL
+
+
+def test_control_errors(tiny_pipelines, tmp_path):
+    """Through the bundle's conditions: a FLUX.1 ControlNet file, a control image of another aspect
+    ratio, and a mode for a ControlNet that has none are each a ConfigError naming the table."""
+    from diffcore.api import ConfigError, Control, GenerationRequest
+    from diffcore_sdxl.bundle import SDXLBundle
+    from diffcore_sdxl.load import load_unet
+    from diffcore_sdxl.text import SDXLText
+
+    folder, _ = tiny_pipelines["base"]
+    bundle = SDXLBundle(network=load_unet(folder), text=SDXLText.from_folder(folder), latent_scale=2)
+    net = SDXLControlNet(ControlNetParams(VARIANTS["tiny"], hint_widths=HINT))
+    save_file_atomic(dict(net.state_dict()), tmp_path / "cn.safetensors")
+    save_file_atomic({"controlnet_blocks.0.weight": torch.zeros(2, 2)}, tmp_path / "flux.safetensors")
+
+    def request(**control):
+        control = {"path": str(tmp_path / "cn.safetensors"), "image": torch.zeros(3, 16, 16), **control}
+        return GenerationRequest(batch=1, prompts=["a cat"], height=16, width=16, controls=[Control(**control)])
+
+    assert bundle.conditions(request())["cond"]["control"][0].net.params.hint_widths == HINT
+    with pytest.raises(ConfigError, match=r"control\[0\]\.path.*flux\.safetensors: not an SDXL ControlNet"):
+        bundle.conditions(request(path=str(tmp_path / "flux.safetensors")))
+    with pytest.raises(ConfigError, match=r"control\[0\]\.image.*16x8 pixels and the output 16x16"):
+        bundle.conditions(request(image=torch.zeros(3, 8, 16)))
+    with pytest.raises(ConfigError, match=r"control\[0\]\.image.*expected an RGB image"):
+        bundle.conditions(request(image=torch.zeros(1, 16, 16)))
+    with pytest.raises(ConfigError, match=r"control\[0\]\.mode"):
+        bundle.conditions(request(mode=1))
