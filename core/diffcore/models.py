@@ -100,6 +100,9 @@ class ModelBundle:
     # ``diffcore.sampling.schedules.ddpm_sigma_table()``; the denoiser then passes ``forward`` that
     # fractional timestep instead of sigma. None: the network takes sigma itself.
     sigma_table: torch.Tensor | None = None
+    #: Families that run ControlNets (``GenerationRequest.controls``) say so; the pipeline refuses
+    #: a request with controls for any other, rather than ignoring them.
+    takes_controls: ClassVar[bool] = False
 
     @property
     def num_classes(self) -> int | None:

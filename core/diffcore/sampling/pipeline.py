@@ -95,6 +95,9 @@ class Pipeline:
                 callback: Callback | None = None, progress: bool = False) -> torch.Tensor:
         """The sampler's final latents (not decoded) for ``request``."""
         bundle = self.bundle
+        if request.controls and not bundle.takes_controls:
+            raise ConfigError(f"this model ({type(bundle).__name__}) runs no ControlNets: remove the [[control]] "
+                              f"tables (FLUX.1 and SDXL take them)", path="control")
         noise = torch.randn((request.batch, *bundle.latent_shape(request)), generator=generator).to(self.device)
         sigmas = self.sigmas(request).to(self.device)
         with torch.no_grad():

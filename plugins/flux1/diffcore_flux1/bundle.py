@@ -14,7 +14,7 @@ The request's images (pixel tensors in [-1, 1]) become conditioning once per req
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import torch
@@ -48,6 +48,7 @@ class FluxBundle(ModelBundle):
     dtype: torch.dtype = torch.float32
     resize_references: bool = True
     controlnets: dict[str, Any] = attrs.Factory(dict)   # loaded for [[control]] tables, by path
+    takes_controls: ClassVar[bool] = True
 
     @property
     def device(self) -> torch.device:

@@ -11,7 +11,7 @@ own text encoders and label embedding; the branch tensors carry both experts' co
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import torch
@@ -92,6 +92,7 @@ class SDXLBundle(ModelBundle):
     micro: MicroConditioning = attrs.Factory(MicroConditioning)
     refiner: Expert | None = None
     controlnets: dict[str, Any] = attrs.Factory(dict)   # loaded for [[control]] tables, by path
+    takes_controls: ClassVar[bool] = True
 
     @property
     def base(self) -> Expert:
