@@ -83,6 +83,7 @@ _NAMES = {
     "vae_params_from_shapes": "diffcore.nn.autoencoder_keys",
     "vae_params_from_diffusers": "diffcore.nn.autoencoder_keys",
     "vae_diffusers_config": "diffcore.nn.autoencoder_keys",
+    "canny": "diffcore.nn.control",
     "hint_encoder": "diffcore.nn.control",
     "hint_from_diffusers": "diffcore.nn.control",
     "hint_widths": "diffcore.nn.control",

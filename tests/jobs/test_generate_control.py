@@ -68,3 +68,24 @@ image = "{tmp_path / 'edges.png'}"
     with plugins_for_test(), pytest.raises(ConfigError, match=r"control.*runs no ControlNets"):
         run(tmp_path / "job.toml")
     assert not (tmp_path / "out" / "sample-0000.png").exists()
+
+
+def test_canny_preprocessing_gives_the_edge_map_at_the_output_size(tmp_path):
+    """``canny = [low, high]``: the control image becomes white-on-black edges (3 channels), computed
+    after the resize to height x width; the aspect ratio is checked first."""
+    from PIL import Image
+
+    from diffcore.io.images import load_image
+    from diffcore.jobs.generate import ControlSettings, GenerateSettings, control_inputs
+    from diffcore.nn.control import canny
+
+    image = Image.new("RGB", (64, 32))
+    image.paste((255, 255, 255), (16, 8, 48, 24))
+    image.save(tmp_path / "photo.png")
+    table = ControlSettings(path=str(tmp_path), image=str(tmp_path / "photo.png"), canny=[100, 200])
+    (control,) = control_inputs([table], GenerateSettings(height=16, width=32))
+    expected = canny(load_image(tmp_path / "photo.png", size=(16, 32))).float() * 2 - 1
+    assert control.image.shape == (3, 16, 32) and torch.equal(control.image, expected.expand(3, -1, -1))
+    assert expected.max() == 1 and expected.min() == -1
+    with pytest.raises(ConfigError, match=r"control\[0\]\.image.*another aspect ratio"):
+        control_inputs([table], GenerateSettings(height=32, width=32))

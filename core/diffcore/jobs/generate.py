@@ -61,7 +61,8 @@ class ControlSettings:
     """One ``[[control]]`` table: a ControlNet (``path``: its file or diffusers folder, loaded by the
     model's family), its conditioning image, the scale of its residuals and the fractions of the
     schedule it acts on (diffusers' ``control_guidance_start`` / ``_end``); ``mode`` picks the
-    control type of a Union ControlNet."""
+    control type of a Union ControlNet; ``canny = [low, high]`` turns a photo into the edge map a
+    Canny ControlNet expects (``diffcore.nn.control.canny``, OpenCV's algorithm)."""
 
     path: str = attrs.field(validator=local_path)
     image: str = attrs.field(validator=local_path)
@@ -69,11 +70,18 @@ class ControlSettings:
     start: float = attrs.field(default=0.0, validator=[v.ge(0), v.le(1)])
     end: float = attrs.field(default=1.0, validator=[v.ge(0), v.le(1)])
     mode: int | None = attrs.field(default=None, validator=v.optional(v.ge(0)))
+    canny: list[float] | None = attrs.field(default=None, validator=lambda _, a, x: _thresholds(a, x))
 
     def __attrs_post_init__(self) -> None:
         if self.start >= self.end:
             raise ConfigError(f"start ({self.start}) must be before end ({self.end}): the fractions of the "
                               f"schedule the ControlNet acts on", path="start")
+
+
+def _thresholds(attribute: attrs.Attribute, value: list[float] | None) -> None:
+    """``canny = [low, high]``: the edge map's hysteresis thresholds (OpenCV's, 0..1020 for 8-bit)."""
+    if value is not None and (len(value) != 2 or min(value) < 0):
+        raise ConfigError(f"expected [low, high] hysteresis thresholds (each >= 0), got {value}", path=attribute.name)
 
 
 @attrs.define(kw_only=True)
@@ -240,9 +248,11 @@ def _image_inputs(s: GenerateSettings, bundle: Any) -> dict[str, Any]:
 def control_inputs(tables: list[ControlSettings], s: GenerateSettings) -> list[Any]:
     """The ``[[control]]`` tables as the request's ``Control``s, each image read as RGB in [-1, 1]
     and, when ``height`` and ``width`` are set, checked for their aspect ratio and resized to them
-    (Lanczos, as diffusers' control pipelines do)."""
+    (Lanczos, as diffusers' control pipelines do). ``canny`` replaces the image by its edge map at
+    that size."""
     from diffcore.io.images import load_image
     from diffcore.models import Control
+    from diffcore.nn.control import canny
 
     size = (s.height, s.width) if s.height and s.width else None
     out = []
@@ -254,6 +264,9 @@ def control_inputs(tables: list[ControlSettings], s: GenerateSettings) -> list[A
                 control.check_image(*size, where=f"control[{i}]")
                 if tuple(control.image.shape[-2:]) != size:
                     control = attrs.evolve(control, image=load_image(t.image, size=size))
+            if t.canny is not None:   # white edges on black, as ControlNet canny models were trained on
+                edges = canny(control.image, *t.canny).float() * 2 - 1
+                control = attrs.evolve(control, image=edges.expand(3, -1, -1).contiguous())
         except ConfigError as exc:
             raise ConfigError(exc.detail, path=exc.path or f"control[{i}].image") from None
         out.append(control)
