@@ -197,6 +197,18 @@ class ModelBundle:
         the condition is replaced by the unconditional one (for classifier-free guidance)."""
         return {}
 
+    def new_controlnet(self, **options: Any) -> nn.Module:
+        """A ControlNet to train for ``network``, initialised from it (the ``controlnet`` trainer)."""
+        from diffcore.errors import ConfigError
+
+        raise ConfigError(f"{type(self).__name__} has no ControlNets to train", path="trainer")
+
+    def control_inputs(self, controlnet: nn.Module, image: torch.Tensor, *, scale: float = 1.0) -> Conditioning:
+        """The ``forward`` kwargs that run ``controlnet`` on conditioning images (B, 3, H, W) in [-1, 1]."""
+        from diffcore.errors import ConfigError
+
+        raise ConfigError(f"{type(self).__name__} has no ControlNets to train", path="trainer")
+
     #: LoRA target presets: name -> ``fnmatch`` patterns over ``network.named_modules()`` names.
     #: Families define at least ``attention``, ``attention-mlp`` and ``all-linear``.
     lora_presets: ClassVar[dict[str, list[str]]] = {}

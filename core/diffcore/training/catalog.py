@@ -35,6 +35,33 @@ def build_full(config: FullConfig, bundle: Any) -> Any:
     return FullTrainer(config, bundle)
 
 
+@attrs.frozen
+class ControlNetConfig:
+    """The ``controlnet`` trainer: ``conditioning`` is ``canny`` (the edges of each image, with the
+    ``canny`` [low, high] thresholds) or ``precomputed`` (the dataset's ``conditioning_image``);
+    ``scale`` the residuals' factor while training; ``options`` go to the family's
+    ``new_controlnet`` (FLUX.1: ``depth``, ``depth_single_blocks``); the objective's fields as
+    ``full``'s, ``cond_dropout`` dropping captions only."""
+
+    conditioning: Literal["canny", "precomputed"] = "canny"
+    canny: tuple[float, float] = attrs.field(default=(100.0, 200.0), converter=tuple)
+    scale: float = attrs.field(default=1.0, validator=v.gt(0))
+    options: dict[str, Any] = attrs.Factory(dict)
+    timestep_sampling: Literal["uniform", "logit-normal", "shifted"] = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = attrs.field(default=1.0, validator=v.gt(0))
+    shift: float = attrs.field(default=1.0, validator=v.gt(0))
+    cond_dropout: float = attrs.field(default=0.0, validator=[v.ge(0), v.le(1)])
+
+
+def build_controlnet(config: ControlNetConfig, bundle: Any) -> Any:
+    from diffcore.training.controlnet import ControlNetTrainer
+
+    return ControlNetTrainer(config, bundle)
+
+
 def register_trainers(register):
     register("full", build_full, config=FullConfig,
              description="full fine-tune of the network on its objective (flow / epsilon / v), label dropout for CFG")
+    register("controlnet", build_controlnet, config=ControlNetConfig,
+             description="a ControlNet from the base network, trained on (image, caption, conditioning image); base frozen")

@@ -22,7 +22,8 @@ from einops import rearrange
 from torch import Tensor
 
 from diffcore.api import ConfigError, GenerationRequest, ModelBundle
-from diffcore_flux1.controlnet import FluxControl, control_conditions, schedule_controls
+from diffcore_flux1.controlnet import (FluxControl, control_conditions, new_controlnet, schedule_controls,
+                                       training_controls)
 from diffcore_flux1.images import fill_condition, fit, kontext_size, token_multiple
 from diffcore_flux1.model import attention_alias
 from diffcore_flux1.offload import Offload
@@ -114,6 +115,12 @@ class FluxBundle(ModelBundle):
                   **self.image_conditions(request, batch), **control_conditions(self, request)}
         return {key: {"txt": txt.to(self.device), "vec": vec.to(self.device), **shared}
                 for key, (txt, vec) in branches.items()}
+
+    def new_controlnet(self, **options: Any) -> torch.nn.Module:
+        return new_controlnet(self, **options)
+
+    def control_inputs(self, controlnet: torch.nn.Module, image: Tensor, *, scale: float = 1.0) -> dict[str, Any]:
+        return training_controls(self, controlnet, image, scale)
 
     def schedule_conditions(self, conditions: dict[str, dict[str, Any]], times: Tensor) -> dict[str, dict[str, Any]]:
         """ControlNets learn the schedule's times, for their start / end."""

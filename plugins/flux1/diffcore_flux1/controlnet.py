@@ -153,10 +153,18 @@ class FluxControlNet(nn.Module):
 _XLABS = {"pos_embed_input.": "controlnet_x_embedder."}
 
 
+def trained_part(sd: dict[str, Any]) -> dict[str, Any]:
+    """A training checkpoint's model file (the core ``controlnet`` trainer: ``controlnet.*``, maybe
+    beside the frozen base's keys) -> the ControlNet's keys; other files unchanged."""
+    if not any(k.startswith("controlnet.") for k in sd):
+        return sd
+    return {k.removeprefix("controlnet."): v for k, v in sd.items() if k.startswith("controlnet.")}
+
+
 def to_ours(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """diffusers' (``x_embedder``, ``transformer_blocks``, ``input_hint_block.conv_in``) or XLabs'
     (BFL blocks, ``pos_embed_input``) ControlNet keys -> ours; unknown keys pass, to be reported."""
-    sd = hint_from_diffusers(sd, "input_hint_block")
+    sd = hint_from_diffusers(trained_part(sd), "input_hint_block")
     sd = {next((new + k[len(old):] for old, new in _XLABS.items() if k.startswith(old)), k): v for k, v in sd.items()}
     return diffusers_to_bfl(sd) if "x_embedder.weight" in sd else sd
 
@@ -197,7 +205,7 @@ def controlnet_params(path: str | Path, base: FluxParams) -> ControlNetParams:
     for file in checkpoint_files(weights):
         if file.suffix == ".safetensors":
             check_safetensors(file)
-    shapes = tensor_shapes(weights)
+    shapes = trained_part(tensor_shapes(weights))
     kind = _file_kind(set(shapes))
     if kind is not None:
         raise CheckpointError(f"{weights}: not a FLUX.1 ControlNet: the keys are those of {kind}")
@@ -323,3 +331,23 @@ def schedule_controls(conditions: Mapping[str, dict[str, Any]], times: Tensor) -
         for control in cond.get("control", ()):
             control.times = times
     return dict(conditions)
+
+
+# -- training -------------------------------------------------------------------------------------
+
+def new_controlnet(bundle: Any, depth: int = 4, depth_single_blocks: int = 10) -> FluxControlNet:
+    """The ``controlnet`` trainer's start: ``FluxControlNet.from_transformer`` (diffusers' training
+    script defaults: 4 double, 10 single blocks), on the transformer's device and dtype."""
+    first = next(bundle.network.parameters())
+    return FluxControlNet.from_transformer(bundle.network, depth, depth_single_blocks).to(first.device, first.dtype)
+
+
+def training_controls(bundle: Any, net: FluxControlNet, image: Tensor, scale: float) -> dict[str, list[FluxControl]]:
+    """``forward``'s ``control`` for training: conditioning images (B, 3, H, W) in [-1, 1] as packed latents."""
+    from diffcore.api import Control
+    from diffcore_flux1.vae import pack
+
+    with torch.no_grad():
+        cond = pack(bundle.vae_encode(image))
+    control = Control(path="(trained)", image=image[0], scale=scale)
+    return {"control": [FluxControl(net, cond.to(next(net.parameters()).dtype), control)]}

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffcore.api import CheckpointError, save_file_atomic
+from diffcore.api import CheckpointError, GenerationRequest, save_file_atomic
 from diffcore_flux1.controlnet import FluxControlNet, controlnet_params, load_controlnet, to_ours
 from diffcore_flux1.convert import diffusers_to_bfl
 from diffcore_flux1.model import VARIANTS, Flux
@@ -302,3 +302,23 @@ def test_from_transformer_matches_diffusers():
     expected = to_ours(dict(theirs.state_dict()))
     assert ours.state_dict().keys() == expected.keys()
     assert all(torch.equal(ours.state_dict()[k], v) for k, v in expected.items())
+
+
+@torch.no_grad()
+def test_bundle_makes_a_controlnet_to_train(controlnet_setup):
+    """``new_controlnet`` (the core controlnet trainer's start) copies the transformer's first blocks;
+    ``control_inputs`` runs it on conditioning images through ``forward``: a no-op until trained,
+    a change once its projections are not zero."""
+    from diffcore_flux1.plugin import Flux1Config, build_flux1
+
+    folder, root, _ = controlnet_setup
+    bundle = build_flux1(Flux1Config(path=str(folder), vae=str(root / "vae"), dtype="float32", max_sequence_length=16))
+    net = bundle.new_controlnet(depth=1, depth_single_blocks=1)
+    assert torch.equal(net.double_blocks[0].img_attn.qkv.weight, bundle.network.double_blocks[0].img_attn.qkv.weight)
+    image = torch.rand(2, 3, 32, 48) * 2 - 1
+    cond = bundle.conditions(GenerationRequest(batch=2, prompts=["a", "b"], height=32, width=48))["cond"]
+    x, sigma = torch.randn(2, 64, 8, 12), torch.tensor([0.7, 0.3])
+    plain = bundle.forward(x, sigma, **cond)
+    assert torch.equal(bundle.forward(x, sigma, **cond, **bundle.control_inputs(net, image)), plain)
+    randomize(net.controlnet_blocks, 3)
+    assert (bundle.forward(x, sigma, **cond, **bundle.control_inputs(net, image, scale=0.5)) - plain).abs().max() > 1e-3

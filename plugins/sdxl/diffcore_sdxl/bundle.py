@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from diffcore.api import ConfigError, ModelBundle, ddpm_sigma_table
 
-from diffcore_sdxl.controlnet import SDXLControl, control_conditions, residuals, schedule_controls
+from diffcore_sdxl.controlnet import (SDXLControl, control_conditions, new_controlnet, residuals, schedule_controls,
+                                      training_controls)
 from diffcore_sdxl.model import UNet, attention_alias, label_vector
 from diffcore_sdxl.text import SDXLText, micro_conditioning
 
@@ -144,6 +145,12 @@ class SDXLBundle(ModelBundle):
             cond.update(refiner_context=r_cond["context"], refiner_y=r_cond["y"])
             uncond.update(refiner_context=r_uncond["context"], refiner_y=r_uncond["y"])
         return {"cond": {**cond, **control}, "uncond": {**uncond, **control}}
+
+    def new_controlnet(self, **options: Any) -> nn.Module:
+        return new_controlnet(self, **options)
+
+    def control_inputs(self, controlnet: nn.Module, image: Tensor, *, scale: float = 1.0) -> dict[str, Any]:
+        return training_controls(controlnet, image, scale)
 
     def schedule_conditions(self, conditions: dict[str, dict[str, Any]], times: Tensor) -> dict[str, dict[str, Any]]:
         """ControlNets learn the schedule's times, for their start / end."""

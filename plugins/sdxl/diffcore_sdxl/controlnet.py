@@ -104,8 +104,17 @@ def skip_widths(p: UNetParams) -> list[int]:
 
 # -- files ----------------------------------------------------------------------------------------
 
+def trained_part(sd: dict[str, Any]) -> dict[str, Any]:
+    """A training checkpoint's model file (the core ``controlnet`` trainer: ``controlnet.*``, maybe
+    beside the frozen base's keys) -> the ControlNet's keys; other files unchanged."""
+    if not any(k.startswith("controlnet.") for k in sd):
+        return sd
+    return {k.removeprefix("controlnet."): v for k, v in sd.items() if k.startswith("controlnet.")}
+
+
 def to_ours(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """diffusers' ``ControlNetModel`` keys -> SGM's (ours); SGM keys pass, unknown keys too."""
+    sd = trained_part(sd)
     if "conv_in.weight" not in sd and not any(k.startswith("down_blocks.") for k in sd):
         return sd
     sd = diffusers_to_stability(sd)
@@ -148,7 +157,7 @@ def controlnet_params(path: str | Path, base: UNetParams) -> ControlNetParams:
     weights, _ = _weights(Path(path))
     if weights.suffix == ".safetensors":
         check_safetensors(weights)
-    shapes = tensor_shapes(weights)
+    shapes = trained_part(tensor_shapes(weights))
     keys = set(shapes)
     if any(k.startswith(("controlnet_blocks.", "controlnet_single_blocks.")) for k in keys):
         raise CheckpointError(f"{weights}: not an SDXL ControlNet: the keys are those of a FLUX.1 ControlNet "
@@ -268,3 +277,28 @@ def schedule_controls(conditions: Mapping[str, dict[str, Any]], times: Tensor) -
         for control in cond.get("control", ()):
             control.times = times
     return dict(conditions)
+
+
+# -- training -------------------------------------------------------------------------------------
+
+def new_controlnet(bundle: Any, hint_widths: tuple[int, ...] | None = None) -> SDXLControlNet:
+    """The ``controlnet`` trainer's start: ``SDXLControlNet.from_unet`` of the base UNet, its hint
+    encoder halving as often as the VAE downsamples (SDXL's 8x: diffusers' four widths)."""
+    import math
+
+    halvings = int(math.log2(bundle.latent_scale))
+    widths = tuple(hint_widths) if hint_widths else HINT_WIDTHS[:halvings + 1]
+    if 2 ** (len(widths) - 1) != bundle.latent_scale:
+        raise ConfigError(f"hint_widths {widths} halve {len(widths) - 1} times; the latents are 1/{bundle.latent_scale} "
+                          f"of the image", path="trainer.options.hint_widths")
+    first = next(bundle.network.parameters())
+    return SDXLControlNet.from_unet(bundle.network, widths).to(first.device, first.dtype)
+
+
+def training_controls(net: SDXLControlNet, image: Tensor, scale: float) -> dict[str, list[SDXLControl]]:
+    """``forward``'s ``control`` for training: conditioning images (B, 3, H, W) in [-1, 1] as [0, 1]."""
+    from diffcore.api import Control
+
+    dtype = next(net.parameters()).dtype
+    control = Control(path="(trained)", image=image[0], scale=scale)
+    return {"control": [SDXLControl(net, ((image.float() + 1) / 2).to(dtype), control)]}

@@ -1,0 +1,68 @@
+"""The ``controlnet`` trainer: a ControlNet initialised from the base network (diffusers'
+``train_controlnet*.py``: ``ControlNetModel.from_unet``, ``FluxControlNetModel.from_transformer``)
+learns to steer it from (image, caption, conditioning image) triples; the base stays frozen.
+
+The ControlNet becomes a submodule of ``bundle.network`` (``network.controlnet``), so the loop's
+optimizer, EMA, checkpoints and exact resume carry it; ``state_dict`` / ``load_state_dict`` keep a
+checkpoint's model file to the ControlNet where the loop asks the trainer what to save. Conditioning
+images are the batch's ``conditioning_image`` (``conditioning = "precomputed"``: a dataset gives
+them, (B, 3, H, W) in [-1, 1]) or the Canny edges of its ``image`` (``"canny"``, computed per step).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffcore.errors import ConfigError
+from diffcore.nn.control import canny
+from diffcore.training.objectives import TimestepSampler, diffusion_loss
+
+
+class ControlNetTrainer:
+    """Trains only ``bundle.network.controlnet`` (made by ``bundle.new_controlnet(**options)``) on the
+    bundle's objective, with the residuals at ``scale``; ``cond_dropout`` drops captions (not the
+    control image), as diffusers' ``proportion_empty_prompts``."""
+
+    def __init__(self, config: Any, bundle: Any):
+        self.config = config
+        network: nn.Module = bundle.network
+        network.requires_grad_(False)
+        if not hasattr(network, "controlnet"):
+            network.add_module("controlnet", bundle.new_controlnet(**dict(config.options)))
+        self.controlnet: nn.Module = network.controlnet
+        self.controlnet.requires_grad_(True)
+        self.timesteps = TimestepSampler(config.timestep_sampling, config.logit_mean, config.logit_std, config.shift)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.controlnet.parameters())
+
+    def state_dict(self, network: nn.Module) -> dict[str, torch.Tensor]:
+        """What a checkpoint's model file holds: the ControlNet alone, as ``controlnet.*`` (the
+        families' ControlNet loaders read such a file directly)."""
+        return {f"controlnet.{k}": v for k, v in self.controlnet.state_dict().items()}
+
+    def load_state_dict(self, network: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+        self.controlnet.load_state_dict({k.removeprefix("controlnet."): v for k, v in saved.items()
+                                         if k.startswith("controlnet.")})
+
+    def conditioning_image(self, batch: dict[str, Any]) -> torch.Tensor:
+        if self.config.conditioning == "precomputed":
+            if "conditioning_image" not in batch:
+                raise ConfigError("conditioning = \"precomputed\" needs a dataset giving conditioning_image with each "
+                                  "image (or use conditioning = \"canny\")", path="trainer.conditioning")
+            return batch["conditioning_image"]
+        if "image" not in batch:
+            raise ConfigError("conditioning = \"canny\" computes the edges of each batch's images, but this batch holds "
+                              "cached latents only: turn the latent cache off or use \"precomputed\"",
+                              path="trainer.conditioning")
+        low, high = self.config.canny
+        edges = torch.stack([canny(image.cpu(), low, high) for image in batch["image"]])
+        return (edges.float() * 2 - 1)[:, None].expand(-1, 3, -1, -1).to(batch["image"].device)
+
+    def loss(self, bundle: Any, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        cond = bundle.training_inputs(batch, dropout=self.config.cond_dropout, generator=generator)
+        cond.update(bundle.control_inputs(self.controlnet, self.conditioning_image(batch), scale=self.config.scale))
+        return diffusion_loss(bundle, bundle.training_latents(batch), cond, generator, self.timesteps)
