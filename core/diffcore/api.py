@@ -87,6 +87,7 @@ _NAMES = {
     "hint_encoder": "diffcore.nn.control",
     "hint_from_diffusers": "diffcore.nn.control",
     "hint_widths": "diffcore.nn.control",
+    "trained_part": "diffcore.nn.control",
     "zero_": "diffcore.nn.control",
     # the family toolbox: key conversion helpers (diffcore.nn.keys)
     "Offload": "diffcore.nn.offload",

@@ -4,13 +4,15 @@
 at the latent's resolution (diffusers' ``ControlNetConditioningEmbedding``), in the original
 checkpoints' layout: one ``nn.Sequential`` whose convs sit at even indices (lllyasviel's
 ``input_hint_block``, which XLabs' FLUX.1 ControlNets and SGM's ControlNets keep).
-``hint_from_diffusers`` renames diffusers' ``conv_in`` / ``blocks.i`` / ``conv_out`` to those indices.
+``hint_from_diffusers`` renames diffusers' ``conv_in`` / ``blocks.i`` / ``conv_out`` to those indices;
+``trained_part`` reads a ControlNet out of a training checkpoint; ``canny`` makes edge maps.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -54,6 +56,14 @@ def hint_widths(shapes: dict[str, tuple[int, ...]], prefix: str) -> tuple[tuple[
     weights = [shapes[f"{prefix}.{i}.weight"] for i in convs]
     widths = (weights[0][0], *(w[0] for w in weights[2:-1:2]))
     return tuple(int(w) for w in widths), int(weights[-1][0]), int(weights[0][1])
+
+
+def trained_part(sd: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint of the core's ``controlnet`` trainer (``controlnet.*`` keys, maybe beside the
+    frozen base's) -> the ControlNet's own keys; any other file's keys unchanged."""
+    if not any(k.startswith("controlnet.") for k in sd):
+        return sd
+    return {k.removeprefix("controlnet."): v for k, v in sd.items() if k.startswith("controlnet.")}
 
 
 def zero_(module: nn.Module) -> nn.Module:

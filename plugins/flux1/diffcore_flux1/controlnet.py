@@ -40,6 +40,7 @@ from diffcore.api import (
     load_model,
     read_config_json,
     tensor_shapes,
+    trained_part,
     timestep_embedding,
     zero_,
 )
@@ -151,14 +152,6 @@ class FluxControlNet(nn.Module):
 # -- files ----------------------------------------------------------------------------------------
 
 _XLABS = {"pos_embed_input.": "controlnet_x_embedder."}
-
-
-def trained_part(sd: dict[str, Any]) -> dict[str, Any]:
-    """A training checkpoint's model file (the core ``controlnet`` trainer: ``controlnet.*``, maybe
-    beside the frozen base's keys) -> the ControlNet's keys; other files unchanged."""
-    if not any(k.startswith("controlnet.") for k in sd):
-        return sd
-    return {k.removeprefix("controlnet."): v for k, v in sd.items() if k.startswith("controlnet.")}
 
 
 def to_ours(sd: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -30,6 +30,7 @@ from diffcore.api import (
     load_model,
     read_config_json,
     tensor_shapes,
+    trained_part,
     zero_,
 )
 from diffcore_sdxl.convert import diffusers_to_stability, infer_params
@@ -58,9 +59,17 @@ class SDXLControlNet(nn.Module):
     def __init__(self, params: ControlNetParams):
         super().__init__()
         self.params = params
-        unet = UNet(params.unet)   # the down path and its embeddings are the UNet's, so its keys are too
+        here = torch.empty(0).device   # the device modules are being built on (meta inside load_model)
+        with torch.device("meta"):     # the down path is the UNet's (so its keys are too); its up path is never made
+            unet = UNet(params.unet)
         self.time_embed, self.label_emb = unet.time_embed, unet.label_emb
         self.input_blocks, self.middle_block = unet.input_blocks, unet.middle_block
+        if here.type != "meta":
+            for part in (self.time_embed, self.label_emb, self.input_blocks, self.middle_block):
+                part.to_empty(device=here)
+                for module in part.modules():
+                    if hasattr(module, "reset_parameters"):
+                        module.reset_parameters()
         self.input_hint_block = hint_encoder(params.hint_widths, params.unet.model_channels, params.hint_channels)
         zero_(self.input_hint_block[-1])
         widths = skip_widths(params.unet)
@@ -103,14 +112,6 @@ def skip_widths(p: UNetParams) -> list[int]:
 
 
 # -- files ----------------------------------------------------------------------------------------
-
-def trained_part(sd: dict[str, Any]) -> dict[str, Any]:
-    """A training checkpoint's model file (the core ``controlnet`` trainer: ``controlnet.*``, maybe
-    beside the frozen base's keys) -> the ControlNet's keys; other files unchanged."""
-    if not any(k.startswith("controlnet.") for k in sd):
-        return sd
-    return {k.removeprefix("controlnet."): v for k, v in sd.items() if k.startswith("controlnet.")}
-
 
 def to_ours(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """diffusers' ``ControlNetModel`` keys -> SGM's (ours); SGM keys pass, unknown keys too."""
