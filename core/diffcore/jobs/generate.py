@@ -161,8 +161,8 @@ def generate_images(pipeline: Any, s: GenerateSettings, *, names: dict[str, str]
                 params.append({**names, "sampling_steps": steps, "cfg_scale": cfg_scale, "seed": seed,
                                "index": start + i, **({"strength": s.strength} if s.init_image else {}),
                                **({"class_label": int(labels[start + i])} if labels is not None else {}),
-                               **({"control": [{"path": c.path, "image": c.image, "scale": c.scale,
-                                                "start": c.start, "end": c.end} for c in controls]} if controls else {}),
+                               **({"control": [attrs.asdict(c, filter=lambda _, v: v is not None)
+                                               for c in controls]} if controls else {}),
                                **({"prompt": prompts[start + i]} if prompts else {})})
     return torch.cat(images), params
 
