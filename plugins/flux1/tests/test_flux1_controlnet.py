@@ -164,6 +164,9 @@ def test_loading_files_and_errors(tmp_path):
     theirs = dict(control.state_dict())
     ours = to_ours(dict(theirs))
     assert all(torch.equal(net.state_dict()[k], v) for k, v in ours.items())
+    save_file_atomic({k: v.contiguous() for k, v in theirs.items()}, tmp_path / "instantx.safetensors")
+    single = load_controlnet(tmp_path / "instantx.safetensors", base)   # diffusers keys, no config.json
+    assert single.params == net.params
 
     # XLabs: BFL block names, pos_embed_input, input_hint_block.N
     from diffusers import FluxControlNetModel

@@ -80,6 +80,8 @@ def test_loading_files_and_errors(diffusers_unet, tmp_path):
     net = load_controlnet(tmp_path / "diffusers", VARIANTS["tiny"])
     assert net.params == ControlNetParams(VARIANTS["tiny"], hint_widths=HINT)
     assert all(torch.equal(net.state_dict()[k], v) for k, v in ours.state_dict().items())
+    save_file_atomic({k: v.contiguous() for k, v in control.state_dict().items()}, tmp_path / "diffusers.safetensors")
+    assert load_controlnet(tmp_path / "diffusers.safetensors", VARIANTS["tiny"]).params == net.params
     save_file_atomic(dict(ours.state_dict()), tmp_path / "sgm.safetensors")
     assert load_controlnet(tmp_path / "sgm.safetensors", VARIANTS["tiny"]).params == net.params
 
