@@ -42,6 +42,13 @@ def register_trainers(register):
 
 
 @hookimpl
+def register_conditioning(register):
+    from diffcore.training import catalog
+
+    catalog.register_conditioning(register)
+
+
+@hookimpl
 def register_jobs(register):
     from diffcore.jobs import catalog
 

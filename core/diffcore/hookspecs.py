@@ -37,6 +37,11 @@ def register_trainers(register):
 
 
 @hookspec
+def register_conditioning(register):
+    """Register conditioning-image makers for ControlNet training (``canny``; ``depth`` from a plugin)."""
+
+
+@hookspec
 def register_datasets(register):
     """Register datasets."""
 

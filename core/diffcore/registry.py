@@ -9,7 +9,7 @@ import attrs
 
 from diffcore.errors import PluginError, did_you_mean
 
-KINDS = ("models", "schedules", "samplers", "guidance", "trainers", "datasets", "jobs")
+KINDS = ("models", "schedules", "samplers", "guidance", "trainers", "conditioning", "datasets", "jobs")
 
 
 def singular(kind: str) -> str:

@@ -60,6 +60,10 @@ def test_hook_register_trainers():
     _check("trainers")
 
 
+def test_hook_register_conditioning():
+    _check("conditioning")
+
+
 def test_hook_register_datasets():
     _check("datasets")
 

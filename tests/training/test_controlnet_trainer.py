@@ -87,7 +87,7 @@ def build(folder):
         model = registry("models").get("sdxl")
         bundle = model.factory(structure({"path": str(folder), "dtype": "float32"}, model.config), device="cpu")
         trainer = registry("trainers").get("controlnet")
-        config = structure({"conditioning": "canny", "canny": [100, 200]}, trainer.config)
+        config = structure({"conditioning": "canny", "conditioning_options": {"low": 100, "high": 200}}, trainer.config)
         return bundle, trainer.factory(config, bundle)
 
 

@@ -37,14 +37,14 @@ def build_full(config: FullConfig, bundle: Any) -> Any:
 
 @attrs.frozen
 class ControlNetConfig:
-    """The ``controlnet`` trainer: ``conditioning`` is ``canny`` (the edges of each image, with the
-    ``canny`` [low, high] thresholds) or ``precomputed`` (the dataset's ``conditioning_image``);
-    ``scale`` the residuals' factor while training; ``options`` go to the family's
-    ``new_controlnet`` (FLUX.1: ``depth``, ``depth_single_blocks``); the objective's fields as
-    ``full``'s, ``cond_dropout`` dropping captions only."""
+    """The ``controlnet`` trainer: ``conditioning`` names the component that makes each batch's
+    conditioning images (``canny``, ``precomputed`` or a plugin's, e.g. ``depth``), with
+    ``conditioning_options`` its config table; ``scale`` the residuals' factor while training;
+    ``options`` go to the family's ``new_controlnet`` (FLUX.1: ``depth``, ``depth_single_blocks``);
+    the objective's fields as ``full``'s, ``cond_dropout`` dropping captions only."""
 
-    conditioning: Literal["canny", "precomputed"] = "canny"
-    canny: tuple[float, float] = attrs.field(default=(100.0, 200.0), converter=tuple)
+    conditioning: str = "canny"
+    conditioning_options: dict[str, Any] = attrs.Factory(dict)
     scale: float = attrs.field(default=1.0, validator=v.gt(0))
     options: dict[str, Any] = attrs.Factory(dict)
     timestep_sampling: Literal["uniform", "logit-normal", "shifted"] = "uniform"
@@ -58,6 +58,35 @@ def build_controlnet(config: ControlNetConfig, bundle: Any) -> Any:
     from diffcore.training.controlnet import ControlNetTrainer
 
     return ControlNetTrainer(config, bundle)
+
+
+@attrs.frozen
+class CannyConfig:
+    """OpenCV's Canny hysteresis thresholds (``diffcore.nn.control.canny``); 100 / 200 is the usual pair."""
+
+    low: float = attrs.field(default=100.0, validator=v.ge(0))
+    high: float = attrs.field(default=200.0, validator=v.ge(0))
+
+
+def build_canny(config: CannyConfig) -> Any:
+    from diffcore.training.controlnet import CannyConditioning
+
+    return CannyConditioning(config.low, config.high)
+
+
+def build_precomputed(config: Any) -> Any:
+    from diffcore.training.controlnet import precomputed
+
+    return precomputed
+
+
+def register_conditioning(register):
+    from diffcore.registry import NoConfig
+
+    register("canny", build_canny, config=CannyConfig,
+             description="the Canny edges of each training image (OpenCV's algorithm), white on black")
+    register("precomputed", build_precomputed, config=NoConfig,
+             description="the dataset's own conditioning_image beside each image")
 
 
 def register_trainers(register):
