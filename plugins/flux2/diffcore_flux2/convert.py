@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from diffcore.api import CheckpointError, meta_state, strip_prefix, swap_halves  # noqa: F401 (meta_state: for callers)
+from diffcore.api import CheckpointError, block_indices, meta_state, strip_prefix, swap_halves  # noqa: F401 (meta_state: for callers)
 from diffcore.api import detect_layout as layout_of
 from diffcore_flux2.params import TAGGED, VARIANTS, Flux2Params
 
@@ -231,14 +231,10 @@ def diffusers_modules(modules: Iterable[str]) -> list[tuple[str, str]]:
         return key.removesuffix(".weight")
 
     rows = [(module(d), module(b)) for b, d in {**_TOP, _FINAL_ADALN[0]: _FINAL_ADALN[1]}.items()]
-    for i in _indices(wanted, "double"):
+    for i in block_indices(wanted, "double_blocks"):
         pairs = [(d, b) for b, d in _DOUBLE.items()] + [(d, b) for b, ds in _DOUBLE_QKV.items() for d in ds]
         rows += [(f"transformer_blocks.{i}.{module(d)}", f"double_blocks.{i}.{module(b)}") for d, b in pairs]
-    for i in _indices(wanted, "single"):
+    for i in block_indices(wanted, "single_blocks"):
         rows += [(f"single_transformer_blocks.{i}.{module(d)}", f"single_blocks.{i}.{module(b)}")
                  for b, d in _SINGLE.items()]
     return [(d, b) for d, b in rows if b in wanted]
-
-
-def _indices(modules: set[str], kind: str) -> list[int]:
-    return sorted({int(m.group(1)) for n in modules if (m := re.match(rf"{kind}_blocks\.(\d+)\.", n))})
