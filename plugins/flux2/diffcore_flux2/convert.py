@@ -20,7 +20,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from diffcore.api import CheckpointError, block_indices, meta_state, strip_prefix, swap_halves  # noqa: F401 (meta_state: for callers)
+from diffcore.api import CheckpointError, meta_state, strip_prefix, swap_halves  # noqa: F401 (meta_state: for callers)
+from diffcore.api import block_indices
 from diffcore.api import detect_layout as layout_of
 from diffcore_flux2.params import TAGGED, VARIANTS, Flux2Params
 

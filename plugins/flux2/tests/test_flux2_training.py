@@ -162,8 +162,9 @@ def test_lora_targets_in_both_namings(flux2_folder):
     assert set(bundle.lora_targets(default)) == {*(f"double_blocks.{i}.img_attn.{p}" for i in range(2)
                                                    for p in ("qkv", "proj")),
                                                  *(f"single_blocks.{i}.linear{j}" for i in range(2) for j in (1, 2))}
-    assert set(bundle.lora_targets(["add_k_proj", "to_add_out", "ff_context.linear_in",
-                                    "transformer.transformer_blocks.1.attn.to_v", "x_embedder", "norm_out.linear"])) == {
+    diffusers_names = ["add_k_proj", "to_add_out", "ff_context.linear_in", "transformer.transformer_blocks.1.attn.to_v",
+                       "x_embedder", "norm_out.linear"]
+    assert set(bundle.lora_targets(diffusers_names)) == {
         "double_blocks.0.txt_attn.qkv", "double_blocks.1.txt_attn.qkv", "double_blocks.0.txt_attn.proj",
         "double_blocks.1.txt_attn.proj", "double_blocks.0.txt_mlp.0", "double_blocks.1.txt_mlp.0",
         "double_blocks.1.img_attn.qkv", "img_in", "final_layer.adaLN_modulation.1"}
@@ -186,3 +187,24 @@ def test_diffusers_names_cover_every_diffusers_linear(diffusers_transformer, to_
     diffusers_linears = {n for n, m in theirs.named_modules() if isinstance(m, torch.nn.Linear)}
     assert {d for d, _ in rows} == diffusers_linears
     assert {b for _, b in rows} == set(linears)
+
+
+def test_bf16_loss_follows_fp32(flux2_folder):
+    """Weights stored in bfloat16 (``dtype = "bfloat16"``) and fp32 weights under bf16 autocast
+    (``mixed_precision = "bf16"``) give the fp32 loss to bf16 precision, with finite gradients."""
+    root, _ = flux2_folder(True)
+    batch = {"image": images(2), "caption": CAPTIONS[:2]}
+
+    def loss(bundle, autocast=False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = full_trainer(bundle).loss(bundle, batch, torch.Generator().manual_seed(5))
+        out.backward()
+        assert all(torch.isfinite(p.grad).all() for p in bundle.network.parameters() if p.grad is not None)
+        return out.item()
+
+    reference = loss(bundle_of(root))
+    stored = bundle_of(root, dtype="bfloat16")
+    assert stored.network.img_in.weight.dtype == torch.bfloat16
+    for what, got in (("bf16 weights", loss(stored)), ("bf16 autocast", loss(bundle_of(root), autocast=True))):
+        print(f"{what}: loss {got:.5f}, fp32 {reference:.5f} (relative {abs(got - reference) / reference:.2g})")
+        assert abs(got - reference) <= 0.01 * reference

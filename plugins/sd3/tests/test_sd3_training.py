@@ -22,7 +22,8 @@ def test_full_trainer_steps_on_sd3(tiny_pipeline):
     assert torch.equal(inputs["context"], context) and torch.equal(inputs["y"], y)
     dropped = bundle.training_inputs({"caption": captions}, dropout=1.0, generator=torch.Generator().manual_seed(0))
     empty = text.encode([""])   # what a text cache stores as the empty prompt, one row for every dropped caption
-    assert torch.equal(dropped["context"], empty[0].expand(2, -1, -1)) and torch.equal(dropped["y"], empty[1].expand(2, -1))
+    assert torch.equal(dropped["context"], empty[0].expand(2, -1, -1))
+    assert torch.equal(dropped["y"], empty[1].expand(2, -1))
 
     with plugins_for_test():
         full = registry("trainers").get("full")
@@ -105,7 +106,8 @@ def test_full_trainer_loss_is_diffusers_flow_loss(tiny_pipeline):
     folder, pipe = tiny_pipeline
     bundle = bundle_of(folder)
     pixels = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    loss = full_trainer(bundle).loss(bundle, {"image": pixels, "caption": CAPTIONS[:2]}, torch.Generator().manual_seed(7))
+    batch = {"image": pixels, "caption": CAPTIONS[:2]}
+    loss = full_trainer(bundle).loss(bundle, batch, torch.Generator().manual_seed(7))
     loss.backward()
 
     vae, transformer = pipe.vae, pipe.transformer
