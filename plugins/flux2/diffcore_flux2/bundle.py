@@ -246,8 +246,8 @@ class Flux2Bundle(ModelBundle):
         return {"txt": self.text.encode(list(captions)).float().to(self.network.img_in.weight.device)}
 
     def encoder_identity(self) -> dict[str, str]:
-        """Fingerprints of the files the autoencoder and text encoder load from (sizes and a few
-        KiB, ``diffcore_flux2.training.fingerprint``), else of the modules' weights."""
+        """Fingerprints of the files the autoencoder and text encoder load from (headers and the
+        ends of every tensor, ``diffcore_flux2.training.fingerprint``), else of the modules' weights."""
         out = dict(self.identity)
         for name in ("vae", "text"):
             if name not in out and (self.loaded(name) or name in self.loaders):

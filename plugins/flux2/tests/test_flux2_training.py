@@ -208,3 +208,16 @@ def test_bf16_loss_follows_fp32(flux2_folder):
     for what, got in (("bf16 weights", loss(stored)), ("bf16 autocast", loss(bundle_of(root), autocast=True))):
         print(f"{what}: loss {got:.5f}, fp32 {reference:.5f} (relative {abs(got - reference) / reference:.2g})")
         assert abs(got - reference) <= 0.01 * reference
+
+
+def test_encoder_identity_follows_the_files(flux2_folder, diffusers_vae):
+    """Changed autoencoder weights change the ``vae`` key only (the text key stays), read without loading."""
+    root, _ = flux2_folder(False)
+    before = bundle_of(root).encoder_identity()
+    with torch.no_grad():
+        diffusers_vae.bn.running_mean.add_(0.5)
+    diffusers_vae.save_pretrained(root / "vae")
+    bundle = bundle_of(root)
+    after = bundle.encoder_identity()
+    assert after["vae"] != before["vae"] and after["text"] == before["text"]
+    assert not bundle.loaded("vae") and not bundle.loaded("text")

@@ -171,8 +171,8 @@ class SD3Bundle(ModelBundle):
         return {"context": context.float(), "y": y.float()}
 
     def encoder_identity(self) -> dict[str, str]:
-        """Fingerprints of the files the autoencoder and encoders load from (sizes and a few KiB,
-        ``diffcore_sd3.training.fingerprint``), else of the modules' weights."""
+        """Fingerprints of the files the autoencoder and encoders load from (headers and the ends of every
+        tensor, ``diffcore_sd3.training.fingerprint``), else of the modules' weights."""
         out = dict(self.identity)
         for name in ("vae", "text"):
             if name not in out and (self.loaded(name) or name in self.loaders):

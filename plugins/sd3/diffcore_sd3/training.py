@@ -14,8 +14,11 @@ second image attention ``attn2`` where a block has one):
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Iterator
 from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import BinaryIO
 
 from torch import nn
 
@@ -42,9 +45,11 @@ def lora_patterns(network: nn.Module, pattern: str) -> list[str]:
 
 
 def fingerprint(paths: list[Path], *extra: object) -> str:
-    """A hash that changes when a file under ``paths`` (or ``extra``) changes: relative names,
-    sizes, and 4 KiB from each file's middle and end (headers alone repeat for same-shaped
-    weights). Reads kilobytes, never the weights, so keying a cache costs no load."""
+    """A hash that changes when a file under ``paths`` (or ``extra``) changes, reading kilobytes
+    rather than the weights (so keying a cache costs no load): relative names and sizes; for a
+    safetensors file its header and the first and last 256 bytes of every tensor (a retrained
+    tensor differs there, and small ones such as the autoencoder's BatchNorm statistics are read
+    whole); other files whole up to 16 MiB, else 4 KiB from the middle and the end."""
     h = hashlib.sha256(repr(extra).encode())
     for root in paths:
         root = Path(root)
@@ -53,10 +58,35 @@ def fingerprint(paths: list[Path], *extra: object) -> str:
             size = f.stat().st_size
             h.update(f"{f.relative_to(root) if root.is_dir() else f.name}:{size}".encode())
             with open(f, "rb") as fh:
-                for at in (size // 2, max(size - 4096, 0)):
-                    fh.seek(at)
-                    h.update(fh.read(4096))
+                for chunk in _samples(fh, size, f.suffix == ".safetensors"):
+                    h.update(chunk)
     return h.hexdigest()[:16]
+
+
+def _samples(fh: BinaryIO, size: int, safetensors: bool) -> Iterator[bytes]:
+    if safetensors and size >= 8:
+        n = int.from_bytes(fh.read(8), "little")
+        if 0 < n <= size - 8:
+            header = fh.read(n)
+            yield header
+            try:
+                entries = json.loads(header)
+            except ValueError:
+                entries = {}
+            for entry in entries.values():
+                if isinstance(entry, dict) and "data_offsets" in entry:
+                    start, end = (8 + n + int(o) for o in entry["data_offsets"])
+                    for at, length in ((start, min(256, end - start)), (max(end - 256, start), min(256, end - start))):
+                        fh.seek(at)
+                        yield fh.read(length)
+            return
+    if size <= 16 << 20:
+        fh.seek(0)
+        yield fh.read()
+        return
+    for at in (size // 2, size - 4096):
+        fh.seek(at)
+        yield fh.read(4096)
 
 
 def module_fingerprint(module: nn.Module, *extra: object) -> str:
