@@ -15,16 +15,23 @@ The request's images, as the generate job loads them:
   Fill checkpoint is FLUX.1's; FLUX.2 has none.
 
 img2img (``init_image`` + ``strength`` in the job) goes through ``image_shape`` and ``encode``.
+
+Training (the ``ModelBundle`` contract): ``encode`` gives what the flow objective noises (the
+posterior mean, patchified and normalised by the autoencoder's batch-norm statistics, as
+diffusers' train_dreambooth_lora_flux2 scripts feed their transformer); ``encode_captions`` the
+stacked hidden states ``txt``; position ids need no inputs (``forward`` makes them from the latent
+grid and the text length). The autoencoder and text encoder of a bundle built from files load on
+first use, so a run on cached latents and text never reads them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import attrs
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from diffcore.api import ConfigError, GenerationRequest, ModelBundle
 from diffcore_flux2.images import (
@@ -38,6 +45,7 @@ from diffcore_flux2.images import (
 from diffcore_flux2.model import ReferenceCache, attention_alias
 from diffcore_flux2.sampling import get_schedule, image_ids, keep_known, pack, reference_tokens, text_ids, unpack
 from diffcore_flux2.text import Flux2TextEncoder
+from diffcore_flux2.training import LORA_PRESETS, lora_patterns, module_fingerprint
 from diffcore_flux2.vae import AutoEncoder
 
 
@@ -48,15 +56,50 @@ class Flux2Bundle(ModelBundle):
     klein-base, 1.0, one forward, otherwise); ``reference_max_pixels``: None for BFL's caps
     (2024^2 for one reference, 1024^2 each for several), or one cap for all (diffusers: 1024^2);
     ``reference_cache``: klein-9b-kv's editing, where the references run through the model on the
-    first step only (their keys and values are kept in a ``ReferenceCache`` per branch)."""
+    first step only (their keys and values are kept in a ``ReferenceCache`` per branch);
+    ``train_guidance``: the embedded guidance dev trains at (klein embeds none)."""
 
-    vae: AutoEncoder | None = None
-    text: Flux2TextEncoder | None = None
+    _vae: AutoEncoder | None = None            # init argument ``vae``
+    _text: Flux2TextEncoder | None = None      # init argument ``text``
     guidance: float = 4.0
     default_cfg_scale: float = 1.0
     default_size: int = 1024
     reference_max_pixels: int | None = None
     reference_cache: bool = False
+    train_guidance: float = 1.0
+    #: components not loaded yet ("vae", "text") -> loader, each called on first use
+    loaders: dict[str, Callable[[], nn.Module]] = attrs.Factory(dict)
+    vae_downscale: int = 16                    # pixels per token, known before the autoencoder loads
+    identity: dict[str, str] = attrs.Factory(dict)   # encoder_identity from the files, when built from disk
+
+    lora_presets: ClassVar[dict[str, list[str]]] = LORA_PRESETS
+
+    @property
+    def vae(self) -> AutoEncoder | None:
+        return self._component("vae")
+
+    @vae.setter
+    def vae(self, module: AutoEncoder | None) -> None:
+        self._vae = module
+
+    @property
+    def text(self) -> Flux2TextEncoder | None:
+        return self._component("text")
+
+    @text.setter
+    def text(self, module: Flux2TextEncoder | None) -> None:
+        self._text = module
+
+    def _component(self, name: str) -> nn.Module | None:
+        module = getattr(self, f"_{name}")
+        if module is None and name in self.loaders:
+            module = self.loaders.pop(name)()
+            setattr(self, f"_{name}", module)
+        return module
+
+    def loaded(self, name: str) -> bool:
+        """Whether component ``name`` ("vae", "text") is in memory (what a cache test asks)."""
+        return getattr(self, f"_{name}") is not None
 
     def forward(self, x: Tensor, sigma: Tensor, txt: Tensor | None = None, guidance: Tensor | None = None,
                 ref: Tensor | None = None, ref_ids: Tensor | None = None, known: Tensor | None = None,
@@ -81,7 +124,7 @@ class Flux2Bundle(ModelBundle):
         if request.control_image is not None:
             raise ConfigError("FLUX.2 has no control variant; inpainting needs both image (what to repaint) and "
                               "mask (white = repaint)", path="job.mask")
-        branches = self._text(request)
+        branches = self._branch_text(request)
         device = self.network.img_in.weight.device
         batch = branches["cond"].shape[0]
         shared: dict[str, Tensor] = {}
@@ -112,7 +155,7 @@ class Flux2Bundle(ModelBundle):
                 cond["ref_cache"] = ReferenceCache()
         return conditions
 
-    def _text(self, request: GenerationRequest) -> dict[str, Tensor]:
+    def _branch_text(self, request: GenerationRequest) -> dict[str, Tensor]:
         if request.embeddings is not None:
             if "cond" not in request.embeddings:
                 raise ConfigError("precomputed embeddings need the 'cond' branch (txt)", path="embeddings")
@@ -162,7 +205,7 @@ class Flux2Bundle(ModelBundle):
     @property
     def downscale(self) -> int:
         """Pixels per latent token along each side."""
-        return self.vae.downscale if self.vae is not None else 16
+        return self._vae.downscale if self._vae is not None else self.vae_downscale
 
     def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int]:
         height, width = self.image_size(request)
@@ -191,6 +234,63 @@ class Flux2Bundle(ModelBundle):
 
     def attention_alias(self, name: str) -> str:
         return attention_alias(name)
+
+    # -- training ---------------------------------------------------------------------------------
+    def encode_captions(self, captions: list[str]) -> dict[str, Tensor]:
+        """``txt``: (B, max_length, 3 * hidden) float32 on the network's device; no mask (the
+        transformer attends to every position, padding included, as BFL's and diffusers')."""
+        if self.text is None:
+            raise ConfigError("this FLUX.2 bundle has no text encoder: set text_encoders to a local diffusers "
+                              "FLUX.2 folder (text_encoder/, tokenizer/), or cache the text embeddings",
+                              path="model.text_encoders")
+        return {"txt": self.text.encode(list(captions)).float().to(self.network.img_in.weight.device)}
+
+    def encoder_identity(self) -> dict[str, str]:
+        """Fingerprints of the files the autoencoder and text encoder load from (headers and the
+        ends of every tensor, ``diffcore_flux2.training.fingerprint``), else of the modules' weights."""
+        out = dict(self.identity)
+        for name in ("vae", "text"):
+            if name not in out and (self.loaded(name) or name in self.loaders):
+                module = getattr(self, name)
+                extra = (module.spec, module.max_length) if name == "text" else ()
+                out[name] = module_fingerprint(module, *extra)
+        return out
+
+    def training_inputs(self, batch: dict[str, Any], *, dropout: float = 0.0,
+                        generator: torch.Generator | None = None) -> dict[str, Any]:
+        """``txt`` from ``batch["text"]`` (a text cache) or the encoded ``batch["caption"]``, each
+        sample's replaced by the empty prompt's with probability ``dropout`` (``empty_text``, or
+        "" encoded once); dev's embedded ``guidance`` at ``train_guidance``. Position ids come
+        from ``forward``: image ``[0, row, col, 0]``, text ``[0, 0, 0, l]``."""
+        if "text" in batch:
+            txt = batch["text"]["txt"]
+        elif "caption" in batch:
+            captions = batch["caption"]
+            txt = self.encode_captions([captions] if isinstance(captions, str) else list(captions))["txt"]
+        else:
+            raise ConfigError("FLUX.2 trains on captioned images: the batch has neither caption nor cached text",
+                              path="dataset")
+        device = self.network.img_in.weight.device
+        txt = txt.to(device)
+        b = txt.shape[0]
+        if dropout > 0:
+            drop = (torch.rand(b, generator=generator) < dropout).to(device)
+            if drop.any():
+                if self.empty_text is None:
+                    self.empty_text = {k: v.detach() for k, v in self.encode_captions([""]).items()}
+                empty = self.empty_text["txt"].to(device, txt.dtype)
+                if empty.shape[1:] != txt.shape[1:]:
+                    raise ConfigError(f"the empty prompt's text embedding has shape {tuple(empty.shape[1:])}, the "
+                                      f"captions' {tuple(txt.shape[1:])}: a text cache written with another "
+                                      f"max_sequence_length or encoder", path="dataset.cache_dir")
+                txt = torch.where(drop[:, None, None], empty.expand_as(txt), txt)
+        cond: dict[str, Any] = {"txt": txt}
+        if self.network.params.guidance_embed:
+            cond["guidance"] = torch.full((b,), self.train_guidance, device=device)
+        return cond
+
+    def lora_patterns(self, pattern: str) -> list[str]:
+        return lora_patterns(self.network, pattern)
 
     def _need_vae(self, what: str) -> None:
         if self.vae is None:

@@ -15,12 +15,13 @@ tells them apart.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from diffcore.api import CheckpointError, meta_state, strip_prefix, swap_halves  # noqa: F401 (meta_state: for callers)
+from diffcore.api import block_indices
 from diffcore.api import detect_layout as layout_of
 from diffcore_flux2.params import TAGGED, VARIANTS, Flux2Params
 
@@ -218,3 +219,23 @@ def detect_variant(state: Mapping[str, Tensor], hint: str = "") -> str:
         if tagged and re.search(rf"(?<![a-z0-9]){tag}(?![a-z0-9])", hint.lower()):
             return tagged[0]
     return next((n for n in matches if not set(TAGGED) & set(n.split("-"))), matches[0])
+
+
+def diffusers_modules(modules: Iterable[str]) -> list[tuple[str, str]]:
+    """(diffusers module name, ours) for each of our ``modules`` that diffusers has, read off the
+    weight tables above; the double blocks' fused ``qkv`` appears once per part (``img_attn.qkv`` as
+    ``attn.to_q``, ``attn.to_k`` and ``attn.to_v``). LoRA target patterns in diffusers' naming
+    are matched against these."""
+    wanted = set(modules)
+
+    def module(key: str) -> str:
+        return key.removesuffix(".weight")
+
+    rows = [(module(d), module(b)) for b, d in {**_TOP, _FINAL_ADALN[0]: _FINAL_ADALN[1]}.items()]
+    for i in block_indices(wanted, "double_blocks"):
+        pairs = [(d, b) for b, d in _DOUBLE.items()] + [(d, b) for b, ds in _DOUBLE_QKV.items() for d in ds]
+        rows += [(f"transformer_blocks.{i}.{module(d)}", f"double_blocks.{i}.{module(b)}") for d, b in pairs]
+    for i in block_indices(wanted, "single_blocks"):
+        rows += [(f"single_transformer_blocks.{i}.{module(d)}", f"single_blocks.{i}.{module(b)}")
+                 for b, d in _SINGLE.items()]
+    return [(d, b) for d, b in rows if b in wanted]

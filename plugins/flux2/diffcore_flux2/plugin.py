@@ -40,7 +40,9 @@ class Flux2Config:
     (default 4.0), or klein-base's default true-CFG scale (4.0, against the empty prompt; the
     job's ``cfg_scale`` overrides it); distilled klein runs one forward at a fixed 1.0.
     ``reference_max_pixels``: unset for BFL's caps on reference images (2024^2 for one, 1024^2
-    each for several); 1048576 matches diffusers' pipelines, which cap every reference at 1024^2."""
+    each for several); 1048576 matches diffusers' pipelines, which cap every reference at 1024^2.
+    ``train_guidance``: the embedded guidance dev trains at (1.0, diffusers' and SimpleTuner's
+    FLUX default; klein embeds none)."""
 
     variant: str = attrs.field(default="auto", validator=variant_of("FLUX.2", VARIANTS))
     path: str = attrs.field(default="", validator=local_path)
@@ -51,6 +53,7 @@ class Flux2Config:
     max_sequence_length: int = attrs.field(default=512, validator=attrs.validators.gt(0))
     reference_max_pixels: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.ge(64 * 64)))
+    train_guidance: float = attrs.field(default=1.0, validator=attrs.validators.ge(0))
     text_encoder: str | None = attrs.field(default=None, validator=local_path)  # deprecated: text_encoders
 
     def __attrs_post_init__(self) -> None:
@@ -58,10 +61,14 @@ class Flux2Config:
 
 
 def build_flux2(config: Flux2Config, device: Any = "cpu") -> Any:
-    """A ``Flux2Bundle`` on ``device`` from the local files ``config`` names."""
+    """A ``Flux2Bundle`` on ``device`` from the local files ``config`` names. Every path is checked
+    first; the transformer loads now, the autoencoder and text encoder when first used (a training
+    run on cached latents and text embeddings never loads them)."""
     from diffcore_flux2.bundle import Flux2Bundle
     from diffcore_flux2.load import load_ae, load_transformer, transformer_params
+    from diffcore_flux2.params import AE_VARIANTS
     from diffcore_flux2.text import Flux2TextEncoder, TextSpec
+    from diffcore_flux2.training import fingerprint
 
     if not config.path:
         raise ConfigError("set path to a local FLUX.2 diffusers folder or transformer .safetensors file", path="path")
@@ -76,22 +83,29 @@ def build_flux2(config: Flux2Config, device: Any = "cpu") -> Any:
     if config.variant == "auto" and folder is not None:
         variant = _from_model_index(folder, variant)
     steps, guidance, cfg_scale = sampling_defaults(variant, config.guidance)
-    network = load_transformer(weights, variant=variant, dtype=dtype, device=device)
 
     vae_path = config.vae or (folder / "vae" if folder and (folder / "vae").is_dir() else None)
     if vae_path is None:
         raise ConfigError(f"{root} has no vae/ folder: set vae to FLUX.2's ae.safetensors", path="vae")
-    vae = load_ae(vae_path, variant="tiny" if variant.startswith("tiny") else "flux2", dtype=dtype, device=device)
-
+    ae = "tiny" if variant.startswith("tiny") else "flux2"
     text_path = config.text_encoders or (folder if folder and (folder / "text_encoder").is_dir() else None)
     if text_path is None:
         raise ConfigError(f"{root} has no text encoder: set text_encoders to a local diffusers FLUX.2 folder "
                           f"(text_encoder/, tokenizer/)", path="text_encoders")
-    chat, layers = TEXT_ENCODERS[variant]
-    text = Flux2TextEncoder.from_folder(text_path, TextSpec(chat, layers), max_length=config.max_sequence_length,
-                                        dtype=dtype, device=device)
-    return Flux2Bundle(network=network.eval(), vae=vae, text=text, default_sampling_steps=steps,
-                       default_schedule={"name": "flux2"}, guidance=guidance, default_cfg_scale=cfg_scale,
+    text_path = Flux2TextEncoder.check_folder(Path(text_path).expanduser())
+    spec = TextSpec(*TEXT_ENCODERS[variant])
+    vae_path = Path(vae_path).expanduser()
+
+    network = load_transformer(weights, variant=variant, dtype=dtype, device=device)
+    loaders = {"vae": lambda: load_ae(vae_path, variant=ae, dtype=dtype, device=device),
+               "text": lambda: Flux2TextEncoder.from_folder(text_path, spec, max_length=config.max_sequence_length,
+                                                            dtype=dtype, device=device)}
+    identity = {"vae": fingerprint([vae_path], "flux2-ae", ae),
+                "text": fingerprint([text_path / d for d in ("text_encoder", "tokenizer")], "flux2-text", spec,
+                                    config.max_sequence_length)}
+    return Flux2Bundle(network=network.eval(), loaders=loaders, vae_downscale=AE_VARIANTS[ae].downscale,
+                       identity=identity, default_sampling_steps=steps, default_schedule={"name": "flux2"},
+                       guidance=guidance, default_cfg_scale=cfg_scale, train_guidance=config.train_guidance,
                        reference_max_pixels=config.reference_max_pixels,
                        reference_cache=DEFAULTS[variant].reference_cache)
 

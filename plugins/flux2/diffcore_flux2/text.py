@@ -52,11 +52,7 @@ class Flux2TextEncoder(nn.Module):
         the model class is the one its config names (Mistral3ForConditionalGeneration, Qwen3ForCausalLM)."""
         import transformers
 
-        path = Path(path)
-        missing = [d for d in ("text_encoder", "tokenizer") if not (path / d).is_dir()]
-        if missing:
-            raise CheckpointError(f"{path}: not a diffusers FLUX.2 folder with a text encoder; missing "
-                                  f"{', '.join(d + '/' for d in missing)}")
+        path = cls.check_folder(path)
         config = transformers.AutoConfig.from_pretrained(path / "text_encoder", local_files_only=True)
         arch = (config.architectures or ["?"])[0]
         model_class = getattr(transformers, arch, None)
@@ -68,6 +64,17 @@ class Flux2TextEncoder(nn.Module):
         load_tokenizer = transformers.AutoProcessor if spec.chat == "mistral3" else transformers.AutoTokenizer
         tokenizer = load_tokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
         return cls(model, tokenizer, spec, max_length)
+
+    @staticmethod
+    def check_folder(path: str | Path) -> Path:
+        """``path`` holds the ``text_encoder/`` and ``tokenizer/`` that ``from_folder`` reads, else a
+        CheckpointError naming those missing (checked before anything loads)."""
+        path = Path(path)
+        missing = [d for d in ("text_encoder", "tokenizer") if not (path / d).is_dir()]
+        if missing:
+            raise CheckpointError(f"{path}: not a diffusers FLUX.2 folder with a text encoder; missing "
+                                  f"{', '.join(d + '/' for d in missing)}")
+        return path
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Tensor:

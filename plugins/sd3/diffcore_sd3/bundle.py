@@ -4,21 +4,27 @@ The sampler's latent is the autoencoder's, (16, H/8, W/8), normalised as SD3 tra
 the MMDiT patchifies it itself, so ``forward`` passes it through. Conditioning is per branch
 key (``cond``, ``uncond`` = the negative prompt, "" by default) in an ``SD3Conditions``, which
 also answers skip-layer guidance's ``cond|skip=...`` keys.
+
+Training (the ``ModelBundle`` contract): ``encode`` gives the normalised posterior mean the flow
+objective noises; ``encode_captions`` the ``context`` / ``y`` a text cache stores. The
+autoencoder and text encoders of a bundle built from files load on first use, so a run on cached
+latents and text never reads them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
 
 import attrs
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from diffcore.api import ConfigError, GenerationRequest, ModelBundle
 from diffcore_sd3.guidance import SD3Conditions
 from diffcore_sd3.model import attention_alias
 from diffcore_sd3.text import SD3TextEncoder
+from diffcore_sd3.training import LORA_PRESETS, lora_patterns, module_fingerprint
 
 VAE_FACTOR = 8            # pixels per latent pixel, SD3's autoencoder (read from the loaded one)
 
@@ -28,12 +34,45 @@ class SD3Bundle(ModelBundle):
     """``network`` is an ``MMDiT``; ``vae`` has ``encode(images) -> normalised latents`` and
     ``decode(latents) -> images``; ``dtype`` is the components' compute dtype."""
 
-    vae: Any = None
-    text: SD3TextEncoder | None = None
+    _vae: Any = None                           # init argument ``vae``
+    _text: SD3TextEncoder | None = None        # init argument ``text``
     default_cfg_scale: float = 3.5
     default_size: int = 1024
     dtype: torch.dtype = torch.float32
     device: torch.device = attrs.field(default=torch.device("cpu"), converter=torch.device)
+    #: components not loaded yet ("vae", "text") -> loader, each called on first use
+    loaders: dict[str, Callable[[], nn.Module]] = attrs.Factory(dict)
+    vae_factor: int = VAE_FACTOR               # the autoencoder's downsampling, known before it loads
+    identity: dict[str, str] = attrs.Factory(dict)   # encoder_identity from the files, when built from disk
+
+    lora_presets: ClassVar[dict[str, list[str]]] = LORA_PRESETS
+
+    @property
+    def vae(self) -> Any:
+        return self._component("vae")
+
+    @vae.setter
+    def vae(self, module: Any) -> None:
+        self._vae = module
+
+    @property
+    def text(self) -> SD3TextEncoder | None:
+        return self._component("text")
+
+    @text.setter
+    def text(self, module: SD3TextEncoder | None) -> None:
+        self._text = module
+
+    def _component(self, name: str) -> nn.Module | None:
+        module = getattr(self, f"_{name}")
+        if module is None and name in self.loaders:
+            module = self.loaders.pop(name)()
+            setattr(self, f"_{name}", module)
+        return module
+
+    def loaded(self, name: str) -> bool:
+        """Whether component ``name`` ("vae", "text") is in memory (what a cache test asks)."""
+        return getattr(self, f"_{name}") is not None
 
     # -- the network ------------------------------------------------------------------------------
     def forward(self, x: Tensor, sigma: Tensor, context: Tensor | None = None, y: Tensor | None = None,
@@ -86,7 +125,7 @@ class SD3Bundle(ModelBundle):
     # -- shapes and the autoencoder ---------------------------------------------------------------
     @property
     def factor(self) -> int:
-        return self.vae.factor if self.vae is not None else VAE_FACTOR
+        return self._vae.factor if self._vae is not None else self.vae_factor
 
     @property
     def pixels(self) -> int:
@@ -111,12 +150,12 @@ class SD3Bundle(ModelBundle):
 
     def encode(self, images: Tensor) -> Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> normalised latents (img2img's x0), float32."""
-        return self._vae().encode(images.to(self.device, self.dtype)).float()
+        return self._need_vae().encode(images.to(self.device, self.dtype)).float()
 
     def decode(self, latents: Tensor) -> Tensor:
-        return self._vae().decode(latents.to(self.device, self.dtype))
+        return self._need_vae().decode(latents.to(self.device, self.dtype))
 
-    def _vae(self) -> Any:
+    def _need_vae(self) -> Any:
         if self.vae is None:
             raise ConfigError("this SD3 bundle has no autoencoder: set vae to SD3's (a diffusers vae/ folder or a "
                               "single file with first_stage_model.*)", path="model.vae")
@@ -126,17 +165,48 @@ class SD3Bundle(ModelBundle):
         return attention_alias(name)
 
     # -- training ---------------------------------------------------------------------------------
+    def encode_captions(self, captions: list[str]) -> dict[str, Tensor]:
+        """``context`` (B, 77 + max_length, width) and ``y`` (B, 768 + 1280), float32 on the bundle's device."""
+        context, y = self.encode_text(list(captions))
+        return {"context": context.float(), "y": y.float()}
+
+    def encoder_identity(self) -> dict[str, str]:
+        """Fingerprints of the files the autoencoder and encoders load from (headers and the ends of every
+        tensor, ``diffcore_sd3.training.fingerprint``), else of the modules' weights."""
+        out = dict(self.identity)
+        for name in ("vae", "text"):
+            if name not in out and (self.loaded(name) or name in self.loaders):
+                module = getattr(self, name)
+                out[name] = module_fingerprint(module, *((module.max_length,) if name == "text" else ()))
+        return out
+
     def training_inputs(self, batch: dict[str, Any], *, dropout: float = 0.0,
                         generator: torch.Generator | None = None) -> dict[str, Any]:
-        """``context`` / ``y`` of the batch's captions, each caption replaced by "" (the
-        unconditional input SD3 samples with) with probability ``dropout``."""
-        captions = batch.get("caption")
-        if captions is None:
-            raise ConfigError("SD3 trains on captioned images: the dataset gives no caption", path="dataset")
-        captions = [captions] if isinstance(captions, str) else list(captions)
+        """``context`` / ``y`` from ``batch["text"]`` (a text cache) or the encoded
+        ``batch["caption"]``, each sample's replaced by the empty prompt's (the unconditional
+        input SD3 samples with; ``empty_text``, or "" encoded once) with probability ``dropout``."""
+        if "text" in batch:
+            text = batch["text"]
+        elif "caption" in batch:
+            captions = batch["caption"]
+            text = self.encode_captions([captions] if isinstance(captions, str) else list(captions))
+        else:
+            raise ConfigError("SD3 trains on captioned images: the batch has neither caption nor cached text",
+                              path="dataset")
+        context, y = text["context"].to(self.device), text["y"].to(self.device)
         if dropout > 0:
-            drop = torch.rand(len(captions), generator=generator) < dropout
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        context, y = self.encode_text(captions)
+            drop = (torch.rand(context.shape[0], generator=generator) < dropout).to(self.device)
+            if drop.any():
+                if self.empty_text is None:
+                    self.empty_text = {k: v.detach() for k, v in self.encode_captions([""]).items()}
+                empty_c, empty_y = (self.empty_text[k].to(self.device, context.dtype) for k in ("context", "y"))
+                if empty_c.shape[1:] != context.shape[1:]:
+                    raise ConfigError(f"the empty prompt's text embedding has shape {tuple(empty_c.shape[1:])}, the "
+                                      f"captions' {tuple(context.shape[1:])}: a text cache written with another "
+                                      f"max_sequence_length or encoders", path="dataset.cache_dir")
+                context = torch.where(drop[:, None, None], empty_c.expand_as(context), context)
+                y = torch.where(drop[:, None], empty_y.expand_as(y), y)
         return {"context": context, "y": y}
 
+    def lora_patterns(self, pattern: str) -> list[str]:
+        return lora_patterns(self.network, pattern)

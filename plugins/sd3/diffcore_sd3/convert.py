@@ -236,3 +236,14 @@ def detect_variant(shapes: Mapping[str, tuple[int, ...]]) -> str:
                if f.name != "num_heads" and getattr(found, f.name) != getattr(medium, f.name)}
     raise CheckpointError(f"SD3 weights of no known variant ({', '.join(VARIANTS)}); they differ from sd3-medium in "
                           f"{differs}")
+
+
+def diffusers_modules(modules: Iterable[str]) -> list[tuple[str, str]]:
+    """(diffusers module name, ours) for each of our ``modules`` that diffusers has, read off the
+    tables above; a fused ``qkv`` appears once per part (``x_block.attn.qkv`` as ``attn.to_q``,
+    ``attn.to_k`` and ``attn.to_v``). LoRA target patterns in diffusers' naming match against these."""
+    wanted = set(modules)
+    rows = [(d, o) for o, diff in _TOP for d in diff]
+    for i in blocks(wanted):
+        rows += [(f"transformer_blocks.{i}.{d}", f"joint_blocks.{i}.{o}") for o, diff in _BLOCK for d in diff]
+    return [(d, o) for d, o in rows if o in wanted]

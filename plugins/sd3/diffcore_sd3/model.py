@@ -10,8 +10,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+import torch
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from diffcore.api import LastLayer, Linear, timestep_embedding
 
@@ -23,10 +25,14 @@ __all__ = ["MMDiT", "SD3Params", "VARIANTS", "attention_alias", "diffusers_confi
 
 class MMDiT(nn.Module):
     """Velocity (noise - x0) for latents ``x`` (B, 16, H, W) at noise level sigma, given the text
-    sequence ``context`` and the pooled text ``y``."""
+    sequence ``context`` and the pooled text ``y``.
+
+    ``gradient_checkpointing``: with gradients on, each joint block's activations are recomputed
+    in the backward pass instead of kept (``torch.utils.checkpoint``, non-reentrant)."""
 
     def __init__(self, params: SD3Params):
         super().__init__()
+        self.gradient_checkpointing = False
         self.params = p = params
         if p.hidden_size % p.num_heads:
             raise ValueError(f"hidden_size {p.hidden_size} is not divisible by num_heads {p.num_heads}")
@@ -56,7 +62,11 @@ class MMDiT(nn.Module):
         c = self.t_embedder(timestep_embedding(timesteps.float()).to(x.dtype)) + self.y_embedder(y)
         context = self.context_embedder(context)
         for i, block in enumerate(self.joint_blocks):
-            if i not in skip:
+            if i in skip:
+                continue
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                context, x = checkpoint(block, context, x, c, use_reentrant=False)
+            else:
                 context, x = block(context, x, c)
         x = self.final_layer(x, c)
         # the patch is channel-last here (p q c), unlike the patchify conv's input (c p q)

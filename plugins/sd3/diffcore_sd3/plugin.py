@@ -36,12 +36,14 @@ class SD3Config:
 
 
 def build_sd3(config: SD3Config, device: Any = "cpu") -> Any:
-    """An ``SD3Bundle`` computing on ``device`` from the local files ``config`` names; the text
-    encoders load first (they run first), then the autoencoder and the MMDiT."""
+    """An ``SD3Bundle`` computing on ``device`` from the local files ``config`` names. Every path
+    is checked first; the MMDiT loads now, the text encoders and the autoencoder when first used
+    (a training run on cached latents and text embeddings never loads them)."""
     from diffcore_sd3.bundle import SD3Bundle
-    from diffcore_sd3.load import load_transformer, transformer_params
-    from diffcore_sd3.text import SD3TextEncoder
-    from diffcore_sd3.vae import load_vae
+    from diffcore_sd3.load import component, load_transformer, transformer_params
+    from diffcore_sd3.text import FOLDERS, SD3TextEncoder
+    from diffcore_sd3.training import fingerprint
+    from diffcore_sd3.vae import load_vae, vae_params
 
     if not config.path:
         raise ConfigError("set path to a local SD3 diffusers folder or MMDiT .safetensors file", path="path")
@@ -57,12 +59,18 @@ def build_sd3(config: SD3Config, device: Any = "cpu") -> Any:
                           f"(text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/, text_encoder_3/, tokenizer_3/)",
                           path="text_encoders")
     dtype = resolve_dtype(config.dtype, device)
-    text = SD3TextEncoder.from_folder(text_path, t5=config.text_encoder_3, max_length=config.max_sequence_length,
-                                      width=params.context_in_dim, dtype=dtype, device=device)
-    vae = load_vae(vae_path, dtype=dtype, device=device)
+    text_path = SD3TextEncoder.check_folder(Path(text_path).expanduser(), t5=config.text_encoder_3)
+    ae = vae_params(vae_path)
     network = load_transformer(root, params=params, dtype=dtype, device=device)
-    return SD3Bundle(network=network, vae=vae, text=text, dtype=dtype, device=device,
-                     default_cfg_scale=defaults.cfg_scale, default_sampling_steps=defaults.steps,
+    loaders = {"text": lambda: SD3TextEncoder.from_folder(text_path, t5=config.text_encoder_3,
+                                                          max_length=config.max_sequence_length,
+                                                          width=params.context_in_dim, dtype=dtype, device=device),
+               "vae": lambda: load_vae(vae_path, dtype=dtype, device=device)}
+    encoders = [text_path / d for name, pair in FOLDERS.items() if config.text_encoder_3 or name != "t5" for d in pair]
+    identity = {"vae": fingerprint([component(vae_path, "vae")[0]], "sd3-vae", ae),
+                "text": fingerprint(encoders, "sd3-text", config.max_sequence_length, params.context_in_dim)}
+    return SD3Bundle(network=network, loaders=loaders, vae_factor=ae.factor, identity=identity, dtype=dtype,
+                     device=device, default_cfg_scale=defaults.cfg_scale, default_sampling_steps=defaults.steps,
                      default_schedule={"name": "sd3", "shift": defaults.shift})
 
 

@@ -48,13 +48,7 @@ class SD3TextEncoder(nn.Module):
         ``..._3`` T5), read locally only; ``t5 = False`` neither needs nor loads T5."""
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
-        path = Path(path)
-        needed = [d for name, pair in FOLDERS.items() if t5 or name != "t5" for d in pair]
-        missing = [d for d in needed if not (path / d).is_dir()]
-        if missing:
-            hint = "; or set text_encoder_3 = false to run without T5" if set(missing) <= set(FOLDERS["t5"]) else ""
-            raise CheckpointError(f"{path}: not a diffusers SD3 folder with text encoders; missing "
-                                  f"{', '.join(d + '/' for d in missing)}{hint}")
+        path = cls.check_folder(path, t5=t5)
         kw = {"local_files_only": True, **({"dtype": dtype} if dtype is not None else {})}
 
         def tokenizer(name: str):
@@ -66,6 +60,19 @@ class SD3TextEncoder(nn.Module):
         encoder = T5EncoderModel.from_pretrained(path / FOLDERS["t5"][0], **kw).to(device) if t5 else None
         return cls(clip("clip_l"), tokenizer("clip_l"), clip("clip_g"), tokenizer("clip_g"), encoder,
                    tokenizer("t5") if t5 else None, max_length=max_length, width=width)
+
+    @staticmethod
+    def check_folder(path: str | Path, *, t5: bool = True) -> Path:
+        """``path`` holds the folders ``from_folder`` reads, else a CheckpointError naming those
+        missing (checked before anything loads)."""
+        path = Path(path)
+        needed = [d for name, pair in FOLDERS.items() if t5 or name != "t5" for d in pair]
+        missing = [d for d in needed if not (path / d).is_dir()]
+        if missing:
+            hint = "; or set text_encoder_3 = false to run without T5" if set(missing) <= set(FOLDERS["t5"]) else ""
+            raise CheckpointError(f"{path}: not a diffusers SD3 folder with text encoders; missing "
+                                  f"{', '.join(d + '/' for d in missing)}{hint}")
+        return path
 
     @torch.no_grad()
     def encode(self, prompts: list[str], device: str | torch.device | None = None) -> tuple[Tensor, Tensor]:
