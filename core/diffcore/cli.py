@@ -150,12 +150,14 @@ def config_show(job_file: str, overrides: tuple[str, ...]) -> None:
 @config.command("validate")
 @click.argument("job_files", nargs=-1, required=True, type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
-def config_validate(job_files: tuple[str, ...], overrides: tuple[str, ...]) -> None:
+@click.option("--no-paths", is_flag=True, help="Do not require the local model and data paths to exist "
+              "(a job written here to run on another machine).")
+def config_validate(job_files: tuple[str, ...], overrides: tuple[str, ...], no_paths: bool) -> None:
     """Check job files without running them."""
     from diffcore.jobs.runner import prepare
 
     for f in job_files:
-        job = prepare(f, list(overrides))
+        job = prepare(f, list(overrides), check_paths=not no_paths)
         click.echo(f"{f}: ok ({job.kind} job)")
 
 

@@ -60,3 +60,16 @@ def test_validators_import_no_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_paths_unchecked_skips_only_the_existence_check():
+    from diffcore.config.validators import paths_unchecked
+
+    with paths_unchecked():
+        assert Config(path="./models/flux1-dev").path == "./models/flux1-dev"
+        with pytest.raises(ConfigError, match="looks like a Hugging Face hub id"):
+            Config(path="org/model")
+        with pytest.raises(ConfigError, match="unknown FLUX.1 variant"):
+            Config(variant="shnell")
+    with pytest.raises(ConfigError, match="no such file or folder: ./models/flux1-dev"):
+        Config(path="./models/flux1-dev")

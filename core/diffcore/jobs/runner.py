@@ -37,8 +37,14 @@ class PreparedJob:
         return {"requires": requires, **out} if requires else out
 
 
-def prepare(path: str | Path, overrides: list[str] = ()) -> PreparedJob:
-    """Read the file, check ``requires``, pick the job kind and structure everything."""
+def prepare(path: str | Path, overrides: list[str] = (), *, check_paths: bool = True) -> PreparedJob:
+    """Read the file, check ``requires``, pick the job kind and structure everything.
+    ``check_paths=False`` checks all but the existence of local model and data files."""
+    if not check_paths:
+        from diffcore.config.validators import paths_unchecked
+
+        with paths_unchecked():
+            return prepare(path, overrides)
     doc = load_document(path, list(overrides))
     data = dict(doc.data)
     file = str(doc.file)
