@@ -151,7 +151,7 @@ def train(s: Any, *, bundle: Any, trainer: Any, dataset: Any, output_dir: str | 
         # forward and backward over grad_accum micro batches, gradients summed in .grad
         loss_sum = torch.zeros((), device=device)
         for micro_step in range(s.grad_accum):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            batch = to_device(next(batches), device)
             generator = torch.Generator().manual_seed(_seed(s.seed, step, micro_step * world + rank))
             with autocast:
                 loss = trainer.loss(bundle, batch, generator)
@@ -216,6 +216,18 @@ def save_checkpoint(root: Path, step: int, s: Any, *, network: nn.Module, ema: E
             config=config, keep_last=s.keep_last)
     accelerator.wait_for_everyone()
     return path
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors of a collated batch on ``device``, nested dicts and lists followed; captions and
+    other plain values as they are."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple) and any(isinstance(v, torch.Tensor | dict) for v in batch):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
 
 
 def average_gradients(params: list[nn.Parameter], world_size: int, bucket_numel: int = 1 << 25) -> None:
