@@ -17,6 +17,30 @@ from torch import nn
 Conditioning = dict[str, Any]   # one branch's keyword arguments for ``ModelBundle.forward``
 
 
+class LazyComponent:
+    """A bundle component (autoencoder, text encoders) that loads on first use.
+
+    A run on cached latents and text never needs the autoencoder or text encoders, so a family
+    built from files hands ``bundle.loaders[name]`` a loader instead of loading them. Declare
+    ``vae = LazyComponent()`` beside an attrs field ``_vae`` (init argument ``vae``): reading
+    ``bundle.vae`` calls the loader once, assigning sets it."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name, self.slot = name, f"_{name}"
+
+    def __get__(self, bundle: Any, owner: type | None = None) -> Any:
+        if bundle is None:
+            return self
+        module = getattr(bundle, self.slot)
+        if module is None and self.name in bundle.loaders:
+            module = bundle.loaders.pop(self.name)()
+            setattr(bundle, self.slot, module)
+        return module
+
+    def __set__(self, bundle: Any, module: Any) -> None:
+        setattr(bundle, self.slot, module)
+
+
 @attrs.frozen(eq=False)
 class Control:
     """One ControlNet to follow (a ``[[control]]`` table): its weights (``path``, loaded by the
@@ -173,6 +197,12 @@ class ModelBundle:
     #: Set by a text-embedding cache: ``encode_captions([""])`` read back from disk, so caption
     #: dropout needs no text encoder. None: the bundle encodes "" itself when it must.
     empty_text: dict[str, torch.Tensor] | None = attrs.field(default=None, kw_only=True)
+    #: components not loaded yet (``"vae"``, ``"text"``) -> loader, called on first use (``LazyComponent``)
+    loaders: dict[str, Any] = attrs.field(factory=dict, kw_only=True)
+
+    def loaded(self, name: str) -> bool:
+        """Whether the lazy component ``name`` is in memory (what a cache test asks)."""
+        return getattr(self, f"_{name}", None) is not None
 
     def training_latents(self, batch: dict[str, Any]) -> torch.Tensor:
         """The clean sample ``x0`` the objective noises: cached ``latents``, else ``encode(image)``."""
