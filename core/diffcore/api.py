@@ -42,6 +42,7 @@ _NAMES = {
     # models, attention, sampling, guidance
     "ModelBundle": "diffcore.models",
     "LazyComponent": "diffcore.models",
+    "run_block": "diffcore.nn.checkpointing",
     "fingerprint": "diffcore.io.fingerprint",
     "module_fingerprint": "diffcore.io.fingerprint",
     "GenerationRequest": "diffcore.models",

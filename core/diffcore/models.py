@@ -216,10 +216,20 @@ class ModelBundle:
         text-embedding cache stores and ``training_inputs`` reads back from ``batch["text"]``."""
         raise NotImplementedError(f"{type(self).__name__} has no text encoders")
 
+    #: ``encoder_identity`` known from the files a family built from disk (``diffcore.api.fingerprint``)
+    identity: dict[str, str] = attrs.field(factory=dict, kw_only=True)
+
     def encoder_identity(self) -> dict[str, str]:
         """Strings that change whenever the autoencoder (``"vae"``) or text encoders (``"text"``)
-        change; caches key their entries by them. Empty: nothing to key by."""
-        return {}
+        change; caches key their entries by them: ``identity`` from the files, else a fingerprint
+        of the component's weights (a bundle built in memory). Empty: nothing to key by."""
+        from diffcore.io.fingerprint import module_fingerprint
+
+        out = dict(self.identity)
+        for name in ("vae", "text"):
+            if name not in out and (self.loaded(name) or name in self.loaders):
+                out[name] = module_fingerprint(getattr(self, name))
+        return out
 
     def training_inputs(self, batch: dict[str, Any], *, dropout: float = 0.0,
                         generator: torch.Generator | None = None) -> Conditioning:
@@ -243,10 +253,25 @@ class ModelBundle:
     #: Families define at least ``attention``, ``attention-mlp`` and ``all-linear``.
     lora_presets: ClassVar[dict[str, list[str]]] = {}
 
+    def diffusers_modules(self, modules: list[str]) -> list[tuple[str, str]]:
+        """(diffusers module name, ours) for each of our ``modules`` that diffusers' model has; a
+        fused layer of ours appears once per diffusers part (FLUX's ``img_attn.qkv`` as ``attn.to_q``,
+        ``attn.to_k``, ``attn.to_v``). Empty: the network has diffusers' names already."""
+        return []
+
     def lora_patterns(self, pattern: str) -> list[str]:
-        """A user's target pattern in another tool's naming (diffusers' ``transformer_blocks.*.attn.to_q``)
-        as patterns over this network's module names (FLUX's fused ``double_blocks.*.img_attn.qkv``)."""
-        return [pattern]
+        """A user's target pattern as patterns over this network's module names: in our naming as
+        it is or (peft's rule) as the last dotted parts of a name; in diffusers' naming (a leading
+        ``transformer.`` / ``unet.`` allowed), the layers of ours whose diffusers name it matches the
+        same two ways (``to_q`` -> FLUX's every fused ``img_attn.qkv``)."""
+        from fnmatch import fnmatchcase
+
+        linears = [n for n, m in self.network.named_modules() if isinstance(m, nn.Linear)]
+        bare = pattern.removeprefix("transformer.").removeprefix("unet.")
+        matches = [pattern, f"*.{pattern}", bare, f"*.{bare}"]
+        found = {ours: None for theirs, ours in self.diffusers_modules(linears)
+                 if any(fnmatchcase(theirs, p) for p in matches)}
+        return [*dict.fromkeys(matches), *found]
 
     def lora_targets(self, targets: str | list[str]) -> list[str]:
         """The names of the ``nn.Linear`` modules a LoRA on ``targets`` adapts: a preset name or a

@@ -45,7 +45,8 @@ from diffcore_flux2.images import (
 from diffcore_flux2.model import ReferenceCache, attention_alias
 from diffcore_flux2.sampling import get_schedule, image_ids, keep_known, pack, reference_tokens, text_ids, unpack
 from diffcore_flux2.text import Flux2TextEncoder
-from diffcore_flux2.training import LORA_PRESETS, lora_patterns
+from diffcore_flux2.convert import diffusers_modules
+from diffcore_flux2.training import LORA_PRESETS
 from diffcore_flux2.vae import AutoEncoder
 
 
@@ -68,7 +69,6 @@ class Flux2Bundle(ModelBundle):
     reference_cache: bool = False
     train_guidance: float = 1.0
     vae_downscale: int = 16                    # pixels per token, known before the autoencoder loads
-    identity: dict[str, str] = attrs.Factory(dict)   # encoder_identity from the files, when built from disk
 
     lora_presets: ClassVar[dict[str, list[str]]] = LORA_PRESETS
 
@@ -263,8 +263,8 @@ class Flux2Bundle(ModelBundle):
             cond["guidance"] = torch.full((b,), self.train_guidance, device=device)
         return cond
 
-    def lora_patterns(self, pattern: str) -> list[str]:
-        return lora_patterns(self.network, pattern)
+    def diffusers_modules(self, modules: list[str]) -> list[tuple[str, str]]:
+        return diffusers_modules(modules)
 
     def _need_vae(self, what: str) -> None:
         if self.vae is None:

@@ -15,11 +15,6 @@ modulation weights, so the blocks' linears are attention and MLP only:
 
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
-
-from torch import nn
-
-from diffcore_flux2.convert import diffusers_modules
 
 ATTENTION = ["double_blocks.*.img_attn.qkv", "double_blocks.*.img_attn.proj", "double_blocks.*.txt_attn.qkv",
              "double_blocks.*.txt_attn.proj", "single_blocks.*.linear1"]
@@ -28,15 +23,3 @@ LORA_PRESETS = {
     "attention-mlp": [*ATTENTION, "double_blocks.*.img_mlp.*", "double_blocks.*.txt_mlp.*", "single_blocks.*.linear2"],
     "all-linear": ["*"],
 }
-
-
-def lora_patterns(network: nn.Module, pattern: str) -> list[str]:
-    """Patterns over ``network``'s module names for a user's ``pattern``: in our naming as it is or
-    (peft's rule) as the last dotted parts of a name; in diffusers' naming (a leading
-    ``transformer.`` allowed), our layers whose diffusers name it matches the same two ways
-    (``to_q`` -> every ``img_attn.qkv``; ``to_out`` -> the single blocks' ``linear2``)."""
-    linears = [n for n, m in network.named_modules() if isinstance(m, nn.Linear)]
-    bare = pattern.removeprefix("transformer.")
-    matches = [pattern, f"*.{pattern}", bare, f"*.{bare}"]
-    found = {ours: None for theirs, ours in diffusers_modules(linears) if any(fnmatchcase(theirs, p) for p in matches)}
-    return [*dict.fromkeys(matches), *found]

@@ -24,7 +24,8 @@ from diffcore.api import ConfigError, GenerationRequest, LazyComponent, ModelBun
 from diffcore_sd3.guidance import SD3Conditions
 from diffcore_sd3.model import attention_alias
 from diffcore_sd3.text import SD3TextEncoder
-from diffcore_sd3.training import LORA_PRESETS, lora_patterns
+from diffcore_sd3.convert import diffusers_modules
+from diffcore_sd3.training import LORA_PRESETS
 
 VAE_FACTOR = 8            # pixels per latent pixel, SD3's autoencoder (read from the loaded one)
 
@@ -41,7 +42,6 @@ class SD3Bundle(ModelBundle):
     dtype: torch.dtype = torch.float32
     device: torch.device = attrs.field(default=torch.device("cpu"), converter=torch.device)
     vae_factor: int = VAE_FACTOR               # the autoencoder's downsampling, known before it loads
-    identity: dict[str, str] = attrs.Factory(dict)   # encoder_identity from the files, when built from disk
 
     lora_presets: ClassVar[dict[str, list[str]]] = LORA_PRESETS
 
@@ -182,5 +182,5 @@ class SD3Bundle(ModelBundle):
                 y = torch.where(drop[:, None], empty_y.expand_as(y), y)
         return {"context": context, "y": y}
 
-    def lora_patterns(self, pattern: str) -> list[str]:
-        return lora_patterns(self.network, pattern)
+    def diffusers_modules(self, modules: list[str]) -> list[tuple[str, str]]:
+        return diffusers_modules(modules)

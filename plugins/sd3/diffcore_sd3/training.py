@@ -12,11 +12,6 @@ second image attention ``attn2`` where a block has one):
 
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
-
-from torch import nn
-
-from diffcore_sd3.convert import diffusers_modules
 
 ATTENTION = ["joint_blocks.*.*_block.attn*.qkv", "joint_blocks.*.*_block.attn*.proj"]
 LORA_PRESETS = {
@@ -24,15 +19,3 @@ LORA_PRESETS = {
     "attention-mlp": [*ATTENTION, "joint_blocks.*.*_block.mlp.fc*"],
     "all-linear": ["*"],
 }
-
-
-def lora_patterns(network: nn.Module, pattern: str) -> list[str]:
-    """Patterns over ``network``'s module names for a user's ``pattern``: in our naming as it is or
-    (peft's rule) as the last dotted parts of a name; in diffusers' naming (a leading
-    ``transformer.`` allowed), our layers whose diffusers name it matches the same two ways
-    (``to_q`` -> every ``x_block.attn.qkv`` and ``attn2.qkv``; ``add_k_proj`` -> ``context_block.attn.qkv``)."""
-    linears = [n for n, m in network.named_modules() if isinstance(m, nn.Linear)]
-    bare = pattern.removeprefix("transformer.")
-    matches = [pattern, f"*.{pattern}", bare, f"*.{bare}"]
-    found = {ours: None for theirs, ours in diffusers_modules(linears) if any(fnmatchcase(theirs, p) for p in matches)}
-    return [*dict.fromkeys(matches), *found]
