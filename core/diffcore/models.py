@@ -211,6 +211,11 @@ class ModelBundle:
         with torch.no_grad():
             return self.encode(batch["image"])
 
+    def training_tokens(self, latents: torch.Tensor) -> int | None:
+        """Image tokens per sample of ``latents`` (batch first): what FLUX's resolution-dependent
+        timestep shift depends on. None: the family's network is not a transformer over tokens."""
+        return None
+
     def encode_captions(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """Text conditioning per caption, batch-first tensors in the family's own names: what a
         text-embedding cache stores and ``training_inputs`` reads back from ``batch["text"]``."""

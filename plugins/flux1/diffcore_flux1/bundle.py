@@ -282,6 +282,10 @@ class FluxBundle(ModelBundle):
         return attention_alias(name)
 
     # -- training ---------------------------------------------------------------------------------
+    def training_tokens(self, latents: Tensor) -> int:
+        """One token per packed latent position."""
+        return latents.shape[-2] * latents.shape[-1]
+
     def encode_captions(self, captions: list[str]) -> dict[str, Tensor]:
         """``txt`` (B, max_length, 4096) T5 states and ``vec`` (B, 768) pooled CLIP, float32 on the device."""
         if self.text is None:

@@ -210,6 +210,10 @@ class Flux2Bundle(ModelBundle):
         return attention_alias(name)
 
     # -- training ---------------------------------------------------------------------------------
+    def training_tokens(self, latents: Tensor) -> int:
+        """One token per latent position."""
+        return latents.shape[-2] * latents.shape[-1]
+
     def encode_captions(self, captions: list[str]) -> dict[str, Tensor]:
         """``txt``: (B, max_length, 3 * hidden) float32 on the network's device; no mask (the
         transformer attends to every position, padding included, as BFL's and diffusers')."""

@@ -139,6 +139,10 @@ class SD3Bundle(ModelBundle):
         return attention_alias(name)
 
     # -- training ---------------------------------------------------------------------------------
+    def training_tokens(self, latents: Tensor) -> int:
+        """2x2 latent patches."""
+        return latents.shape[-2] * latents.shape[-1] // 4
+
     def encode_captions(self, captions: list[str]) -> dict[str, Tensor]:
         """``context`` (B, 77 + max_length, width) and ``y`` (B, 768 + 1280), float32 on the bundle's device."""
         context, y = self.encode_text(list(captions))
