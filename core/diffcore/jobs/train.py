@@ -65,7 +65,7 @@ class TrainSettings(JobSettings):
     grad_accum: int = attrs.field(default=1, validator=v.gt(0))
     lr: float = attrs.field(default=1e-4, validator=v.gt(0))
     weight_decay: float = attrs.field(default=0.0, validator=v.ge(0))
-    optimizer: Literal["adamw", "muon"] = "adamw"
+    optimizer: Literal["adamw", "adamw8bit", "muon"] = "adamw"
     warmup_steps: int = attrs.field(default=0, validator=v.ge(0))
     lr_schedule: Literal["constant", "cosine"] = "constant"
     max_grad_norm: float = attrs.field(default=1.0, validator=v.ge(0))   # 0: no clipping

@@ -51,6 +51,7 @@ from diffcore.data.batching import ShuffledIndices
 from diffcore.errors import CheckpointError, ConfigError
 from diffcore.training import state
 from diffcore.training.ema import EMA
+from diffcore.training.memory import check_fits
 from diffcore.training.optim import build_optimizer, lr_at
 
 
@@ -93,6 +94,7 @@ def train(s: Any, *, bundle: Any, trainer: Any, dataset: Any, output_dir: str | 
     if world > 1:  # identical starting weights on every rank, as DDP would broadcast them
         for t in network.state_dict().values():
             dist.broadcast(t, src=0)
+    check_fits(network, params, s.optimizer, device)   # stops now, with the figure, a run that cannot fit
     optimizer = build_optimizer(network, params, s.optimizer, lr=s.lr, weight_decay=s.weight_decay)
     ema = EMA(network, decay=s.ema_decay, warmup=s.ema_warmup)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.mixed_precision == "bf16")
