@@ -77,6 +77,14 @@ class CaptionBundle(ModelBundle):
     calls: Counter = attrs.Factory(Counter)      # encoder calls: "vae", "text"
     identity: dict[str, str] = attrs.Factory(lambda: {"vae": "pool-vae-1", "text": "word-encoder-1"})
 
+    @property
+    def vae(self) -> PoolVAE:
+        return self._component("vae")
+
+    @property
+    def text(self) -> WordEncoder:
+        return self._component("text")
+
     def _component(self, name: str) -> nn.Module:
         module = getattr(self, f"_{name}")
         if module is None:

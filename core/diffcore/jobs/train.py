@@ -70,6 +70,9 @@ class TrainSettings(JobSettings):
     resume: str | None = None                                            # None | "latest" | a checkpoint folder
     log_every: int = attrs.field(default=10, validator=v.gt(0))
     num_workers: int = attrs.field(default=0, validator=v.ge(0))
+    cache_latents: bool = False                                          # encode images once into cache_dir
+    cache_text_embeddings: bool = False                                  # encode captions once into cache_dir
+    cache_dir: str | None = None                                         # None: <output_dir>/cache
     final_grid: FinalGrid = attrs.Factory(FinalGrid)
 
 
@@ -101,6 +104,10 @@ def run_train(config: TrainJob, ctx: JobContext) -> Any:
     bundle = config.model.build(device=state.device)
     trainer = config.trainer.build(bundle=bundle)
     dataset = config.dataset.build()
+    if s.cache_latents or s.cache_text_embeddings:   # encode once (data/cache.py), then train from disk
+        from diffcore.data.cache import cache_for_job
+
+        dataset = cache_for_job(dataset, bundle, s, output_dir=ctx.output_dir, state=state)
     pipeline = Pipeline(bundle=bundle, sampler=config.sampler.build(), schedule=config.schedule.build(),
                         device=state.device)
 
