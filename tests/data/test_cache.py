@@ -185,3 +185,21 @@ def test_the_train_jobs_settings(data, tmp_path, capsys):
         cache_for_job(CaptionedDataset(data, **SMALL), caption_bundle(), s, output_dir=tmp_path / "run",
                       state=PartialState(cpu=True))
     assert len(list((tmp_path / "c" / "text").glob("*.safetensors"))) == len(SIZES)
+
+
+def test_the_job_file_is_refused_before_any_model_loads(data):
+    from diffcore.config.structure import structure
+    from diffcore.jobs.train import TrainJob
+
+    pytest.importorskip("diffcore_dit")
+    model = {"family": "dit", "variant": "digits"}
+    dataset = {"name": "captioned", "path": str(data), **SMALL}
+    job = structure({"job": {"cache_latents": True, "cache_text_embeddings": True}, "model": model,
+                     "dataset": dataset}, TrainJob)
+    assert job.job.cache_latents and job.job.cache_dir is None
+    with pytest.raises(ConfigError, match=r"job\.cache_latents.*center_crop = true"):
+        structure({"job": {"cache_latents": True}, "model": model, "dataset": {**dataset, "center_crop": False}},
+                  TrainJob)
+    with pytest.raises(ConfigError, match=r"job\.cache_text_embeddings.*shuffle_tags"):
+        structure({"job": {"cache_text_embeddings": True}, "model": model, "dataset": {**dataset, "shuffle_tags": True}},
+                  TrainJob)

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from diffcore.data.catalog import cache_refusal
 from diffcore.errors import ConfigError
 
 #: Bump when the pixels an entry is made from change for the same key (resize filter, crop rule).
@@ -108,14 +109,9 @@ def _check(dataset: Any, bundle: Any, latents: bool, text: bool) -> None:
     if not all(hasattr(dataset, a) for a in ("plan", "metadata", "entries")):
         raise ConfigError(f"{what} needs a dataset that can plan its items without decoding them "
                           f"([dataset] name = \"captioned\"), not {type(dataset).__name__}", path=f"job.{what}")
-    if latents and not dataset.center_crop:
-        raise ConfigError("cache_latents caches one crop per image, but the dataset crops at random on every visit "
-                          "(center_crop = false): set center_crop = true or cache_latents = false",
-                          path="job.cache_latents")
-    if text and dataset.shuffle_tags:
-        raise ConfigError("cache_text_embeddings caches one embedding per caption, but shuffle_tags makes a new "
-                          "caption on every visit: set shuffle_tags = false or cache_text_embeddings = false",
-                          path="job.cache_text_embeddings")
+    refusal = cache_refusal(dataset, latents=latents, text=text)
+    if refusal is not None:
+        raise refusal
     identity = bundle.encoder_identity()
     for key, wanted in (("vae", latents), ("text", text)):
         if wanted and not identity.get(key):

@@ -88,6 +88,20 @@ class CaptionedConfig:
                               f"got {self.resolution}", path="resolution")
 
 
+def cache_refusal(options: Any, *, latents: bool, text: bool) -> ConfigError | None:
+    """Why the train job's caches cannot hold this dataset's items (``options``: its config or the
+    dataset itself), or None; the job checks it before any model loads, ``data/cache.py`` again."""
+    if latents and getattr(options, "center_crop", True) is False:
+        return ConfigError("cache_latents caches one crop per image, but the dataset crops at random on every visit "
+                           "(center_crop = false): set center_crop = true or cache_latents = false",
+                           path="job.cache_latents")
+    if text and getattr(options, "shuffle_tags", False):
+        return ConfigError("cache_text_embeddings caches one embedding per caption, but shuffle_tags makes a new "
+                           "caption on every visit: set shuffle_tags = false or cache_text_embeddings = false",
+                           path="job.cache_text_embeddings")
+    return None
+
+
 def build_digits(config: DigitsConfig) -> Any:
     from diffcore.data.datasets import DigitsDataset
 

@@ -88,6 +88,15 @@ class TrainJob:
     renamed: ClassVar[dict[str, str]] = {"job.sample_steps": "job.sampling_steps",
                                          "job.final_grid.steps": "job.final_grid.sampling_steps"}
 
+    def __attrs_post_init__(self) -> None:
+        if self.job.cache_latents or self.job.cache_text_embeddings:   # refused before any model loads
+            from diffcore.data.catalog import cache_refusal
+
+            refusal = cache_refusal(self.dataset.config, latents=self.job.cache_latents,
+                                    text=self.job.cache_text_embeddings)
+            if refusal is not None:
+                raise refusal
+
 
 def run_train(config: TrainJob, ctx: JobContext) -> Any:
     """Build the pieces, train, then sample the final class grid with the EMA weights."""
