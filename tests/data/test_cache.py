@@ -201,5 +201,5 @@ def test_the_job_file_is_refused_before_any_model_loads(data):
         structure({"job": {"cache_latents": True}, "model": model, "dataset": {**dataset, "center_crop": False}},
                   TrainJob)
     with pytest.raises(ConfigError, match=r"job\.cache_text_embeddings.*shuffle_tags"):
-        structure({"job": {"cache_text_embeddings": True}, "model": model, "dataset": {**dataset, "shuffle_tags": True}},
-                  TrainJob)
+        structure({"job": {"cache_text_embeddings": True}, "model": model,
+                   "dataset": {**dataset, "shuffle_tags": True}}, TrainJob)

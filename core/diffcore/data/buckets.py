@@ -74,7 +74,8 @@ class BucketBatches:
             raise ConfigError(f"rank {rank} is outside world size {world_size}")
         if batch_size % world_size:
             raise ConfigError(f"global batch size {batch_size} is not divisible by world size {world_size}")
-        self.n, self.seed, self.rank, self.world_size, self.batch_size = len(buckets), seed, rank, world_size, batch_size
+        self.n, self.seed, self.rank, self.world_size = len(buckets), seed, rank, world_size
+        self.batch_size = batch_size
         members: dict[int, list[int]] = {}
         for i, b in enumerate(buckets):
             members.setdefault(int(b), []).append(i)
@@ -136,7 +137,8 @@ class BucketBatches:
 
     def load_state_dict(self, state: dict[str, int | str]) -> None:
         mine = self.state_dict()
-        changed = [k for k in ("n", "seed", "batch_size", "batches_per_epoch", "layout") if state.get(k, mine[k]) != mine[k]]
+        keys = ("n", "seed", "batch_size", "batches_per_epoch", "layout")
+        changed = [k for k in keys if state.get(k, mine[k]) != mine[k]]
         if changed:
             raise ConfigError("the checkpoint's bucket sampler does not fit this run (" + ", ".join(
                 f"{k} {state[k]} then, {mine[k]} now" for k in changed) + "): the dataset, its buckets, the seed "

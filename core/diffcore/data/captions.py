@@ -179,8 +179,8 @@ class CaptionedDataset(Dataset):
     def metadata(self, plan: Plan) -> dict[str, Any]:
         """Everything of an item but its pixels (what a latent cache serves beside the latents)."""
         e = self.entries[plan.entry]
-        return {"caption": plan.caption, "original_size": torch.tensor(e.size), "crop_top_left": torch.tensor(plan.crop),
-                "target_size": torch.tensor(plan.bucket), "key": e.key}
+        return {"caption": plan.caption, "original_size": torch.tensor(e.size),
+                "crop_top_left": torch.tensor(plan.crop), "target_size": torch.tensor(plan.bucket), "key": e.key}
 
     def load(self, index: int, seed: int = 0, **overrides: bool) -> tuple[Plan, dict[str, Any]]:
         """(plan, item) of a visit; an image that fails to decode is marked broken (one warning)
@@ -195,7 +195,7 @@ class CaptionedDataset(Dataset):
                               f"its {plan.bucket[0]}x{plan.bucket[1]} bucket instead", stacklevel=2)
 
     def __getitem__(self, key: int | Sequence[int]) -> dict[str, Any]:
-        index, seed = (int(key), 0) if isinstance(key, int | np.integer) else (int(key[0]), int(key[1]))
+        index, seed = (int(key[0]), int(key[1])) if isinstance(key, tuple | list) else (int(key), 0)
         return self.load(index, seed)[1]
 
 

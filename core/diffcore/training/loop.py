@@ -139,7 +139,7 @@ def train(s: Any, *, bundle: Any, trainer: Any, dataset: Any, output_dir: str | 
         random.seed(s.seed + rank)
         np.random.seed(s.seed + rank)
     # the loader's own generator keeps it from drawing worker seeds out of the global RNG
-    batching = {"batch_sampler": sampler} if make_batches is not None else {"batch_size": micro_batch, "sampler": sampler}
+    batching = {"batch_sampler": sampler} if make_batches else {"batch_size": micro_batch, "sampler": sampler}
     loader = DataLoader(dataset, **batching, num_workers=s.num_workers,
                         generator=torch.Generator().manual_seed(s.seed), pin_memory=device.type == "cuda")
     batches = iter(loader)
