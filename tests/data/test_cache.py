@@ -203,3 +203,20 @@ def test_the_job_file_is_refused_before_any_model_loads(data):
     with pytest.raises(ConfigError, match=r"job\.cache_text_embeddings.*shuffle_tags"):
         structure({"job": {"cache_text_embeddings": True}, "model": model,
                    "dataset": {**dataset, "shuffle_tags": True}}, TrainJob)
+
+
+def test_other_processes_read_what_the_main_one_wrote(data, tmp_path, capsys):
+    import contextlib
+
+    class Rank1:
+        is_main_process = False
+        main_process_first = staticmethod(contextlib.nullcontext)
+
+    s = TrainSettings(output_dir=str(tmp_path), cache_latents=True, cache_text_embeddings=True)
+    cache_for_job(CaptionedDataset(data, **SMALL), caption_bundle(), s, output_dir=tmp_path, state=PartialState(cpu=True))
+    capsys.readouterr()
+    (tmp_path / "cache" / "encoders.json").unlink()
+    bundle = no_loaders(caption_bundle())
+    ds = cache_for_job(CaptionedDataset(data, **SMALL), bundle, s, output_dir=tmp_path, state=Rank1())
+    assert len(ds) == len(SIZES) and bundle.empty_text is not None and not bundle.loaded("vae")
+    assert not (tmp_path / "cache" / "encoders.json").exists() and capsys.readouterr().err == ""

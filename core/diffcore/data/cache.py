@@ -77,30 +77,32 @@ def cache_for_job(dataset: Any, bundle: Any, s: Any, *, output_dir: str | Path, 
     say = (lambda text: print(text, file=sys.stderr)) if state.is_main_process else (lambda text: None)
     with state.main_process_first():
         return cache_dataset(dataset, bundle, cache_dir, latents=s.cache_latents, text=s.cache_text_embeddings,
-                             say=say, progress=state.is_main_process)
+                             say=say, main=state.is_main_process)
 
 
 def cache_dataset(dataset: Any, bundle: Any, cache_dir: str | Path, *, latents: bool = True, text: bool = True,
                   say: Callable[[str], None] = lambda text: print(text, file=sys.stderr),
-                  progress: bool = True) -> CachedDataset:
+                  main: bool = True) -> CachedDataset:
     """Encode what ``cache_dir`` lacks, set ``bundle.empty_text`` from the cache, and return the
-    dataset reading from it."""
+    dataset reading from it. ``main``: the process that shows progress and keeps ``encoders.json``
+    (the others run after it, finding everything cached)."""
     _check(dataset, bundle, latents, text)
     cache_dir = Path(cache_dir)
     identity = bundle.encoder_identity()
     for sub in ("latents", "text"):
-        for stale in (cache_dir / sub).glob(".*.tmp"):   # a killed run's half-written entry
+        for stale in (cache_dir / sub).glob(".*.tmp") if main else ():   # a killed run's half-written entry
             stale.unlink()
     t0 = time.perf_counter()
     spent: dict[str, list[float]] = {"vae": [0, 0.0], "text": [0, 0.0]}   # entries encoded, seconds
-    latent_files = _cache_latents(dataset, bundle, cache_dir / "latents", identity["vae"], spent, progress) \
+    latent_files = _cache_latents(dataset, bundle, cache_dir / "latents", identity["vae"], spent, main) \
         if latents else None
     text_files = None
     if text:
         captions = sorted({e.caption for e in dataset.entries} | {""})
-        text_files = _cache_text(captions, bundle, cache_dir / "text", identity["text"], spent, progress)
+        text_files = _cache_text(captions, bundle, cache_dir / "text", identity["text"], spent, main)
         bundle.empty_text = {k: v[None] for k, v in load_file(text_files[""]).items()}
-    _report(bundle, cache_dir, identity, spent, latent_files, text_files, time.perf_counter() - t0, say)
+    if main:
+        _report(bundle, cache_dir, identity, spent, latent_files, text_files, time.perf_counter() - t0, say)
     return CachedDataset(dataset, latent_files, text_files)
 
 
