@@ -132,7 +132,7 @@ def test_metadata_json_list(tmp_path):
     write_image(tmp_path / "x.png", 64, 64)
     (tmp_path / "metadata.json").write_text(json.dumps([{"image": "x.png", "caption": "a cat"},
                                                          {"image": "gone.png", "caption": "missing"}]))
-    with pytest.warns(UserWarning, match="gone.png"):
+    with pytest.warns(UserWarning, match="gone.png .listed at .*metadata.json entry 1"):
         ds = CaptionedDataset(tmp_path, **SMALL)
     assert len(ds) == 1 and ds[0]["caption"] == "a cat"
     (tmp_path / "metadata.json").write_text(json.dumps({"x.png": "a cat"}))

@@ -106,7 +106,7 @@ class CaptionedDataset(Dataset):
             caption = text.read_text(encoding="utf-8", errors="replace").strip() if text.is_file() else None
             if caption is None:
                 uncaptioned.append(f.name)
-            out.append((f, f.relative_to(self.root).as_posix(), caption or "", 1, str(text)))
+            out.append((f, f.relative_to(self.root).as_posix(), caption or "", 1, ""))
         if uncaptioned:
             warnings.warn(f"{len(uncaptioned)} images in {self.root} have no {self.caption_extension} caption and "
                           f"train with the empty one: {', '.join(uncaptioned[:5])}"
@@ -209,14 +209,17 @@ def _rgb(img: Image.Image) -> Image.Image:
 
 
 def _scan(file: Path, key: str, caption: str, repeats: int, source: str) -> Entry | None:
-    """The entry of ``file`` from its header alone; None (with a warning naming it) when PIL cannot read it."""
+    """The entry of ``file`` from its header alone; None (with a warning naming it, and ``source``,
+    the metadata line listing it) when PIL cannot read it."""
     try:
         with Image.open(file) as img:
             width, height = img.size
             if _orientation(img) in _SWAPS_SIDES:
                 width, height = height, width
     except Exception as exc:   # missing, truncated header, not an image, decompression bomb ...
-        warnings.warn(f"skipping {file}: cannot read it as an image ({type(exc).__name__}: {exc})", stacklevel=3)
+        listed = f" (listed at {source})" if source else ""
+        warnings.warn(f"skipping {file}{listed}: cannot read it as an image ({type(exc).__name__}: {exc})",
+                      stacklevel=3)
         return None
     return Entry(file=file, key=key, caption=caption, size=(height, width), repeats=repeats)
 
