@@ -41,6 +41,10 @@ _NAMES = {
     "renamed_field": "diffcore.config.validators",
     # models, attention, sampling, guidance
     "ModelBundle": "diffcore.models",
+    "LazyComponent": "diffcore.models",
+    "run_block": "diffcore.nn.checkpointing",
+    "fingerprint": "diffcore.io.fingerprint",
+    "module_fingerprint": "diffcore.io.fingerprint",
     "GenerationRequest": "diffcore.models",
     "Control": "diffcore.models",
     "Attention": "diffcore.nn.attention",

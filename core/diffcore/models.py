@@ -17,6 +17,30 @@ from torch import nn
 Conditioning = dict[str, Any]   # one branch's keyword arguments for ``ModelBundle.forward``
 
 
+class LazyComponent:
+    """A bundle component (autoencoder, text encoders) that loads on first use.
+
+    A run on cached latents and text never needs the autoencoder or text encoders, so a family
+    built from files hands ``bundle.loaders[name]`` a loader instead of loading them. Declare
+    ``vae = LazyComponent()`` beside an attrs field ``_vae`` (init argument ``vae``): reading
+    ``bundle.vae`` calls the loader once, assigning sets it."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name, self.slot = name, f"_{name}"
+
+    def __get__(self, bundle: Any, owner: type | None = None) -> Any:
+        if bundle is None:
+            return self
+        module = getattr(bundle, self.slot)
+        if module is None and self.name in bundle.loaders:
+            module = bundle.loaders.pop(self.name)()
+            setattr(bundle, self.slot, module)
+        return module
+
+    def __set__(self, bundle: Any, module: Any) -> None:
+        setattr(bundle, self.slot, module)
+
+
 @attrs.frozen(eq=False)
 class Control:
     """One ControlNet to follow (a ``[[control]]`` table): its weights (``path``, loaded by the
@@ -173,6 +197,12 @@ class ModelBundle:
     #: Set by a text-embedding cache: ``encode_captions([""])`` read back from disk, so caption
     #: dropout needs no text encoder. None: the bundle encodes "" itself when it must.
     empty_text: dict[str, torch.Tensor] | None = attrs.field(default=None, kw_only=True)
+    #: components not loaded yet (``"vae"``, ``"text"``) -> loader, called on first use (``LazyComponent``)
+    loaders: dict[str, Any] = attrs.field(factory=dict, kw_only=True)
+
+    def loaded(self, name: str) -> bool:
+        """Whether the lazy component ``name`` is in memory (what a cache test asks)."""
+        return getattr(self, f"_{name}", None) is not None
 
     def training_latents(self, batch: dict[str, Any]) -> torch.Tensor:
         """The clean sample ``x0`` the objective noises: cached ``latents``, else ``encode(image)``."""
@@ -181,15 +211,30 @@ class ModelBundle:
         with torch.no_grad():
             return self.encode(batch["image"])
 
+    def training_tokens(self, latents: torch.Tensor) -> int | None:
+        """Image tokens per sample of ``latents`` (batch first): what FLUX's resolution-dependent
+        timestep shift depends on. None: the family's network is not a transformer over tokens."""
+        return None
+
     def encode_captions(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """Text conditioning per caption, batch-first tensors in the family's own names: what a
         text-embedding cache stores and ``training_inputs`` reads back from ``batch["text"]``."""
         raise NotImplementedError(f"{type(self).__name__} has no text encoders")
 
+    #: ``encoder_identity`` known from the files a family built from disk (``diffcore.api.fingerprint``)
+    identity: dict[str, str] = attrs.field(factory=dict, kw_only=True)
+
     def encoder_identity(self) -> dict[str, str]:
         """Strings that change whenever the autoencoder (``"vae"``) or text encoders (``"text"``)
-        change; caches key their entries by them. Empty: nothing to key by."""
-        return {}
+        change; caches key their entries by them: ``identity`` from the files, else a fingerprint
+        of the component's weights (a bundle built in memory). Empty: nothing to key by."""
+        from diffcore.io.fingerprint import module_fingerprint
+
+        out = dict(self.identity)
+        for name in ("vae", "text"):
+            if name not in out and (self.loaded(name) or name in self.loaders):
+                out[name] = module_fingerprint(getattr(self, name))
+        return out
 
     def training_inputs(self, batch: dict[str, Any], *, dropout: float = 0.0,
                         generator: torch.Generator | None = None) -> Conditioning:
@@ -213,10 +258,25 @@ class ModelBundle:
     #: Families define at least ``attention``, ``attention-mlp`` and ``all-linear``.
     lora_presets: ClassVar[dict[str, list[str]]] = {}
 
+    def diffusers_modules(self, modules: list[str]) -> list[tuple[str, str]]:
+        """(diffusers module name, ours) for each of our ``modules`` that diffusers' model has; a
+        fused layer of ours appears once per diffusers part (FLUX's ``img_attn.qkv`` as ``attn.to_q``,
+        ``attn.to_k``, ``attn.to_v``). Empty: the network has diffusers' names already."""
+        return []
+
     def lora_patterns(self, pattern: str) -> list[str]:
-        """A user's target pattern in another tool's naming (diffusers' ``transformer_blocks.*.attn.to_q``)
-        as patterns over this network's module names (FLUX's fused ``double_blocks.*.img_attn.qkv``)."""
-        return [pattern]
+        """A user's target pattern as patterns over this network's module names: in our naming as
+        it is or (peft's rule) as the last dotted parts of a name; in diffusers' naming (a leading
+        ``transformer.`` / ``unet.`` allowed), the layers of ours whose diffusers name it matches the
+        same two ways (``to_q`` -> FLUX's every fused ``img_attn.qkv``)."""
+        from fnmatch import fnmatchcase
+
+        linears = [n for n, m in self.network.named_modules() if isinstance(m, nn.Linear)]
+        bare = pattern.removeprefix("transformer.").removeprefix("unet.")
+        matches = [pattern, f"*.{pattern}", bare, f"*.{bare}"]
+        found = {ours: None for theirs, ours in self.diffusers_modules(linears)
+                 if any(fnmatchcase(theirs, p) for p in matches)}
+        return [*dict.fromkeys(matches), *found]
 
     def lora_targets(self, targets: str | list[str]) -> list[str]:
         """The names of the ``nn.Linear`` modules a LoRA on ``targets`` adapts: a preset name or a

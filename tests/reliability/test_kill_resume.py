@@ -48,7 +48,7 @@ ema_decay = 0.9
 checkpoint_every = 5
 keep_last = 2
 log_every = 1
-sample_every = 6
+validate_every = 6
 sample_steps = 2
 
 [job.final_grid]

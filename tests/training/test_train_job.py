@@ -24,7 +24,7 @@ TINY_DIT = {"family": "dit", "variant": "digits", "hidden": 32, "depth": 1, "hea
 def test_job_table_structures_with_defaults():
     job = structure({"job": {"steps": 5, "optimizer": "muon", "final_grid": {"samples_per_class": 2}},
                      "model": TINY_DIT, "dataset": {"name": "digits"}}, TrainJob)
-    assert (job.trainer.name, job.sampler.name, job.schedule.name) == ("full", "euler", "flow")
+    assert (job.trainer.name, job.sampler.name, job.schedule) == ("full", "euler", None)   # None: the model's schedule
     assert job.trainer.config.cond_dropout == 0.1 and job.model.config.hidden == 32
     assert job.job.steps == 5 and job.job.resume is None and job.job.final_grid.samples_per_class == 2
     with pytest.raises(ConfigError, match=r"job\.steps.*must be > 0"):
@@ -46,7 +46,7 @@ def _spec(kind, name, **config):
 
 def test_train_job_writes_checkpoints_previews_and_a_class_grid(tmp_path):
     settings = TrainSettings(output_dir=str(tmp_path), device="cpu", seed=1, steps=4, batch_size=16, lr=1e-3,
-                             sample_every=2, sampling_steps=2, checkpoint_every=2, keep_last=1, log_every=2,
+                             validate_every=2, sampling_steps=2, checkpoint_every=2, keep_last=1, log_every=2,
                              final_grid=FinalGrid(samples_per_class=2, cfg_scale=2.0, sampling_steps=3))
     config = TrainJob(job=settings, model=_spec("models", "dit", hidden=32, depth=1, heads=2),
                       dataset=_spec("datasets", "digits"), trainer=_spec("trainers", "full"),

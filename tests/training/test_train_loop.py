@@ -197,7 +197,7 @@ def test_preview_sees_ema_weights_in_eval_mode(tmp_path):
         net = bundle.network
         seen.append((step, net.training, torch.is_grad_enabled(), net.out.weight.detach().clone()))
 
-    bundle, result = _run(tmp_path, preview=preview, steps=4, sample_every=2, checkpoint_every=0)
+    bundle, result = _run(tmp_path, preview=preview, steps=4, validate_every=2, checkpoint_every=0)
     assert [(s, t, g) for s, t, g, _ in seen] == [(2, False, False), (4, False, False)]
     assert torch.equal(seen[-1][3], result.ema.shadow["out.weight"])      # EMA weights inside
     assert not torch.equal(bundle.network.out.weight, seen[-1][3])        # trained weights back after
@@ -219,7 +219,7 @@ def test_resume_after_a_crash_redoes_the_lost_steps(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path / "crash", preview=crash, steps=4, checkpoint_every=2, sample_every=1)
+        _run(tmp_path / "crash", preview=crash, steps=4, checkpoint_every=2, validate_every=1)
     _, resumed = _run(tmp_path / "crash", steps=4, checkpoint_every=2, resume="latest")
     assert resumed.losses == straight.losses[2:]
     log = [json.loads(x) for x in (tmp_path / "crash" / "log.jsonl").read_text().splitlines()]

@@ -14,16 +14,20 @@
     [dataset]
     name = "digits"
 
-It writes ``log.jsonl``, ``samples/step-*.png`` previews (EMA weights, CFG), checkpoints under
-``checkpoints/step-*/`` and, at the end, ``grid.png``: ``final_grid.samples_per_class`` samples
-of every class, one class per row, enlarged ``final_grid.upscale`` times (nearest neighbour; the
-original size then goes to ``grid-small.png``). ``resume = "latest"`` continues the newest
-checkpoint exactly.
+It writes ``log.jsonl``, previews every ``validate_every`` steps (EMA weights) to
+``samples/``, checkpoints under ``checkpoints/step-*/`` and, at the end, ``grid.png``. For a
+class-conditional family the previews and the grid are ``final_grid.samples_per_class`` samples of
+every class, one class per row, enlarged ``final_grid.upscale`` times (nearest neighbour; the
+original size then goes to ``grid-small.png``); for a text family they are the
+``validation_prompts`` (one row each) at the ``validation_seeds`` (one column each), also saved
+one by one. A trainer that exports its result (``lora``: ``lora.safetensors``) writes it at the
+end. ``resume = "latest"`` continues the newest checkpoint exactly.
 Imports no torch until it runs.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any, ClassVar, Literal
 
 import attrs
@@ -43,6 +47,13 @@ class FinalGrid:
     upscale: int = attrs.field(default=1, validator=[v.ge(1), v.le(32)])   # grid.png enlarged, nearest neighbour
 
 
+def _pair(attribute: attrs.Attribute, value: list[int]) -> None:
+    from diffcore.errors import ConfigError
+
+    if len(value) != 2:
+        raise ConfigError(f"expected [height, width] in pixels, got {value}", path=attribute.name)
+
+
 @attrs.define
 class TrainSettings(JobSettings):
     """``steps`` are optimizer steps; ``sampling_steps`` the previews' sampling steps.
@@ -54,7 +65,7 @@ class TrainSettings(JobSettings):
     grad_accum: int = attrs.field(default=1, validator=v.gt(0))
     lr: float = attrs.field(default=1e-4, validator=v.gt(0))
     weight_decay: float = attrs.field(default=0.0, validator=v.ge(0))
-    optimizer: Literal["adamw", "muon"] = "adamw"
+    optimizer: Literal["adamw", "adamw8bit", "muon"] = "adamw"
     warmup_steps: int = attrs.field(default=0, validator=v.ge(0))
     lr_schedule: Literal["constant", "cosine"] = "constant"
     max_grad_norm: float = attrs.field(default=1.0, validator=v.ge(0))   # 0: no clipping
@@ -62,9 +73,14 @@ class TrainSettings(JobSettings):
     gradient_checkpointing: bool = False
     ema_decay: float = attrs.field(default=0.9999, validator=[v.ge(0), v.lt(1)])
     ema_warmup: bool = True
-    sample_every: int = attrs.field(default=0, validator=v.ge(0))        # 0: no previews
+    validate_every: int = attrs.field(default=0, validator=v.ge(0))      # 0: no previews
     sampling_steps: int = attrs.field(default=28, validator=v.gt(0))
-    sample_cfg: float = attrs.field(default=3.0, validator=v.ge(0))
+    sample_cfg: float = attrs.field(default=3.0, validator=v.ge(0))      # class previews' CFG
+    validation_prompts: list[str] = attrs.Factory(list)                  # text families' previews
+    validation_seeds: list[int] | None = attrs.field(default=None, validator=v.optional(v.deep_iterable(v.ge(0))))
+    validation_size: list[int] | None = attrs.field(default=None, validator=v.optional(
+        [v.deep_iterable(v.gt(0)), lambda _, a, x: _pair(a, x)]))       # [height, width]; None: the model's
+    validation_cfg: float | None = attrs.field(default=None, validator=v.optional(v.ge(0)))  # None: the model's
     checkpoint_every: int = attrs.field(default=500, validator=v.ge(0))  # 0: only at the end
     keep_last: int = attrs.field(default=3, validator=v.gt(0))
     resume: str | None = None                                            # None | "latest" | a checkpoint folder
@@ -83,10 +99,11 @@ class TrainJob:
     dataset: Spec = component("datasets")
     trainer: Spec = component("trainers", default={"name": "full"})
     sampler: Spec = component("samplers", default={"name": "euler"})
-    schedule: Spec = component("schedules", default={"name": "flow"})
+    schedule: Spec | None = component("schedules", optional=True)   # None: the model's default
 
     renamed: ClassVar[dict[str, str]] = {"job.sample_steps": "job.sampling_steps",
-                                         "job.final_grid.steps": "job.final_grid.sampling_steps"}
+                                         "job.final_grid.steps": "job.final_grid.sampling_steps",
+                                         "job.sample_every": "job.validate_every"}
 
     def __attrs_post_init__(self) -> None:
         if self.job.cache_latents or self.job.cache_text_embeddings:   # refused before any model loads
@@ -104,7 +121,7 @@ def run_train(config: TrainJob, ctx: JobContext) -> Any:
     from accelerate import PartialState
 
     from diffcore.io.images import enlarge, make_grid, save_png
-    from diffcore.sampling.pipeline import Pipeline
+    from diffcore.sampling.pipeline import Pipeline, build_schedule
     from diffcore.training.loop import train
 
     s = config.job
@@ -117,15 +134,22 @@ def run_train(config: TrainJob, ctx: JobContext) -> Any:
         from diffcore.data.cache import cache_for_job
 
         dataset = cache_for_job(dataset, bundle, s, output_dir=ctx.output_dir, state=state)
-    pipeline = Pipeline(bundle=bundle, sampler=config.sampler.build(), schedule=config.schedule.build(),
+    pipeline = Pipeline(bundle=bundle, sampler=config.sampler.build(), schedule=build_schedule(bundle, config.schedule),
                         device=state.device)
+    texts = bundle.num_classes is None and bool(s.validation_prompts)
+    schedule = config.schedule.name if config.schedule is not None else bundle.default_schedule["name"]
 
     def write_grid(path: Any, steps: int, cfg_scale: float, upscale: int = 1, **extra: Any) -> None:
-        images = class_grid(pipeline, samples_per_class=s.final_grid.samples_per_class, steps=steps,
-                            cfg_scale=cfg_scale, seed=s.seed)
-        params = {"model": config.model.name, "sampler": config.sampler.name, "schedule": config.schedule.name,
-                  "sampling_steps": steps, "cfg_scale": cfg_scale, "seed": s.seed, "weights": "ema", **extra}
-        grid = make_grid(images, nrow=s.final_grid.samples_per_class)
+        params = {"model": config.model.name, "sampler": config.sampler.name, "schedule": schedule,
+                  "sampling_steps": steps, "seed": s.seed, "weights": "ema", **extra}
+        if texts:
+            images, nrow = prompt_grid(pipeline, s, steps=steps, folder=path.with_suffix(""), params=params)
+            params |= {"prompts": s.validation_prompts, "seeds": s.validation_seeds or [s.seed]}
+        else:
+            images = class_grid(pipeline, samples_per_class=s.final_grid.samples_per_class, steps=steps,
+                                cfg_scale=cfg_scale, seed=s.seed)
+            nrow, params = s.final_grid.samples_per_class, params | {"cfg_scale": cfg_scale}
+        grid = make_grid(images, nrow=nrow)
         if upscale > 1:   # the enlarged grid to look at, the original size beside it
             save_png(path.with_name(f"{path.stem}-small.png"), grid, params)
             grid, params = enlarge(grid, upscale), params | {"upscale": upscale}
@@ -134,17 +158,52 @@ def run_train(config: TrainJob, ctx: JobContext) -> Any:
     def preview(bundle: Any, step: int) -> None:
         write_grid(ctx.output_dir / "samples" / f"step-{step:06d}.png", s.sampling_steps, s.sample_cfg, step=step)
 
+    can_sample = bundle.num_classes is not None or texts or not _takes_text(bundle)
     result = train(s, bundle=bundle, trainer=trainer, dataset=dataset, output_dir=ctx.output_dir,
-                   config=ctx.resolved, preview=preview)
+                   config=ctx.resolved, preview=preview if can_sample else None)
     if state.is_main_process:
         network = bundle.network
         network.eval()
-        with result.ema.applied(network):
-            grid = s.final_grid
-            write_grid(ctx.output_dir / "grid.png", grid.sampling_steps, grid.cfg_scale, upscale=grid.upscale,
-                       step=result.step)
+        if hasattr(trainer, "export"):
+            for path in trainer.export(ctx.output_dir, ema=result.ema, bundle=bundle):
+                print(f"wrote {path}", file=sys.stderr)
+        if can_sample:
+            with result.ema.applied(network), torch.no_grad():
+                grid = s.final_grid
+                write_grid(ctx.output_dir / "grid.png", grid.sampling_steps, grid.cfg_scale, upscale=grid.upscale,
+                           step=result.step)
+        else:
+            print("no grid.png: set job.validation_prompts to sample a text-to-image model", file=sys.stderr)
     state.wait_for_everyone()
     return result
+
+
+def _takes_text(bundle: Any) -> bool:
+    """Whether the family is conditioned on text (it encodes captions): it then needs prompts to sample."""
+    from diffcore.models import ModelBundle
+
+    return type(bundle).encode_captions is not ModelBundle.encode_captions
+
+
+def prompt_grid(pipeline: Any, s: Any, *, steps: int, folder: Any, params: dict[str, Any]) -> tuple[Any, int]:
+    """Each validation prompt at each validation seed (prompt-major), also written one by one to
+    ``folder/prompt-P-seed-S.png``; returns the images and the grid's row length (the seeds)."""
+    import torch
+
+    from diffcore.io.images import save_png
+    from diffcore.models import GenerationRequest
+
+    seeds = s.validation_seeds or [s.seed]
+    height, width = s.validation_size or (None, None)
+    images = []
+    for p, prompt in enumerate(s.validation_prompts):
+        for seed in seeds:
+            request = GenerationRequest(batch=1, prompts=[prompt], sampling_steps=steps, cfg_scale=s.validation_cfg,
+                                        height=height, width=width)
+            image = pipeline(request, generator=torch.Generator().manual_seed(seed))
+            save_png(folder / f"prompt-{p}-seed-{seed}.png", image[0], params | {"prompt": prompt, "seed": seed})
+            images.append(image)
+    return torch.cat(images), len(seeds)
 
 
 def class_grid(pipeline: Any, *, samples_per_class: int, steps: int, cfg_scale: float, seed: int) -> Any:

@@ -11,21 +11,31 @@ from typing import Any, Literal
 import attrs
 from attrs import validators as v
 
+from diffcore.errors import ConfigError
+
 
 @attrs.frozen
-class FullConfig:
-    """Objective settings (the objective itself follows the bundle's ``prediction_type``).
+class Objective:
+    """Objective settings every trainer shares (the objective itself follows the bundle's
+    ``prediction_type``).
 
     ``timestep_sampling``: ``uniform``; ``logit-normal`` (``logit_mean``, ``logit_std``; SD3 uses
-    0 and 1); ``shifted`` (``shift`` s maps t to s t / (1 + (s - 1) t); s > 1 favours high noise).
+    0 and 1); ``shifted`` (``shift`` s maps t to s t / (1 + (s - 1) t); s > 1 favours high noise);
+    ``flux-shift`` (logit-normal, then FLUX's shift for the image's token count, as sampling does).
     Epsilon / v models draw their discrete timestep as ``floor(t * len(bundle.sigma_table))``.
-    ``cond_dropout``: rate at which ``bundle.training_inputs`` swaps in the unconditional input.
     """
 
-    timestep_sampling: Literal["uniform", "logit-normal", "shifted"] = "uniform"
+    timestep_sampling: Literal["uniform", "logit-normal", "shifted", "flux-shift"] = "uniform"
     logit_mean: float = 0.0
     logit_std: float = attrs.field(default=1.0, validator=v.gt(0))
     shift: float = attrs.field(default=1.0, validator=v.gt(0))
+
+
+@attrs.frozen
+class FullConfig(Objective):
+    """Every parameter of the network trains. ``cond_dropout``: rate at which
+    ``bundle.training_inputs`` swaps in the unconditional input (labels, the empty prompt)."""
+
     cond_dropout: float = attrs.field(default=0.1, validator=[v.ge(0), v.le(1)])
 
 
@@ -33,6 +43,37 @@ def build_full(config: FullConfig, bundle: Any) -> Any:
     from diffcore.training.trainers import FullTrainer
 
     return FullTrainer(config, bundle)
+
+
+def _targets(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not (isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(t, str) for t in value))):
+        raise ConfigError(f"target_modules is a preset name (attention, attention-mlp, all-linear) or a non-empty "
+                          f"list of module patterns, got {value!r}", path=attribute.name)
+
+
+@attrs.frozen
+class LoraConfig(Objective):
+    """Low-rank adapters on the network's linear layers, the base frozen (peft). ``rank`` r and
+    ``alpha`` (default r: scale 1) set the update ``(alpha / r) B A``; ``dropout`` on the adapter's
+    input; ``target_modules``: the family's preset (``attention``, ``attention-mlp``,
+    ``all-linear``) or patterns in the family's or diffusers' naming (``double_blocks.*.img_attn.qkv``,
+    ``to_q``); ``init``: peft's ``init_lora_weights`` (true: A Kaiming-uniform and B zero, so training
+    starts at the base model; "gaussian"); ``save_format`` of the ``lora.safetensors`` it writes;
+    ``cond_dropout``: the empty prompt's rate (kohya's ``caption_dropout_rate``)."""
+
+    rank: int = attrs.field(default=16, validator=v.gt(0))
+    alpha: float | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
+    dropout: float = attrs.field(default=0.0, validator=[v.ge(0), v.lt(1)])
+    target_modules: str | list[str] = attrs.field(default="attention-mlp", validator=_targets)
+    init: bool | Literal["gaussian"] = True
+    save_format: str = "diffcore"
+    cond_dropout: float = attrs.field(default=0.0, validator=[v.ge(0), v.le(1)])
+
+
+def build_lora(config: LoraConfig, bundle: Any) -> Any:
+    from diffcore.training.lora import LoraTrainer
+
+    return LoraTrainer(config, bundle)
 
 
 @attrs.frozen
@@ -47,7 +88,7 @@ class ControlNetConfig:
     conditioning_options: dict[str, Any] = attrs.Factory(dict)
     scale: float = attrs.field(default=1.0, validator=v.gt(0))
     options: dict[str, Any] = attrs.Factory(dict)
-    timestep_sampling: Literal["uniform", "logit-normal", "shifted"] = "uniform"
+    timestep_sampling: Literal["uniform", "logit-normal", "shifted", "flux-shift"] = "uniform"
     logit_mean: float = 0.0
     logit_std: float = attrs.field(default=1.0, validator=v.gt(0))
     shift: float = attrs.field(default=1.0, validator=v.gt(0))
@@ -92,5 +133,8 @@ def register_conditioning(register):
 def register_trainers(register):
     register("full", build_full, config=FullConfig,
              description="full fine-tune of the network on its objective (flow / epsilon / v), label dropout for CFG")
+    register("lora", build_lora, config=LoraConfig,
+             description="low-rank adapters (peft) on the family's attention / MLP layers; base frozen, "
+                         "checkpoints hold the adapters only")
     register("controlnet", build_controlnet, config=ControlNetConfig,
              description="a ControlNet from the base network, trained on (image, caption, conditioning image); base frozen")

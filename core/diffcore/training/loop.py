@@ -51,6 +51,7 @@ from diffcore.data.batching import ShuffledIndices
 from diffcore.errors import CheckpointError, ConfigError
 from diffcore.training import state
 from diffcore.training.ema import EMA
+from diffcore.training.memory import check_fits
 from diffcore.training.optim import build_optimizer, lr_at
 
 
@@ -67,7 +68,7 @@ def train(s: Any, *, bundle: Any, trainer: Any, dataset: Any, output_dir: str | 
           stop_after: int | None = None) -> TrainResult:
     """Train ``trainer`` on ``dataset`` with the knobs of ``s`` (a ``TrainSettings``).
 
-    ``preview(bundle, step)`` is called on rank 0 every ``s.sample_every`` steps with the EMA
+    ``preview(bundle, step)`` is called on rank 0 every ``s.validate_every`` steps with the EMA
     weights swapped in, in eval mode and without gradients. ``stop_after`` ends the run after
     that step (with a checkpoint) while the schedule still plans for ``s.steps``: a planned
     interruption.
@@ -93,6 +94,7 @@ def train(s: Any, *, bundle: Any, trainer: Any, dataset: Any, output_dir: str | 
     if world > 1:  # identical starting weights on every rank, as DDP would broadcast them
         for t in network.state_dict().values():
             dist.broadcast(t, src=0)
+    check_fits(network, params, s.optimizer, device)   # stops now, with the figure, a run that cannot fit
     optimizer = build_optimizer(network, params, s.optimizer, lr=s.lr, weight_decay=s.weight_decay)
     ema = EMA(network, decay=s.ema_decay, warmup=s.ema_warmup)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.mixed_precision == "bf16")
@@ -117,7 +119,10 @@ def train(s: Any, *, bundle: Any, trainer: Any, dataset: Any, output_dir: str | 
     if path is not None:
         saved = state.load(path, device)
         try:
-            network.load_state_dict(saved["model"])
+            if hasattr(trainer, "load_state_dict"):
+                trainer.load_state_dict(network, saved["model"])
+            else:
+                network.load_state_dict(saved["model"])
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: the weights do not fit this model: {exc}") from None
         ema.load_state_dict({k: v for k, v in saved["ema"].items() if k in ema.shadow}, saved["state"]["ema"])
@@ -188,31 +193,34 @@ def train(s: Any, *, bundle: Any, trainer: Any, dataset: Any, output_dir: str | 
                           file=sys.stderr)
             t0, logged_at = time.perf_counter(), step
 
-        if main and preview is not None and s.sample_every and step % s.sample_every == 0:
+        if main and preview is not None and s.validate_every and step % s.validate_every == 0:
             network.eval()
             with ema.applied(network), torch.no_grad(), autocast:
                 preview(bundle, step)
             network.train()
 
         if (s.checkpoint_every and step % s.checkpoint_every == 0) or step == end:
-            last = save_checkpoint(root, step, s, network=network, ema=ema, optimizer=optimizer, lr=lr,
+            last = save_checkpoint(root, step, s, network=network, trainer=trainer, ema=ema, optimizer=optimizer, lr=lr,
                                    samples=step * s.grad_accum * s.batch_size, sampler=sampler,
                                    config=config or {}, accelerator=accelerator)
     progress.close()
     return TrainResult(step=step, losses=losses, checkpoint=last, ema=ema)
 
 
-def save_checkpoint(root: Path, step: int, s: Any, *, network: nn.Module, ema: EMA, optimizer: Any, lr: float,
-                    samples: int, sampler: Any, config: dict[str, Any], accelerator: Accelerator) -> Path:
-    """Gather every rank's RNG states, then rank 0 writes the checkpoint folder atomically."""
+def save_checkpoint(root: Path, step: int, s: Any, *, network: nn.Module, trainer: Any, ema: EMA, optimizer: Any,
+                    lr: float, samples: int, sampler: Any, config: dict[str, Any],
+                    accelerator: Accelerator) -> Path:
+    """Gather every rank's RNG states, then rank 0 writes the checkpoint folder atomically. The
+    model file holds what ``trainer.state_dict(network)`` returns where the trainer has one (a
+    LoRA's adapters, a ControlNet), else the whole network."""
     rngs = [state.rng_state()]
     if accelerator.num_processes > 1:
         rngs = [None] * accelerator.num_processes
         dist.all_gather_object(rngs, state.rng_state())
     path = state.step_dir(root, step)
     if accelerator.is_main_process:
-        model = network.state_dict()
-        ema_model = {**model, **ema.state_dict()}  # a full model file: averaged weights, other tensors as they are
+        model = trainer.state_dict(network) if hasattr(trainer, "state_dict") else network.state_dict()
+        ema_model = {**model, **ema.state_dict()}  # the same keys: averaged weights, other tensors as they are
         state.save(
             root, step, model=model, ema=ema_model, optimizer=optimizer.state_dict(), rng=rngs,
             scheduler={"lr_schedule": s.lr_schedule, "lr": s.lr, "warmup_steps": s.warmup_steps,

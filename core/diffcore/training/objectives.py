@@ -17,7 +17,9 @@ All three share the core's sigma convention (docs/architecture.md): ``x = alpha 
 Timesteps are drawn as ``u`` in (0, 1) (the flow sigma; for DDPM the index ``floor(u T)``):
 ``uniform``; ``logit-normal`` ``u = sigmoid(n)``, ``n ~ N(mean, std)`` (Esser et al. 2024, SD3,
 arXiv:2403.03206 section 3.1); ``shifted`` ``u' = s u / (1 + (s - 1) u)`` on a uniform ``u``
-(SD3's resolution-dependent shift; ``s > 1`` spends more steps at high noise).
+(SD3's resolution-dependent shift; ``s > 1`` spends more steps at high noise); ``flux-shift``
+a logit-normal ``u`` moved by FLUX's resolution-dependent shift, ``mu`` on the line through
+(256 tokens, 0.5) and (4096, 1.15) (kohya's sd-scripts ``flux_shift``; the sampler's shift).
 Every draw takes an explicit ``torch.Generator`` so a run is reproducible bit for bit.
 """
 
@@ -29,7 +31,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-TimestepSampling = Literal["uniform", "logit-normal", "shifted"]
+TimestepSampling = Literal["uniform", "logit-normal", "shifted", "flux-shift"]
 
 
 @attrs.frozen
@@ -41,17 +43,26 @@ class TimestepSampler:
     logit_std: float = 1.0
     shift: float = 1.0
 
-    def __call__(self, n: int, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
-        if self.method == "logit-normal":
+    def __call__(self, n: int, generator: torch.Generator, device: torch.device | str = "cpu",
+                 seq_len: int | None = None) -> torch.Tensor:
+        """``seq_len``: the image tokens per sample, which ``flux-shift`` needs."""
+        if self.method in ("logit-normal", "flux-shift"):
             normal = torch.randn(n, generator=generator) * self.logit_std + self.logit_mean
             u = torch.sigmoid(normal)
+            if self.method == "flux-shift":
+                from diffcore.sampling.schedules import dynamic_shift_mu, time_shift
+
+                if seq_len is None:
+                    raise ValueError("flux-shift timestep sampling depends on the image size: this family "
+                                     "does not say how many tokens its latents make (ModelBundle.training_tokens)")
+                u = time_shift(dynamic_shift_mu(seq_len), 1.0, u)
         else:
             u = torch.rand(n, generator=generator)
             if self.method == "shifted":
                 u = self.shift * u / (1 + (self.shift - 1) * u)
             elif self.method != "uniform":
                 raise ValueError(f"unknown timestep sampling {self.method!r}; "
-                                 "expected uniform, logit-normal or shifted")
+                                 "expected uniform, logit-normal, shifted or flux-shift")
         return u.to(device)
 
 
@@ -91,7 +102,7 @@ def diffusion_loss(bundle: Any, x0: torch.Tensor, cond: dict[str, Any], generato
     Noise and timesteps are drawn on the CPU from ``generator`` (the same numbers on every device).
     """
     noise = torch.randn(x0.shape, generator=generator).to(device=x0.device, dtype=x0.dtype)
-    u = timesteps(x0.shape[0], generator, device=x0.device)
+    u = timesteps(x0.shape[0], generator, device=x0.device, seq_len=bundle.training_tokens(x0))
     x, time, target = noisy_inputs(bundle.prediction_type, x0, noise, u, getattr(bundle, "sigma_table", None))
     pred = bundle.forward(x, time, **cond)
     return F.mse_loss(pred.float(), target.float())

@@ -63,17 +63,34 @@ def build_optimizer(network: nn.Module, params: Iterable[nn.Parameter], name: st
                               f"{torch.__version__}", path="job.optimizer")
         linear = {id(m.weight) for m in network.modules() if isinstance(m, nn.Linear)}
         matrices = [p for p in params if id(p) in linear]
-    elif name != "adamw":
-        raise ConfigError(f"unknown optimizer {name!r}; expected adamw or muon", path="job.optimizer")
+    elif name not in ("adamw", "adamw8bit"):
+        raise ConfigError(f"unknown optimizer {name!r}; expected adamw, adamw8bit or muon", path="job.optimizer")
     taken = {id(p) for p in matrices}
     rest = [p for p in params if id(p) not in taken]
-    groups = [{"params": [p for p in rest if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0}]
-    adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
+    groups = [g for g in ({"params": [p for p in rest if p.ndim >= 2], "weight_decay": weight_decay},
+                          {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0}) if g["params"]]
+    if name == "adamw8bit":
+        return Optimizers(adamw_8bit(groups, lr=lr, betas=betas))
+    # CUDA: torch's fused kernel (one launch for every tensor); elsewhere the default implementation
+    fused = bool(rest) and all(p.device.type == "cuda" for p in rest)
+    adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused else {}))
     if not matrices:
         return Optimizers(adamw)
     muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
     return Optimizers(muon, adamw)
+
+
+def adamw_8bit(groups: list[dict[str, Any]], *, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW with 8-bit block-quantised moments (Dettmers et al. 2022, arXiv:2110.02861):
+    2 bytes of state per parameter instead of 8. CUDA only."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConfigError("optimizer = \"adamw8bit\" needs bitsandbytes (pip install bitsandbytes) and a CUDA "
+                          "device", path="job.optimizer") from None
+    if any(p.device.type != "cuda" for g in groups for p in g["params"]):
+        raise ConfigError("optimizer = \"adamw8bit\" runs on CUDA only; use adamw on this device", path="job.optimizer")
+    return bnb.optim.AdamW8bit(groups, lr=lr, betas=betas)
 
 
 def lr_at(step: int, *, lr: float, warmup_steps: int, schedule: str, total_steps: int) -> float:

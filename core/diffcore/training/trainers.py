@@ -1,4 +1,5 @@
-"""Training methods (what is trained, and with which loss): the ``full`` fine-tune."""
+"""Training methods (what is trained, and with which loss): the ``full`` fine-tune; ``lora`` and
+``controlnet`` build on it (``training.lora``, ``training.controlnet``)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,11 @@ class FullTrainer:
         self.config = config
         self.network: nn.Module = bundle.network
         self.network.requires_grad_(True)
-        self.timesteps = TimestepSampler(config.timestep_sampling, config.logit_mean, config.logit_std, config.shift)
+        self.timesteps = self.timestep_sampler(config)
+
+    @staticmethod
+    def timestep_sampler(config: Any) -> TimestepSampler:
+        return TimestepSampler(config.timestep_sampling, config.logit_mean, config.logit_std, config.shift)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.network.parameters() if p.requires_grad]

@@ -69,7 +69,7 @@ def test_train_job_previews_and_final_grid(tmp_path):
     pytest.importorskip("sklearn")
     path = tmp_path / "train.toml"
     path.write_text(f'[job]\nkind = "train"\noutput_dir = "{tmp_path / "out"}"\ndevice = "cpu"\nseed = 2\nsteps = 2\n'
-                    'batch_size = 16\nlr = 1e-3\nsample_every = 1\nsampling_steps = 2\ncheckpoint_every = 0\n'
+                    'batch_size = 16\nlr = 1e-3\nvalidate_every = 1\nsampling_steps = 2\ncheckpoint_every = 0\n'
                     'final_grid = {samples_per_class = 1, cfg_scale = 2.0, sampling_steps = 3}\n'
                     '[model]\nfamily = "dit"\nvariant = "digits"\nhidden = 32\ndepth = 1\nheads = 2\n'
                     '[dataset]\nname = "digits"\n')

@@ -21,7 +21,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from diffcore.api import ConfigError, GenerationRequest, ModelBundle
+from diffcore.api import ConfigError, GenerationRequest, LazyComponent, ModelBundle
+from diffcore_flux1.convert import diffusers_modules
 from diffcore_flux1.controlnet import (FluxControl, control_conditions, new_controlnet, schedule_controls,
                                        training_controls)
 from diffcore_flux1.images import fill_condition, fit, kontext_size, token_multiple
@@ -31,6 +32,18 @@ from diffcore_flux1.sampling import prepare_img_ids, prepare_kontext_ids
 from diffcore_flux1.text import FluxTextEncoder
 from diffcore_flux1.vae import AutoEncoder, pack
 
+# LoRA target presets over ``Flux.named_modules()``: ``attention`` is each stream's fused qkv and
+# output projection and the single blocks' linear1 (q, k, v fused with the MLP's input: the only
+# way into their attention); ``attention-mlp`` adds both streams' MLPs and linear2 (diffusers'
+# train_dreambooth_lora_flux default set, with the single blocks' MLP); ``all-linear`` every linear
+# layer, the modulations and embedders too.
+_ATTENTION = ["double_blocks.*.img_attn.qkv", "double_blocks.*.img_attn.proj", "double_blocks.*.txt_attn.qkv",
+              "double_blocks.*.txt_attn.proj", "single_blocks.*.linear1"]
+LORA_PRESETS = {
+    "attention": _ATTENTION,
+    "attention-mlp": [*_ATTENTION, "double_blocks.*.img_mlp.*", "double_blocks.*.txt_mlp.*", "single_blocks.*.linear2"],
+    "all-linear": ["*"],
+}
 TILE_LATENT = 128  # decode larger latents (2048 px sides at 8x) in overlapping tiles
 
 
@@ -39,17 +52,24 @@ class FluxBundle(ModelBundle):
     """``network`` is a ``Flux``; ``guidance`` is the embedded guidance of distilled variants;
     ``offload`` places the components (``diffcore_flux1.offload``) and knows the device;
     ``dtype`` is the components' compute dtype; ``resize_references`` snaps Kontext reference
-    images to the nearest training resolution, as BFL and diffusers do."""
+    images to the nearest training resolution, as BFL and diffusers do; ``train_guidance``: the
+    embedded guidance a guidance-distilled variant trains at (kohya's and diffusers' default 3.5).
+    The autoencoder and text encoders of a bundle built from files load on first use."""
 
-    vae: AutoEncoder | None = None
-    text: FluxTextEncoder | None = None
+    _vae: AutoEncoder | None = None            # init argument ``vae``
+    _text: FluxTextEncoder | None = None       # init argument ``text``
     guidance: float = 3.5
+    train_guidance: float = 3.5
     default_size: int = 1024
     offload: Offload = attrs.Factory(Offload)
     dtype: torch.dtype = torch.float32
     resize_references: bool = True
     controlnets: dict[str, Any] = attrs.Factory(dict)   # loaded for [[control]] tables, by path
     takes_controls: ClassVar[bool] = True
+    lora_presets: ClassVar[dict[str, list[str]]] = LORA_PRESETS
+
+    vae = LazyComponent()
+    text = LazyComponent()
 
     @property
     def device(self) -> torch.device:
@@ -260,3 +280,50 @@ class FluxBundle(ModelBundle):
 
     def attention_alias(self, name: str) -> str:
         return attention_alias(name)
+
+    # -- training ---------------------------------------------------------------------------------
+    def training_tokens(self, latents: Tensor) -> int:
+        """One token per packed latent position."""
+        return latents.shape[-2] * latents.shape[-1]
+
+    def encode_captions(self, captions: list[str]) -> dict[str, Tensor]:
+        """``txt`` (B, max_length, 4096) T5 states and ``vec`` (B, 768) pooled CLIP, float32 on the device."""
+        if self.text is None:
+            raise ConfigError("this FLUX.1 bundle has no text encoders: set text_encoders to a local diffusers "
+                              "FLUX.1 folder, or cache the text embeddings", path="model.text_encoders")
+        self.offload.use("text")
+        with torch.no_grad():
+            txt, vec = self.text.encode(list(captions), device=self.device)
+        return {"txt": txt.float(), "vec": vec.float()}
+
+    def training_inputs(self, batch: dict[str, Any], *, dropout: float = 0.0,
+                        generator: torch.Generator | None = None) -> dict[str, Any]:
+        """``txt`` / ``vec`` from ``batch["text"]`` (a text cache) or the encoded ``batch["caption"]``,
+        each sample's replaced by the empty prompt's with probability ``dropout``; the embedded
+        guidance at ``train_guidance`` for dev-like variants (ignored by schnell's network)."""
+        if "text" in batch:
+            text = batch["text"]
+        elif "caption" in batch:
+            captions = batch["caption"]
+            text = self.encode_captions([captions] if isinstance(captions, str) else list(captions))
+        else:
+            raise ConfigError("FLUX.1 trains on captioned images: the batch has neither caption nor cached text",
+                              path="dataset")
+        txt, vec = (text[k].to(self.device) for k in ("txt", "vec"))
+        b = txt.shape[0]
+        if dropout > 0:
+            drop = (torch.rand(b, generator=generator) < dropout).to(self.device)
+            if drop.any():
+                if self.empty_text is None:
+                    self.empty_text = self.encode_captions([""])
+                empty_txt, empty_vec = (self.empty_text[k].to(self.device, txt.dtype) for k in ("txt", "vec"))
+                if empty_txt.shape[1:] != txt.shape[1:]:
+                    raise ConfigError(f"the empty prompt's T5 states have shape {tuple(empty_txt.shape[1:])}, the "
+                                      f"captions' {tuple(txt.shape[1:])}: a text cache written with another "
+                                      f"max_sequence_length or encoder", path="job.cache_dir")
+                txt = torch.where(drop[:, None, None], empty_txt.expand_as(txt), txt)
+                vec = torch.where(drop[:, None], empty_vec.expand_as(vec), vec)
+        return {"txt": txt, "vec": vec, "guidance": torch.full((b,), self.train_guidance, device=self.device)}
+
+    def diffusers_modules(self, modules: list[str]) -> list[tuple[str, str]]:
+        return diffusers_modules(modules)

@@ -84,6 +84,19 @@ def _pairs(keys: Iterable[str], layout: str) -> list[tuple[str, list[str]]]:
     return out
 
 
+def diffusers_modules(modules: Iterable[str]) -> list[tuple[str, str]]:
+    """(diffusers module name, ours) for each of our ``modules`` that diffusers has, from the
+    tables above: a fused layer once per part (``img_attn.qkv`` as ``attn.to_q``, ``attn.to_k``,
+    ``attn.to_v``; ``linear1`` also as ``proj_mlp``)."""
+    wanted = set(modules)
+    rows = [(d, b) for b, ds in _TOP for d in ds]
+    for i in block_indices(wanted, "double_blocks"):
+        rows += [(f"transformer_blocks.{i}.{d}", f"double_blocks.{i}.{b}") for b, ds in _DOUBLE for d in ds]
+    for i in block_indices(wanted, "single_blocks"):
+        rows += [(f"single_transformer_blocks.{i}.{d}", f"single_blocks.{i}.{b}") for b, ds in _SINGLE for d in ds]
+    return [(d, b) for d, b in rows if b in wanted]
+
+
 _FUSED_PARTS = {f"{d}.{p}" for table in (_DOUBLE, _SINGLE) for _, diff in table if len(diff) > 1
                 for d in diff for p in ("weight", "bias")}
 

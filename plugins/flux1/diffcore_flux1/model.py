@@ -22,6 +22,7 @@ from diffcore.api import (
     Linear,
     MLPEmbedder,
     SingleStreamBlock,
+    run_block,
     timestep_embedding,
 )
 from diffcore_flux1.params import VARIANTS, FluxParams
@@ -71,6 +72,7 @@ class Flux(nn.Module):
         self.single_blocks = nn.ModuleList(
             SingleStreamBlock(h, p.num_heads, mlp_hidden) for _ in range(p.depth_single_blocks))
         self.final_layer = LastLayer(p.hidden_size, p.out_channels)
+        self.gradient_checkpointing = False   # recompute each block's activations in backward (training)
 
     def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
                 y: Tensor, guidance: Tensor | None = None, control: Sequence[ControlResiduals] = ()) -> Tensor:
@@ -98,13 +100,14 @@ class Flux(nn.Module):
         vec = vec + self.vector_in(y)
         img, txt = self.img_in(img), self.txt_in(txt)
 
+        ckpt = self.gradient_checkpointing
         for i, block in enumerate(self.double_blocks):
-            img, txt = block(img, txt, pe, vec)
+            img, txt = run_block(block, img, txt, pe, vec, checkpointing=ckpt)
             for c in control:
                 img = c.add(img, c.double, i, len(self.double_blocks))
         x = torch.cat((txt, img), dim=1)
         for i, block in enumerate(self.single_blocks):
-            x = block(x, pe, vec)
+            x = run_block(block, x, pe, vec, checkpointing=ckpt)
             if control:
                 img = x[:, txt.shape[1]:]
                 for c in control:

@@ -41,13 +41,14 @@ class Flux1Config:
     guidance: float | None = None
     max_sequence_length: int | None = attrs.field(default=None)  # T5 tokens: 512, schnell 256
     resize_references: bool = True
+    train_guidance: float = 3.5   # the embedded guidance dev-like variants train at
 
 
 def build_flux1(config: Flux1Config, device: Any = "cpu") -> Any:
     """A ``FluxBundle`` computing on ``device`` from the local files ``config`` names. Paths and
-    files are checked before anything loads; then the text encoders load (they run first), the
-    autoencoder, and the transformer."""
-    from diffcore.api import Offload
+    files are checked before anything loads; then the transformer loads, and the text encoders
+    and autoencoder on first use (a run on cached latents and text never reads them)."""
+    from diffcore.api import Offload, fingerprint
     from diffcore_flux1.bundle import FluxBundle
     from diffcore_flux1.load import check_safetensors, load_transformer, load_vae, transformer_params
     from diffcore_flux1.text import FluxTextEncoder
@@ -76,14 +77,18 @@ def build_flux1(config: Flux1Config, device: Any = "cpu") -> Any:
 
     dtype = resolve_dtype(config.dtype, device)
     offload = Offload(config.offload, device)
-    text = FluxTextEncoder.from_folder(text_path, max_length=config.max_sequence_length or defaults.max_sequence_length,
-                                       dtype=dtype, device=offload.storage)
-    vae = load_vae(vae_path, dtype=dtype, device=offload.storage)
-    network = load_transformer(root, params=params, dtype=dtype, device=offload.storage)
-    for name, module in (("text", text), ("vae", vae), ("network", network)):
-        offload.add(name, module)
-    return FluxBundle(network=network, vae=vae, text=text, offload=offload, dtype=dtype,
+    max_length = config.max_sequence_length or defaults.max_sequence_length
+    network = offload.add("network", load_transformer(root, params=params, dtype=dtype, device=offload.storage))
+    text_path = FluxTextEncoder.check_folder(Path(text_path).expanduser())
+    loaders = {"text": lambda: offload.add("text", FluxTextEncoder.from_folder(
+                   text_path, max_length=max_length, dtype=dtype, device=offload.storage)),
+               "vae": lambda: offload.add("vae", load_vae(vae_path, dtype=dtype, device=offload.storage))}
+    text_files = [text_path / d for d in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")]
+    identity = {"vae": fingerprint([vae_path], "flux1-ae"),
+                "text": fingerprint([f for f in text_files if f.exists()], "flux1-text", max_length)}
+    return FluxBundle(network=network, loaders=loaders, identity=identity, offload=offload, dtype=dtype,
                       guidance=config.guidance if config.guidance is not None else defaults.guidance,
+                      train_guidance=config.train_guidance,
                       default_sampling_steps=defaults.steps,
                       default_schedule={"name": "flux" if defaults.shift else "flow"},
                       resize_references=config.resize_references)

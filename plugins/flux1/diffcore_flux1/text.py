@@ -31,11 +31,7 @@ class FluxTextEncoder(nn.Module):
         ``text_encoder_2`` / ``tokenizer_2`` (T5), read locally only."""
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-        path = Path(path)
-        missing = [d for d in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2") if not (path / d).is_dir()]
-        if missing:
-            raise CheckpointError(f"{path}: not a diffusers FLUX.1 folder with text encoders; missing "
-                                  f"{', '.join(d + '/' for d in missing)}")
+        path = cls.check_folder(path)
         kw = {"local_files_only": True, **({"dtype": dtype} if dtype is not None else {})}
         clip = CLIPTextModel.from_pretrained(path / "text_encoder", **kw).to(device)
         t5 = T5EncoderModel.from_pretrained(path / "text_encoder_2", **kw).to(device)
@@ -43,6 +39,16 @@ class FluxTextEncoder(nn.Module):
                    clip, AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True), max_length)
 
     @torch.no_grad()
+    @staticmethod
+    def check_folder(path: str | Path) -> Path:
+        """``path`` if it holds the four folders ``from_folder`` reads (checked before anything loads)."""
+        path = Path(path)
+        missing = [d for d in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2") if not (path / d).is_dir()]
+        if missing:
+            raise CheckpointError(f"{path}: not a diffusers FLUX.1 folder with text encoders; missing "
+                                  f"{', '.join(d + '/' for d in missing)}")
+        return path
+
     def encode(self, prompts: list[str], device: str | torch.device | None = None) -> tuple[Tensor, Tensor]:
         """``device``: where the encoders compute (under offload hooks their parameters read as meta)."""
         device = device if device is not None else next(self.t5.parameters()).device

@@ -26,14 +26,14 @@ first use, so a run on cached latents and text never reads them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import attrs
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from diffcore.api import ConfigError, GenerationRequest, ModelBundle
+from diffcore.api import ConfigError, GenerationRequest, LazyComponent, ModelBundle, module_fingerprint
 from diffcore_flux2.images import (
     inpaint_size,
     prepare_reference,
@@ -45,7 +45,8 @@ from diffcore_flux2.images import (
 from diffcore_flux2.model import ReferenceCache, attention_alias
 from diffcore_flux2.sampling import get_schedule, image_ids, keep_known, pack, reference_tokens, text_ids, unpack
 from diffcore_flux2.text import Flux2TextEncoder
-from diffcore_flux2.training import LORA_PRESETS, lora_patterns, module_fingerprint
+from diffcore_flux2.convert import diffusers_modules
+from diffcore_flux2.training import LORA_PRESETS
 from diffcore_flux2.vae import AutoEncoder
 
 
@@ -67,39 +68,12 @@ class Flux2Bundle(ModelBundle):
     reference_max_pixels: int | None = None
     reference_cache: bool = False
     train_guidance: float = 1.0
-    #: components not loaded yet ("vae", "text") -> loader, each called on first use
-    loaders: dict[str, Callable[[], nn.Module]] = attrs.Factory(dict)
     vae_downscale: int = 16                    # pixels per token, known before the autoencoder loads
-    identity: dict[str, str] = attrs.Factory(dict)   # encoder_identity from the files, when built from disk
 
     lora_presets: ClassVar[dict[str, list[str]]] = LORA_PRESETS
 
-    @property
-    def vae(self) -> AutoEncoder | None:
-        return self._component("vae")
-
-    @vae.setter
-    def vae(self, module: AutoEncoder | None) -> None:
-        self._vae = module
-
-    @property
-    def text(self) -> Flux2TextEncoder | None:
-        return self._component("text")
-
-    @text.setter
-    def text(self, module: Flux2TextEncoder | None) -> None:
-        self._text = module
-
-    def _component(self, name: str) -> nn.Module | None:
-        module = getattr(self, f"_{name}")
-        if module is None and name in self.loaders:
-            module = self.loaders.pop(name)()
-            setattr(self, f"_{name}", module)
-        return module
-
-    def loaded(self, name: str) -> bool:
-        """Whether component ``name`` ("vae", "text") is in memory (what a cache test asks)."""
-        return getattr(self, f"_{name}") is not None
+    vae = LazyComponent()
+    text = LazyComponent()
 
     def forward(self, x: Tensor, sigma: Tensor, txt: Tensor | None = None, guidance: Tensor | None = None,
                 ref: Tensor | None = None, ref_ids: Tensor | None = None, known: Tensor | None = None,
@@ -236,6 +210,10 @@ class Flux2Bundle(ModelBundle):
         return attention_alias(name)
 
     # -- training ---------------------------------------------------------------------------------
+    def training_tokens(self, latents: Tensor) -> int:
+        """One token per latent position."""
+        return latents.shape[-2] * latents.shape[-1]
+
     def encode_captions(self, captions: list[str]) -> dict[str, Tensor]:
         """``txt``: (B, max_length, 3 * hidden) float32 on the network's device; no mask (the
         transformer attends to every position, padding included, as BFL's and diffusers')."""
@@ -247,7 +225,7 @@ class Flux2Bundle(ModelBundle):
 
     def encoder_identity(self) -> dict[str, str]:
         """Fingerprints of the files the autoencoder and text encoder load from (headers and the
-        ends of every tensor, ``diffcore_flux2.training.fingerprint``), else of the modules' weights."""
+        ends of every tensor, ``diffcore.api.fingerprint``), else of the modules' weights."""
         out = dict(self.identity)
         for name in ("vae", "text"):
             if name not in out and (self.loaded(name) or name in self.loaders):
@@ -289,8 +267,8 @@ class Flux2Bundle(ModelBundle):
             cond["guidance"] = torch.full((b,), self.train_guidance, device=device)
         return cond
 
-    def lora_patterns(self, pattern: str) -> list[str]:
-        return lora_patterns(self.network, pattern)
+    def diffusers_modules(self, modules: list[str]) -> list[tuple[str, str]]:
+        return diffusers_modules(modules)
 
     def _need_vae(self, what: str) -> None:
         if self.vae is None:

@@ -68,7 +68,7 @@ def build_flux2(config: Flux2Config, device: Any = "cpu") -> Any:
     from diffcore_flux2.load import load_ae, load_transformer, transformer_params
     from diffcore_flux2.params import AE_VARIANTS
     from diffcore_flux2.text import Flux2TextEncoder, TextSpec
-    from diffcore_flux2.training import fingerprint
+    from diffcore.api import fingerprint
 
     if not config.path:
         raise ConfigError("set path to a local FLUX.2 diffusers folder or transformer .safetensors file", path="path")

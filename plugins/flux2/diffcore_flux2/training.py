@@ -1,5 +1,4 @@
-"""FLUX.2 training helpers: LoRA target presets, diffusers module names, and the fingerprints a
-latent / text cache keys its entries by.
+"""FLUX.2 training helpers: LoRA target presets and diffusers module names.
 
 Presets (``fnmatch`` patterns over ``Flux2.named_modules()``); FLUX.2's blocks hold no
 modulation weights, so the blocks' linears are attention and MLP only:
@@ -16,16 +15,6 @@ modulation weights, so the blocks' linears are attention and MLP only:
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Iterator
-from fnmatch import fnmatchcase
-from pathlib import Path
-from typing import BinaryIO
-
-from torch import nn
-
-from diffcore_flux2.convert import diffusers_modules
 
 ATTENTION = ["double_blocks.*.img_attn.qkv", "double_blocks.*.img_attn.proj", "double_blocks.*.txt_attn.qkv",
              "double_blocks.*.txt_attn.proj", "single_blocks.*.linear1"]
@@ -34,70 +23,3 @@ LORA_PRESETS = {
     "attention-mlp": [*ATTENTION, "double_blocks.*.img_mlp.*", "double_blocks.*.txt_mlp.*", "single_blocks.*.linear2"],
     "all-linear": ["*"],
 }
-
-
-def lora_patterns(network: nn.Module, pattern: str) -> list[str]:
-    """Patterns over ``network``'s module names for a user's ``pattern``: in our naming as it is or
-    (peft's rule) as the last dotted parts of a name; in diffusers' naming (a leading
-    ``transformer.`` allowed), our layers whose diffusers name it matches the same two ways
-    (``to_q`` -> every ``img_attn.qkv``; ``to_out`` -> the single blocks' ``linear2``)."""
-    linears = [n for n, m in network.named_modules() if isinstance(m, nn.Linear)]
-    bare = pattern.removeprefix("transformer.")
-    matches = [pattern, f"*.{pattern}", bare, f"*.{bare}"]
-    found = {ours: None for theirs, ours in diffusers_modules(linears) if any(fnmatchcase(theirs, p) for p in matches)}
-    return [*dict.fromkeys(matches), *found]
-
-
-def fingerprint(paths: list[Path], *extra: object) -> str:
-    """A hash that changes when a file under ``paths`` (or ``extra``) changes, reading kilobytes
-    rather than the weights (so keying a cache costs no load): relative names and sizes; for a
-    safetensors file its header and the first and last 256 bytes of every tensor (a retrained
-    tensor differs there, and small ones such as the autoencoder's BatchNorm statistics are read
-    whole); other files whole up to 16 MiB, else 4 KiB from the middle and the end."""
-    h = hashlib.sha256(repr(extra).encode())
-    for root in paths:
-        root = Path(root)
-        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-        for f in files:
-            size = f.stat().st_size
-            h.update(f"{f.relative_to(root) if root.is_dir() else f.name}:{size}".encode())
-            with open(f, "rb") as fh:
-                for chunk in _samples(fh, size, f.suffix == ".safetensors"):
-                    h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def _samples(fh: BinaryIO, size: int, safetensors: bool) -> Iterator[bytes]:
-    if safetensors and size >= 8:
-        n = int.from_bytes(fh.read(8), "little")
-        if 0 < n <= size - 8:
-            header = fh.read(n)
-            yield header
-            try:
-                entries = json.loads(header)
-            except ValueError:
-                entries = {}
-            for entry in entries.values():
-                if isinstance(entry, dict) and "data_offsets" in entry:
-                    start, end = (8 + n + int(o) for o in entry["data_offsets"])
-                    for at, length in ((start, min(256, end - start)), (max(end - 256, start), min(256, end - start))):
-                        fh.seek(at)
-                        yield fh.read(length)
-            return
-    if size <= 16 << 20:
-        fh.seek(0)
-        yield fh.read()
-        return
-    for at in (size // 2, size - 4096):
-        fh.seek(at)
-        yield fh.read(4096)
-
-
-def module_fingerprint(module: nn.Module, *extra: object) -> str:
-    """For a component built in memory (no files): names, shapes, dtypes and a few values of every tensor."""
-    h = hashlib.sha256(repr(extra).encode())
-    for name, t in module.state_dict().items():
-        flat = t.detach().reshape(-1)
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(flat[:: max(flat.numel() // 16, 1)].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]

@@ -13,18 +13,19 @@ latents and text never reads them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import attrs
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from diffcore.api import ConfigError, GenerationRequest, ModelBundle
+from diffcore.api import ConfigError, GenerationRequest, LazyComponent, ModelBundle, module_fingerprint
 from diffcore_sd3.guidance import SD3Conditions
 from diffcore_sd3.model import attention_alias
 from diffcore_sd3.text import SD3TextEncoder
-from diffcore_sd3.training import LORA_PRESETS, lora_patterns, module_fingerprint
+from diffcore_sd3.convert import diffusers_modules
+from diffcore_sd3.training import LORA_PRESETS
 
 VAE_FACTOR = 8            # pixels per latent pixel, SD3's autoencoder (read from the loaded one)
 
@@ -40,39 +41,12 @@ class SD3Bundle(ModelBundle):
     default_size: int = 1024
     dtype: torch.dtype = torch.float32
     device: torch.device = attrs.field(default=torch.device("cpu"), converter=torch.device)
-    #: components not loaded yet ("vae", "text") -> loader, each called on first use
-    loaders: dict[str, Callable[[], nn.Module]] = attrs.Factory(dict)
     vae_factor: int = VAE_FACTOR               # the autoencoder's downsampling, known before it loads
-    identity: dict[str, str] = attrs.Factory(dict)   # encoder_identity from the files, when built from disk
 
     lora_presets: ClassVar[dict[str, list[str]]] = LORA_PRESETS
 
-    @property
-    def vae(self) -> Any:
-        return self._component("vae")
-
-    @vae.setter
-    def vae(self, module: Any) -> None:
-        self._vae = module
-
-    @property
-    def text(self) -> SD3TextEncoder | None:
-        return self._component("text")
-
-    @text.setter
-    def text(self, module: SD3TextEncoder | None) -> None:
-        self._text = module
-
-    def _component(self, name: str) -> nn.Module | None:
-        module = getattr(self, f"_{name}")
-        if module is None and name in self.loaders:
-            module = self.loaders.pop(name)()
-            setattr(self, f"_{name}", module)
-        return module
-
-    def loaded(self, name: str) -> bool:
-        """Whether component ``name`` ("vae", "text") is in memory (what a cache test asks)."""
-        return getattr(self, f"_{name}") is not None
+    vae = LazyComponent()
+    text = LazyComponent()
 
     # -- the network ------------------------------------------------------------------------------
     def forward(self, x: Tensor, sigma: Tensor, context: Tensor | None = None, y: Tensor | None = None,
@@ -165,6 +139,10 @@ class SD3Bundle(ModelBundle):
         return attention_alias(name)
 
     # -- training ---------------------------------------------------------------------------------
+    def training_tokens(self, latents: Tensor) -> int:
+        """2x2 latent patches."""
+        return latents.shape[-2] * latents.shape[-1] // 4
+
     def encode_captions(self, captions: list[str]) -> dict[str, Tensor]:
         """``context`` (B, 77 + max_length, width) and ``y`` (B, 768 + 1280), float32 on the bundle's device."""
         context, y = self.encode_text(list(captions))
@@ -172,7 +150,7 @@ class SD3Bundle(ModelBundle):
 
     def encoder_identity(self) -> dict[str, str]:
         """Fingerprints of the files the autoencoder and encoders load from (headers and the ends of every
-        tensor, ``diffcore_sd3.training.fingerprint``), else of the modules' weights."""
+        tensor, ``diffcore.api.fingerprint``), else of the modules' weights."""
         out = dict(self.identity)
         for name in ("vae", "text"):
             if name not in out and (self.loaded(name) or name in self.loaders):
@@ -208,5 +186,5 @@ class SD3Bundle(ModelBundle):
                 y = torch.where(drop[:, None], empty_y.expand_as(y), y)
         return {"context": context, "y": y}
 
-    def lora_patterns(self, pattern: str) -> list[str]:
-        return lora_patterns(self.network, pattern)
+    def diffusers_modules(self, modules: list[str]) -> list[tuple[str, str]]:
+        return diffusers_modules(modules)

@@ -42,7 +42,7 @@ def build_sd3(config: SD3Config, device: Any = "cpu") -> Any:
     from diffcore_sd3.bundle import SD3Bundle
     from diffcore_sd3.load import component, load_transformer, transformer_params
     from diffcore_sd3.text import FOLDERS, SD3TextEncoder
-    from diffcore_sd3.training import fingerprint
+    from diffcore.api import fingerprint
     from diffcore_sd3.vae import load_vae, vae_params
 
     if not config.path:
