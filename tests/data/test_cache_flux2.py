@@ -115,3 +115,45 @@ def test_a_cached_flux2_run_loads_neither_encoder(klein_folder, tmp_path):
     expected = full_trainer(first).loss(first, raw, torch.Generator().manual_seed(3))
     print(f"FLUX.2 klein loss cached {loss.item():.7f} uncached {expected.item():.7f}")
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_the_train_job_trains_a_flux2_lora_from_its_caches(klein_folder, tmp_path, monkeypatch):
+    """``[job] cache_latents`` / ``cache_text_embeddings`` through the train job (LoRA, buckets,
+    caption dropout): the second run, with everything cached, never loads either encoder."""
+    import diffcore.data.cache as cache
+    from diffcore.config.structure import structure
+    from diffcore.jobs import JobContext
+    from diffcore.jobs.train import TrainJob, run_train
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, (w, h) in enumerate([(32, 32), (40, 36), (64, 32), (60, 30)]):
+        pixels = torch.rand(h, w, 3, generator=torch.Generator().manual_seed(i)) * 255
+        Image.fromarray(pixels.to(torch.uint8).numpy()).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(["a red cat", "a blue dog", "the sign", "a cat on the mat"][i])
+    bundles, real = [], cache.cache_for_job
+
+    def remember(dataset, bundle, *args, **kwargs):   # the job's bundle, to ask what it loaded
+        bundles.append(bundle)
+        return real(dataset, bundle, *args, **kwargs)
+
+    monkeypatch.setattr(cache, "cache_for_job", remember)
+
+    def run(out):
+        with plugins_for_test():
+            job = structure({
+                "job": {"output_dir": str(out), "device": "cpu", "seed": 1, "steps": 2, "batch_size": 2, "lr": 1e-3,
+                        "log_every": 1, "checkpoint_every": 0, "cache_latents": True, "cache_text_embeddings": True,
+                        "cache_dir": str(tmp_path / "cache")},
+                "model": {"family": "flux2", "path": str(klein_folder), "dtype": "float32",
+                          "max_sequence_length": SEQ},
+                "dataset": {"name": "captioned", "path": str(data), "resolution": 32, "bucket_resolution_steps": 16,
+                            "min_bucket_resolution": 16, "max_bucket_resolution": 64},
+                "trainer": {"name": "lora", "rank": 4, "cond_dropout": 0.5}}, TrainJob)
+            return run_train(job, JobContext(file=None, output_dir=out, resolved={}))
+
+    first = run(tmp_path / "a")
+    assert bundles[0].loaded("vae") and bundles[0].loaded("text")
+    second = run(tmp_path / "b")
+    assert not bundles[1].loaded("vae") and not bundles[1].loaded("text")
+    assert first.losses == second.losses and len(first.losses) == 2
