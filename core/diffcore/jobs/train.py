@@ -86,6 +86,9 @@ class TrainSettings(JobSettings):
     resume: str | None = None                                            # None | "latest" | a checkpoint folder
     log_every: int = attrs.field(default=10, validator=v.gt(0))
     num_workers: int = attrs.field(default=0, validator=v.ge(0))
+    cache_latents: bool = False                                          # encode images once into cache_dir
+    cache_text_embeddings: bool = False                                  # encode captions once into cache_dir
+    cache_dir: str | None = None                                         # None: <output_dir>/cache
     final_grid: FinalGrid = attrs.Factory(FinalGrid)
 
 
@@ -101,6 +104,15 @@ class TrainJob:
     renamed: ClassVar[dict[str, str]] = {"job.sample_steps": "job.sampling_steps",
                                          "job.final_grid.steps": "job.final_grid.sampling_steps",
                                          "job.sample_every": "job.validate_every"}
+
+    def __attrs_post_init__(self) -> None:
+        if self.job.cache_latents or self.job.cache_text_embeddings:   # refused before any model loads
+            from diffcore.data.catalog import cache_refusal
+
+            refusal = cache_refusal(self.dataset.config, latents=self.job.cache_latents,
+                                    text=self.job.cache_text_embeddings)
+            if refusal is not None:
+                raise refusal
 
 
 def run_train(config: TrainJob, ctx: JobContext) -> Any:
@@ -118,6 +130,10 @@ def run_train(config: TrainJob, ctx: JobContext) -> Any:
     bundle = config.model.build(device=state.device)
     trainer = config.trainer.build(bundle=bundle)
     dataset = config.dataset.build()
+    if s.cache_latents or s.cache_text_embeddings:   # encode once (data/cache.py), then train from disk
+        from diffcore.data.cache import cache_for_job
+
+        dataset = cache_for_job(dataset, bundle, s, output_dir=ctx.output_dir, state=state)
     pipeline = Pipeline(bundle=bundle, sampler=config.sampler.build(), schedule=build_schedule(bundle, config.schedule),
                         device=state.device)
     texts = bundle.num_classes is None and bool(s.validation_prompts)

@@ -99,8 +99,13 @@ def train(s: Any, *, bundle: Any, trainer: Any, dataset: Any, output_dir: str | 
     ema = EMA(network, decay=s.ema_decay, warmup=s.ema_warmup)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.mixed_precision == "bf16")
 
-    # data: each rank's share of every global batch, in an order fixed by the seed
-    sampler = ShuffledIndices(len(dataset), s.seed, rank=rank, world_size=world, batch_size=s.batch_size)
+    # data: each rank's share of every global batch, in an order fixed by the seed; a dataset
+    # with its own ``batch_sampler`` (aspect-ratio buckets) draws whole batches itself
+    make_batches = getattr(dataset, "batch_sampler", None)
+    if make_batches is not None:
+        sampler = make_batches(s.seed, rank=rank, world_size=world, batch_size=s.batch_size)
+    else:
+        sampler = ShuffledIndices(len(dataset), s.seed, rank=rank, world_size=world, batch_size=s.batch_size)
 
     # resume, or seed this process
     step = 0
@@ -139,7 +144,8 @@ def train(s: Any, *, bundle: Any, trainer: Any, dataset: Any, output_dir: str | 
         random.seed(s.seed + rank)
         np.random.seed(s.seed + rank)
     # the loader's own generator keeps it from drawing worker seeds out of the global RNG
-    loader = DataLoader(dataset, batch_size=micro_batch, sampler=sampler, num_workers=s.num_workers,
+    batching = {"batch_sampler": sampler} if make_batches else {"batch_size": micro_batch, "sampler": sampler}
+    loader = DataLoader(dataset, **batching, num_workers=s.num_workers,
                         generator=torch.Generator().manual_seed(s.seed), pin_memory=device.type == "cuda")
     batches = iter(loader)
 
@@ -202,7 +208,7 @@ def train(s: Any, *, bundle: Any, trainer: Any, dataset: Any, output_dir: str | 
 
 
 def save_checkpoint(root: Path, step: int, s: Any, *, network: nn.Module, trainer: Any, ema: EMA, optimizer: Any,
-                    lr: float, samples: int, sampler: ShuffledIndices, config: dict[str, Any],
+                    lr: float, samples: int, sampler: Any, config: dict[str, Any],
                     accelerator: Accelerator) -> Path:
     """Gather every rank's RNG states, then rank 0 writes the checkpoint folder atomically. The
     model file holds what ``trainer.state_dict(network)`` returns where the trainer has one (a
