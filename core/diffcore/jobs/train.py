@@ -175,6 +175,7 @@ def run_train(config: TrainJob, ctx: JobContext) -> Any:
         else:
             print("no grid.png: set job.validation_prompts to sample a text-to-image model", file=sys.stderr)
     state.wait_for_everyone()
+    result.bundle = bundle
     return result
 
 

@@ -61,6 +61,7 @@ class TrainResult:
     losses: list[tuple[int, float]]          # (step, loss averaged over processes and micro batches)
     checkpoint: Path | None                  # the last checkpoint written
     ema: EMA
+    bundle: Any = None                       # the train job sets it: the trained model, for a caller to use
 
 
 def train(s: Any, *, bundle: Any, trainer: Any, dataset: Any, output_dir: str | Path,
