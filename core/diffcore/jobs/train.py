@@ -158,6 +158,9 @@ def run_train(config: TrainJob, ctx: JobContext) -> Any:
     def preview(bundle: Any, step: int) -> None:
         write_grid(ctx.output_dir / "samples" / f"step-{step:06d}.png", s.sampling_steps, s.sample_cfg, step=step)
 
+    if hasattr(trainer, "prepare"):   # e.g. DreamBooth's class images, drawn by the base model before training
+        with state.main_process_first():
+            trainer.prepare(pipeline, ctx.output_dir, draw=state.is_main_process)
     can_sample = bundle.num_classes is not None or texts or not _takes_text(bundle)
     result = train(s, bundle=bundle, trainer=trainer, dataset=dataset, output_dir=ctx.output_dir,
                    config=ctx.resolved, preview=preview if can_sample else None)

@@ -76,6 +76,38 @@ def build_lora(config: LoraConfig, bundle: Any) -> Any:
     return LoraTrainer(config, bundle)
 
 
+def _size(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and (len(value) != 2 or any(not isinstance(x, int) or x <= 0 for x in value)):
+        raise ConfigError(f"expected [height, width] in pixels, got {value!r}", path=attribute.name)
+
+
+@attrs.frozen
+class DreamBoothConfig(LoraConfig):
+    """DreamBooth on the ``[dataset]``'s instance images: ``method`` ``lora`` (the LoRA fields above)
+    or ``full``; ``instance_prompt`` for every instance image (unset: the dataset's captions);
+    prior preservation with ``class_prompt``: ``num_class_images`` drawn by the base model into
+    ``class_data`` (default: the run folder's ``class_images/``) at ``class_size`` [h, w],
+    ``class_sampling_steps``, ``class_cfg`` (unset: the model's defaults), image i from seed
+    ``class_seed + i``; the prior loss weighted by ``prior_preservation_weight``."""
+
+    method: Literal["lora", "full"] = "lora"
+    instance_prompt: str | None = None
+    class_prompt: str | None = None
+    num_class_images: int = attrs.field(default=100, validator=v.gt(0))
+    prior_preservation_weight: float = attrs.field(default=1.0, validator=v.ge(0))
+    class_data: str | None = None
+    class_size: list[int] | None = attrs.field(default=None, validator=_size)
+    class_sampling_steps: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
+    class_cfg: float | None = attrs.field(default=None, validator=v.optional(v.ge(0)))
+    class_seed: int = attrs.field(default=0, validator=v.ge(0))
+
+
+def build_dreambooth(config: DreamBoothConfig, bundle: Any) -> Any:
+    from diffcore.training.dreambooth import DreamBoothTrainer
+
+    return DreamBoothTrainer(config, bundle)
+
+
 @attrs.frozen
 class ControlNetConfig:
     """The ``controlnet`` trainer: ``conditioning`` names the component that makes each batch's
@@ -136,5 +168,8 @@ def register_trainers(register):
     register("lora", build_lora, config=LoraConfig,
              description="low-rank adapters (peft) on the family's attention / MLP layers; base frozen, "
                          "checkpoints hold the adapters only")
+    register("dreambooth", build_dreambooth, config=DreamBoothConfig,
+             description="personalisation on a few instance images (LoRA or full), with prior preservation on "
+                         "class images the base model draws first")
     register("controlnet", build_controlnet, config=ControlNetConfig,
              description="a ControlNet from the base network, trained on (image, caption, conditioning image); base frozen")
