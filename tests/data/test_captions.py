@@ -188,3 +188,32 @@ def test_registered_with_its_config(tmp_path):
         component.config(path=str(tmp_path), resolution=64, bucket_resolution_steps=48, min_bucket_resolution=32)
     with pytest.raises(ConfigError, match="resolution"):
         component.config(path=str(tmp_path), resolution=4096)
+
+
+def test_conditioning_images_follow_their_images(tmp_path):
+    """``conditioning_data``: a folder beside the images with the same names; each map is resized,
+    flipped and cropped exactly as its image (here the map is the image itself)."""
+    from PIL import Image
+
+    from diffcore.data.captions import CaptionedDataset
+    from diffcore.errors import ConfigError
+
+    images, maps = tmp_path / "images", tmp_path / "maps"
+    images.mkdir()
+    maps.mkdir()
+    for i, size in enumerate([(40, 24), (24, 40)]):
+        pixels = (torch.rand(size[1], size[0], 3, generator=torch.Generator().manual_seed(i)) * 255).byte().numpy()
+        Image.fromarray(pixels).save(images / f"{i}.png")
+        Image.fromarray(pixels).save(maps / (f"{i}.bmp" if i else f"{i}.png"))   # any image suffix
+        (images / f"{i}.txt").write_text(f"caption {i}")
+    dataset = CaptionedDataset(images, resolution=32, bucket_resolution_steps=8, min_bucket_resolution=16,
+                               max_bucket_resolution=64, flip=True, center_crop=False, conditioning_data=str(maps))
+    for seed in range(3):
+        item = dataset[(0, seed)]
+        assert torch.equal(item["conditioning_image"], item["image"])
+        other = dataset[(1, seed)]
+        assert torch.equal(other["conditioning_image"], other["image"])
+    (maps / "1.bmp").unlink()
+    with pytest.raises(ConfigError, match=r"no conditioning image for .*1\.png in .*maps: expected .*maps/1\.png"):
+        CaptionedDataset(images, resolution=32, bucket_resolution_steps=8, min_bucket_resolution=16,
+                         max_bucket_resolution=64, conditioning_data=str(maps))

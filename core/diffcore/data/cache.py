@@ -63,6 +63,8 @@ class CachedDataset(Dataset):
             plan = self.dataset.plan(index, seed)
             item = self.dataset.metadata(plan)
             item["latents"] = load_file(self.latents[plan.entry, plan.flip])["latents"]
+            if getattr(self.dataset, "conditioning", None) is not None:
+                item["conditioning_image"] = self.dataset.conditioning_image(plan)
         else:
             item = self.dataset.load(index, seed)[1]
         if self.text is not None:

@@ -68,7 +68,7 @@ class CaptionedDataset(Dataset):
     def __init__(self, path: str | Path, *, resolution: int = 1024, repeats: int = 1, caption_extension: str = ".txt",
                  shuffle_tags: bool = False, keep_tokens: int = 0, flip: bool = False, center_crop: bool = True,
                  bucketing: bool = True, bucket_resolution_steps: int = 64, min_bucket_resolution: int = 256,
-                 max_bucket_resolution: int = 2048):
+                 max_bucket_resolution: int = 2048, conditioning_data: str | None = None):
         path = Path(path).expanduser()
         self.root = path.parent if path.is_file() else path
         if not self.root.is_dir():
@@ -93,6 +93,23 @@ class CaptionedDataset(Dataset):
         if not self.samples:
             raise ConfigError(f"captioned dataset {path}: every image has repeats = 0", path="dataset.repeats")
         self.broken: set[int] = set()   # entries that failed to decode (found in this process)
+        self.conditioning = self._conditioning_files(conditioning_data) if conditioning_data else None
+
+    def _conditioning_files(self, folder: str) -> list[Path]:
+        """Per entry, its conditioning image in ``folder``: the same relative name, any image suffix
+        (ControlNet training's ``precomputed`` maps). One missing is an error naming it."""
+        root = Path(folder).expanduser()
+        if not root.is_dir():
+            raise ConfigError(f"conditioning_data folder {root} does not exist", path="dataset.conditioning_data")
+        found = []
+        for e in self.entries:
+            stem = root / Path(e.key).with_suffix("")
+            match = next((stem.with_suffix(s) for s in sorted(IMAGE_SUFFIXES) if stem.with_suffix(s).is_file()), None)
+            if match is None:
+                raise ConfigError(f"no conditioning image for {e.file} in {root}: expected {stem}.png (or another "
+                                  f"image suffix)", path="dataset.conditioning_data")
+            found.append(match)
+        return found
 
     def _metadata_file(self) -> Path | None:
         return next((self.root / m for m in METADATA if (self.root / m).is_file()), None)
@@ -164,17 +181,14 @@ class CaptionedDataset(Dataset):
     def render(self, plan: Plan) -> dict[str, Any]:
         """The item ``plan`` describes (decodes the image; PIL's errors pass through)."""
         e = self.entries[plan.entry]
-        with Image.open(e.file) as img:
-            img = _rgb(ImageOps.exif_transpose(img))
-            (rh, rw), (bh, bw), (top, left) = plan.resized, plan.bucket, plan.crop
-            if (rh, rw) != (img.height, img.width):
-                down = rh < img.height
-                img = img.resize((rw, rh), Image.Resampling.LANCZOS if down else Image.Resampling.BICUBIC)
-            if plan.flip:
-                img = ImageOps.mirror(img)
-            pixels = np.asarray(img.crop((left, top, left + bw, top + bh)), dtype=np.uint8)
-        image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
-        return {"image": image.contiguous(), **self.metadata(plan)}
+        item = {"image": _fitted(e.file, plan), **self.metadata(plan)}
+        if self.conditioning is not None:
+            item["conditioning_image"] = self.conditioning_image(plan)
+        return item
+
+    def conditioning_image(self, plan: Plan) -> torch.Tensor:
+        """The entry's conditioning image, resized, flipped and cropped as the image is."""
+        return _fitted(self.conditioning[plan.entry], plan)
 
     def metadata(self, plan: Plan) -> dict[str, Any]:
         """Everything of an item but its pixels (what a latent cache serves beside the latents)."""
@@ -197,6 +211,20 @@ class CaptionedDataset(Dataset):
     def __getitem__(self, key: int | Sequence[int]) -> dict[str, Any]:
         index, seed = (int(key[0]), int(key[1])) if isinstance(key, tuple | list) else (int(key), 0)
         return self.load(index, seed)[1]
+
+
+def _fitted(file: Path, plan: Plan) -> torch.Tensor:
+    """``file`` resized, flipped and cropped as ``plan`` says, (3, H, W) in [-1, 1]."""
+    with Image.open(file) as img:
+        img = _rgb(ImageOps.exif_transpose(img))
+        (rh, rw), (bh, bw), (top, left) = plan.resized, plan.bucket, plan.crop
+        if (rh, rw) != (img.height, img.width):
+            down = rh < img.height
+            img = img.resize((rw, rh), Image.Resampling.LANCZOS if down else Image.Resampling.BICUBIC)
+        if plan.flip:
+            img = ImageOps.mirror(img)
+        pixels = np.asarray(img.crop((left, top, left + bw, top + bh)), dtype=np.uint8)
+    return (torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1.0).contiguous()
 
 
 def _rgb(img: Image.Image) -> Image.Image:

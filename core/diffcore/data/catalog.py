@@ -72,6 +72,7 @@ class CaptionedConfig:
     bucket_resolution_steps: int = attrs.field(default=64, validator=_positive)
     min_bucket_resolution: int = attrs.field(default=256, validator=_positive)
     max_bucket_resolution: int = attrs.field(default=2048, validator=_positive)
+    conditioning_data: str | None = attrs.field(default=None, validator=local_path)   # ControlNet maps, same names
 
     def __attrs_post_init__(self) -> None:
         if not self.caption_extension.startswith("."):
