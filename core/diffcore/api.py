@@ -42,6 +42,11 @@ _NAMES = {
     # models, attention, sampling, guidance
     "ModelBundle": "diffcore.models",
     "LazyComponent": "diffcore.models",
+    "LoraLayer": "diffcore.lora",
+    "load_lora": "diffcore.lora",
+    "save_lora": "diffcore.lora",
+    "apply_lora": "diffcore.lora",
+    "unmerge_lora": "diffcore.lora",
     "run_block": "diffcore.nn.checkpointing",
     "fingerprint": "diffcore.io.fingerprint",
     "module_fingerprint": "diffcore.io.fingerprint",

@@ -58,7 +58,8 @@ class LoraConfig(Objective):
     input; ``target_modules``: the family's preset (``attention``, ``attention-mlp``,
     ``all-linear``) or patterns in the family's or diffusers' naming (``double_blocks.*.img_attn.qkv``,
     ``to_q``); ``init``: peft's ``init_lora_weights`` (true: A Kaiming-uniform and B zero, so training
-    starts at the base model; "gaussian"); ``save_format`` of the ``lora.safetensors`` it writes;
+    starts at the base model; "gaussian"); ``save_format`` of the ``lora.safetensors`` it writes
+    (``diffcore.lora.FORMATS``);
     ``cond_dropout``: the empty prompt's rate (kohya's ``caption_dropout_rate``)."""
 
     rank: int = attrs.field(default=16, validator=v.gt(0))
@@ -66,7 +67,7 @@ class LoraConfig(Objective):
     dropout: float = attrs.field(default=0.0, validator=[v.ge(0), v.lt(1)])
     target_modules: str | list[str] = attrs.field(default="attention-mlp", validator=_targets)
     init: bool | Literal["gaussian"] = True
-    save_format: str = "diffcore"
+    save_format: Literal["diffcore", "diffusers", "kohya", "comfyui"] = "diffcore"
     cond_dropout: float = attrs.field(default=0.0, validator=[v.ge(0), v.le(1)])
 
 

@@ -139,7 +139,8 @@ def image_variants(tiny_pipeline, tmp_path_factory):
 
 @pytest.fixture
 def run_job():
-    """``run_job(folder, model_table, **job_fields)``: write a generate job file in ``folder``, run it
+    """``run_job(folder, model_table, tables=None, **job_fields)`` (``tables``: more top-level tables,
+    e.g. ``{"lora": [...]}``): write a generate job file in ``folder``, run it
     through ``diffcore.jobs.runner.run``; returns (images in [-1, 1], the first PNG's parameters)."""
     import json
 
@@ -149,8 +150,8 @@ def run_job():
     from diffcore.testing import run_job_file as run
     from diffcore.testing import plugins_for_test
 
-    def run_job(folder, model, **job):
-        table = {"job": {"kind": "generate", "output_dir": str(folder / "out"), "prompt": "a red cat",
+    def run_job(folder, model, tables=None, **job):
+        table = {**(tables or {}), "job": {"kind": "generate", "output_dir": str(folder / "out"), "prompt": "a red cat",
                          "num_samples": 1, "batch_size": 1, "progress": False, "device": "cpu", "grid": False,
                          "seed": 7, **job},
                  "model": {"family": "flux1", "dtype": "float32", "max_sequence_length": 16, **model}}

@@ -181,7 +181,7 @@ def captioned_folder(root):
     return root
 
 
-def lora_job(folder, data, out, **job):
+def lora_job(folder, data, out, trainer=None, **job):
     """Run a LoRA train job file on the captioned folder (aspect-ratio buckets of about 24^2 pixels)."""
     import tomli_w
 
@@ -194,7 +194,7 @@ def lora_job(folder, data, out, **job):
              "dataset": {"name": "captioned", "path": str(data), "resolution": 24, "bucket_resolution_steps": 8,
                          "min_bucket_resolution": 16, "max_bucket_resolution": 40},
              "trainer": {"name": "lora", "rank": 8, "target_modules": "all-linear", "timestep_sampling": "flux-shift",
-                         "cond_dropout": 0.1}}
+                         "cond_dropout": 0.1, **(trainer or {})}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "job.toml").write_text(tomli_w.dumps(table))
     with plugins_for_test():
@@ -268,3 +268,19 @@ def test_a_lora_run_learns_its_training_images(tiny_pipeline, tmp_path):
     assert (run / "samples" / "step-000075.png").is_file() and (run / "grid.png").is_file()
     assert sorted(p.name for p in (run / "samples" / "step-000150").iterdir()) == \
         ["prompt-0-seed-1.png", "prompt-0-seed-2.png"]
+
+
+
+@pytest.mark.parametrize("fmt", ["diffcore", "diffusers", "kohya"])
+def test_the_trained_lora_file_loads_back(tiny_pipeline, tmp_path, fmt):
+    """``save_format``: the run's lora.safetensors in that format gives back the trained adapters."""
+    from diffcore.api import load_lora
+
+    folder, data = tiny_pipeline[0], captioned_folder(tmp_path / "data")
+    result = lora_job(folder, data, tmp_path / "run", trainer={"save_format": fmt}, steps=2, checkpoint_every=0)
+    loaded = load_lora(tmp_path / "run" / "lora.safetensors", bundle_of(folder))
+    trained = adapters(result.bundle)
+    assert len(loaded) == len(trained) // 2
+    for name, layer in loaded.items():
+        up, down = trained[f"{name}.lora_B.default.weight"], trained[f"{name}.lora_A.default.weight"]
+        torch.testing.assert_close(layer.delta(), up @ down * (8 / 8), rtol=1e-6, atol=1e-6)
