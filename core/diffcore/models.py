@@ -236,6 +236,41 @@ class ModelBundle:
                 out[name] = module_fingerprint(getattr(self, name))
         return out
 
+    def caption_text(self, batch: dict[str, Any], *, device: Any, dropout: float = 0.0,
+                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The batch's text conditioning on ``device``: ``batch["text"]`` (a text cache) or its
+        encoded ``batch["caption"]``; each sample's rows replaced by the empty prompt's
+        (``empty_text``, else "" encoded once) with probability ``dropout``, drawn from ``generator``
+        (one draw per sample, whatever the dropout)."""
+        from diffcore.errors import ConfigError
+
+        if "text" in batch:
+            text = batch["text"]
+        elif "caption" in batch:
+            captions = batch["caption"]
+            text = self.encode_captions([captions] if isinstance(captions, str) else list(captions))
+        else:
+            raise ConfigError(f"{type(self).__name__} trains on captioned images: the batch has neither caption "
+                              "nor cached text", path="dataset")
+        text = {k: v.to(device) for k, v in text.items()}
+        if dropout <= 0:
+            return text
+        b = next(iter(text.values())).shape[0]
+        drop = (torch.rand(b, generator=generator) < dropout).to(device)
+        if not drop.any():
+            return text
+        if self.empty_text is None:
+            self.empty_text = {k: v.detach() for k, v in self.encode_captions([""]).items()}
+        out = {}
+        for key, value in text.items():
+            empty = self.empty_text[key].to(device, value.dtype)
+            if empty.shape[1:] != value.shape[1:]:
+                raise ConfigError(f"the empty prompt's {key} has shape {tuple(empty.shape[1:])}, the captions' "
+                                  f"{tuple(value.shape[1:])}: a text cache written with another max_sequence_length "
+                                  f"or encoder", path="job.cache_dir")
+            out[key] = torch.where(drop.view(-1, *[1] * (value.ndim - 1)), empty.expand_as(value), value)
+        return out
+
     def training_inputs(self, batch: dict[str, Any], *, dropout: float = 0.0,
                         generator: torch.Generator | None = None) -> Conditioning:
         """Conditioning kwargs for ``forward`` from a data batch; ``dropout`` is the rate at which

@@ -301,28 +301,9 @@ class FluxBundle(ModelBundle):
         """``txt`` / ``vec`` from ``batch["text"]`` (a text cache) or the encoded ``batch["caption"]``,
         each sample's replaced by the empty prompt's with probability ``dropout``; the embedded
         guidance at ``train_guidance`` for dev-like variants (ignored by schnell's network)."""
-        if "text" in batch:
-            text = batch["text"]
-        elif "caption" in batch:
-            captions = batch["caption"]
-            text = self.encode_captions([captions] if isinstance(captions, str) else list(captions))
-        else:
-            raise ConfigError("FLUX.1 trains on captioned images: the batch has neither caption nor cached text",
-                              path="dataset")
-        txt, vec = (text[k].to(self.device) for k in ("txt", "vec"))
+        text = self.caption_text(batch, device=self.device, dropout=dropout, generator=generator)
+        txt, vec = text["txt"], text["vec"]
         b = txt.shape[0]
-        if dropout > 0:
-            drop = (torch.rand(b, generator=generator) < dropout).to(self.device)
-            if drop.any():
-                if self.empty_text is None:
-                    self.empty_text = self.encode_captions([""])
-                empty_txt, empty_vec = (self.empty_text[k].to(self.device, txt.dtype) for k in ("txt", "vec"))
-                if empty_txt.shape[1:] != txt.shape[1:]:
-                    raise ConfigError(f"the empty prompt's T5 states have shape {tuple(empty_txt.shape[1:])}, the "
-                                      f"captions' {tuple(txt.shape[1:])}: a text cache written with another "
-                                      f"max_sequence_length or encoder", path="job.cache_dir")
-                txt = torch.where(drop[:, None, None], empty_txt.expand_as(txt), txt)
-                vec = torch.where(drop[:, None], empty_vec.expand_as(vec), vec)
         return {"txt": txt, "vec": vec, "guidance": torch.full((b,), self.train_guidance, device=self.device)}
 
     def diffusers_modules(self, modules: list[str]) -> list[tuple[str, str]]:

@@ -240,28 +240,9 @@ class Flux2Bundle(ModelBundle):
         sample's replaced by the empty prompt's with probability ``dropout`` (``empty_text``, or
         "" encoded once); dev's embedded ``guidance`` at ``train_guidance``. Position ids come
         from ``forward``: image ``[0, row, col, 0]``, text ``[0, 0, 0, l]``."""
-        if "text" in batch:
-            txt = batch["text"]["txt"]
-        elif "caption" in batch:
-            captions = batch["caption"]
-            txt = self.encode_captions([captions] if isinstance(captions, str) else list(captions))["txt"]
-        else:
-            raise ConfigError("FLUX.2 trains on captioned images: the batch has neither caption nor cached text",
-                              path="dataset")
         device = self.network.img_in.weight.device
-        txt = txt.to(device)
+        txt = self.caption_text(batch, device=device, dropout=dropout, generator=generator)["txt"]
         b = txt.shape[0]
-        if dropout > 0:
-            drop = (torch.rand(b, generator=generator) < dropout).to(device)
-            if drop.any():
-                if self.empty_text is None:
-                    self.empty_text = {k: v.detach() for k, v in self.encode_captions([""]).items()}
-                empty = self.empty_text["txt"].to(device, txt.dtype)
-                if empty.shape[1:] != txt.shape[1:]:
-                    raise ConfigError(f"the empty prompt's text embedding has shape {tuple(empty.shape[1:])}, the "
-                                      f"captions' {tuple(txt.shape[1:])}: a text cache written with another "
-                                      f"max_sequence_length or encoder", path="dataset.cache_dir")
-                txt = torch.where(drop[:, None, None], empty.expand_as(txt), txt)
         cond: dict[str, Any] = {"txt": txt}
         if self.network.params.guidance_embed:
             cond["guidance"] = torch.full((b,), self.train_guidance, device=device)

@@ -163,28 +163,8 @@ class SD3Bundle(ModelBundle):
         """``context`` / ``y`` from ``batch["text"]`` (a text cache) or the encoded
         ``batch["caption"]``, each sample's replaced by the empty prompt's (the unconditional
         input SD3 samples with; ``empty_text``, or "" encoded once) with probability ``dropout``."""
-        if "text" in batch:
-            text = batch["text"]
-        elif "caption" in batch:
-            captions = batch["caption"]
-            text = self.encode_captions([captions] if isinstance(captions, str) else list(captions))
-        else:
-            raise ConfigError("SD3 trains on captioned images: the batch has neither caption nor cached text",
-                              path="dataset")
-        context, y = text["context"].to(self.device), text["y"].to(self.device)
-        if dropout > 0:
-            drop = (torch.rand(context.shape[0], generator=generator) < dropout).to(self.device)
-            if drop.any():
-                if self.empty_text is None:
-                    self.empty_text = {k: v.detach() for k, v in self.encode_captions([""]).items()}
-                empty_c, empty_y = (self.empty_text[k].to(self.device, context.dtype) for k in ("context", "y"))
-                if empty_c.shape[1:] != context.shape[1:]:
-                    raise ConfigError(f"the empty prompt's text embedding has shape {tuple(empty_c.shape[1:])}, the "
-                                      f"captions' {tuple(context.shape[1:])}: a text cache written with another "
-                                      f"max_sequence_length or encoders", path="dataset.cache_dir")
-                context = torch.where(drop[:, None, None], empty_c.expand_as(context), context)
-                y = torch.where(drop[:, None], empty_y.expand_as(y), y)
-        return {"context": context, "y": y}
+        text = self.caption_text(batch, device=self.device, dropout=dropout, generator=generator)
+        return {"context": text["context"], "y": text["y"]}
 
     def diffusers_modules(self, modules: list[str]) -> list[tuple[str, str]]:
         return diffusers_modules(modules)
