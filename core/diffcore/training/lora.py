@@ -77,26 +77,10 @@ class LoraTrainer(FullTrainer):
 
 def write_adapters(path: Path, adapters: dict[str, dict[str, Any]], *, bundle: Any = None,
                    format: str = "diffcore") -> Path:
-    """A LoRA file in the network's own module names (``<module>.lora_A.weight``, ``.lora_B.weight``,
-    ``.alpha``), written atomically; the metadata says the format, rank and targets."""
-    import json
-    import os
+    """The trained adapters as a LoRA file in ``format`` (``diffcore.lora.save_lora``: diffusers,
+    kohya, comfyui, diffcore / bfl, xlabs), written atomically with the format, ranks and targets
+    in its metadata."""
+    from diffcore.lora import LoraLayer, save_lora
 
-    from safetensors.torch import save_file
-
-    if format != "diffcore":
-        raise ConfigError(f"LoRA save format {format!r} is not available; this build writes 'diffcore' "
-                          "(the network's own module names)", path="trainer.save_format")
-    tensors: dict[str, torch.Tensor] = {}
-    for name, a in adapters.items():
-        tensors[f"{name}.lora_A.weight"] = a["down"].contiguous()
-        tensors[f"{name}.lora_B.weight"] = a["up"].contiguous()
-        tensors[f"{name}.alpha"] = torch.tensor(a["alpha"])
-    ranks = sorted({a["down"].shape[0] for a in adapters.values()})
-    metadata = {"format": format, "rank": ",".join(map(str, ranks)), "targets": json.dumps(sorted(adapters)),
-                "network": type(bundle.network).__name__ if bundle is not None else ""}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    layers = {name: LoraLayer(down=a["down"], up=a["up"], alpha=float(a["alpha"])) for name, a in adapters.items()}
+    return save_lora(path, layers, bundle, format=format)

@@ -1,0 +1,62 @@
+"""Putting a LoRA into a network: merged (the delta added to each weight, in place) or unmerged
+(a forward hook on the ``nn.Linear`` adding ``scale * up(down(x))``; several stack, and the
+hook makes ``diffcore.nn.linear.plain`` false, so no block fuses around the adapter)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from diffcore.errors import ConfigError
+from diffcore.lora.weights import LoraLayer
+
+SLOT = "diffcore_lora"   # the nn.ModuleList of branches on an adapted Linear
+
+
+class LoraBranch(nn.Module):
+    """``scale * up(down(x))``; the matrices are buffers that no state dict saves."""
+
+    def __init__(self, layer: LoraLayer, scale: float, *, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.register_buffer("down", layer.down.to(device=device, dtype=dtype), persistent=False)
+        self.register_buffer("up", layer.up.to(device=device, dtype=dtype), persistent=False)
+        self.scale = scale * layer.scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x @ self.down.T.to(x.dtype)) @ (self.up.T.to(x.dtype) * self.scale)
+
+
+def _hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    for branch in getattr(module, SLOT):
+        output = output + branch(args[0])
+    return output
+
+
+def apply_lora(network: nn.Module, weights: Mapping[str, LoraLayer], scale: float = 1.0, *, merge: bool = True) -> None:
+    modules = dict(network.named_modules())
+    for name, layer in weights.items():
+        linear = modules.get(name)
+        if not isinstance(linear, nn.Linear):
+            raise ConfigError(f"the LoRA targets {name}, which is no linear layer of {type(network).__name__}")
+        if merge:
+            with torch.no_grad():
+                w = linear.weight
+                w.copy_((w.float() + scale * layer.delta().to(w.device)).to(w.dtype))
+            continue
+        if SLOT not in linear._modules:
+            linear.add_module(SLOT, nn.ModuleList())
+            linear._diffcore_lora_hook = linear.register_forward_hook(_hook)
+        getattr(linear, SLOT).append(LoraBranch(layer, scale, dtype=linear.weight.dtype, device=linear.weight.device))
+
+
+def remove_lora(network: nn.Module) -> int:
+    """Take every unmerged LoRA off ``network``; returns how many layers had one."""
+    n = 0
+    for module in network.modules():
+        if SLOT in module._modules:
+            module._diffcore_lora_hook.remove()
+            del module._modules[SLOT], module._diffcore_lora_hook
+            n += 1
+    return n
