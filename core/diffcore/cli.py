@@ -161,6 +161,29 @@ def config_validate(job_files: tuple[str, ...], overrides: tuple[str, ...], no_p
         click.echo(f"{f}: ok ({job.kind} job)")
 
 
+@cli.group()
+def lora() -> None:
+    """Inspect LoRA files."""
+
+
+@lora.command("inspect")
+@click.argument("file", type=click.Path())
+@click.option("--model", "model_job", type=click.Path(), default=None,
+              help="A job file whose [model] to match the keys against (prints unmatched keys).")
+def lora_inspect(file: str, model_job: str | None) -> None:
+    """Format, ranks, alpha and targets of a LoRA FILE (.safetensors)."""
+    from diffcore.lora.inspect import describe
+
+    bundle = None
+    if model_job is not None:
+        from diffcore.jobs.runner import prepare
+
+        job = prepare(model_job, [])
+        bundle = job.config.model.build(device="cpu")
+    for line in describe(file, bundle):
+        click.echo(line)
+
+
 @functools.cache
 def _load_plugin_commands() -> None:
     from diffcore.plugins import get_plugins

@@ -78,6 +78,17 @@ class ControlSettings:
                               f"schedule the ControlNet acts on", path="start")
 
 
+@attrs.define
+class LoraSettings:
+    """One ``[[lora]]`` table: a LoRA file (``.safetensors`` in any format ``diffcore lora inspect``
+    reads), its ``scale``, and ``merge``: add it into the weights (no cost per step) or keep it
+    beside them as a hook (the base weights untouched)."""
+
+    path: str = attrs.field(validator=local_path)
+    scale: float = 1.0
+    merge: bool = True
+
+
 def _thresholds(attribute: attrs.Attribute, value: list[float] | None) -> None:
     """``canny = [low, high]``: the edge map's hysteresis thresholds (OpenCV's, 0..1020 for 8-bit)."""
     if value is not None and (len(value) != 2 or min(value) < 0):
@@ -92,6 +103,7 @@ class GenerateJob:
     schedule: Spec | None = component("schedules", optional=True)
     guidance: list[Spec] = component_list("guidance")
     control: list[ControlSettings] = attrs.Factory(list)
+    lora: list[LoraSettings] = attrs.Factory(list)
 
     renamed: ClassVar[dict[str, str]] = {"job.num_steps": "job.sampling_steps"}
 
@@ -117,9 +129,12 @@ def run_generate(config: GenerateJob, ctx: JobContext) -> list[Any]:
     from diffcore.sampling.pipeline import Pipeline
 
     s = config.job
-    pipeline = Pipeline.build(config.model, config.sampler, config.schedule, config.guidance, device=s.device)
-    images, params = generate_images(pipeline, s, names={"model": config.model.name, "sampler": config.sampler.name},
-                                     controls=config.control)
+    pipeline = Pipeline.build(config.model, config.sampler, config.schedule, config.guidance, device=s.device,
+                              loras=config.lora)
+    names = {"model": config.model.name, "sampler": config.sampler.name}
+    if config.lora:
+        names["lora"] = [attrs.asdict(t) for t in config.lora]
+    images, params = generate_images(pipeline, s, names=names, controls=config.control)
     if is_main_process():
         ctx.output_dir.mkdir(parents=True, exist_ok=True)
         for i, (img, p) in enumerate(zip(images, params)):

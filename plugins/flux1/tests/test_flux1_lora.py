@@ -164,3 +164,117 @@ def test_keys_that_match_nothing_are_an_error_naming_them(tiny_pipeline, tmp_pat
     save_file(text, tmp_path / "te.safetensors")
     with pytest.warns(UserWarning, match="1 text-encoder keys"):
         assert set(load_lora(tmp_path / "te.safetensors", bundle)) == {"double_blocks.0.img_attn.proj"}
+
+
+def run_job(folder, model, lora=(), **job):
+    """A generate job file with ``[[lora]]`` tables, run; (images, the first PNG's parameters)."""
+    import json
+
+    import tomli_w
+    from PIL import Image
+
+    from diffcore.testing import plugins_for_test, run_job_file
+
+    table = {"job": {"kind": "generate", "output_dir": str(folder / "out"), "prompt": "a red cat", "num_samples": 1,
+                     "batch_size": 1, "progress": False, "device": "cpu", "grid": False, "seed": 7, **job},
+             "model": {"family": "flux1", "dtype": "float32", "max_sequence_length": SEQ, **model},
+             **({"lora": list(lora)} if lora else {})}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "job.toml").write_text(tomli_w.dumps(table))
+    with plugins_for_test():
+        images = run_job_file(folder / "job.toml")
+    return images, json.loads(Image.open(folder / "out" / "sample-0000.png").text["parameters"])
+
+
+def test_a_generate_job_with_two_lora_tables(tiny_pipeline, tmp_path):
+    folder = tiny_pipeline[0]
+    bundle = bundle_of(folder)
+    first = save_lora(tmp_path / "a.safetensors", random_lora(bundle, bundle.lora_targets("attention"), seed=1),
+                      bundle, format="kohya")
+    second = save_lora(tmp_path / "b.safetensors", random_lora(bundle, bundle.lora_targets(["img_mlp.0"]), seed=2),
+                       bundle, format="diffusers")
+    job = dict(sampling_steps=2, height=32, width=32)
+    base, _ = run_job(tmp_path / "base", {"path": str(folder)}, **job)
+    runs = {}
+    for merge in (True, False):
+        tables = [{"path": str(first), "scale": 0.5, "merge": merge}, {"path": str(second), "scale": 1.0, "merge": merge}]
+        runs[merge] = run_job(tmp_path / f"merge-{merge}", {"path": str(folder)}, lora=tables, **job)
+    (merged, params), (hooked, _) = runs[True], runs[False]
+    assert (merged - base).abs().max() > 1e-2
+    torch.testing.assert_close(merged, hooked, rtol=0, atol=1e-4)
+    assert [t["path"] for t in params["lora"]] == [str(first), str(second)] and params["lora"][0]["scale"] == 0.5
+
+
+def test_a_missing_or_broken_lora_table_is_an_error(tiny_pipeline, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_nothing_here.lora_down.weight": torch.zeros(2, 2)}, tmp_path / "bad.safetensors")
+    with pytest.raises(ConfigError, match="lora_unet_nothing_here"):
+        run_job(tmp_path / "bad", {"path": str(tiny_pipeline[0])}, lora=[{"path": str(tmp_path / "bad.safetensors")}],
+                sampling_steps=1, height=32, width=32)
+
+
+def test_lora_inspect_prints_format_rank_and_unmatched_keys(tiny_pipeline, tmp_path):
+    import tomli_w
+    from click.testing import CliRunner
+    from safetensors.torch import load_file, save_file
+
+    from diffcore.cli import cli
+    from diffcore.testing import plugins_for_test
+
+    bundle = bundle_of(tiny_pipeline[0])
+    path = save_lora(tmp_path / "k.safetensors", random_lora(bundle, bundle.lora_targets("attention")), bundle,
+                     format="kohya")
+    tensors = load_file(path) | {"lora_unet_double_blocks_9_img_attn_qkv.lora_down.weight": torch.zeros(3, 64)}
+    save_file(tensors, tmp_path / "extra.safetensors")
+    (tmp_path / "job.toml").write_text(tomli_w.dumps({
+        "job": {"kind": "generate", "output_dir": str(tmp_path / "out")},
+        "model": {"family": "flux1", "path": str(tiny_pipeline[0]), "dtype": "float32", "max_sequence_length": SEQ}}))
+    with plugins_for_test():
+        result = CliRunner().invoke(cli, ["lora", "inspect", str(tmp_path / "extra.safetensors"),
+                                          "--model", str(tmp_path / "job.toml")])
+    assert result.exit_code == 0, result.output
+    print(result.output)
+    assert "format: kohya" in result.output and "rank: 3 (11 layers)" in result.output
+    assert "double_blocks_N_img_attn_qkv  x3" in result.output
+    assert "unmatched keys: 1: lora_unet_double_blocks_9_img_attn_qkv.lora_down.weight" in result.output
+
+
+@pytest.mark.parametrize("save_format", ["diffcore", "kohya"])
+def test_a_lora_trainer_run_file_loads_back(tiny_pipeline, tmp_path, save_format):
+    import tomli_w
+    from safetensors import safe_open
+
+    from diffcore.testing import plugins_for_test, run_job_file
+
+    def captioned_folder(root):
+        from PIL import Image
+
+        root.mkdir()
+        g = torch.Generator().manual_seed(4)
+        for i in range(2):
+            Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).byte().numpy()).save(root / f"{i}.png")
+            (root / f"{i}.txt").write_text(f"image {i}")
+        return root
+
+    out = tmp_path / "run"
+    out.mkdir()
+    table = {"job": {"kind": "train", "output_dir": str(out), "device": "cpu", "seed": 3, "steps": 2, "batch_size": 1,
+                     "lr": 1e-2, "checkpoint_every": 0, "log_every": 1},
+             "model": {"family": "flux1", "path": str(tiny_pipeline[0]), "dtype": "float32", "max_sequence_length": SEQ},
+             "dataset": {"name": "captioned", "path": str(captioned_folder(tmp_path / "data")), "resolution": 16,
+                         "bucket_resolution_steps": 8, "min_bucket_resolution": 16, "max_bucket_resolution": 16},
+             "trainer": {"name": "lora", "rank": 4, "alpha": 2, "target_modules": "attention",
+                         "save_format": save_format, "timestep_sampling": "uniform"}}
+    (out / "job.toml").write_text(tomli_w.dumps(table))
+    with plugins_for_test():
+        result = run_job_file(out / "job.toml")
+    trained = {n: m for n, m in result.bundle.network.named_modules() if hasattr(m, "lora_A")}
+    weights = load_lora(out / "lora.safetensors", bundle_of(tiny_pipeline[0]))
+    assert weights.format == save_format and set(weights) == set(trained) and weights.ranks() == [4]
+    for name, module in trained.items():
+        expected = module.lora_B.default.weight @ module.lora_A.default.weight * 0.5
+        assert expected.abs().max() > 0
+        torch.testing.assert_close(weights[name].delta(), expected.detach(), rtol=0, atol=1e-6)
+    with safe_open(str(out / "lora.safetensors"), framework="pt") as f:
+        assert f.metadata()["format"] == save_format and f.metadata()["rank"] == "4"
