@@ -144,6 +144,7 @@ _NAMES = {
     "save_lora": "diffcore.lora.files",
     "apply_lora": "diffcore.lora.apply",
     "remove_lora": "diffcore.lora.apply",
+    "describe_lora": "diffcore.lora.inspect",
     "load_image": "diffcore.io.images",
     "make_grid": "diffcore.io.images",
     "save_png": "diffcore.io.images",

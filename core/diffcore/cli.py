@@ -172,7 +172,7 @@ def lora() -> None:
               help="A job file whose [model] to match the keys against (prints unmatched keys).")
 def lora_inspect(file: str, model_job: str | None) -> None:
     """Format, ranks, alpha and targets of a LoRA FILE (.safetensors)."""
-    from diffcore.lora.inspect import describe
+    from diffcore.lora.inspect import describe_lora
 
     bundle = None
     if model_job is not None:
@@ -180,7 +180,7 @@ def lora_inspect(file: str, model_job: str | None) -> None:
 
         job = prepare(model_job, [])
         bundle = job.config.model.build(device="cpu")
-    for line in describe(file, bundle):
+    for line in describe_lora(file, bundle):
         click.echo(line)
 
 

@@ -12,7 +12,7 @@ from diffcore.lora import formats
 from diffcore.lora.files import read_lora
 
 
-def describe(path: str | Path, bundle: Any = None) -> list[str]:
+def describe_lora(path: str | Path, bundle: Any = None) -> list[str]:
     tensors, metadata = read_lora(path)
     format = formats.detect(tensors)
     modules: dict[str, dict[str, Any]] = {}

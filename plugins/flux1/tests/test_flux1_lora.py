@@ -215,29 +215,20 @@ def test_a_missing_or_broken_lora_table_is_an_error(tiny_pipeline, tmp_path):
 
 
 def test_lora_inspect_prints_format_rank_and_unmatched_keys(tiny_pipeline, tmp_path):
-    import tomli_w
-    from click.testing import CliRunner
     from safetensors.torch import load_file, save_file
 
-    from diffcore.cli import cli
-    from diffcore.testing import plugins_for_test
+    from diffcore.api import describe_lora
 
     bundle = bundle_of(tiny_pipeline[0])
     path = save_lora(tmp_path / "k.safetensors", random_lora(bundle, bundle.lora_targets("attention")), bundle,
                      format="kohya")
     tensors = load_file(path) | {"lora_unet_double_blocks_9_img_attn_qkv.lora_down.weight": torch.zeros(3, 64)}
     save_file(tensors, tmp_path / "extra.safetensors")
-    (tmp_path / "job.toml").write_text(tomli_w.dumps({
-        "job": {"kind": "generate", "output_dir": str(tmp_path / "out")},
-        "model": {"family": "flux1", "path": str(tiny_pipeline[0]), "dtype": "float32", "max_sequence_length": SEQ}}))
-    with plugins_for_test():
-        result = CliRunner().invoke(cli, ["lora", "inspect", str(tmp_path / "extra.safetensors"),
-                                          "--model", str(tmp_path / "job.toml")])
-    assert result.exit_code == 0, result.output
-    print(result.output)
-    assert "format: kohya" in result.output and "rank: 3 (11 layers)" in result.output
-    assert "double_blocks_N_img_attn_qkv  x3" in result.output
-    assert "unmatched keys: 1: lora_unet_double_blocks_9_img_attn_qkv.lora_down.weight" in result.output
+    output = "\n".join(describe_lora(tmp_path / "extra.safetensors", bundle))
+    print(output)
+    assert "format: kohya" in output and "rank: 3 (11 layers)" in output and "alpha: 6 (10 layers)" in output
+    assert "double_blocks_N_img_attn_qkv  x3" in output and "on Flux: 10 layers of ours" in output
+    assert "unmatched keys: 1: lora_unet_double_blocks_9_img_attn_qkv.lora_down.weight" in output
 
 
 @pytest.mark.parametrize("save_format", ["diffcore", "kohya"])
