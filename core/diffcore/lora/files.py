@@ -86,6 +86,7 @@ def match_lora(tensors: Mapping[str, Tensor], bundle: Any, *, format: str | None
     names = _Names(bundle)
     unmatched, skipped = [], []
     found: dict[tuple[str, int, int, str], dict[str, Tensor]] = {}
+    sources: dict[tuple[str, int, int, str], list[str]] = {}
     for key, tensor in tensors.items():
         if formats.not_applicable(key):
             skipped.append(key)
@@ -100,10 +101,13 @@ def match_lora(tensors: Mapping[str, Tensor], bundle: Any, *, format: str | None
             unmatched.append(key)
             continue
         found.setdefault(place, {})[role] = tensor
+        sources.setdefault(place, []).append(key)
     by_layer: dict[str, list[tuple[int, int, LoraLayer]]] = {}
-    for (ours, index, parts, module), roles in found.items():
-        if "down" not in roles or "up" not in roles:
-            unmatched.extend(f"{module} (no {'up' if 'down' in roles else 'down'} matrix)" for _ in [0])
+    for place, roles in found.items():
+        ours, index, parts, module = place
+        if "down" not in roles or "up" not in roles:   # half a LoRA: its keys are reported, not applied
+            missing = "up" if "down" in roles else "down"
+            unmatched.extend(f"{key} (its {missing} matrix is missing)" for key in sources[place])
             continue
         down, up = roles["down"].float(), roles["up"].float()
         if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
@@ -122,7 +126,7 @@ def match_lora(tensors: Mapping[str, Tensor], bundle: Any, *, format: str | None
         whole = [layer for _, parts, layer in items if parts == 1]
         pieces = [(i, layer) for i, parts, layer in items if parts > 1]
         if pieces:
-            parts = items[[p for _, p, _ in items].index(max(p for _, p, _ in items))][1]
+            parts = max(p for _, p, _ in items)
             per_part: list[LoraLayer | None] = [None] * parts
             for i, layer in pieces:
                 per_part[i] = layer if per_part[i] is None else stack([per_part[i], layer])
