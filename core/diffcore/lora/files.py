@@ -141,13 +141,14 @@ def load_lora(path: str | Path, bundle: Any) -> LoraWeights:
     tensors, _ = read_lora(path)
     weights, unmatched = match_lora(tensors, bundle, source=str(path))
     if unmatched:
-        shown = ", ".join(unmatched[:SHOWN]) + (f", ... ({len(unmatched) - SHOWN} more)" if len(unmatched) > SHOWN else "")
+        more = len(unmatched) - SHOWN
+        shown = ", ".join(unmatched[:SHOWN]) + (f", ... ({more} more)" if more > 0 else "")
         raise ConfigError(f"{path}: {len(unmatched)} of its {len(tensors)} keys match no layer of "
                           f"{type(bundle.network).__name__} (read as {weights.format} format): {shown}. "
                           "A misspelled key, a LoRA for another model, or a format diffcore does not read")
     if not weights:
-        raise ConfigError(f"{path}: no LoRA for this model's network in it"
-                          + (f" (only {len(weights.not_applicable)} text-encoder keys)" if weights.not_applicable else ""))
+        text = f" (only {len(weights.not_applicable)} text-encoder keys)" if weights.not_applicable else ""
+        raise ConfigError(f"{path}: no LoRA for this model's network in it{text}")
     if weights.not_applicable:
         warnings.warn(f"{path}: {len(weights.not_applicable)} text-encoder keys (like {weights.not_applicable[0]}) "
                       "are not applied: diffcore applies LoRAs to the diffusion network only", stacklevel=2)
