@@ -167,39 +167,21 @@ def lora() -> None:
 
 
 @lora.command("inspect")
-@click.argument("lora_file", type=click.Path())
-@click.option("--model", "job_file", type=click.Path(), help="A job file whose [model] the LoRA is checked against "
-              "(every key must match a layer).")
-def lora_inspect(lora_file: str, job_file: str | None) -> None:
-    """Print a LoRA file's format, ranks, alphas and targets; with --model, the keys matching nothing."""
-    import re
-    from collections import Counter
+@click.argument("file", type=click.Path())
+@click.option("--model", "model_job", type=click.Path(), default=None,
+              help="A job file whose [model] to match the keys against (prints unmatched keys).")
+def lora_inspect(file: str, model_job: str | None) -> None:
+    """Format, ranks, alpha and targets of a LoRA FILE (.safetensors)."""
+    from diffcore.lora.inspect import describe_lora
 
-    from diffcore.lora.files import detect_format, read_tensors, split_entries
-
-    tensors, metadata = read_tensors(lora_file)
-    fmt = detect_format(list(tensors))
-    entries, stray = split_entries(tensors, fmt)
-    ranks = Counter(e["down"].shape[0] for e in entries.values() if "down" in e)
-    alphas = Counter(float(e["alpha"]) for e in entries.values() if "alpha" in e)
-    groups = Counter(re.sub(r"(?<=[._])\d+(?=[._]|$)", "*", m) for m in entries)
-    click.echo(f"{lora_file}: {fmt} format, {len(entries)} adapted layers, {len(tensors)} tensors")
-    click.echo("rank: " + ", ".join(f"{r} ({n} layers)" for r, n in sorted(ranks.items())))
-    click.echo("alpha: " + (", ".join(f"{a:g} ({n})" for a, n in sorted(alphas.items())) or "none stored (= rank)"))
-    click.echo("targets:")
-    for name, n in sorted(groups.items()):
-        click.echo(f"  {name}  x{n}")
-    if stray:
-        click.echo(f"keys that are not LoRA weights: {', '.join(stray[:10])}")
-    if metadata:
-        click.echo("metadata: " + ", ".join(f"{k}={v[:60]}" for k, v in sorted(metadata.items())))
-    if job_file:
+    bundle = None
+    if model_job is not None:
         from diffcore.jobs.runner import prepare
-        from diffcore.lora import load_lora
 
-        bundle = prepare(job_file).config.model.build(device="cpu")
-        weights = load_lora(lora_file, bundle)   # unmatched keys: a ConfigError listing them
-        click.echo(f"every key matches {type(bundle.network).__name__}: {len(weights)} of its layers adapted")
+        job = prepare(model_job, [])
+        bundle = job.config.model.build(device="cpu")
+    for line in describe_lora(file, bundle):
+        click.echo(line)
 
 
 @functools.cache

@@ -78,21 +78,21 @@ class ControlSettings:
                               f"schedule the ControlNet acts on", path="start")
 
 
-def _thresholds(attribute: attrs.Attribute, value: list[float] | None) -> None:
-    """``canny = [low, high]``: the edge map's hysteresis thresholds (OpenCV's, 0..1020 for 8-bit)."""
-    if value is not None and (len(value) != 2 or min(value) < 0):
-        raise ConfigError(f"expected [low, high] hysteresis thresholds (each >= 0), got {value}", path=attribute.name)
-
-
 @attrs.define
 class LoraSettings:
-    """One ``[[lora]]`` table: a LoRA file (diffusers / PEFT, kohya, ComfyUI or diffcore keys,
-    ``diffcore.lora``) applied at ``scale``: merged into the weights (``merge = true``, no cost per
-    step) or kept beside them."""
+    """One ``[[lora]]`` table: a LoRA file (``.safetensors`` in any format ``diffcore lora inspect``
+    reads), its ``scale``, and ``merge``: add it into the weights (no cost per step) or keep it
+    beside them as a hook (the base weights untouched)."""
 
     path: str = attrs.field(validator=local_path)
     scale: float = 1.0
     merge: bool = True
+
+
+def _thresholds(attribute: attrs.Attribute, value: list[float] | None) -> None:
+    """``canny = [low, high]``: the edge map's hysteresis thresholds (OpenCV's, 0..1020 for 8-bit)."""
+    if value is not None and (len(value) != 2 or min(value) < 0):
+        raise ConfigError(f"expected [low, high] hysteresis thresholds (each >= 0), got {value}", path=attribute.name)
 
 
 @attrs.define(kw_only=True)
@@ -129,11 +129,11 @@ def run_generate(config: GenerateJob, ctx: JobContext) -> list[Any]:
     from diffcore.sampling.pipeline import Pipeline
 
     s = config.job
-    pipeline = Pipeline.build(config.model, config.sampler, config.schedule, config.guidance, device=s.device)
-    apply_loras(pipeline.bundle, config.lora)
+    pipeline = Pipeline.build(config.model, config.sampler, config.schedule, config.guidance, device=s.device,
+                              loras=config.lora)
     names = {"model": config.model.name, "sampler": config.sampler.name}
     if config.lora:
-        names["lora"] = [{"path": t.path, "scale": t.scale} for t in config.lora]
+        names["lora"] = [attrs.asdict(t) for t in config.lora]
     images, params = generate_images(pipeline, s, names=names, controls=config.control)
     if is_main_process():
         ctx.output_dir.mkdir(parents=True, exist_ok=True)
@@ -144,20 +144,6 @@ def run_generate(config: GenerateJob, ctx: JobContext) -> list[Any]:
             grid = make_grid(images, nrow=nrow)
             save_png(ctx.output_dir / "grid.png", grid, {"model": config.model.name, "images": len(images)})
     return images
-
-
-def apply_loras(bundle: Any, tables: list[LoraSettings]) -> None:
-    """Each ``[[lora]]`` table's file, loaded for the bundle's network and applied; a key that
-    matches no layer is an error naming the file and the keys (``diffcore.lora.load_lora``)."""
-    from diffcore.errors import ConfigError
-    from diffcore.lora import apply_lora, load_lora
-
-    for i, table in enumerate(tables):
-        try:
-            weights = load_lora(table.path, bundle)
-        except ConfigError as exc:
-            raise ConfigError(exc.detail, path=f"lora[{i}].path") from None
-        apply_lora(bundle.network, weights, scale=table.scale, merge=table.merge)
 
 
 def generate_images(pipeline: Any, s: GenerateSettings, *, names: dict[str, str],

@@ -61,7 +61,7 @@ from diffcore.config.spec import Spec, component, component_list
 from diffcore.config.structure import structure, unstructure
 from diffcore.errors import ConfigError
 from diffcore.jobs import JobContext, JobSettings, rename_settings
-from diffcore.jobs.generate import GenerateJob, GenerateSettings
+from diffcore.jobs.generate import GenerateJob, GenerateSettings, LoraSettings
 from diffcore.jobs.serve_http import JSONServer, Limits, Routes
 
 
@@ -88,6 +88,7 @@ class ServeJob:
     sampler: Spec = component("samplers", default={"name": "euler"})
     schedule: Spec | None = component("schedules", optional=True)
     guidance: list[Spec] = component_list("guidance")
+    lora: list[LoraSettings] = attrs.Factory(list)   # applied once, to every request
 
 
 @attrs.define
@@ -113,9 +114,11 @@ class Service:
         from diffcore.sampling.pipeline import Pipeline
 
         self.settings = config.job
-        self.pipeline = Pipeline.build(config.model, config.sampler, config.schedule, device=config.job.device)
+        self.pipeline = Pipeline.build(config.model, config.sampler, config.schedule, device=config.job.device,
+                                       loras=config.lora)
         self.bundle, self.device = self.pipeline.bundle, str(self.pipeline.device)
-        self.names = {"model": config.model.name, "sampler": config.sampler.name}
+        self.names = {"model": config.model.name, "sampler": config.sampler.name,
+                      **({"lora": [attrs.asdict(t) for t in config.lora]} if config.lora else {})}
         self.guidance = [unstructure(spec) for spec in config.guidance]   # as a request would write them
         self.fields = request_fields()
         self.lock = threading.Lock()

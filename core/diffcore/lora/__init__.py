@@ -1,8 +1,22 @@
-"""LoRA files: read, written and applied for inference (``files``, ``apply``); the ``lora``
-trainer that makes them is ``diffcore.training.lora``."""
+"""LoRA files in the formats people trade, read into one in-memory form and applied for inference.
 
-from diffcore.lora.apply import LoraLinear, apply_lora, unmerge_lora
-from diffcore.lora.files import FORMATS, LoraLayer, LoraWeights, detect_format, load_lora, read_tensors, save_lora
+``weights``: ``LoraLayer`` / ``LoraWeights`` and the exact fuse / split of q, k, v parts;
+``formats``: the key patterns of each format (no torch); ``files``: ``load_lora`` / ``save_lora``;
+``apply``: ``apply_lora`` (merged into the weights, or as a forward hook that stacks).
+"""
 
-__all__ = ["FORMATS", "LoraLayer", "LoraLinear", "LoraWeights", "apply_lora", "detect_format", "load_lora",
-           "read_tensors", "save_lora", "unmerge_lora"]
+from diffcore.lora.formats import FORMATS
+from diffcore.lora.weights import LoraLayer, LoraWeights
+
+__all__ = ["FORMATS", "LoraLayer", "LoraWeights", "load_lora", "save_lora", "apply_lora", "remove_lora",
+           "read_lora", "match_lora"]
+
+
+def __getattr__(name):
+    if name in ("load_lora", "save_lora", "read_lora", "match_lora"):
+        from diffcore.lora import files
+        return getattr(files, name)
+    if name in ("apply_lora", "remove_lora"):
+        from diffcore.lora import apply
+        return getattr(apply, name)
+    raise AttributeError(name)

@@ -1,74 +1,62 @@
-"""LoRA adapters on a network for inference: merged into the weights, or kept beside them.
-
-Merged costs nothing per step but changes the weights (``unmerge`` subtracts the same update);
-kept unmerged, each target ``nn.Linear`` is wrapped so its output gains ``scale * up(down(x))``,
-several LoRAs stacking, and the base weights stay as they were (to switch LoRAs or scales
-between requests).
-"""
+"""Putting a LoRA into a network: merged (the delta added to each weight, in place) or unmerged
+(a forward hook on the ``nn.Linear`` adding ``scale * up(down(x))``; several stack, and the
+hook makes ``diffcore.nn.linear.plain`` false, so no block fuses around the adapter)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from diffcore.lora.files import LoraWeights
+from diffcore.errors import ConfigError
+from diffcore.lora.weights import LoraLayer
+
+SLOT = "diffcore_lora"   # the nn.ModuleList of branches on an adapted Linear
 
 
-class LoraLinear(nn.Module):
-    """``base(x) + sum_i scale_i * (x @ down_i^T) @ up_i^T * alpha_i / rank_i``; ``plain()`` is false
-    for it, so blocks call it as a module rather than fusing the base matmul."""
+class LoraBranch(nn.Module):
+    """``scale * up(down(x))``; the matrices are buffers that no state dict saves."""
 
-    def __init__(self, base: nn.Module):
+    def __init__(self, layer: LoraLayer, scale: float, *, dtype: torch.dtype, device: torch.device):
         super().__init__()
-        self.base = base
-        self.adapters: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        self.register_buffer("down", layer.down.to(device=device, dtype=dtype), persistent=False)
+        self.register_buffer("up", layer.up.to(device=device, dtype=dtype), persistent=False)
+        self.scale = scale * layer.scale
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        for down, up, factor in self.adapters:
-            out = out + factor * nn.functional.linear(nn.functional.linear(x, down.to(x)), up.to(x))
-        return out
+    def forward(self, x: Tensor) -> Tensor:
+        return (x @ self.down.T.to(x.dtype)) @ (self.up.T.to(x.dtype) * self.scale)
 
 
-def _parent(network: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent, _, child = name.rpartition(".")
-    return (network.get_submodule(parent) if parent else network), child
+def _hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    for branch in getattr(module, SLOT):
+        output = output + branch(args[0])
+    return output
 
 
-@torch.no_grad()
-def apply_lora(network: nn.Module, weights: LoraWeights, *, scale: float = 1.0, merge: bool = True) -> None:
-    """Add ``weights`` at ``scale`` to ``network``: into the weights (``merge``) or as wrappers."""
+def apply_lora(network: nn.Module, weights: Mapping[str, LoraLayer], scale: float = 1.0, *, merge: bool = True) -> None:
+    modules = dict(network.named_modules())
     for name, layer in weights.items():
-        module = network.get_submodule(name)
+        linear = modules.get(name)
+        if not isinstance(linear, nn.Linear):
+            raise ConfigError(f"the LoRA targets {name}, which is no linear layer of {type(network).__name__}")
         if merge:
-            target = module.base if isinstance(module, LoraLinear) else module
-            target.weight.add_((scale * layer.delta()).to(target.weight))
+            with torch.no_grad():
+                w = linear.weight
+                w.copy_((w.float() + scale * layer.delta().to(w.device)).to(w.dtype))
             continue
-        if not isinstance(module, LoraLinear):
-            parent, child = _parent(network, name)
-            module = LoraLinear(module)
-            setattr(parent, child, module)
-        device = module.weight.device
-        module.adapters.append((layer.down.to(device), layer.up.to(device), scale * layer.alpha / layer.rank))
+        if SLOT not in linear._modules:
+            linear.add_module(SLOT, nn.ModuleList())
+            linear._diffcore_lora_hook = linear.register_forward_hook(_hook)
+        getattr(linear, SLOT).append(LoraBranch(layer, scale, dtype=linear.weight.dtype, device=linear.weight.device))
 
 
-@torch.no_grad()
-def unmerge_lora(network: nn.Module, weights: LoraWeights, *, scale: float = 1.0) -> None:
-    """Take back what ``apply_lora(merge=True)`` added (up to rounding in low precision)."""
-    apply_lora(network, weights, scale=-scale, merge=True)
+def remove_lora(network: nn.Module) -> int:
+    """Take every unmerged LoRA off ``network``; returns how many layers had one."""
+    n = 0
+    for module in network.modules():
+        if SLOT in module._modules:
+            module._diffcore_lora_hook.remove()
+            del module._modules[SLOT], module._diffcore_lora_hook
+            n += 1
+    return n

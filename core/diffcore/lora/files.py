@@ -1,276 +1,219 @@
-"""LoRA files in the formats people trade, read into and written from one in-memory form.
+"""Reading and writing LoRA files: safetensors only (a pickle is never unpickled), the format
+detected from the keys, every key mapped onto a layer of the network or reported.
 
-``LoraWeights`` maps a module name of *our* network to ``LoraLayer(down, up, alpha)``: the update
-of its weight is ``up @ down * alpha / rank``. Formats (detected from the keys):
-
-============  =====================================================================  ===============
-format        keys                                                                   module names
-============  =====================================================================  ===============
-diffusers     ``transformer.<m>.lora_A.weight`` / ``.lora_B.weight`` (``unet.`` for     diffusers'
-              SDXL; PEFT's files without the prefix too; ``.alpha`` optional)
-kohya         ``lora_unet_<m with _ for .>.lora_down.weight`` / ``.lora_up.weight``   ours (FLUX: BFL)
-              / ``.alpha`` (sd-scripts; ``lora_te*`` text-encoder keys are skipped,
-              with a warning)
-comfyui       ``diffusion_model.<m>.lora_A.weight`` / ``.lora_B.weight`` (or            ours
-              ``lora_down`` / ``lora_up``), ``.alpha``
-diffcore      ``<m>.lora_A.weight`` / ``.lora_B.weight`` / ``.alpha`` (what the ``lora`` ours
-              trainer writes; BFL's naming for FLUX)
-============  =====================================================================  ===============
-
-Where diffcore fuses projections that diffusers keeps apart (FLUX's q, k, v in one ``qkv``;
-``linear1`` = q, k, v and the MLP's input), separate adapters of ranks r_i fuse exactly into one
-of rank sum r_i: ``down`` the stacked A_i, ``up`` block-diagonal with each B_i scaled by its
-alpha_i / r_i (alpha = the total rank, scale 1); a part the file lacks is a zero block. Writing a
-fused adapter in diffusers' layout splits it exactly: every part shares ``down`` and takes its
-rows of ``up``. Keys that match no layer are an error listing them, never a silent no-op.
+``match_lora`` returns what matched and what did not; ``load_lora`` refuses a file with keys that
+match nothing (a LoRA that silently changes nothing is the complaint every trainer's tracker
+has), listing them. ``save_lora`` writes any format atomically, with metadata naming the format,
+ranks and targets.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import attrs
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from diffcore.errors import CheckpointError, ConfigError
+from diffcore.errors import ConfigError
+from diffcore.lora import formats
+from diffcore.lora.weights import LoraLayer, LoraWeights, fuse, part_sizes, split, stack
 
-FORMATS = ("diffusers", "kohya", "comfyui", "diffcore")
-_SUFFIXES = {"lora_A.weight": "down", "lora_B.weight": "up", "lora_down.weight": "down", "lora_up.weight": "up",
-             "alpha": "alpha"}
-
-
-@attrs.frozen(eq=False)
-class LoraLayer:
-    down: torch.Tensor    # (rank, in)
-    up: torch.Tensor      # (out, rank)
-    alpha: float
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    def delta(self) -> torch.Tensor:
-        """The update of the layer's weight, (out, in), in float32."""
-        return self.up.float() @ self.down.float() * (self.alpha / self.rank)
+PICKLES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
+SHOWN = 10
 
 
-LoraWeights = dict[str, LoraLayer]
+def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and metadata of a LoRA ``.safetensors`` file."""
+    from safetensors import safe_open
 
+    from diffcore.errors import DiffcoreError
+    from diffcore.io.headers import check_safetensors
 
-# -- reading -------------------------------------------------------------------------------------------
-def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A LoRA file's tensors and metadata; safetensors only: a pickle (.pt, .ckpt, .bin) is refused
-    unread, since unpickling runs whatever code it holds."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path).expanduser()
+    path = Path(path)
+    if path.suffix.lower() in PICKLES:
+        raise ConfigError(f"{path}: LoRA files are read as safetensors only; a {path.suffix} file is a pickle, "
+                          "which can run code when loaded and is never opened here. Convert it to .safetensors "
+                          "where you trust it")
     if not path.is_file():
-        raise ConfigError(f"LoRA file {path} does not exist", path="lora.path")
-    if path.suffix.lower() != ".safetensors":
-        raise ConfigError(f"{path}: LoRA files load from .safetensors only (a {path.suffix} pickle could run code); "
-                          f"convert it with a tool you trust", path="lora.path")
+        raise ConfigError(f"{path}: no such LoRA file")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-
-
-def detect_format(keys: list[str]) -> str:
-    if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
-        return "kohya"
-    if any(k.startswith("diffusion_model.") for k in keys):
-        return "comfyui"
-    if any(k.startswith(("transformer.", "unet.")) for k in keys):
-        return "diffusers"
-    if any(".processor." in k and "_lora" in k for k in keys):
-        raise ConfigError("this is an XLabs-format LoRA (double_blocks.N.processor.qkv_lora1...): not supported yet; "
-                          "convert it to diffusers' format", path="lora.path")
-    return "diffcore"
-
-
-def split_entries(tensors: Mapping[str, torch.Tensor], fmt: str) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """{module name in the file's naming: {"down", "up", "alpha"?}} and the keys that are not LoRA keys."""
-    entries: dict[str, dict[str, Any]] = {}
-    stray = []
-    for key, value in tensors.items():
-        name = key
-        if fmt == "comfyui":
-            name = name.removeprefix("diffusion_model.")
-        elif fmt == "diffusers":
-            name = name.removeprefix("transformer.").removeprefix("unet.")
-        name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")   # PEFT's adapter name
-        part = next((s for s in _SUFFIXES if name.endswith("." + s)), None)
-        if part is None:
-            stray.append(key)
-            continue
-        module = name[:-len(part) - 1]
-        entries.setdefault(module, {})[_SUFFIXES[part]] = value
-    return entries, stray
-
-
-def load_lora(path: str | Path, bundle: Any) -> LoraWeights:
-    """The file at ``path`` as adapters on ``bundle.network``'s linear layers."""
-    tensors, metadata = read_tensors(path)
-    fmt = detect_format(list(tensors))
-    entries, stray = split_entries(tensors, fmt)
-    alpha = _metadata_alpha(metadata)
-    if alpha is not None:   # diffusers' lora_adapter_metadata (peft's LoraConfig): one alpha for every layer
-        entries = {m: {"alpha": torch.tensor(alpha), **e} for m, e in entries.items()}
-    if fmt == "kohya":
-        skipped = [m for m in entries if m.startswith("lora_te")]
-        if skipped:
-            warnings.warn(f"{path}: {len(skipped)} text-encoder adapters ({skipped[0]}, ...) are skipped: diffcore "
-                          "applies LoRAs to the denoiser", stacklevel=2)
-        entries = {m: e for m, e in entries.items() if not m.startswith("lora_te")}
-    incomplete = [m for m, e in entries.items() if "down" not in e or "up" not in e]
-    linears = linear_layers(bundle.network)
-    resolve = _resolver(fmt, bundle, linears)
-    parts: dict[str, dict[int, dict[str, Any]]] = {}
-    unmatched = list(stray) + incomplete
-    for module, entry in entries.items():
-        if module in incomplete:
-            continue
-        target = resolve(module)
-        if target is None:
-            unmatched.append(module)
-            continue
-        ours, index, count = target
-        parts.setdefault(ours, {})[index] = {**entry, "parts": count}
-    if unmatched:
-        shown = ", ".join(unmatched[:10]) + (f", ... ({len(unmatched)} in all)" if len(unmatched) > 10 else "")
-        raise ConfigError(f"{path}: {len(unmatched)} LoRA keys match no layer of {type(bundle.network).__name__} "
-                          f"(a {fmt}-format file): {shown}", path="lora.path")
-    return {ours: _fuse(linears[ours], p) for ours, p in parts.items()}
+        check_safetensors(path)
+    except DiffcoreError as exc:
+        raise ConfigError(str(exc)) from None
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
 
 def linear_layers(network: nn.Module) -> dict[str, nn.Module]:
-    """The network's linear layers by name; one wrapped by an adapter (an unmerged LoRA's
-    ``base``, peft's ``base_layer``) under the wrapper's name."""
+    """The network's linear layers by name; one that peft wrapped for training (its ``base_layer``)
+    under the wrapper's name, so a training run's network names its layers as the plain one does."""
     out = {}
     for name, module in network.named_modules():
         if isinstance(module, nn.Linear):
             parent, _, child = name.rpartition(".")
-            wrapped = child in ("base", "base_layer") and parent and (
-                hasattr(network.get_submodule(parent), "adapters") or hasattr(network.get_submodule(parent), "lora_A"))
+            wrapped = child == "base_layer" and parent and hasattr(network.get_submodule(parent), "lora_A")
             out[parent if wrapped else name] = module
     return out
 
 
-def _metadata_alpha(metadata: dict[str, str]) -> float | None:
-    """``lora_alpha`` from diffusers' ``lora_adapter_metadata`` JSON (keys maybe prefixed ``transformer.``)."""
-    raw = metadata.get("lora_adapter_metadata")
-    if not raw:
-        return None
-    try:
-        config = json.loads(raw)
-    except ValueError:
-        return None
-    found = [v for k, v in config.items() if k.split(".")[-1] == "lora_alpha"] if isinstance(config, dict) else []
-    return float(found[0]) if found else None
+class _Names:
+    """How a bundle's layers are called in each naming a file may use."""
+
+    def __init__(self, bundle: Any):
+        self.linears = linear_layers(bundle.network)
+        rows = bundle.diffusers_modules(list(self.linears)) if hasattr(bundle, "diffusers_modules") else []
+        if not rows:
+            rows = [(n, n) for n in self.linears]
+        self.parts: dict[str, list[str]] = {}
+        for theirs, ours in rows:
+            self.parts.setdefault(ours, []).append(theirs)
+        self.diffusers = {theirs: (ours, i, len(self.parts[ours])) for ours, ds in self.parts.items()
+                          for i, theirs in enumerate(ds)}
+        self.ours_ = {n.replace(".", "_"): n for n in self.linears}
+        self.diffusers_ = {d.replace(".", "_"): d for d in self.diffusers}
+
+    def resolve(self, module: str, naming: str) -> tuple[str, int, int] | None:
+        """(our module, part index, number of parts) or None."""
+        if naming == "ours_":
+            module, naming = self.ours_.get(module, ""), "ours"
+        elif naming == "diffusers_":
+            module, naming = self.diffusers_.get(module, ""), "diffusers"
+        if naming == "ours":
+            return (module, 0, 1) if module in self.linears else None
+        return self.diffusers.get(module)
+
+    def sizes(self, ours: str, parts: int) -> list[int]:
+        layer = self.linears[ours]
+        return part_sizes(layer.out_features, layer.in_features, parts)
 
 
-def _resolver(fmt: str, bundle: Any, linears: dict[str, nn.Module]):
-    """module name in the file -> (our module, part index, number of parts) or None."""
-    if fmt == "diffusers":
-        table: dict[str, tuple[str, int, int]] = {}
-        groups: dict[str, list[str]] = {}
-        for theirs, ours in bundle.diffusers_modules(list(linears)):
-            groups.setdefault(ours, []).append(theirs)
-        for ours, names in groups.items():
-            for i, theirs in enumerate(names):
-                table[theirs] = (ours, i, len(names))
-        same = {n: (n, 0, 1) for n in linears}   # a family whose names are diffusers' already (SDXL's UNet)
-        return lambda m: table.get(m, same.get(m))
-    if fmt == "kohya":
-        flat = {n.replace(".", "_"): n for n in linears}
-        return lambda m: (flat[m.removeprefix("lora_unet_")], 0, 1) if m.removeprefix("lora_unet_") in flat else None
-    return lambda m: (m, 0, 1) if m in linears else None
+def match_lora(tensors: Mapping[str, Tensor], bundle: Any, *, format: str | None = None,
+               source: str = "the LoRA file") -> tuple[LoraWeights, list[str]]:
+    """(what ``tensors`` apply to the bundle's network, the keys that match no layer)."""
+    format = formats.canonical(format) if format else formats.detect(tensors)
+    names = _Names(bundle)
+    unmatched, skipped = [], []
+    found: dict[tuple[str, int, int, str], dict[str, Tensor]] = {}
+    sources: dict[tuple[str, int, int, str], list[str]] = {}
+    for key, tensor in tensors.items():
+        if formats.not_applicable(key):
+            skipped.append(key)
+            continue
+        place = None
+        for module, role, naming in formats.parse(key, format) or []:
+            where = names.resolve(module, naming)
+            if where is not None:
+                place = (*where, module)
+                break
+        if place is None:
+            unmatched.append(key)
+            continue
+        found.setdefault(place, {})[role] = tensor
+        sources.setdefault(place, []).append(key)
+    by_layer: dict[str, list[tuple[int, int, LoraLayer]]] = {}
+    for place, roles in found.items():
+        ours, index, parts, module = place
+        if "down" not in roles or "up" not in roles:   # half a LoRA: its keys are reported, not applied
+            missing = "up" if "down" in roles else "down"
+            unmatched.extend(f"{key} (its {missing} matrix is missing)" for key in sources[place])
+            continue
+        down, up = roles["down"].float(), roles["up"].float()
+        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
+            raise ConfigError(f"{source}: the LoRA of {module} has down {tuple(down.shape)} and up {tuple(up.shape)}, "
+                              "not (rank, in) and (out, rank) (a LyCORIS / conv LoRA is not supported)")
+        linear = names.linears[ours]
+        rows = names.sizes(ours, parts)[index]
+        if down.shape[1] != linear.in_features or up.shape[0] != rows:
+            raise ConfigError(f"{source}: the LoRA of {module} is for a ({up.shape[0]}, {down.shape[1]}) layer; "
+                              f"this model's {ours} is ({rows}, {linear.in_features}) there: a LoRA for another "
+                              "model or size")
+        alpha = float(roles["alpha"]) if "alpha" in roles else float(down.shape[0])
+        by_layer.setdefault(ours, []).append((index, parts, LoraLayer(down=down, up=up, alpha=alpha)))
+    layers = {}
+    for ours, items in by_layer.items():
+        whole = [layer for _, parts, layer in items if parts == 1]
+        pieces = [(i, layer) for i, parts, layer in items if parts > 1]
+        if pieces:
+            parts = max(p for _, p, _ in items)
+            per_part: list[LoraLayer | None] = [None] * parts
+            for i, layer in pieces:
+                per_part[i] = layer if per_part[i] is None else stack([per_part[i], layer])
+            whole.append(fuse(per_part, names.sizes(ours, parts)))
+        layers[ours] = stack(whole)
+    return LoraWeights(layers=layers, format=format, not_applicable=skipped), unmatched
 
 
-def part_sizes(layer: nn.Module, count: int) -> list[int]:
-    """Rows of each of ``count`` diffusers parts in a fused layer: q, k and v as wide as the input
-    (FLUX's ``qkv`` and ``linear1``), a further part (``proj_mlp``) the rest."""
-    out, width = layer.out_features, layer.in_features
-    if count == 1:
-        return [out]
-    if count == 3 and out == 3 * width:
-        return [width] * 3
-    if count == 4 and out > 3 * width:
-        return [width] * 3 + [out - 3 * width]
-    if out % count == 0:
-        return [out // count] * count
-    raise ConfigError(f"cannot tell the row blocks of a fused layer of {out} rows made of {count} parts")
+def load_lora(path: str | Path, bundle: Any) -> LoraWeights:
+    """The LoRA in ``path`` (any supported format) on the bundle's network's layers; keys that
+    match no layer are a ``ConfigError`` listing them."""
+    tensors, _ = read_lora(path)
+    weights, unmatched = match_lora(tensors, bundle, source=str(path))
+    if unmatched:
+        more = len(unmatched) - SHOWN
+        shown = ", ".join(unmatched[:SHOWN]) + (f", ... ({more} more)" if more > 0 else "")
+        raise ConfigError(f"{path}: {len(unmatched)} of its {len(tensors)} keys match no layer of "
+                          f"{type(bundle.network).__name__} (read as {weights.format} format): {shown}. "
+                          "A misspelled key, a LoRA for another model, or a format diffcore does not read")
+    if not weights:
+        text = f" (only {len(weights.not_applicable)} text-encoder keys)" if weights.not_applicable else ""
+        raise ConfigError(f"{path}: no LoRA for this model's network in it{text}")
+    if weights.not_applicable:
+        warnings.warn(f"{path}: {len(weights.not_applicable)} text-encoder keys (like {weights.not_applicable[0]}) "
+                      "are not applied: diffcore applies LoRAs to the diffusion network only", stacklevel=2)
+    return weights
 
 
-def _fuse(layer: nn.Module, parts: dict[int, dict[str, Any]]) -> LoraLayer:
-    count = next(iter(parts.values()))["parts"]
-    sizes = part_sizes(layer, count)
-    offsets = [sum(sizes[:i]) for i in range(count)]
-    downs, col = [], 0
-    total_rank = sum(p["down"].shape[0] for p in parts.values())
-    up = torch.zeros(layer.out_features, total_rank)
-    for i in sorted(parts):
-        p = parts[i]
-        down, b = p["down"].float(), p["up"].float()
-        rank = down.shape[0]
-        alpha = float(p["alpha"]) if "alpha" in p else float(rank)
-        if b.shape[0] != sizes[i] or down.shape[1] != layer.in_features:
-            raise ConfigError(f"a LoRA part of shape up {tuple(b.shape)}, down {tuple(down.shape)} does not fit rows "
-                              f"{sizes[i]} x inputs {layer.in_features} of the layer", path="lora.path")
-        downs.append(down)
-        up[offsets[i]:offsets[i] + sizes[i], col:col + rank] = b * (alpha / rank)
-        col += rank
-    if count == 1:   # one part: keep its alpha and B as they are
-        p = parts[0]
-        return LoraLayer(p["down"].float(), p["up"].float(), float(p["alpha"]) if "alpha" in p else float(p["down"].shape[0]))
-    return LoraLayer(torch.cat(downs), up, float(total_rank))
-
-
-# -- writing -------------------------------------------------------------------------------------------
-def save_lora(path: str | Path, weights: LoraWeights, bundle: Any = None, *, format: str = "diffcore",
-              metadata: dict[str, str] | None = None) -> Path:
-    """Write ``weights`` in ``format``, atomically; the metadata records the format, ranks and targets."""
-    from safetensors.torch import save_file
-
-    if format not in FORMATS:
-        raise ConfigError(f"unknown LoRA format {format!r}; expected one of {', '.join(FORMATS)}", path="format")
-    tensors: dict[str, torch.Tensor] = {}
+def _tensors(weights: Mapping[str, LoraLayer], bundle: Any, format: str) -> dict[str, Tensor]:
+    format = formats.canonical(format)
+    out: dict[str, Tensor] = {}
     if format == "diffusers":
-        if bundle is None:
-            raise ConfigError("writing diffusers' format needs the model, to name its layers", path="format")
-        linears = linear_layers(bundle.network)
-        groups: dict[str, list[str]] = {}
-        for theirs, ours in bundle.diffusers_modules(list(weights)):
-            groups.setdefault(ours, []).append(theirs)
+        names = _Names(bundle)
+        prefix = getattr(bundle, "lora_prefix", "transformer")
         for ours, layer in weights.items():
-            names = groups.get(ours, [ours])
-            sizes = part_sizes(linears[ours], len(names))
-            up = layer.up.float() * (layer.alpha / layer.rank)   # alpha folded in: diffusers' scale is 1
-            for theirs, rows in zip(names, up.split(sizes)):
-                tensors[f"transformer.{theirs}.lora_A.weight"] = layer.down.float().clone()   # a copy per part
-                tensors[f"transformer.{theirs}.lora_B.weight"] = rows.contiguous()
-    else:
-        for ours, layer in weights.items():
-            if format == "kohya":
-                base, down, up = f"lora_unet_{ours.replace('.', '_')}", "lora_down.weight", "lora_up.weight"
-            else:
-                base, down, up = ("diffusion_model." if format == "comfyui" else "") + ours, "lora_A.weight", "lora_B.weight"
-            tensors[f"{base}.{down}"] = layer.down.float().contiguous()
-            tensors[f"{base}.{up}"] = layer.up.float().contiguous()
-            tensors[f"{base}.alpha"] = torch.tensor(float(layer.alpha))
-    ranks = sorted({layer.rank for layer in weights.values()})
-    info = {"format": format, "rank": ",".join(map(str, ranks)), "targets": json.dumps(sorted(weights)),
-            **(metadata or {})}
+            parts = names.parts.get(ours)
+            if not parts:
+                raise ConfigError(f"{ours} has no counterpart in diffusers' model: save this LoRA in another format")
+            for theirs, piece in zip(parts, split(layer, names.sizes(ours, len(parts)))):
+                if piece is None:
+                    continue
+                keys = formats.keys_for(format, theirs, prefix=prefix)
+                out[keys["down"]] = piece.down.float()
+                out[keys["up"]] = (piece.up.float() * piece.scale)   # alpha / r folded: diffusers' scale is 1
+        return out
+    for ours, layer in weights.items():
+        try:
+            keys = formats.keys_for(format, ours)
+        except KeyError:
+            raise ConfigError(f"the xlabs format holds double-block attention LoRAs only, not {ours}",
+                              path="save_format") from None
+        out[keys["down"]] = layer.down.float()
+        if "alpha" in keys:
+            out[keys["up"]] = layer.up.float()
+            out[keys["alpha"]] = torch.tensor(float(layer.alpha))
+        else:
+            out[keys["up"]] = layer.up.float() * layer.scale
+    return out
+
+
+def save_lora(path: str | Path, weights: Mapping[str, LoraLayer], bundle: Any = None, *,
+              format: str = "diffcore") -> Path:
+    """``weights`` as a ``format`` LoRA file, written atomically (a temporary file, then renamed)."""
+    from diffcore.io.checkpoint import save_file_atomic
+
+    if formats.canonical(format) not in formats.FORMATS:
+        raise ConfigError(f"unknown LoRA format {format!r}; known: {', '.join(formats.FORMATS)}", path="save_format")
+    if formats.canonical(format) == "diffusers" and bundle is None:
+        raise ConfigError("saving a LoRA in diffusers' format needs the model (its module names)")
     path = Path(path)
+    tensors = {k: v.contiguous() for k, v in _tensors(weights, bundle, format).items()}
+    ranks = sorted({layer.rank for layer in weights.values()})
+    metadata = {"format": formats.canonical(format), "rank": ",".join(map(str, ranks)),
+                "targets": json.dumps(sorted(weights)),
+                "network": type(bundle.network).__name__ if bundle is not None else ""}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=info)
-    os.replace(tmp, path)
+    save_file_atomic(tensors, path, metadata=metadata)
     return path

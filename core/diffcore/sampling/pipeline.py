@@ -68,11 +68,22 @@ class Pipeline:
 
     @classmethod
     def build(cls, model: Any, sampler: Any, schedule: Any = None, guidance: Sequence[Any] = (), *,
-              device: str | torch.device = "auto") -> Pipeline:
+              device: str | torch.device = "auto", loras: Sequence[Any] = ()) -> Pipeline:
         """The pipeline of a job's component tables (``Spec``s): ``[model]``, ``[sampler]``,
-        ``[schedule]`` (None: the bundle's default) and ``[[guidance]]``."""
+        ``[schedule]`` (None: the bundle's default) and ``[[guidance]]``; ``loras``: ``[[lora]]``
+        tables (``path``, ``scale``, ``merge``), each loaded and applied to the network in order."""
         device = pick_device(device)
         bundle = model.build(device=device)
+        if loras:
+            from diffcore.lora.apply import apply_lora
+            from diffcore.lora.files import load_lora
+
+            for i, table in enumerate(loras):
+                try:
+                    weights = load_lora(table.path, bundle)
+                except ConfigError as exc:
+                    raise ConfigError(exc.detail, path=exc.path or f"lora[{i}].path") from None
+                apply_lora(bundle.network, weights, table.scale, merge=table.merge)
         return cls(bundle=bundle, sampler=sampler.build(), schedule=build_schedule(bundle, schedule), device=device,
                    guidance=[spec.build() for spec in guidance])
 

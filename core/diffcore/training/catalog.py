@@ -11,7 +11,7 @@ from typing import Any, Literal
 import attrs
 from attrs import validators as v
 
-from diffcore.errors import ConfigError
+from diffcore.errors import ConfigError, did_you_mean
 
 
 @attrs.frozen
@@ -51,6 +51,14 @@ def _targets(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
                           f"list of module patterns, got {value!r}", path=attribute.name)
 
 
+def _lora_format(_: Any, attribute: attrs.Attribute, value: str) -> None:
+    from diffcore.lora.formats import FORMATS
+
+    if value not in FORMATS and value != "peft":
+        raise ConfigError(f"unknown LoRA save_format {value!r}{did_you_mean(value, FORMATS)}; "
+                          f"one of: {', '.join(FORMATS)}", path=attribute.name)
+
+
 @attrs.frozen
 class LoraConfig(Objective):
     """Low-rank adapters on the network's linear layers, the base frozen (peft). ``rank`` r and
@@ -67,7 +75,7 @@ class LoraConfig(Objective):
     dropout: float = attrs.field(default=0.0, validator=[v.ge(0), v.lt(1)])
     target_modules: str | list[str] = attrs.field(default="attention-mlp", validator=_targets)
     init: bool | Literal["gaussian"] = True
-    save_format: Literal["diffcore", "diffusers", "kohya", "comfyui"] = "diffcore"
+    save_format: str = attrs.field(default="diffcore", validator=_lora_format)
     cond_dropout: float = attrs.field(default=0.0, validator=[v.ge(0), v.le(1)])
 
 

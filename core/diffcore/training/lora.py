@@ -75,12 +75,12 @@ class LoraTrainer(FullTrainer):
         return written
 
 
-
 def write_adapters(path: Path, adapters: dict[str, dict[str, Any]], *, bundle: Any = None,
                    format: str = "diffcore") -> Path:
-    """The trained adapters as a LoRA file in ``format`` (``diffcore.lora.save_lora``), written atomically."""
+    """The trained adapters as a LoRA file in ``format`` (``diffcore.lora.save_lora``: diffusers,
+    kohya, comfyui, diffcore / bfl, xlabs), written atomically with the format, ranks and targets
+    in its metadata."""
     from diffcore.lora import LoraLayer, save_lora
 
-    weights = {name: LoraLayer(a["down"], a["up"], a["alpha"]) for name, a in adapters.items()}
-    network = type(bundle.network).__name__ if bundle is not None else ""
-    return save_lora(path, weights, bundle, format=format, metadata={"network": network})
+    layers = {name: LoraLayer(down=a["down"], up=a["up"], alpha=float(a["alpha"])) for name, a in adapters.items()}
+    return save_lora(path, layers, bundle, format=format)

@@ -185,6 +185,14 @@ class SDXLBundle(ModelBundle):
     def attention_alias(self, name: str) -> str:
         return attention_alias(name, self.network.params)
 
+    #: diffusers' LoRA files key the UNet's layers ``unet.<module>``
+    lora_prefix: ClassVar[str] = "unet"
+
+    def diffusers_modules(self, modules: list[str]) -> list[tuple[str, str]]:
+        from diffcore_sdxl.convert import diffusers_modules
+
+        return diffusers_modules({k: tuple(v.shape) for k, v in self.network.state_dict().items()}, modules)
+
     def training_inputs(self, batch: dict[str, Any], *, dropout: float = 0.0,
                         generator: torch.Generator | None = None) -> dict[str, Any]:
         """``context`` and ``y`` for a batch of captioned images: each caption is dropped to the empty

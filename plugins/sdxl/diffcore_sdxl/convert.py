@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from diffcore.api import CheckpointError
@@ -223,3 +224,18 @@ def detect_variant(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
         if infer_params(shapes, head_dim=row.head_dim, time_embed_scalar_dim=row.time_embed_scalar_dim) == row:
             return name
     return None
+
+
+def diffusers_modules(shapes: Mapping[str, tuple[int, ...]], modules: Iterable[str]) -> list[tuple[str, str]]:
+    """(diffusers ``UNet2DConditionModel`` module name, ours) for each of our ``modules``: the
+    network's tensor shapes (all of them: the block counts come from them) renamed by
+    ``to_diffusers``, each of ours followed to its new name. Every SDXL linear is one of diffusers'."""
+    wanted = set(modules)
+    tags = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
+    renamed = {id(t): k for k, t in to_diffusers(dict(tags)).items()}
+    rows = []
+    for key, tag in tags.items():
+        module = key.removesuffix(".weight")
+        if key.endswith(".weight") and module in wanted and id(tag) in renamed:
+            rows.append((renamed[id(tag)].removesuffix(".weight"), module))
+    return rows
