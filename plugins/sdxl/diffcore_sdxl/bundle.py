@@ -21,6 +21,7 @@ from diffcore.api import ConfigError, ModelBundle, ddpm_sigma_table
 
 from diffcore_sdxl.controlnet import (SDXLControl, control_conditions, new_controlnet, residuals, schedule_controls,
                                       training_controls)
+from diffcore_sdxl.inpaint import blend, first_step, inpaint_conditions
 from diffcore_sdxl.model import UNet, attention_alias, label_vector
 from diffcore_sdxl.text import SDXLText, micro_conditioning
 
@@ -100,23 +101,51 @@ class SDXLBundle(ModelBundle):
         return Expert(self.network, self.text)
 
     def forward(self, x: Tensor, sigma: Tensor, context: Tensor, y: Tensor, refiner_context: Tensor | None = None,
-                refiner_y: Tensor | None = None, control: Sequence[SDXLControl] = ()) -> Tensor:
+                refiner_y: Tensor | None = None, control: Sequence[SDXLControl] = (), known: Tensor | None = None,
+                known_mask: Tensor | None = None, masked: Tensor | None = None,
+                inpaint_first: tuple[float, float] | None = None, inpaint_fresh: bool = False) -> Tensor:
         """``sigma`` is the DDPM timestep here (the bundle has a ``sigma_table``); ``control``: the
-        ControlNets steering the base UNet."""
+        ControlNets steering the base UNet; ``known`` / ``known_mask`` / ``masked``: inpainting
+        (``diffcore_sdxl.inpaint``)."""
         t = on_grid(sigma)
+
+        def run(net: UNet, ctx: Tensor, vec: Tensor, extra: dict[str, Any]) -> Tensor:
+            inputs = x
+            if net.params.in_channels == 9:
+                if masked is None:
+                    raise ConfigError("the 9-channel inpainting UNet needs an image and a mask to repaint",
+                                      path="job.mask")
+                inputs = torch.cat([x, known_mask.to(x.dtype), masked.to(x.dtype)], dim=1)
+            out = net(inputs, t, ctx, vec, **extra)
+            if known is not None and net.params.in_channels == 4:
+                out = blend(out, x, t, self.sigma_at(t), known, known_mask, self.prediction_type, inpaint_first)
+            return out
+
         if self.refiner is None or refiner_context is None:
-            return self.network(x, t, context, y, **residuals(control, x, t, context, y))
+            return run(self.network, context, y, residuals(control, x, t, context, y))
         late = t < self.refiner.switch_t
         if bool(late.all()):
-            return self.refiner.network(x, t, refiner_context, refiner_y)
-        base = self.network(x, t, context, y)
+            return run(self.refiner.network, refiner_context, refiner_y, {})
+        base = run(self.network, context, y, {})
         if not bool(late.any()):
             return base
-        refined = self.refiner.network(x, t, refiner_context, refiner_y)   # per-sample times straddle the switch
+        refined = run(self.refiner.network, refiner_context, refiner_y, {})   # per-sample times straddle the switch
         return torch.where(late[:, None, None, None], refined, base)
 
+    def sigma_at(self, t: Tensor) -> Tensor:
+        """The sigma of (fractional) DDPM timesteps ``t``, linear in log-sigma between table entries."""
+        table = self.sigma_table.to(t.device, torch.float64).log()
+        t = t.double().clamp(0, len(table) - 1)
+        low = t.floor().long().clamp(max=len(table) - 2)
+        return torch.lerp(table[low], table[low + 1], t - low).exp()
+
     def size(self, request: Any) -> tuple[int, int]:
-        h, w = _field(request, "height") or self.default_size, _field(request, "width") or self.default_size
+        """The request's size; where it gives none, the image to repaint's (down to a multiple of 8,
+        as diffusers'), else the variant's default."""
+        image = _field(request, "image")
+        default = (self.default_size, self.default_size) if image is None or _field(request, "mask") is None else \
+            tuple(int(n) // self.latent_scale * self.latent_scale for n in image.shape[-2:])
+        h, w = _field(request, "height") or default[0], _field(request, "width") or default[1]
         if h % self.latent_scale or w % self.latent_scale:
             raise ConfigError(f"SDXL images are multiples of {self.latent_scale} pixels on each side; "
                               f"{h} x {w} is not", path="job.height")
@@ -125,12 +154,18 @@ class SDXLBundle(ModelBundle):
     def conditions(self, request: Any) -> dict[str, dict[str, Any]]:
         """``cond`` / ``uncond`` from the prompts (or ``request.embeddings``: ``context`` and ``y`` per
         branch, the text encoders skipped); each also carries the refiner's when there is one."""
-        for name, what in (("mask", "inpainting"), ("image", "inpainting"), ("control_image", "control images "
-                           "(use a [[control]] ControlNet)"), ("reference_images", "reference images")):
+        for name, what in (("control_image", "control images (use a [[control]] ControlNet)"),
+                           ("reference_images", "reference images")):
             if _field(request, name) is not None and _field(request, name) != []:
                 raise ConfigError(f"SDXL takes no {name} here: {what} is not built for this family yet",
                                   path=f"job.{name}")
-        control = control_conditions(self, request, self.size(request))
+        size = self.size(request)
+        control = control_conditions(self, request, size)
+        if _field(request, "image") is not None or _field(request, "mask") is not None:
+            control = {**control, **inpaint_conditions(self, request, size, _field(request, "batch") or 1)}
+        elif self.network.params.in_channels == 9:
+            raise ConfigError("this is a 9-channel inpainting UNet: give image (what to repaint) and mask "
+                              "(white = repaint)", path="job.mask")
         embeddings = _field(request, "embeddings")
         if embeddings:
             return {key: {**value, **control} for key, value in embeddings.items()}
@@ -138,7 +173,6 @@ class SDXLBundle(ModelBundle):
         if not prompts:
             raise ConfigError("SDXL is a text-to-image model: give a prompt", path="job.prompt")
         negatives = _field(request, "negative_prompts") or [None] * len(prompts)
-        size = self.size(request)
         cond, uncond = self.base.branches(prompts, negatives, size, self.micro)
         if self.refiner is not None:
             r_cond, r_uncond = self.refiner.branches(prompts, negatives, size, self.micro)
@@ -153,8 +187,9 @@ class SDXLBundle(ModelBundle):
         return training_controls(controlnet, image, scale)
 
     def schedule_conditions(self, conditions: dict[str, dict[str, Any]], times: Tensor) -> dict[str, dict[str, Any]]:
-        """ControlNets learn the schedule's times, for their start / end."""
-        return schedule_controls(conditions, times)
+        """ControlNets learn the schedule's times, for their start / end; inpainting from pure noise
+        its first step's."""
+        return first_step(schedule_controls(conditions, times), on_grid(times), self.sigma_at)
 
     def sequence_condition(self, cond: dict[str, Any]) -> Tensor | None:
         return cond.get("context")
