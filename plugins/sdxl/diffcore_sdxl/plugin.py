@@ -118,3 +118,11 @@ def build_sdxl(config: SDXLConfig, device: Any = "cpu") -> Any:
 def register_models(register):
     register("sdxl", build_sdxl, config=SDXLConfig,
              description="Stable Diffusion XL base / refiner (Stability AI): UNet, CLIP-L + OpenCLIP bigG")
+
+
+@hookimpl
+def register_jobs(register):
+    from diffcore_sdxl.convert_job import ConvertJob, run_convert
+
+    register("sdxl-convert", run_convert, config=ConvertJob,
+             description="Rewrite an SDXL UNet as a Stability-layout single file or a diffusers unet/ folder")
