@@ -17,12 +17,13 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from diffcore.api import ConfigError, ModelBundle, ddpm_sigma_table
+from diffcore.api import ConfigError, LazyComponent, ModelBundle, ddpm_sigma_table
 
 from diffcore_sdxl.controlnet import (SDXLControl, control_conditions, new_controlnet, residuals, schedule_controls,
                                       training_controls)
 from diffcore_sdxl.inpaint import blend, first_step, inpaint_conditions
 from diffcore_sdxl.model import UNet, attention_alias, label_vector
+from diffcore_sdxl.training import LORA_PRESETS, diffusers_modules
 from diffcore_sdxl.text import SDXLText, micro_conditioning
 
 @attrs.frozen
@@ -81,8 +82,8 @@ def on_grid(t: Tensor) -> Tensor:
 
 @attrs.define(eq=False)
 class SDXLBundle(ModelBundle):
-    text: SDXLText | None = None
-    vae: nn.Module | None = None
+    _text: SDXLText | None = None           # init argument ``text`` (or ``loaders["text"]``)
+    _vae: nn.Module | None = None           # init argument ``vae`` (or ``loaders["vae"]``)
     prediction_type: str = "epsilon"
     default_sampling_steps: int = 50
     default_schedule: dict[str, Any] = attrs.Factory(lambda: {"name": "ddpm", "spacing": "leading",
@@ -95,6 +96,10 @@ class SDXLBundle(ModelBundle):
     refiner: Expert | None = None
     controlnets: dict[str, Any] = attrs.Factory(dict)   # loaded for [[control]] tables, by path
     takes_controls: ClassVar[bool] = True
+    lora_presets: ClassVar[dict[str, list[str]]] = LORA_PRESETS
+
+    vae = LazyComponent()
+    text = LazyComponent()
 
     @property
     def base(self) -> Expert:
@@ -207,12 +212,12 @@ class SDXLBundle(ModelBundle):
         return (3, *self.size(request))
 
     def decode(self, latents: Tensor) -> Tensor:
-        return self._vae().decode(latents)
+        return self._autoencoder().decode(latents)
 
     def encode(self, images: Tensor) -> Tensor:
-        return self._vae().encode(images)
+        return self._autoencoder().encode(images)
 
-    def _vae(self) -> nn.Module:
+    def _autoencoder(self) -> nn.Module:
         if self.vae is None:
             raise ConfigError("this SDXL model was loaded without its VAE; set vae in [model]", path="model.vae")
         return self.vae
@@ -220,36 +225,66 @@ class SDXLBundle(ModelBundle):
     def attention_alias(self, name: str) -> str:
         return attention_alias(name, self.network.params)
 
-    def training_inputs(self, batch: dict[str, Any], *, dropout: float = 0.0,
-                        generator: torch.Generator | None = None) -> dict[str, Any]:
-        """``context`` and ``y`` for a batch of captioned images: each caption is dropped to the empty
-        prompt (the unconditional input sampling uses) with probability ``dropout``; the label
-        embedding gets each image's ``original_size`` and ``crop_top_left`` (B, 2) where the batch
-        has them (bucketed data) and the training size as the target."""
-        captions = list(batch["caption"])
-        if dropout > 0:
-            drop = torch.rand(len(captions), generator=generator) < dropout
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        context, pooled = self.text.encode([c or "" for c in captions])
-        if any(not c for c in captions):   # empty captions as the model's unconditional input (zeros for base)
+    def encode_captions(self, captions: list[str]) -> dict[str, Tensor]:
+        """``context`` (B, 77, 2048: CLIP-L ‖ bigG penultimate states) and ``pooled`` (B, 1280: bigG's
+        projected output), float32: what a text cache stores; ``training_inputs`` adds each image's
+        micro-conditioning to ``pooled``. An empty caption is the model's unconditional input (zeros
+        for base, as sampling's empty negative prompt)."""
+        captions = [c or "" for c in ([captions] if isinstance(captions, str) else list(captions))]
+        context, pooled = self.text.encode(captions)
+        if any(not c for c in captions):
             empty = torch.tensor([not c for c in captions], device=context.device)
             neg_context, neg_pooled = self.text.encode_negative([""] * len(captions), (context, pooled))
             context = torch.where(empty[:, None, None], neg_context, context)
             pooled = torch.where(empty[:, None], neg_pooled, pooled)
-        image = batch["image"]
-        scale = self.latent_scale if image.shape[1] == self.network.params.in_channels else 1
-        target = (image.shape[-2] * scale, image.shape[-1] * scale)
+        return {"context": context.float(), "pooled": pooled.float()}
+
+    def training_inputs(self, batch: dict[str, Any], *, dropout: float = 0.0,
+                        generator: torch.Generator | None = None) -> dict[str, Any]:
+        """``context`` and ``y`` for a batch of captioned images, from ``batch["text"]`` (a text
+        cache) or the encoded ``batch["caption"]``: each sample's text is replaced by the empty
+        caption's (``empty_text``, or "" encoded once) with probability ``dropout``; the label
+        embedding gets each image's ``original_size`` and ``crop_top_left`` (B, 2) where the batch
+        has them (bucketed data) and its ``target_size`` (else the training size)."""
+        if "text" in batch:
+            text = batch["text"]
+        elif "caption" in batch:
+            text = self.encode_captions(batch["caption"])
+        else:
+            raise ConfigError("SDXL trains on captioned images: the batch has neither caption nor cached text",
+                              path="dataset")
+        device = next(self.network.parameters()).device
+        context, pooled = text["context"].to(device), text["pooled"].to(device)
+        n = context.shape[0]
+        if dropout > 0:
+            drop = (torch.rand(n, generator=generator) < dropout).to(device)
+            if drop.any():
+                if self.empty_text is None:
+                    self.empty_text = {k: v.detach() for k, v in self.encode_captions([""]).items()}
+                empty_c, empty_p = (self.empty_text[k].to(device, context.dtype) for k in ("context", "pooled"))
+                if empty_c.shape[1:] != context.shape[1:]:
+                    raise ConfigError(f"the empty caption's text embedding has shape {tuple(empty_c.shape[1:])}, the "
+                                      f"captions' {tuple(context.shape[1:])}: a text cache written with other "
+                                      f"encoders", path="dataset.cache_dir")
+                context = torch.where(drop[:, None, None], empty_c.expand_as(context), context)
+                pooled = torch.where(drop[:, None], empty_p.expand_as(pooled), pooled)
+        sample = batch["latents"] if "latents" in batch else batch["image"]
+        scale = self.latent_scale if "latents" in batch or sample.shape[1] == self.network.params.out_channels else 1
+        size = (sample.shape[-2] * scale, sample.shape[-1] * scale)
+        aesthetic = self.base.scalars(pooled.shape[-1]) == 5
         rows = []
-        for i in range(len(captions)):
-            original = _pair(batch.get("original_size"), i) or target
-            crop = _pair(batch.get("crop_top_left"), i) or (0, 0)
-            rows.append(micro_conditioning(*target, aesthetic=self.base.scalars(pooled.shape[-1]) == 5,
-                                           original_size=original, crop=crop, target_size=target,
-                                           aesthetic_score=self.micro.aesthetic_score))
-        ids = torch.tensor(rows, device=pooled.device)
+        for i in range(n):
+            target = _pair(batch.get("target_size"), i) or size
+            rows.append(micro_conditioning(*target, aesthetic=aesthetic, original_size=_pair(batch.get("original_size"), i)
+                                           or target, crop=_pair(batch.get("crop_top_left"), i) or (0, 0),
+                                           target_size=target, aesthetic_score=self.micro.aesthetic_score))
+        ids = torch.tensor(rows, device=device)
         dtype = next(self.network.parameters()).dtype
         return {"context": context.to(dtype),
                 "y": label_vector(pooled, ids, self.network.params.time_embed_scalar_dim).to(dtype)}
+
+    def diffusers_modules(self, modules: list[str]) -> list[tuple[str, str]]:
+        return diffusers_modules(modules, self.network.params)
 
 
 def _pair(value: Any, i: int) -> tuple[int, int] | None:
