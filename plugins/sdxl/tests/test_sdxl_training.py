@@ -1,0 +1,40 @@
+"""The training contract: lazy encoders with identities (what the latent / text caches key by),
+cached text read back as encoded, per-sample micro-conditioning, LoRA presets and diffusers names."""
+
+import torch
+
+from diffcore_sdxl.model import label_vector
+from diffcore_sdxl.plugin import SDXLConfig, build_sdxl
+from diffcore_sdxl.text import micro_conditioning
+
+
+def test_training_contract(tiny_pipelines, diffusers_unet):
+    bundle = build_sdxl(SDXLConfig(path=str(tiny_pipelines["base"][0]), dtype="float32"))
+    assert not bundle.loaded("vae") and not bundle.loaded("text")   # nothing loaded yet
+    identity = bundle.encoder_identity()
+    assert set(identity) == {"vae", "text"} and not bundle.loaded("text")
+
+    captions = ["a red cat", ""]
+    text = bundle.encode_captions(captions)
+    assert text["context"].shape == (2, 77, 48) and text["pooled"].shape == (2, 32)
+    assert not text["context"][1].any() and not text["pooled"][1].any()   # empty caption: base's zeros
+    batch = {"latents": torch.zeros(2, 4, 8, 6), "original_size": torch.tensor([[40, 30], [16, 12]]),
+             "crop_top_left": torch.tensor([[2, 0], [0, 0]])}
+    cached = bundle.training_inputs({**batch, "text": text})
+    encoded = bundle.training_inputs({**batch, "caption": captions})
+    assert torch.equal(cached["context"], encoded["context"]) and torch.equal(cached["y"], encoded["y"])
+    ids = torch.tensor([micro_conditioning(16, 12, aesthetic=False, original_size=(40, 30), crop=(2, 0)),
+                        micro_conditioning(16, 12, aesthetic=False, original_size=(16, 12))])
+    assert ids.tolist() == [[40, 30, 2, 0, 16, 12], [16, 12, 0, 0, 16, 12]]
+    assert torch.equal(cached["y"], label_vector(text["pooled"], ids, 8))
+    dropped = bundle.training_inputs({**batch, "text": text}, dropout=1.0)
+    assert not dropped["context"].any()
+
+    targets = bundle.lora_targets("attention")
+    assert targets and all(t.rsplit(".", 2)[-2] in ("attn1", "attn2") or t.endswith("to_out.0") for t in targets)
+    theirs = dict(diffusers_unet().named_modules())
+    linears = [n for n, m in bundle.network.named_modules() if isinstance(m, torch.nn.Linear)]
+    pairs = bundle.diffusers_modules(linears)
+    assert len(pairs) == len(linears) and all(isinstance(theirs[d], torch.nn.Linear) for d, _ in pairs)
+    assert bundle.lora_targets(["down_blocks.2.attentions.1.transformer_blocks.0.attn2.to_k"]) == \
+        ["input_blocks.8.1.transformer_blocks.0.attn2.to_k"]
