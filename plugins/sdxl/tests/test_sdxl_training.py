@@ -38,3 +38,42 @@ def test_training_contract(tiny_pipelines, diffusers_unet):
     assert len(pairs) == len(linears) and all(isinstance(theirs[d], torch.nn.Linear) for d, _ in pairs)
     assert bundle.lora_targets(["down_blocks.2.attentions.1.transformer_blocks.0.attn2.to_k"]) == \
         ["input_blocks.8.1.transformer_blocks.0.attn2.to_k"]
+
+
+def test_lora_step_loss_is_diffusers_epsilon_loss(tiny_pipelines):
+    """One step of the core's ``lora`` trainer (adapters start at zero, so the network is the base
+    UNet): its loss equals the epsilon loss through diffusers' UNet2DConditionModel on the same
+    weights, noise and timesteps; the step moves only the adapters."""
+    import torch.nn.functional as F
+
+    from diffcore.api import registry, structure
+    from diffcore.testing import plugins_for_test
+
+    folder, pipe = tiny_pipelines["base"]
+    bundle = build_sdxl(SDXLConfig(path=str(folder), dtype="float32"))
+    with plugins_for_test():
+        lora = registry("trainers").get("lora")
+        trainer = lora.factory(structure({"rank": 4, "target_modules": "attention", "cond_dropout": 0.0},
+                                         lora.config), bundle)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    captions = ["a red cat", "a blue dog"]
+    batch = {"latents": latents, "caption": captions, "original_size": torch.tensor([[32, 32], [20, 16]]),
+             "crop_top_left": torch.tensor([[0, 0], [4, 2]])}
+    loss = trainer.loss(bundle, batch, torch.Generator().manual_seed(7))
+    loss.backward()
+    optimizer = torch.optim.SGD(trainer.trainable_parameters(), lr=1e-2)
+    optimizer.step()
+
+    with torch.no_grad():
+        context, _, pooled, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False)
+        g = torch.Generator().manual_seed(7)
+        noise = torch.randn(latents.shape, generator=g)
+        t = (torch.rand(2, generator=g).double() * 1000).long()
+        abar = pipe.scheduler.alphas_cumprod.double()[t]
+        a, b = (abar.sqrt().float().view(-1, 1, 1, 1), (1 - abar).sqrt().float().view(-1, 1, 1, 1))
+        time_ids = torch.tensor([[32.0, 32, 0, 0, 16, 16], [20, 16, 4, 2, 16, 16]])
+        pred = pipe.unet(a * latents + b * noise, t, encoder_hidden_states=context,
+                         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        expected = F.mse_loss(pred, noise)
+    print(f"SDXL LoRA step loss {loss.item():.7f} vs diffusers epsilon loss {expected.item():.7f}")
+    assert abs(loss.item() - expected.item()) <= 1e-5
