@@ -77,3 +77,37 @@ def test_lora_step_loss_is_diffusers_epsilon_loss(tiny_pipelines):
         expected = F.mse_loss(pred, noise)
     print(f"SDXL LoRA step loss {loss.item():.7f} vs diffusers epsilon loss {expected.item():.7f}")
     assert abs(loss.item() - expected.item()) <= 1e-5
+
+
+def test_lora_train_job_with_caches_runs(tiny_pipelines, tmp_path):
+    """A LoRA train job file on captioned images of 4 aspect ratios (buckets give each image's
+    original size and crop), latents and text cached: adapters move and lora.safetensors is written."""
+    import tomli_w
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from diffcore.testing import plugins_for_test, run_job_file
+
+    data = tmp_path / "data"
+    data.mkdir()
+    g = torch.Generator().manual_seed(42)
+    for i, size in enumerate([(16, 16), (16, 24), (24, 16), (24, 24)]):
+        field = F.interpolate(torch.rand(1, 3, 2, 2, generator=g), size=size, mode="bilinear")[0]
+        Image.fromarray((field * 255).round().byte().permute(1, 2, 0).numpy()).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"image {i} of the set")
+    out = tmp_path / "run"
+    out.mkdir()
+    table = {"job": {"kind": "train", "output_dir": str(out), "device": "cpu", "seed": 3, "steps": 4, "batch_size": 1,
+                     "lr": 3e-3, "log_every": 1, "checkpoint_every": 0, "cache_latents": True,
+                     "cache_text_embeddings": True, "cache_dir": str(tmp_path / "cache")},
+             "model": {"family": "sdxl", "path": str(tiny_pipelines["base"][0]), "dtype": "float32"},
+             "dataset": {"name": "captioned", "path": str(data), "resolution": 24, "bucket_resolution_steps": 8,
+                         "min_bucket_resolution": 16, "max_bucket_resolution": 40},
+             "trainer": {"name": "lora", "rank": 4, "target_modules": "attention", "cond_dropout": 0.25}}
+    (out / "job.toml").write_text(tomli_w.dumps(table))
+    with plugins_for_test():
+        result = run_job_file(out / "job.toml")
+    assert result.step == 4
+    adapters = {k: v for k, v in result.bundle.network.state_dict().items() if "lora_B" in k}
+    assert adapters and any(v.abs().sum() > 0 for v in adapters.values())
+    assert (out / "lora.safetensors").is_file()
