@@ -10,9 +10,10 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-from torch import nn
+if TYPE_CHECKING:   # torch-free on import: plugins fingerprint files while registering, before torch loads
+    from torch import nn
 
 __all__ = ["fingerprint", "module_fingerprint"]
 

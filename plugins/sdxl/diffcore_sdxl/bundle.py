@@ -17,11 +17,13 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from diffcore.api import ConfigError, ModelBundle, ddpm_sigma_table
+from diffcore.api import ConfigError, LazyComponent, ModelBundle, ddpm_sigma_table
 
 from diffcore_sdxl.controlnet import (SDXLControl, control_conditions, new_controlnet, residuals, schedule_controls,
                                       training_controls)
+from diffcore_sdxl.inpaint import blend, first_step, inpaint_conditions
 from diffcore_sdxl.model import UNet, attention_alias, label_vector
+from diffcore_sdxl.training import LORA_PRESETS
 from diffcore_sdxl.text import SDXLText, micro_conditioning
 
 @attrs.frozen
@@ -80,8 +82,8 @@ def on_grid(t: Tensor) -> Tensor:
 
 @attrs.define(eq=False)
 class SDXLBundle(ModelBundle):
-    text: SDXLText | None = None
-    vae: nn.Module | None = None
+    _text: SDXLText | None = None           # init argument ``text`` (or ``loaders["text"]``)
+    _vae: nn.Module | None = None           # init argument ``vae`` (or ``loaders["vae"]``)
     prediction_type: str = "epsilon"
     default_sampling_steps: int = 50
     default_schedule: dict[str, Any] = attrs.Factory(lambda: {"name": "ddpm", "spacing": "leading",
@@ -94,29 +96,61 @@ class SDXLBundle(ModelBundle):
     refiner: Expert | None = None
     controlnets: dict[str, Any] = attrs.Factory(dict)   # loaded for [[control]] tables, by path
     takes_controls: ClassVar[bool] = True
+    lora_presets: ClassVar[dict[str, list[str]]] = LORA_PRESETS
+
+    vae = LazyComponent()
+    text = LazyComponent()
 
     @property
     def base(self) -> Expert:
         return Expert(self.network, self.text)
 
     def forward(self, x: Tensor, sigma: Tensor, context: Tensor, y: Tensor, refiner_context: Tensor | None = None,
-                refiner_y: Tensor | None = None, control: Sequence[SDXLControl] = ()) -> Tensor:
+                refiner_y: Tensor | None = None, control: Sequence[SDXLControl] = (), known: Tensor | None = None,
+                known_mask: Tensor | None = None, masked: Tensor | None = None,
+                inpaint_first: tuple[float, float] | None = None, inpaint_fresh: bool = False) -> Tensor:
         """``sigma`` is the DDPM timestep here (the bundle has a ``sigma_table``); ``control``: the
-        ControlNets steering the base UNet."""
+        ControlNets steering the base UNet; ``known`` / ``known_mask`` / ``masked``: inpainting
+        (``diffcore_sdxl.inpaint``)."""
         t = on_grid(sigma)
+
+        def run(net: UNet, ctx: Tensor, vec: Tensor, extra: dict[str, Any]) -> Tensor:
+            inputs = x
+            if net.params.in_channels == 9:
+                if masked is None:
+                    raise ConfigError("the 9-channel inpainting UNet needs an image and a mask to repaint",
+                                      path="job.mask")
+                inputs = torch.cat([x, known_mask.to(x.dtype), masked.to(x.dtype)], dim=1)
+            out = net(inputs, t, ctx, vec, **extra)
+            if known is not None and net.params.in_channels == 4:
+                out = blend(out, x, t, self.sigma_at(t), known, known_mask, self.prediction_type, inpaint_first)
+            return out
+
         if self.refiner is None or refiner_context is None:
-            return self.network(x, t, context, y, **residuals(control, x, t, context, y))
+            return run(self.network, context, y, residuals(control, x, t, context, y))
         late = t < self.refiner.switch_t
         if bool(late.all()):
-            return self.refiner.network(x, t, refiner_context, refiner_y)
-        base = self.network(x, t, context, y)
+            return run(self.refiner.network, refiner_context, refiner_y, {})
+        base = run(self.network, context, y, {})
         if not bool(late.any()):
             return base
-        refined = self.refiner.network(x, t, refiner_context, refiner_y)   # per-sample times straddle the switch
+        refined = run(self.refiner.network, refiner_context, refiner_y, {})   # per-sample times straddle the switch
         return torch.where(late[:, None, None, None], refined, base)
 
+    def sigma_at(self, t: Tensor) -> Tensor:
+        """The sigma of (fractional) DDPM timesteps ``t``, linear in log-sigma between table entries."""
+        table = self.sigma_table.to(t.device, torch.float64).log()
+        t = t.double().clamp(0, len(table) - 1)
+        low = t.floor().long().clamp(max=len(table) - 2)
+        return torch.lerp(table[low], table[low + 1], t - low).exp()
+
     def size(self, request: Any) -> tuple[int, int]:
-        h, w = _field(request, "height") or self.default_size, _field(request, "width") or self.default_size
+        """The request's size; where it gives none, the image to repaint's (down to a multiple of 8,
+        as diffusers'), else the variant's default."""
+        image = _field(request, "image")
+        default = (self.default_size, self.default_size) if image is None or _field(request, "mask") is None else \
+            tuple(int(n) // self.latent_scale * self.latent_scale for n in image.shape[-2:])
+        h, w = _field(request, "height") or default[0], _field(request, "width") or default[1]
         if h % self.latent_scale or w % self.latent_scale:
             raise ConfigError(f"SDXL images are multiples of {self.latent_scale} pixels on each side; "
                               f"{h} x {w} is not", path="job.height")
@@ -125,12 +159,18 @@ class SDXLBundle(ModelBundle):
     def conditions(self, request: Any) -> dict[str, dict[str, Any]]:
         """``cond`` / ``uncond`` from the prompts (or ``request.embeddings``: ``context`` and ``y`` per
         branch, the text encoders skipped); each also carries the refiner's when there is one."""
-        for name, what in (("mask", "inpainting"), ("image", "inpainting"), ("control_image", "control images "
-                           "(use a [[control]] ControlNet)"), ("reference_images", "reference images")):
+        for name, what in (("control_image", "control images (use a [[control]] ControlNet)"),
+                           ("reference_images", "reference images")):
             if _field(request, name) is not None and _field(request, name) != []:
                 raise ConfigError(f"SDXL takes no {name} here: {what} is not built for this family yet",
                                   path=f"job.{name}")
-        control = control_conditions(self, request, self.size(request))
+        size = self.size(request)
+        control = control_conditions(self, request, size)
+        if _field(request, "image") is not None or _field(request, "mask") is not None:
+            control = {**control, **inpaint_conditions(self, request, size, _field(request, "batch") or 1)}
+        elif self.network.params.in_channels == 9:
+            raise ConfigError("this is a 9-channel inpainting UNet: give image (what to repaint) and mask "
+                              "(white = repaint)", path="job.mask")
         embeddings = _field(request, "embeddings")
         if embeddings:
             return {key: {**value, **control} for key, value in embeddings.items()}
@@ -138,7 +178,6 @@ class SDXLBundle(ModelBundle):
         if not prompts:
             raise ConfigError("SDXL is a text-to-image model: give a prompt", path="job.prompt")
         negatives = _field(request, "negative_prompts") or [None] * len(prompts)
-        size = self.size(request)
         cond, uncond = self.base.branches(prompts, negatives, size, self.micro)
         if self.refiner is not None:
             r_cond, r_uncond = self.refiner.branches(prompts, negatives, size, self.micro)
@@ -153,8 +192,9 @@ class SDXLBundle(ModelBundle):
         return training_controls(controlnet, image, scale)
 
     def schedule_conditions(self, conditions: dict[str, dict[str, Any]], times: Tensor) -> dict[str, dict[str, Any]]:
-        """ControlNets learn the schedule's times, for their start / end."""
-        return schedule_controls(conditions, times)
+        """ControlNets learn the schedule's times, for their start / end; inpainting from pure noise
+        its first step's."""
+        return first_step(schedule_controls(conditions, times), on_grid(times), self.sigma_at)
 
     def sequence_condition(self, cond: dict[str, Any]) -> Tensor | None:
         return cond.get("context")
@@ -172,12 +212,12 @@ class SDXLBundle(ModelBundle):
         return (3, *self.size(request))
 
     def decode(self, latents: Tensor) -> Tensor:
-        return self._vae().decode(latents)
+        return self._autoencoder().decode(latents)
 
     def encode(self, images: Tensor) -> Tensor:
-        return self._vae().encode(images)
+        return self._autoencoder().encode(images)
 
-    def _vae(self) -> nn.Module:
+    def _autoencoder(self) -> nn.Module:
         if self.vae is None:
             raise ConfigError("this SDXL model was loaded without its VAE; set vae in [model]", path="model.vae")
         return self.vae
@@ -193,33 +233,60 @@ class SDXLBundle(ModelBundle):
 
         return diffusers_modules({k: tuple(v.shape) for k, v in self.network.state_dict().items()}, modules)
 
-    def training_inputs(self, batch: dict[str, Any], *, dropout: float = 0.0,
-                        generator: torch.Generator | None = None) -> dict[str, Any]:
-        """``context`` and ``y`` for a batch of captioned images: each caption is dropped to the empty
-        prompt (the unconditional input sampling uses) with probability ``dropout``; the label
-        embedding gets each image's ``original_size`` and ``crop_top_left`` (B, 2) where the batch
-        has them (bucketed data) and the training size as the target."""
-        captions = list(batch["caption"])
-        if dropout > 0:
-            drop = torch.rand(len(captions), generator=generator) < dropout
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        context, pooled = self.text.encode([c or "" for c in captions])
-        if any(not c for c in captions):   # empty captions as the model's unconditional input (zeros for base)
+    def encode_captions(self, captions: list[str]) -> dict[str, Tensor]:
+        """``context`` (B, 77, 2048: CLIP-L ‖ bigG penultimate states) and ``pooled`` (B, 1280: bigG's
+        projected output), float32: what a text cache stores; ``training_inputs`` adds each image's
+        micro-conditioning to ``pooled``. An empty caption is the model's unconditional input (zeros
+        for base, as sampling's empty negative prompt)."""
+        captions = [c or "" for c in ([captions] if isinstance(captions, str) else list(captions))]
+        context, pooled = self.text.encode(captions)
+        if any(not c for c in captions):
             empty = torch.tensor([not c for c in captions], device=context.device)
             neg_context, neg_pooled = self.text.encode_negative([""] * len(captions), (context, pooled))
             context = torch.where(empty[:, None, None], neg_context, context)
             pooled = torch.where(empty[:, None], neg_pooled, pooled)
-        image = batch["image"]
-        scale = self.latent_scale if image.shape[1] == self.network.params.in_channels else 1
-        target = (image.shape[-2] * scale, image.shape[-1] * scale)
+        return {"context": context.float(), "pooled": pooled.float()}
+
+    def training_inputs(self, batch: dict[str, Any], *, dropout: float = 0.0,
+                        generator: torch.Generator | None = None) -> dict[str, Any]:
+        """``context`` and ``y`` for a batch of captioned images, from ``batch["text"]`` (a text
+        cache) or the encoded ``batch["caption"]``: each sample's text is replaced by the empty
+        caption's (``empty_text``, or "" encoded once) with probability ``dropout``; the label
+        embedding gets each image's ``original_size`` and ``crop_top_left`` (B, 2) where the batch
+        has them (bucketed data) and its ``target_size`` (else the training size)."""
+        if "text" in batch:
+            text = batch["text"]
+        elif "caption" in batch:
+            text = self.encode_captions(batch["caption"])
+        else:
+            raise ConfigError("SDXL trains on captioned images: the batch has neither caption nor cached text",
+                              path="dataset")
+        device = next(self.network.parameters()).device
+        context, pooled = text["context"].to(device), text["pooled"].to(device)
+        n = context.shape[0]
+        if dropout > 0:
+            drop = (torch.rand(n, generator=generator) < dropout).to(device)
+            if drop.any():
+                if self.empty_text is None:
+                    self.empty_text = {k: v.detach() for k, v in self.encode_captions([""]).items()}
+                empty_c, empty_p = (self.empty_text[k].to(device, context.dtype) for k in ("context", "pooled"))
+                if empty_c.shape[1:] != context.shape[1:]:
+                    raise ConfigError(f"the empty caption's text embedding has shape {tuple(empty_c.shape[1:])}, the "
+                                      f"captions' {tuple(context.shape[1:])}: a text cache written with other "
+                                      f"encoders", path="dataset.cache_dir")
+                context = torch.where(drop[:, None, None], empty_c.expand_as(context), context)
+                pooled = torch.where(drop[:, None], empty_p.expand_as(pooled), pooled)
+        sample = batch["latents"] if "latents" in batch else batch["image"]
+        scale = self.latent_scale if "latents" in batch or sample.shape[1] == self.network.params.out_channels else 1
+        size = (sample.shape[-2] * scale, sample.shape[-1] * scale)
+        aesthetic = self.base.scalars(pooled.shape[-1]) == 5
         rows = []
-        for i in range(len(captions)):
-            original = _pair(batch.get("original_size"), i) or target
-            crop = _pair(batch.get("crop_top_left"), i) or (0, 0)
-            rows.append(micro_conditioning(*target, aesthetic=self.base.scalars(pooled.shape[-1]) == 5,
-                                           original_size=original, crop=crop, target_size=target,
-                                           aesthetic_score=self.micro.aesthetic_score))
-        ids = torch.tensor(rows, device=pooled.device)
+        for i in range(n):
+            target = _pair(batch.get("target_size"), i) or size
+            rows.append(micro_conditioning(*target, aesthetic=aesthetic, original_size=_pair(batch.get("original_size"), i)
+                                           or target, crop=_pair(batch.get("crop_top_left"), i) or (0, 0),
+                                           target_size=target, aesthetic_score=self.micro.aesthetic_score))
+        ids = torch.tensor(rows, device=device)
         dtype = next(self.network.parameters()).dtype
         return {"context": context.to(dtype),
                 "y": label_vector(pooled, ids, self.network.params.time_embed_scalar_dim).to(dtype)}

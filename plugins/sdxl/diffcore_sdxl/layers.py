@@ -10,7 +10,6 @@ cross-attention over the text.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn

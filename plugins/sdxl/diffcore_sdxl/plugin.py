@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 
-from diffcore.api import DTYPES, ConfigError, hookimpl, local_path, one_of, resolve_dtype, variant_of
+from diffcore.api import DTYPES, ConfigError, fingerprint, hookimpl, local_path, one_of, resolve_dtype, variant_of
 from diffcore_sdxl.params import DEFAULTS, VARIANTS
 
 PREDICTIONS = ("auto", "epsilon", "v")
@@ -66,8 +66,9 @@ def _scheduler(folder: Path | None) -> dict[str, Any]:
     return json.loads(config.read_text()) if config is not None and config.is_file() else {}
 
 
-def _expert(path: str, text_encoders: str | None, dtype: Any, device: Any, what: str):
-    """(UNet, text encoders, the diffusers folder or None) of one SDXL model."""
+def _expert(path: str, text_encoders: str | None, dtype: Any, device: Any, what: str, lazy: bool = False):
+    """(UNet, text encoders (a loader of them when ``lazy``), the diffusers folder or None, the
+    text encoders' folder) of one SDXL model."""
     from diffcore_sdxl.load import load_unet, unet_params
     from diffcore_sdxl.text import SDXLText
 
@@ -78,28 +79,40 @@ def _expert(path: str, text_encoders: str | None, dtype: Any, device: Any, what:
     if text_path is None:
         raise ConfigError(f"{root} has no text encoders: set {what}text_encoders to a local diffusers SDXL folder "
                           f"(tokenizer/, text_encoder/, tokenizer_2/, text_encoder_2/)", path=f"{what}text_encoders")
-    text = SDXLText.from_folder(text_path, dtype=dtype, device=device)
-    return load_unet(root, params=params, dtype=dtype, device=device), text, folder
+    SDXLText.check_folder(text_path)
+
+    def text() -> SDXLText:
+        return SDXLText.from_folder(text_path, dtype=dtype, device=device)
+
+    return load_unet(root, params=params, dtype=dtype, device=device), text if lazy else text(), folder, \
+        Path(text_path)
 
 
 def build_sdxl(config: SDXLConfig, device: Any = "cpu") -> Any:
     """An ``SDXLBundle`` computing on ``device`` from the local files ``config`` names."""
     from diffcore_sdxl.bundle import Expert, MicroConditioning, SDXLBundle
-    from diffcore_sdxl.vae import load_vae
+    from diffcore_sdxl.load import component
+    from diffcore_sdxl.vae import load_vae, vae_factor
 
     if not config.path:
         raise ConfigError("set path to a local SDXL diffusers folder or checkpoint .safetensors file", path="path")
     dtype = resolve_dtype(config.dtype, device)
-    network, text, folder = _expert(config.path, config.text_encoders, dtype, device, "")
+    network, text, folder, text_path = _expert(config.path, config.text_encoders, dtype, device, "", lazy=True)
     root = Path(config.path).expanduser()
     vae_path = Path(config.vae).expanduser() if config.vae else (folder or root)
-    vae = load_vae(vae_path, dtype=dtype, device=device, tile=config.vae_tile)
+    factor = vae_factor(vae_path)
+    loaders = {"text": text, "vae": lambda: load_vae(vae_path, dtype=dtype, device=device, tile=config.vae_tile)}
+    vae_file = component(vae_path, "vae")[0]
+    encoders = [text_path / d for d in ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+                if (text_path / d).is_dir()]
+    identity = {"vae": fingerprint([vae_file], "sdxl-vae", str(dtype)),
+                "text": fingerprint(encoders, "sdxl-text", str(dtype))}
     scheduler = _scheduler(folder)
     prediction = config.prediction_type if config.prediction_type != "auto" else \
         {"v_prediction": "v"}.get(scheduler.get("prediction_type", "epsilon"), "epsilon")
     refiner = None
     if config.refiner is not None:
-        r_net, r_text, _ = _expert(config.refiner.path, config.refiner.text_encoders, dtype, device, "refiner.")
+        r_net, r_text, _, _ = _expert(config.refiner.path, config.refiner.text_encoders, dtype, device, "refiner.")
         refiner = Expert(r_net, r_text, switch_t=round(1000 * (1 - config.refiner.switch_at)))
     variant = config.variant if config.variant != "auto" else "base-1.0"
     defaults = DEFAULTS[variant]
@@ -108,13 +121,21 @@ def build_sdxl(config: SDXLConfig, device: Any = "cpu") -> Any:
                               negative_aesthetic_score=config.negative_aesthetic_score)
     schedule = {"name": "ddpm", "spacing": scheduler.get("timestep_spacing", "leading"),
                 "steps_offset": scheduler.get("steps_offset", 1)}
-    return SDXLBundle(network=network, text=text, vae=vae, prediction_type=prediction,
+    return SDXLBundle(network=network, loaders=loaders, identity=identity, prediction_type=prediction,
                       default_sampling_steps=defaults.steps,
                       default_schedule=schedule, default_cfg_scale=defaults.cfg_scale, default_size=defaults.size,
-                      latent_scale=vae.factor, micro=micro, refiner=refiner)
+                      latent_scale=factor, micro=micro, refiner=refiner)
 
 
 @hookimpl
 def register_models(register):
     register("sdxl", build_sdxl, config=SDXLConfig,
              description="Stable Diffusion XL base / refiner (Stability AI): UNet, CLIP-L + OpenCLIP bigG")
+
+
+@hookimpl
+def register_jobs(register):
+    from diffcore_sdxl.convert_job import ConvertJob, run_convert
+
+    register("sdxl-convert", run_convert, config=ConvertJob,
+             description="Rewrite an SDXL UNet as a Stability-layout single file or a diffusers unet/ folder")

@@ -33,6 +33,14 @@ class SDXLText(nn.Module):
         self.encoders = nn.ModuleList(encoders)
         self.zero_empty_negative = zero_empty_negative
 
+    @staticmethod
+    def check_folder(path: str | Path) -> None:
+        """A one-line error unless ``path`` holds SDXL's bigG pair (before anything loads)."""
+        path = Path(path)
+        if not (path / "text_encoder_2").is_dir() or not (path / "tokenizer_2").is_dir():
+            raise CheckpointError(f"{path}: no text_encoder_2/ and tokenizer_2/ (OpenCLIP bigG): not a diffusers "
+                                  f"SDXL folder")
+
     @classmethod
     def from_folder(cls, path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                     zero_empty_negative: bool | None = None) -> SDXLText:

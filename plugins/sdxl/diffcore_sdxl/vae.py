@@ -55,6 +55,15 @@ def vae_dtype(dtype: torch.dtype, force_upcast: bool) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 and force_upcast else dtype
 
 
+def vae_factor(path: str | Path) -> int:
+    """The autoencoder's downsampling (8 for SDXL's), read from its config or shapes without loading it."""
+    weights, config = component(Path(path), "vae")
+    check_files(weights)
+    params = vae_params_from_diffusers({"scaling_factor": SCALE, **config}) if config is not None else \
+        vae_params_from_shapes(tensor_shapes(weights), scale_factor=SCALE)
+    return 2 ** (len(params.ch_mult) - 1)
+
+
 def load_vae(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
              tile: int | None = None) -> SDXLVae:
     """The SDXL VAE from ``path``: a diffusers pipeline or ``vae/`` folder, a VAE file (Stability's
@@ -79,4 +88,4 @@ def load_vae(path: str | Path, *, dtype: torch.dtype = torch.float32, device: st
     return SDXLVae(ae.eval(), tile=tile)
 
 
-__all__ = ["SCALE", "SDXL_VAE", "SDXLVae", "load_vae", "vae_dtype"]
+__all__ = ["SCALE", "SDXL_VAE", "SDXLVae", "load_vae", "vae_dtype", "vae_factor"]
