@@ -128,3 +128,19 @@ def test_after_training_the_instance_prompt_reproduces_the_subject_better(tiny_p
     # measured: instance images 0.1375 (instance prompt) vs 0.1480 (class prompt); class images 0.1618 vs 0.1486
     assert on_instances[0] < 0.97 * on_instances[1], on_instances
     assert on_classes[1] < 0.97 * on_classes[0], on_classes
+
+
+def test_full_fine_tune_dreambooth_trains_every_weight(tiny_pipeline, tmp_path):
+    """``method = "full"``: the same prior preservation, every network weight trained and checkpointed."""
+    from safetensors.torch import load_file
+
+    data = instance_folder(tmp_path / "dog")
+    result = dreambooth_job(tiny_pipeline[0], data, tmp_path / "run", job={"steps": 2, "checkpoint_every": 2},
+                            method="full")
+    saved = load_file(tmp_path / "run" / "checkpoints" / "step-000002" / "model.safetensors")
+    network = result.bundle.network
+    assert set(saved) == set(network.state_dict()) and not any(".lora_" in k for k in saved)
+    base = build_flux1(Flux1Config(path=str(tiny_pipeline[0]), dtype="float32", max_sequence_length=SEQ)).network
+    changed = [k for k, v in base.state_dict().items() if not torch.equal(v, saved[k])]
+    assert len(changed) > 0.5 * len(saved)
+    assert len(list((tmp_path / "run" / "class_images").iterdir())) == 3
