@@ -119,8 +119,8 @@ def main() -> None:
     report(times, "diffusers + peft", target=0.9)
     mine, reference = step_memory(ours), step_memory(theirs)
     what = "peak allocated" if torch.cuda.is_available() else "saved for backward"
-    print(f"memory of one step ({what}): diffcore {mine / 2**20:.1f} MiB, diffusers + peft {reference / 2**20:.1f} MiB, "
-          f"ratio {mine / reference:.2f} (target <= 0.9)")
+    print(f"memory of one step ({what}): diffcore {mine / 2**20:.1f} MiB, "
+          f"diffusers + peft {reference / 2**20:.1f} MiB, ratio {mine / reference:.2f} (target <= 0.9)")
     network.gradient_checkpointing = True
     ref.enable_gradient_checkpointing()
     times = interleaved(ours, theirs, iters=args.iters, warmup=args.warmup)

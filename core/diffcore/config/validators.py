@@ -23,7 +23,8 @@ import attrs
 
 from diffcore.errors import ConfigError, did_you_mean
 
-__all__ = ["CHECK_PATHS", "DTYPES", "local_path", "paths_unchecked", "one_of", "renamed_field", "resolve_dtype", "variant_of"]
+__all__ = ["CHECK_PATHS", "DTYPES", "local_path", "paths_unchecked", "one_of", "renamed_field", "resolve_dtype",
+           "variant_of"]
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")  # auto: bfloat16 on CUDA, float32 elsewhere
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
