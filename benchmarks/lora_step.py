@@ -7,8 +7,8 @@ layers of both (diffusers' train_dreambooth_lora_flux list plus the single block
 ``attention-mlp`` preset, whose fused q, k, v take one adapter where diffusers has three). The two
 run interleaved in one process; the median per-step time ratio is printed (target <= 0.9), then
 the memory of one step: on CUDA the peak allocated, elsewhere the bytes autograd saves for the
-backward pass (activations, counted once per storage: what a step adds beyond the weights),
-and diffcore's time and memory with gradient checkpointing.
+backward pass (activations, counted once per storage, the weights' own storages left out: what a
+step adds beyond the weights), and diffcore's time and memory with gradient checkpointing.
 
     python benchmarks/lora_step.py --threads 2 --iters 20
 """
@@ -89,19 +89,21 @@ def setups():
     return ours, theirs, network, ref
 
 
-def step_memory(step) -> int:
-    """Bytes of one step: CUDA's peak allocated, else the storages autograd saves for backward."""
+def step_memory(step, model: torch.nn.Module) -> int:
+    """Bytes of one step: CUDA's peak allocated, else the storages autograd saves for backward,
+    less the model's own weights (a matmul saves its frozen weight, or a transposed view of it:
+    that costs no memory the weights did not already take)."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         step()
         return torch.cuda.max_memory_allocated()
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.requires_grad is False and t.grad_fn is None and isinstance(t, torch.nn.Parameter):
-            return t
         storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in weights:
+            seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -117,7 +119,7 @@ def main() -> None:
           f"{CONFIG['num_single_layers']} single blocks, {GRID[0] * GRID[1]} image + {TEXT_TOKENS} text tokens, "
           f"fp32, {args.threads} thread(s), {args.iters} interleaved steps; torch {torch.__version__}")
     report(times, "diffusers + peft", target=0.9)
-    mine, reference = step_memory(ours), step_memory(theirs)
+    mine, reference = step_memory(ours, network), step_memory(theirs, ref)
     what = "peak allocated" if torch.cuda.is_available() else "saved for backward"
     print(f"memory of one step ({what}): diffcore {mine / 2**20:.1f} MiB, "
           f"diffusers + peft {reference / 2**20:.1f} MiB, ratio {mine / reference:.2f} (target <= 0.9)")
@@ -126,7 +128,7 @@ def main() -> None:
     times = interleaved(ours, theirs, iters=args.iters, warmup=args.warmup)
     print("with gradient checkpointing (both):")
     report(times, "diffusers + peft", target=0.9)
-    mine, reference = step_memory(ours), step_memory(theirs)
+    mine, reference = step_memory(ours, network), step_memory(theirs, ref)
     print(f"memory of one step ({what}): diffcore {mine / 2**20:.1f} MiB, diffusers + peft {reference / 2**20:.1f} MiB")
 
 

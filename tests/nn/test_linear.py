@@ -10,7 +10,13 @@ from hypothesis import strategies as st
 import diffcore.nn.linear as linear_module
 from diffcore.nn.linear import GeluMLP, Linear, linear, plain, reference_matmuls
 
-needs_onednn = pytest.mark.skipif(not linear_module.ONEDNN, reason="this PyTorch build has no oneDNN")
+needs_onednn = pytest.mark.skipif(not linear_module.ONEDNN_USABLE, reason="this PyTorch build has no oneDNN")
+
+
+@pytest.fixture(autouse=True)
+def onednn_on(monkeypatch):
+    """The oneDNN path under test whatever the CPU's vendor (on by default only on AMD)."""
+    monkeypatch.setattr(linear_module, "ONEDNN", linear_module.ONEDNN_USABLE)
 
 
 def error_vs_float64(y: torch.Tensor, x, w, b, activation=None) -> float:
@@ -96,3 +102,16 @@ def test_environment_switch():
     env = {**os.environ, "DIFFCORE_ONEDNN_LINEAR": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+    if linear_module.ONEDNN_USABLE:
+        env["DIFFCORE_ONEDNN_LINEAR"] = "1"
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "True"
+
+
+def test_on_by_default_on_amd_only(monkeypatch):
+    monkeypatch.delenv("DIFFCORE_ONEDNN_LINEAR", raising=False)
+    for vendor, expected in (("AuthenticAMD", linear_module.ONEDNN_USABLE), ("GenuineIntel", False), ("", False)):
+        monkeypatch.setattr(linear_module, "cpu_vendor", lambda vendor=vendor: vendor)
+        assert linear_module._onednn_chosen() == expected, vendor
+    monkeypatch.setenv("DIFFCORE_ONEDNN_LINEAR", "on")
+    assert linear_module._onednn_chosen() == linear_module.ONEDNN_USABLE

@@ -1,16 +1,18 @@
-"""Linear layers whose fp32 inference on CPU runs through oneDNN.
+"""Linear layers whose fp32 inference on AMD CPUs runs through oneDNN.
 
 Why: PyTorch sends every fp32 ``F.linear`` on CPU to MKL's sgemm. On AMD CPUs MKL takes a generic
 AVX2 path even where AVX-512 is there; oneDNN (also inside every x86 PyTorch build) dispatches on
-the CPU's real features and can apply the bias and a GELU inside the matmul. Measured on the
-AMD EPYC (Zen 4) CI machine, one thread: 10-30% less time per matmul at the shapes of a DiT, with
-fp32 accuracy of the same order (a whole FLUX forward's error against float64 is 1.4x MKL's;
-``benchmarks/flux_step.py``, ``tests/nn/test_linear.py``).
+the CPU's real features and can apply the bias and a GELU inside the matmul. Measured on an AMD
+EPYC (Zen 4), one thread: 10-30% less time per matmul at the shapes of a DiT, with fp32 accuracy
+of the same order (a whole FLUX forward's error against float64 is 1.4x MKL's;
+``benchmarks/flux_step.py``, ``tests/nn/test_linear.py``). On Intel Xeons MKL is the faster one
+(oneDNN 1.05-1.5x the time of ``addmm`` at DiT, FLUX and SDXL shapes, one and two threads), so
+there the path stays off.
 
 Only inference takes this path (no autograd formula exists for the oneDNN op): anything that
-needs gradients, any other dtype or device, non-x86 machines and builds without oneDNN use
-``F.linear``. ``DIFFCORE_ONEDNN_LINEAR=0`` makes every call use ``F.linear`` (bit-identical to
-code that does).
+needs gradients, any other dtype or device, non-AMD and non-x86 machines and builds without
+oneDNN use ``F.linear``. ``DIFFCORE_ONEDNN_LINEAR=0`` makes every call use ``F.linear``
+(bit-identical to code that does); ``=1`` turns the oneDNN path on whatever the CPU's vendor.
 """
 
 from __future__ import annotations
@@ -28,15 +30,29 @@ from torch import Tensor, nn
 _POST_OPS = {None: ("none", ""), "gelu_tanh": ("gelu", "tanh"), "gelu": ("gelu", "none")}
 
 
-def _onednn_available() -> bool:
-    """On x86-64 only: that is where it was measured (ARM builds run oneDNN through ACL, unmeasured)."""
-    if os.environ.get("DIFFCORE_ONEDNN_LINEAR", "1").strip().lower() in ("0", "false", "no", "off"):
+def cpu_vendor() -> str:
+    """The CPU's vendor string (``AuthenticAMD``, ``GenuineIntel``) or "" where it cannot be read."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    processor = platform.processor()   # Windows: "AMD64 Family 25 Model 97 Stepping 2, AuthenticAMD"
+    return processor.rsplit(",", 1)[-1].strip() if "Authentic" in processor or "Genuine" in processor else ""
+
+
+def _onednn_chosen() -> bool:
+    """On x86-64 AMD CPUs, where it was measured faster, unless the environment says otherwise."""
+    choice = os.environ.get("DIFFCORE_ONEDNN_LINEAR", "").strip().lower()
+    if choice in ("0", "false", "no", "off"):
         return False
-    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    return ONEDNN_USABLE and (choice in ("1", "true", "yes", "on") or cpu_vendor() == "AuthenticAMD")
 
 
-ONEDNN = _onednn_available()
+ONEDNN_USABLE = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+                 and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+ONEDNN = _onednn_chosen()
 
 
 @contextlib.contextmanager

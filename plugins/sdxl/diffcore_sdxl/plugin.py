@@ -33,6 +33,7 @@ class RefinerConfig:
     path: str = attrs.field(validator=local_path)
     switch_at: float = attrs.field(default=0.8, validator=[attrs.validators.gt(0), attrs.validators.lt(1)])
     text_encoders: str | None = attrs.field(default=None, validator=local_path)
+    tokenizers: str | None = attrs.field(default=None, validator=local_path)
 
 
 @attrs.frozen
@@ -43,12 +44,15 @@ class SDXLConfig:
     bfloat16 on CUDA, float32 elsewhere. Micro-conditioning (``original_size``, ``crop_top_left``,
     ``target_size``, [height, width]) defaults to the output size and no crop, as diffusers;
     ``aesthetic_score`` / ``negative_aesthetic_score`` condition the refiner. ``vae_tile``: decode
-    latents in tiles of this many latent pixels (large images on small memory)."""
+    latents in tiles of this many latent pixels (large images on small memory). ``tokenizers``: a
+    folder with ``tokenizer/`` and ``tokenizer_2/`` (any diffusers SDXL folder) that lets the text
+    encoders inside an all-in-one ``path`` file be used (a file holds no tokenizers)."""
 
     variant: str = attrs.field(default="auto", validator=variant_of("SDXL", VARIANTS))
     path: str = attrs.field(default="", validator=local_path)
     vae: str | None = attrs.field(default=None, validator=local_path)
     text_encoders: str | None = attrs.field(default=None, validator=local_path)
+    tokenizers: str | None = attrs.field(default=None, validator=local_path)
     dtype: str = attrs.field(default="auto", validator=one_of(DTYPES))
     prediction_type: str = attrs.field(default="auto", validator=one_of(PREDICTIONS))
     refiner: RefinerConfig | None = attrs.field(default=None, converter=lambda v: RefinerConfig(**v)
@@ -66,9 +70,12 @@ def _scheduler(folder: Path | None) -> dict[str, Any]:
     return json.loads(config.read_text()) if config is not None and config.is_file() else {}
 
 
-def _expert(path: str, text_encoders: str | None, dtype: Any, device: Any, what: str, lazy: bool = False):
+def _expert(path: str, text_encoders: str | None, tokenizers: str | None, dtype: Any, device: Any, what: str,
+            lazy: bool = False):
     """(UNet, text encoders (a loader of them when ``lazy``), the diffusers folder or None, the
-    text encoders' folder) of one SDXL model."""
+    files the text encoders come from) of one SDXL model."""
+    from diffcore.api import tensor_shapes
+    from diffcore_sdxl.clip_keys import embedders
     from diffcore_sdxl.load import load_unet, unet_params
     from diffcore_sdxl.text import SDXLText
 
@@ -76,16 +83,28 @@ def _expert(path: str, text_encoders: str | None, dtype: Any, device: Any, what:
     folder = root if root.is_dir() and (root / "unet").is_dir() else None
     _, params = unet_params(root)
     text_path = text_encoders or (folder if folder is not None and (folder / "text_encoder_2").is_dir() else None)
-    if text_path is None:
+    inside = root.is_file() and text_path is None and bool(embedders(tensor_shapes(root)))
+    if inside and tokenizers is None:
+        raise ConfigError(f"{root} holds its text encoders but no tokenizers: set {what}tokenizers to a folder with "
+                          f"tokenizer/ and tokenizer_2/ (any diffusers SDXL folder), or {what}text_encoders to a "
+                          f"local diffusers SDXL folder", path=f"{what}tokenizers")
+    if text_path is None and not inside:
         raise ConfigError(f"{root} has no text encoders: set {what}text_encoders to a local diffusers SDXL folder "
                           f"(tokenizer/, text_encoder/, tokenizer_2/, text_encoder_2/)", path=f"{what}text_encoders")
-    SDXLText.check_folder(text_path)
+    if inside:
+        sources = [root, Path(tokenizers).expanduser()]
 
-    def text() -> SDXLText:
-        return SDXLText.from_folder(text_path, dtype=dtype, device=device)
+        def text() -> SDXLText:
+            return SDXLText.from_single_file(root, sources[1], dtype=dtype, device=device)
+    else:
+        SDXLText.check_folder(text_path)
+        sources = [Path(text_path) / d for d in ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+                   if (Path(text_path) / d).is_dir()]
 
-    return load_unet(root, params=params, dtype=dtype, device=device), text if lazy else text(), folder, \
-        Path(text_path)
+        def text() -> SDXLText:
+            return SDXLText.from_folder(text_path, dtype=dtype, device=device)
+
+    return load_unet(root, params=params, dtype=dtype, device=device), text if lazy else text(), folder, sources
 
 
 def build_sdxl(config: SDXLConfig, device: Any = "cpu") -> Any:
@@ -97,22 +116,22 @@ def build_sdxl(config: SDXLConfig, device: Any = "cpu") -> Any:
     if not config.path:
         raise ConfigError("set path to a local SDXL diffusers folder or checkpoint .safetensors file", path="path")
     dtype = resolve_dtype(config.dtype, device)
-    network, text, folder, text_path = _expert(config.path, config.text_encoders, dtype, device, "", lazy=True)
+    network, text, folder, text_files = _expert(config.path, config.text_encoders, config.tokenizers, dtype, device,
+                                                "", lazy=True)
     root = Path(config.path).expanduser()
     vae_path = Path(config.vae).expanduser() if config.vae else (folder or root)
     factor = vae_factor(vae_path)
     loaders = {"text": text, "vae": lambda: load_vae(vae_path, dtype=dtype, device=device, tile=config.vae_tile)}
     vae_file = component(vae_path, "vae")[0]
-    encoders = [text_path / d for d in ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
-                if (text_path / d).is_dir()]
     identity = {"vae": fingerprint([vae_file], "sdxl-vae", str(dtype)),
-                "text": fingerprint(encoders, "sdxl-text", str(dtype))}
+                "text": fingerprint(text_files, "sdxl-text", str(dtype))}
     scheduler = _scheduler(folder)
     prediction = config.prediction_type if config.prediction_type != "auto" else \
         {"v_prediction": "v"}.get(scheduler.get("prediction_type", "epsilon"), "epsilon")
     refiner = None
     if config.refiner is not None:
-        r_net, r_text, _, _ = _expert(config.refiner.path, config.refiner.text_encoders, dtype, device, "refiner.")
+        r_net, r_text, _, _ = _expert(config.refiner.path, config.refiner.text_encoders, config.refiner.tokenizers,
+                                      dtype, device, "refiner.")
         refiner = Expert(r_net, r_text, switch_t=round(1000 * (1 - config.refiner.switch_at)))
     variant = config.variant if config.variant != "auto" else "base-1.0"
     defaults = DEFAULTS[variant]

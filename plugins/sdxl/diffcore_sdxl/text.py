@@ -66,6 +66,60 @@ class SDXLText(nn.Module):
                 if index.is_file() else len(encoders) == 2
         return cls(tokenizers, encoders, zero_empty_negative).to(device).eval()
 
+    @classmethod
+    def from_single_file(cls, file: str | Path, tokenizers: str | Path, *, dtype: torch.dtype = torch.float32,
+                         device: str | torch.device = "cpu", zero_empty_negative: bool | None = None) -> SDXLText:
+        """The CLIP-L / bigG inside an all-in-one checkpoint (``diffcore_sdxl.clip_keys``), with the
+        tokenizers (and any ``text_encoder*/config.json``) of the folder ``tokenizers``; the base's
+        empty negative is zeros, the refiner's (bigG alone) an encoding of ""."""
+        from safetensors import safe_open
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        from diffcore_sdxl import clip_keys
+
+        file, tokenizers = Path(file), Path(tokenizers)
+        with safe_open(str(file), framework="pt") as f:
+            found = clip_keys.embedders(f.keys())
+            if not found:
+                raise CheckpointError(f"{file}: no text encoders inside (no conditioner.embedders.* keys): set "
+                                      f"text_encoders to a local diffusers SDXL folder")
+            wanted = tuple(clip_keys.prefix(i, kind) for i, kind in found.items())
+            sd = {k: f.get_tensor(k) for k in f.keys() if k.startswith(wanted)}
+        folders = ["tokenizer", "tokenizer_2"] if len(found) == 2 else ["tokenizer_2"]
+        missing = [d for d in folders if not (tokenizers / d).is_dir()]
+        if missing:
+            raise CheckpointError(f"{tokenizers}: no {' or '.join(d + '/' for d in missing)} for the text encoders "
+                                  f"inside {file.name} (any diffusers SDXL folder has them)")
+        toks, encoders = [], []
+        for (index, kind), name in zip(found.items(), folders):
+            tokenizer = CLIPTokenizer.from_pretrained(tokenizers / name)
+            weights = {k: v.to(dtype) for k, v in clip_keys.from_stability(sd, index, kind).items()}
+            config_file = tokenizers / name.replace("tokenizer", "text_encoder") / "config.json"
+            try:
+                if config_file.is_file():
+                    config = CLIPTextConfig.from_json_file(config_file)
+                else:
+                    config = CLIPTextConfig(**clip_keys.config_from_shapes(weights, kind, tokenizer))
+            except ValueError as exc:
+                raise CheckpointError(f"{file}: embedder {index}: {exc}") from None
+            model_class = CLIPTextModelWithProjection if "text_projection.weight" in weights else CLIPTextModel
+            with torch.device("meta"):
+                encoder = model_class(config)
+            try:
+                encoder.load_state_dict(clip_keys.fit(weights, encoder), strict=True, assign=True)
+            except RuntimeError as exc:
+                raise CheckpointError(f"{file}: embedder {index} ({kind}) does not fit its config: "
+                                      f"{str(exc).splitlines()[0]}") from None
+            for module in encoder.modules():   # the embeddings' position ids: the one buffer outside the state dict
+                if getattr(module, "position_ids", None) is not None and module.position_ids.is_meta:
+                    module.register_buffer("position_ids", torch.arange(config.max_position_embeddings)[None],
+                                           persistent=False)
+            toks.append(tokenizer)
+            encoders.append(encoder.to(dtype))
+        if zero_empty_negative is None:
+            zero_empty_negative = len(encoders) == 2
+        return cls(toks, encoders, zero_empty_negative).to(device).eval()
+
     @property
     def pooled_dim(self) -> int:
         return self.encoders[-1].config.projection_dim

@@ -146,3 +146,28 @@ def tiny_pipelines(tmp_path_factory):
         pipe.save_pretrained(folder)
         out[name] = (folder, pipe)
     return out
+
+
+@pytest.fixture
+def run_job(tmp_path):
+    """``run_job(name, model_table, **job_fields)``: a tiny generate job of the sdxl family in its own
+    folder; (images, the first PNG's parameters)."""
+    import tomli_w
+    from PIL import Image
+
+    import diffcore_sdxl.plugin as plugin
+    from diffcore.testing import plugins_for_test, run_job_file
+
+    def run_job(name, model, **job):
+        folder = tmp_path / name
+        folder.mkdir()
+        table = {"job": {"kind": "generate", "output_dir": str(folder / "out"), "prompt": "a red cat",
+                         "num_samples": 1, "batch_size": 1, "progress": False, "device": "cpu", "grid": False,
+                         "seed": 7, "height": 16, "width": 16, "sampling_steps": 4, **job},
+                 "model": {"family": "sdxl", "dtype": "float32", **model}}
+        (folder / "job.toml").write_text(tomli_w.dumps(table))
+        with plugins_for_test(plugin):
+            images = run_job_file(folder / "job.toml")
+        return images, json.loads(Image.open(folder / "out" / "sample-0000.png").text["parameters"])
+
+    return run_job

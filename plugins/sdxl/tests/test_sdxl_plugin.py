@@ -3,12 +3,9 @@ refiner), prediction type from the folder."""
 
 import json
 
-import pytest
 import torch
 
-import diffcore_sdxl.plugin as plugin
 from diffcore.api import GenerationRequest
-from diffcore.testing import plugins_for_test, run_job_file
 from diffcore.testing.conformance import check_model_family
 from diffcore_sdxl.plugin import SDXLConfig, build_sdxl
 
@@ -23,26 +20,6 @@ def test_conformance(tiny_pipelines):
     check_model_family(bundle, REQUEST)
     cond = bundle.conditions(REQUEST)["cond"]
     assert bundle.sequence_condition(cond).shape == (2, 77, 48) and bundle.pooled_condition(cond).shape == (2, 32)
-
-
-@pytest.fixture
-def run_job(tmp_path):
-    import tomli_w
-    from PIL import Image
-
-    def run_job(name, model, **job):
-        folder = tmp_path / name
-        folder.mkdir()
-        table = {"job": {"kind": "generate", "output_dir": str(folder / "out"), "prompt": "a red cat",
-                         "num_samples": 1, "batch_size": 1, "progress": False, "device": "cpu", "grid": False,
-                         "seed": 7, "height": 16, "width": 16, "sampling_steps": 4, **job},
-                 "model": {"family": "sdxl", "dtype": "float32", **model}}
-        (folder / "job.toml").write_text(tomli_w.dumps(table))
-        with plugins_for_test(plugin):
-            images = run_job_file(folder / "job.toml")
-        return images, json.loads(Image.open(folder / "out" / "sample-0000.png").text["parameters"])
-
-    return run_job
 
 
 def test_generate_text_and_image_to_image(tiny_pipelines, run_job, tmp_path):
