@@ -25,6 +25,9 @@ _NAMES = {
     "structure": "diffcore.config.structure",
     "JobContext": "diffcore.jobs",
     "JobSettings": "diffcore.jobs",
+    "ConvertSettings": "diffcore.jobs.convert",
+    "check_converted": "diffcore.jobs.convert",
+    "DIFFUSERS_WEIGHTS": "diffcore.jobs.convert",
     "is_main_process": "diffcore.jobs",
     # errors (no torch)
     "DiffcoreError": "diffcore.errors",

@@ -22,47 +22,36 @@ from pathlib import Path
 
 import attrs
 
-from diffcore.api import JobContext, JobSettings, local_path, one_of, variant_of
+from diffcore.api import ConvertSettings, JobContext, local_path, one_of, variant_of
 from diffcore_flux1.params import VARIANTS
 
 LAYOUTS = ("bfl", "diffusers")
-DTYPES = ("keep", "bfloat16", "float16", "float32")
-WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 @attrs.define
-class ConvertSettings(JobSettings):
-    input: str = attrs.field(default="", validator=local_path)
+class FluxConvertSettings(ConvertSettings):
     layout: str = attrs.field(default="diffusers", validator=one_of(LAYOUTS))
     variant: str = attrs.field(default="auto", validator=variant_of("FLUX.1", VARIANTS))
     vae: str | None = attrs.field(default=None, validator=local_path)
-    dtype: str = attrs.field(default="keep", validator=one_of(DTYPES))
-    filename: str | None = None
 
 
 @attrs.define(kw_only=True)
 class ConvertJob:
-    job: ConvertSettings = attrs.Factory(ConvertSettings)
+    job: FluxConvertSettings = attrs.Factory(FluxConvertSettings)
 
 
 def run_convert(config: ConvertJob, ctx: JobContext) -> dict[str, Path]:
     """Write the converted files under ``ctx.output_dir``; returns {"transformer": ..., "vae": ...}."""
-    from diffcore.api import ConfigError
-
-    s = config.job
-    if not s.input:
-        raise ConfigError("set input to a FLUX.1 transformer file or folder", path="job.input")
-    out = Path(ctx.output_dir)
-    written = {"transformer": convert_transformer(Path(s.input).expanduser(), out, s)}
+    s, out = config.job, Path(ctx.output_dir)
+    written = {"transformer": convert_transformer(s.source("a FLUX.1 transformer file or folder"), out, s)}
     if s.vae:
         written["vae"] = convert_vae(Path(s.vae).expanduser(), out, s)
     return written
 
 
-def convert_transformer(src: Path, out: Path, s: ConvertSettings) -> Path:
-    import torch
-
-    from diffcore.api import CheckpointError, cast_state, load_state_dict, save_converted
+def convert_transformer(src: Path, out: Path, s: FluxConvertSettings) -> Path:
+    from diffcore.api import DIFFUSERS_WEIGHTS, CheckpointError, cast_state, check_converted, load_state_dict, \
+        save_converted
     from diffcore_flux1.convert import bfl_to_diffusers, to_bfl
     from diffcore_flux1.load import component, transformer_params
     from diffcore_flux1.model import Flux, diffusers_config
@@ -70,23 +59,18 @@ def convert_transformer(src: Path, out: Path, s: ConvertSettings) -> Path:
     variant, params = transformer_params(src, None if s.variant == "auto" else s.variant)
     weights, _ = component(src, "transformer")
     state = cast_state(to_bfl(load_state_dict(weights)), s.dtype)
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in Flux(params).state_dict().items()}
-    wrong = sorted(set(expected) ^ set(state)) + [k for k in expected if k in state and state[k].shape != expected[k]]
-    if wrong:
-        raise CheckpointError(f"{weights}: does not match FLUX.1 {variant or 'with these shapes'}: "
-                              f"{len(wrong)} key(s) missing, unexpected or mis-shaped: {', '.join(wrong[:5])}")
+    check_converted(state, lambda: Flux(params), weights, f"FLUX.1 {variant or 'with these shapes'}")
     if s.layout == "bfl":
         return save_converted(state, out / (s.filename or f"flux1-{variant or 'custom'}.safetensors"))
     try:
         config = diffusers_config(params)
     except ValueError as exc:
         raise CheckpointError(f"{weights}: {exc}") from None
-    return save_converted(bfl_to_diffusers(state), out / "transformer" / WEIGHTS, config)
+    return save_converted(bfl_to_diffusers(state), out / "transformer" / DIFFUSERS_WEIGHTS, config)
 
 
-def convert_vae(src: Path, out: Path, s: ConvertSettings) -> Path:
-    from diffcore.api import cast_state, load_state_dict, save_converted, tensor_shapes
+def convert_vae(src: Path, out: Path, s: FluxConvertSettings) -> Path:
+    from diffcore.api import DIFFUSERS_WEIGHTS, cast_state, load_state_dict, save_converted, tensor_shapes
     from diffcore_flux1.load import check_safetensors, component, vae_diffusers_config, vae_params_from_shapes
     from diffcore_flux1.vae import vae_bfl_to_diffusers, vae_to_bfl
 
@@ -96,6 +80,6 @@ def convert_vae(src: Path, out: Path, s: ConvertSettings) -> Path:
     state = cast_state(vae_to_bfl(load_state_dict(weights)), s.dtype)
     if s.layout == "bfl":
         return save_converted(state, out / "ae.safetensors")
-    return save_converted(vae_bfl_to_diffusers(state), out / "vae" / WEIGHTS, vae_diffusers_config(params))
+    return save_converted(vae_bfl_to_diffusers(state), out / "vae" / DIFFUSERS_WEIGHTS, vae_diffusers_config(params))
 
 

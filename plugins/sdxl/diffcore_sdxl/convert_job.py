@@ -23,52 +23,38 @@ from pathlib import Path
 
 import attrs
 
-from diffcore.api import ConfigError, JobContext, JobSettings, local_path, one_of, variant_of
+from diffcore.api import ConvertSettings, JobContext, one_of, variant_of
 from diffcore_sdxl.params import VARIANTS
 
 LAYOUTS = ("stability", "diffusers")
-DTYPES = ("keep", "bfloat16", "float16", "float32")
-WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 @attrs.define
-class ConvertSettings(JobSettings):
-    input: str = attrs.field(default="", validator=local_path)
+class SDXLConvertSettings(ConvertSettings):
     layout: str = attrs.field(default="diffusers", validator=one_of(LAYOUTS))
     variant: str = attrs.field(default="auto", validator=variant_of("SDXL", VARIANTS))
-    dtype: str = attrs.field(default="keep", validator=one_of(DTYPES))
-    filename: str | None = None
 
 
 @attrs.define(kw_only=True)
 class ConvertJob:
-    job: ConvertSettings = attrs.Factory(ConvertSettings)
+    job: SDXLConvertSettings = attrs.Factory(SDXLConvertSettings)
 
 
 def run_convert(config: ConvertJob, ctx: JobContext) -> dict[str, Path]:
     """Write the converted UNet under ``ctx.output_dir``; returns {"unet": file}."""
-    import torch
-
-    from diffcore.api import CheckpointError, cast_state, load_state_dict, save_converted
+    from diffcore.api import DIFFUSERS_WEIGHTS, cast_state, check_converted, load_state_dict, save_converted
     from diffcore_sdxl.convert import STABILITY_PREFIX, to_diffusers, to_stability
     from diffcore_sdxl.load import component, unet_params
     from diffcore_sdxl.model import UNet, diffusers_config
 
-    s = config.job
-    if not s.input:
-        raise ConfigError("set input to an SDXL UNet file or folder", path="job.input")
-    src, out = Path(s.input).expanduser(), Path(ctx.output_dir)
+    s, out = config.job, Path(ctx.output_dir)
+    src = s.source("an SDXL UNet file or folder")
     variant, params = unet_params(src, None if s.variant == "auto" else s.variant)
     variant = variant or "custom"
     weights, _ = component(src, "unet")
     state = cast_state(to_stability(load_state_dict(weights)), s.dtype)
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in UNet(params).state_dict().items()}
-    wrong = sorted(set(expected) ^ set(state)) + [k for k in expected if k in state and state[k].shape != expected[k]]
-    if wrong:
-        raise CheckpointError(f"{weights}: does not match the SDXL UNet {variant}: {len(wrong)} key(s) missing, "
-                              f"unexpected or mis-shaped: {', '.join(wrong[:5])}")
+    check_converted(state, lambda: UNet(params), weights, f"the SDXL UNet {variant}")
     if s.layout == "stability":
         single = {f"{STABILITY_PREFIX}{k}": v for k, v in state.items()}
         return {"unet": save_converted(single, out / (s.filename or f"sdxl-{variant}.safetensors"))}
-    return {"unet": save_converted(to_diffusers(state), out / "unet" / WEIGHTS, diffusers_config(params))}
+    return {"unet": save_converted(to_diffusers(state), out / "unet" / DIFFUSERS_WEIGHTS, diffusers_config(params))}
