@@ -194,3 +194,57 @@ def wheel_venv(root: Path, wheels: Sequence[Path]) -> WheelVenv:
     sh(sys.executable, "-m", "pip", "--isolated", "--python", python, "install", "--no-deps", "--no-index",
        "--no-cache-dir", "--disable-pip-version-check", "--quiet", *wheels, env=venv.env, cwd=root)
     return venv
+
+
+def installed_alone(root: Path, plugin: str, *, requires: set[str], registered: dict[str, list[str]]) -> WheelVenv:
+    """The core's and ``plugins/<plugin>``'s wheels built and installed into an isolated venv under
+    ``root``, checked as a user would find them: both packages are real files from the wheels, the
+    plugin's version and ``Requires-Dist`` (extras aside) are ``requires``, ``diffcore plugins``
+    lists the two distributions and no other, and the plugin loads without error and registers
+    ``registered``. The packaging tests of every plugin share this."""
+    import json
+
+    distribution, module = f"diffcore-{plugin}", f"diffcore_{plugin}"
+    version = metadata.version(distribution)
+    wheels = source_wheels(root / "dist", plugin)
+    assert wheels[1].name == f"{module}-{version}-py3-none-any.whl", wheels
+    venv = wheel_venv(root / "venv", wheels)
+    assert "diffcore" not in venv.linked and distribution not in venv.linked
+    probe = (f"import json, importlib.metadata as md, diffcore, {module}; print(json.dumps({{"
+             f"'files': [diffcore.__file__, {module}.__file__], 'version': md.version('{distribution}'), "
+             f"'requires': md.requires('{distribution}'), "
+             f"'dists': sorted(d.metadata['Name'] for d in md.distributions())}}))")
+    found = json.loads(venv.run("python", "-c", probe).stdout)
+    for file in map(Path, found["files"]):   # installed from the wheels: real files in the venv, no links
+        assert file.is_relative_to(venv.site) and file.resolve().is_relative_to(venv.site.resolve()), found
+    assert found["version"] == version
+    assert {r for r in found["requires"] if "extra ==" not in r} == requires
+    assert sorted(found["dists"]) == sorted(["diffcore", distribution, *venv.linked])
+    listing = json.loads(venv.run("diffcore", "plugins", "--json").stdout)
+    assert {row["distribution"] for row in listing} == {"diffcore", distribution}   # no other plugin
+    (row,) = [row for row in listing if row["name"] == plugin]
+    assert (row["distribution"], row["version"], row["error"]) == (distribution, version, None)
+    assert row["registered"] == registered
+    assert f"{plugin} ({distribution} {version})" in venv.run("diffcore", "plugins").stdout
+    return venv
+
+
+def same_image(venv: WheelVenv, job: str, root: Path, *plugins: object) -> tuple[object, dict]:
+    """The generate job ``job`` (TOML with an ``{out}`` placeholder for its output folder) run in
+    ``venv`` and in this checkout (with ``plugins`` registered): the first PNG must be
+    byte-identical; returns it (a PIL image) and its recorded parameters."""
+    import json
+
+    from PIL import Image
+
+    from diffcore.testing import plugins_for_test, run_job_file
+
+    files = {where: root / f"job-{where}.toml" for where in ("venv", "checkout")}
+    for where, file in files.items():
+        file.write_text(job.format(out=root / f"out-{where}"))
+    venv.run("diffcore", "run", files["venv"])
+    with plugins_for_test(*plugins):
+        run_job_file(files["checkout"])
+    made = Image.open(root / "out-venv" / "sample-0000.png")
+    assert made.tobytes() == Image.open(root / "out-checkout" / "sample-0000.png").tobytes()
+    return made, json.loads(made.text["parameters"])

@@ -5,16 +5,10 @@ image as this checkout. Marked ``packaging`` (deselect with ``-m "not packaging"
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
-from PIL import Image
 
 import diffcore_sd3.plugin as sd3_plugin
-from diffcore.testing import plugins_for_test, run_job_file
-from diffcore.testing.wheels import source_wheels, wheel_venv
-from diffcore_sd3 import __version__
+from diffcore.testing.wheels import installed_alone, same_image
 
 pytestmark = pytest.mark.packaging
 
@@ -48,35 +42,10 @@ stop = 1.0
 
 
 def test_wheels_install_alone_list_the_plugin_and_run_a_job(tmp_path, tiny_pipeline):
-    wheels = source_wheels(tmp_path / "dist", "sd3")
-    assert wheels[1].name == f"diffcore_sd3-{__version__}-py3-none-any.whl"
-    venv = wheel_venv(tmp_path / "venv", wheels)
-    assert {"torch", "transformers", "einops"} <= set(venv.linked) and "diffcore" not in venv.linked
-
-    probe = ("import json, importlib.metadata as md, diffcore, diffcore_sd3; print(json.dumps({"
-             "'files': [diffcore.__file__, diffcore_sd3.__file__], 'version': md.version('diffcore-sd3'), "
-             "'requires': md.requires('diffcore-sd3')}))")
-    found = json.loads(venv.run("python", "-c", probe).stdout)
-    for file in map(Path, found["files"]):   # installed from the wheels: real files in the venv, no links
-        assert file.is_relative_to(venv.site) and file.resolve().is_relative_to(venv.site.resolve()), found
-    assert found["version"] == __version__
-    assert {r for r in found["requires"] if "extra ==" not in r} == REQUIRES
-
-    listing = json.loads(venv.run("diffcore", "plugins", "--json").stdout)
-    assert {row["distribution"] for row in listing} == {"diffcore", "diffcore-sd3"}   # no other plugin
-    (sd3,) = [row for row in listing if row["name"] == "sd3"]
-    assert (sd3["distribution"], sd3["version"], sd3["error"]) == ("diffcore-sd3", __version__, None)
-    assert sd3["registered"] == {"models": ["sd3"], "schedules": ["sd3"], "guidance": ["slg"], "jobs": ["sd3-convert"]}
-
+    venv = installed_alone(tmp_path, "sd3", requires=REQUIRES, registered={
+        "models": ["sd3"], "schedules": ["sd3"], "guidance": ["slg"], "jobs": ["sd3-convert"]})
+    assert {"torch", "transformers", "einops"} <= set(venv.linked)
     folder, _ = tiny_pipeline
-    jobs = {where: tmp_path / f"job-{where}.toml" for where in ("venv", "checkout")}
-    for where, job in jobs.items():
-        job.write_text(JOB.format(out=tmp_path / f"out-{where}", model=folder))
-    venv.run("diffcore", "run", jobs["venv"])
-    with plugins_for_test(sd3_plugin):
-        run_job_file(jobs["checkout"])
-    made = Image.open(tmp_path / "out-venv" / "sample-0000.png")
-    params = json.loads(made.text["parameters"])
+    made, params = same_image(venv, JOB.replace("{model}", str(folder)), tmp_path, sd3_plugin)
     assert made.size == (32, 32) and params["model"] == "sd3" and params["sampling_steps"] == 2
     assert params["cfg_scale"] == 4.5   # the tiny variant's default CFG, none set in the job
-    assert made.tobytes() == Image.open(tmp_path / "out-checkout" / "sample-0000.png").tobytes()
