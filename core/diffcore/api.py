@@ -95,6 +95,7 @@ _NAMES = {
     "hint_from_diffusers": "diffcore.nn.control",
     "hint_widths": "diffcore.nn.control",
     "trained_part": "diffcore.nn.control",
+    "controlnet_source": "diffcore.nn.control",
     "zero_": "diffcore.nn.control",
     # the family toolbox: key conversion helpers (diffcore.nn.keys)
     "Offload": "diffcore.nn.offload",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
@@ -127,3 +128,23 @@ def canny(image: Tensor, low: float = 100, high: float = 200) -> Tensor:
         if torch.equal(grown, edges):
             return edges
         edges = grown
+
+
+def controlnet_source(path: Path, class_name: str, what: str) -> tuple[Path, dict | None]:
+    """(the file, or the folder holding the weights; its ``config.json`` or None) of a ControlNet
+    at ``path``: a single file, a component folder, or a pipeline folder with ``controlnet/``. A
+    missing path, or a config of another class than diffusers' ``class_name``, is one line naming
+    ``what`` the family expects."""
+    from diffcore.errors import CheckpointError
+    from diffcore.io.headers import read_config_json
+
+    if path.is_file():
+        return path, None
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such ControlNet file or folder")
+    if (path / "controlnet").is_dir():
+        path = path / "controlnet"
+    config = read_config_json(path / "config.json") if (path / "config.json").is_file() else None
+    if config is not None and config.get("_class_name", class_name) != class_name:
+        raise CheckpointError(f"{path}: config.json describes a {config['_class_name']}, not {what}")
+    return path, config

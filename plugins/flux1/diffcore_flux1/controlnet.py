@@ -34,11 +34,11 @@ from diffcore.api import (
     block_indices,
     check_safetensors,
     checkpoint_files,
+    controlnet_source,
     hint_encoder,
     hint_from_diffusers,
     hint_widths,
     load_model,
-    read_config_json,
     tensor_shapes,
     trained_part,
     timestep_embedding,
@@ -174,18 +174,8 @@ def _file_kind(keys: set[str]) -> str | None:
 
 
 def _weights(path: Path) -> tuple[Path, dict | None]:
-    if path.is_file():
-        return path, None
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such ControlNet file or folder")
-    if (path / "controlnet").is_dir():
-        path = path / "controlnet"
-    config = read_config_json(path / "config.json") if (path / "config.json").is_file() else None
-    if config is not None and config.get("_class_name", "FluxControlNetModel") != "FluxControlNetModel":
-        raise CheckpointError(f"{path}: config.json describes a {config['_class_name']}, not a FLUX.1 "
-                              f"FluxControlNetModel")
-    files = [f for f in checkpoint_files(path) if f.suffix == ".safetensors"]
-    if not files:
+    path, config = controlnet_source(path, "FluxControlNetModel", "a FLUX.1 FluxControlNetModel")
+    if path.is_dir() and not [f for f in checkpoint_files(path) if f.suffix == ".safetensors"]:
         raise CheckpointError(f"{path}: no .safetensors ControlNet weights in this folder")
     return path, config
 

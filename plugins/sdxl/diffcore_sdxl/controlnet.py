@@ -24,11 +24,11 @@ from diffcore.api import (
     CheckpointError,
     ConfigError,
     check_safetensors,
+    controlnet_source,
     hint_encoder,
     hint_from_diffusers,
     hint_widths,
     load_model,
-    read_config_json,
     tensor_shapes,
     trained_part,
     zero_,
@@ -133,18 +133,10 @@ def to_ours(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _weights(path: Path) -> tuple[Path, dict | None]:
-    if path.is_file():
-        return path, None
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such ControlNet file or folder")
-    if (path / "controlnet").is_dir():
-        path = path / "controlnet"
-    config = read_config_json(path / "config.json") if (path / "config.json").is_file() else None
-    if config is not None and config.get("_class_name", "ControlNetModel") != "ControlNetModel":
-        raise CheckpointError(f"{path}: config.json describes a {config['_class_name']}, not an SDXL ControlNetModel")
+    path, config = controlnet_source(path, "ControlNetModel", "an SDXL ControlNetModel")
     if config is not None and config.get("global_pool_conditions"):
         raise CheckpointError(f"{path}: a ControlNet with global_pool_conditions (shuffle-style) is not supported")
-    return weights_in(path), config
+    return (weights_in(path) if path.is_dir() else path), config
 
 
 class _Shape:
