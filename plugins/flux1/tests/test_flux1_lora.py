@@ -160,9 +160,14 @@ def test_keys_that_match_nothing_are_an_error_naming_them(tiny_pipeline, tmp_pat
     (tmp_path / "x.ckpt").write_bytes(b"\x80\x04not read")
     with pytest.raises(ConfigError, match="safetensors only"):
         load_lora(tmp_path / "x.ckpt", bundle)
-    text = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 32), **load_file(path)}
+    # CLIP-L (lora_te1_) takes LoRAs: half of one is an error naming it; T5 (lora_te2_) none: warned, not applied
+    half = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 32), **load_file(path)}
+    save_file(half, tmp_path / "half.safetensors")
+    with pytest.raises(ConfigError, match=r"lora_te1_text_model_encoder_layers_0_mlp_fc1\.lora_down\.weight \(its up"):
+        load_lora(tmp_path / "half.safetensors", bundle)
+    text = {"lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": torch.zeros(2, 48), **load_file(path)}
     save_file(text, tmp_path / "te.safetensors")
-    with pytest.warns(UserWarning, match="1 text-encoder keys"):
+    with pytest.warns(UserWarning, match="1 text-encoder keys .* trainable text encoders are text_encoder"):
         assert set(load_lora(tmp_path / "te.safetensors", bundle)) == {"double_blocks.0.img_attn.proj"}
 
 
