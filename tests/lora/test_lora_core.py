@@ -214,5 +214,6 @@ def test_the_text_embedding_cache_refuses_text_encoder_training():
 
     table = {"job": {"cache_text_embeddings": True}, "model": {"family": "dit", "variant": "digits"},
              "dataset": {"name": "digits"}, "trainer": {"name": "lora", "train_text_encoder": True}}
-    with plugins_for_test(), pytest.raises(ConfigError, match=r"job\.cache_text_embeddings.*trainer\.train_text_encoder"):
+    refusal = r"job\.cache_text_embeddings.*trainer\.train_text_encoder"
+    with plugins_for_test(), pytest.raises(ConfigError, match=refusal):
         structure(table, TrainJob)

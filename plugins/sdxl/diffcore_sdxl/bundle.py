@@ -231,7 +231,9 @@ class SDXLBundle(ModelBundle):
     def diffusers_modules(self, modules: list[str]) -> list[tuple[str, str]]:
         from diffcore_sdxl.convert import diffusers_modules
 
-        return diffusers_modules({k: tuple(v.shape) for k, v in self.network.state_dict().items()}, modules)
+        shapes = {k.replace(".base_layer.", "."): tuple(v.shape) for k, v in self.network.state_dict().items()
+                  if ".lora_" not in k}   # a peft-wrapped training network named as the plain one
+        return diffusers_modules(shapes, modules)
 
     def encode_captions(self, captions: list[str]) -> dict[str, Tensor]:
         """``context`` (B, 77, 2048: CLIP-L ‖ bigG penultimate states) and ``pooled`` (B, 1280: bigG's
