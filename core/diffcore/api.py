@@ -147,6 +147,7 @@ _NAMES = {
     "match_lora": "diffcore.lora.files",
     "save_lora": "diffcore.lora.files",
     "apply_lora": "diffcore.lora.apply",
+    "apply_lora_to_bundle": "diffcore.lora.apply",
     "remove_lora": "diffcore.lora.apply",
     "describe_lora": "diffcore.lora.inspect",
     "load_image": "diffcore.io.images",

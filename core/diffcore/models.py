@@ -200,6 +200,11 @@ class ModelBundle:
     #: components not loaded yet (``"vae"``, ``"text"``) -> loader, called on first use (``LazyComponent``)
     loaders: dict[str, Any] = attrs.field(factory=dict, kw_only=True)
 
+    #: Set by a trainer that trains text-encoder adapters (``trainer.train_text_encoder``):
+    #: ``encode_captions`` then keeps the autograd graph through those encoders and caption dropout
+    #: encodes "" each time (a stored empty prompt would not follow the training encoders).
+    train_text: bool = attrs.field(default=False, kw_only=True)
+
     def loaded(self, name: str) -> bool:
         """Whether the lazy component ``name`` is in memory (what a cache test asks)."""
         return getattr(self, f"_{name}", None) is not None
@@ -236,6 +241,29 @@ class ModelBundle:
                 out[name] = module_fingerprint(getattr(self, name))
         return out
 
+    def text_encoders(self) -> dict[str, nn.Module]:
+        """The text encoders a LoRA may train (``trainer.train_text_encoder``) and load, by the prefix
+        their keys have in diffusers' LoRA files (``text_encoder``, ``text_encoder_2``): each a
+        transformers model whose module names are its own (``text_model.encoder.layers.0.self_attn.q_proj``).
+        The prefix's number n is kohya's ``lora_te{n}_`` (``text_encoder`` -> ``lora_te1_``).
+        Encoders trained by nobody (FLUX's and SD3's T5) stay out. Empty: none (the default)."""
+        return {}
+
+    def text_grad(self) -> Any:
+        """The context text encoding runs in: without gradients unless ``train_text``."""
+        import contextlib
+
+        return contextlib.nullcontext() if self.train_text else torch.no_grad()
+
+    def empty_caption_text(self) -> dict[str, torch.Tensor]:
+        """The empty prompt's text conditioning for caption dropout: ``empty_text`` (kept after the
+        first encoding), or encoded afresh each time while the text encoders train."""
+        if self.train_text:
+            return self.encode_captions([""])
+        if self.empty_text is None:
+            self.empty_text = {k: v.detach() for k, v in self.encode_captions([""]).items()}
+        return self.empty_text
+
     def caption_text(self, batch: dict[str, Any], *, device: Any, dropout: float = 0.0,
                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """The batch's text conditioning on ``device``: ``batch["text"]`` (a text cache) or its
@@ -259,11 +287,10 @@ class ModelBundle:
         drop = (torch.rand(b, generator=generator) < dropout).to(device)
         if not drop.any():
             return text
-        if self.empty_text is None:
-            self.empty_text = {k: v.detach() for k, v in self.encode_captions([""]).items()}
+        empty_text = self.empty_caption_text()
         out = {}
         for key, value in text.items():
-            empty = self.empty_text[key].to(device, value.dtype)
+            empty = empty_text[key].to(device, value.dtype)
             if empty.shape[1:] != value.shape[1:]:
                 raise ConfigError(f"the empty prompt's {key} has shape {tuple(empty.shape[1:])}, the captions' "
                                   f"{tuple(value.shape[1:])}: a text cache written with another max_sequence_length "

@@ -127,3 +127,93 @@ def test_half_a_lora_is_reported_by_its_key(tmp_path):
     bundle = ToyBundle(network=Toy())
     weights, unmatched = match_lora({"transformer.attn.to_out.0.lora_A.weight": torch.zeros(2, 8)}, bundle)
     assert not weights and unmatched == ["transformer.attn.to_out.0.lora_A.weight (its up matrix is missing)"]
+
+
+class Encoder(nn.Module):
+    """A stand-in text encoder: two attention projections under transformers-like names."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.ModuleDict({"q_proj": nn.Linear(8, 8), "out_proj": nn.Linear(8, 8)})])
+
+
+class TextBundle(ToyBundle):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.encoder = Encoder()
+
+    def text_encoders(self):
+        return {"text_encoder_2": self.encoder}
+
+
+@pytest.mark.parametrize("format", ["diffusers", "kohya", "comfyui", "diffcore"])
+@torch.no_grad()
+def test_text_encoder_loras_round_trip_and_apply(tmp_path, format):
+    """Text-encoder adapters travel in each format under the encoder's prefix (kohya: lora_te2_),
+    the network's keys decide the format, and they apply to the encoder merged or hooked alike."""
+    bundle = TextBundle(network=Toy())
+    text = {"text_encoder_2": {"layers.0.q_proj": layer(2, 8, 8, 4, alpha=1)}}
+    path = save_lora(tmp_path / "l.safetensors", {"proj": layer(2, 8, 8, 3)}, bundle, format=format,
+                     text_encoders=text)
+    from safetensors.torch import load_file
+
+    keys = set(load_file(path))
+    expected = {"diffusers": "text_encoder_2.layers.0.q_proj.lora_A.weight",
+                "diffcore": "text_encoder_2.layers.0.q_proj.alpha"}.get(format, "lora_te2_layers_0_q_proj.alpha")
+    assert expected in keys
+    back = load_lora(path, bundle)
+    assert back.format == format and set(back) == {"proj"}
+    torch.testing.assert_close(back.text_encoders["text_encoder_2"]["layers.0.q_proj"].delta(),
+                               text["text_encoder_2"]["layers.0.q_proj"].delta(), rtol=0, atol=1e-6)
+    from diffcore.lora import apply_lora_to_bundle
+
+    x = torch.randn(3, 8)
+    outputs = []
+    for merge in (True, False):
+        fresh = TextBundle(network=Toy())
+        fresh.encoder.load_state_dict(bundle.encoder.state_dict())
+        apply_lora_to_bundle(fresh, back, 0.5, merge=merge)
+        outputs.append(fresh.encoder.layers[0]["q_proj"](x))
+    expected = bundle.encoder.layers[0]["q_proj"](x) + 0.5 * x @ text["text_encoder_2"]["layers.0.q_proj"].delta().T
+    for out in outputs:
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+def test_text_encoder_keys_that_match_nothing_are_errors_and_other_encoders_warned(tmp_path):
+    from safetensors.torch import save_file
+
+    bundle = TextBundle(network=Toy())
+    pair = {"lora_unet_proj.lora_down.weight": torch.zeros(2, 8), "lora_unet_proj.lora_up.weight": torch.zeros(8, 2)}
+    save_file({**pair, "lora_te2_layers_0_k_proj.lora_down.weight": torch.zeros(2, 8)}, tmp_path / "bad.safetensors")
+    with pytest.raises(ConfigError, match="lora_te2_layers_0_k_proj.lora_down.weight"):
+        load_lora(tmp_path / "bad.safetensors", bundle)
+    save_file({**pair, "lora_te1_layers_0_q_proj.lora_down.weight": torch.zeros(2, 8)}, tmp_path / "te1.safetensors")
+    with pytest.warns(UserWarning, match="trainable text encoders are text_encoder_2"):
+        assert not load_lora(tmp_path / "te1.safetensors", bundle).text_encoders
+    with pytest.raises(ConfigError, match="xlabs format holds no text-encoder"):
+        save_lora(tmp_path / "x.safetensors", {}, bundle, format="xlabs",
+                  text_encoders={"text_encoder_2": {"layers.0.q_proj": layer(2, 8, 8, 0)}})
+
+
+def test_a_family_without_trainable_text_encoders_refuses_train_text_encoder():
+    pytest.importorskip("peft")
+    from diffcore.training.catalog import LoraConfig, build_lora
+
+    with pytest.raises(ConfigError, match="no text encoders a LoRA can train") as info:
+        build_lora(LoraConfig(target_modules=["proj"], train_text_encoder=True), ToyBundle(network=Toy()))
+    assert info.value.path == "trainer.train_text_encoder"
+    with pytest.raises(ConfigError, match="text_encoder_targets"):
+        build_lora(LoraConfig(target_modules=["proj"], train_text_encoder=True, text_encoder_targets=["nope"]),
+                   TextBundle(network=Toy()))
+
+
+def test_the_text_embedding_cache_refuses_text_encoder_training():
+    from diffcore.config.structure import structure
+    from diffcore.jobs.train import TrainJob
+    from diffcore.testing import plugins_for_test
+
+    table = {"job": {"cache_text_embeddings": True}, "model": {"family": "dit", "variant": "digits"},
+             "dataset": {"name": "digits"}, "trainer": {"name": "lora", "train_text_encoder": True}}
+    refusal = r"job\.cache_text_embeddings.*trainer\.train_text_encoder"
+    with plugins_for_test(), pytest.raises(ConfigError, match=refusal):
+        structure(table, TrainJob)

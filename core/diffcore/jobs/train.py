@@ -106,6 +106,12 @@ class TrainJob:
                                          "job.sample_every": "job.validate_every"}
 
     def __attrs_post_init__(self) -> None:
+        if self.job.cache_text_embeddings and getattr(self.trainer.config, "train_text_encoder", False):
+            from diffcore.errors import ConfigError
+
+            raise ConfigError("job.cache_text_embeddings = true stores the captions' embeddings once, but "
+                              "trainer.train_text_encoder = true trains the text encoders, whose embeddings change "
+                              "every step: turn one of them off", path="job.cache_text_embeddings")
         if self.job.cache_latents or self.job.cache_text_embeddings:   # refused before any model loads
             from diffcore.data.catalog import cache_refusal
 
@@ -171,7 +177,7 @@ def run_train(config: TrainJob, ctx: JobContext) -> Any:
             for path in trainer.export(ctx.output_dir, ema=result.ema, bundle=bundle):
                 print(f"wrote {path}", file=sys.stderr)
         if can_sample:
-            with result.ema.applied(network), torch.no_grad():
+            with result.ema.applied(result.model or network), torch.no_grad():
                 grid = s.final_grid
                 write_grid(ctx.output_dir / "grid.png", grid.sampling_steps, grid.cfg_scale, upscale=grid.upscale,
                            step=result.step)

@@ -8,7 +8,8 @@
 from diffcore.lora.formats import FORMATS
 from diffcore.lora.weights import LoraLayer, LoraWeights
 
-__all__ = ["FORMATS", "LoraLayer", "LoraWeights", "load_lora", "save_lora", "apply_lora", "remove_lora",
+__all__ = ["FORMATS", "LoraLayer", "LoraWeights", "load_lora", "save_lora", "apply_lora", "apply_lora_to_bundle",
+           "remove_lora",
            "read_lora", "match_lora"]
 
 
@@ -16,7 +17,7 @@ def __getattr__(name):
     if name in ("load_lora", "save_lora", "read_lora", "match_lora"):
         from diffcore.lora import files
         return getattr(files, name)
-    if name in ("apply_lora", "remove_lora"):
+    if name in ("apply_lora", "apply_lora_to_bundle", "remove_lora"):
         from diffcore.lora import apply
         return getattr(apply, name)
     raise AttributeError(name)

@@ -5,12 +5,13 @@ hook makes ``diffcore.nn.linear.plain`` false, so no block fuses around the adap
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from diffcore.errors import ConfigError
-from diffcore.lora.weights import LoraLayer
+from diffcore.lora.weights import LoraLayer, LoraWeights
 
 SLOT = "diffcore_lora"   # the nn.ModuleList of branches on an adapted Linear
 
@@ -49,6 +50,16 @@ def apply_lora(network: nn.Module, weights: Mapping[str, LoraLayer], scale: floa
             linear.add_module(SLOT, nn.ModuleList())
             linear._diffcore_lora_hook = linear.register_forward_hook(_hook)
         getattr(linear, SLOT).append(LoraBranch(layer, scale, dtype=linear.weight.dtype, device=linear.weight.device))
+
+
+def apply_lora_to_bundle(bundle: Any, weights: LoraWeights, scale: float = 1.0, *, merge: bool = True) -> None:
+    """A loaded LoRA file's parts onto the bundle: the network's layers, and each text encoder's
+    (``bundle.text_encoders()``, by the file's prefix), merged or unmerged alike."""
+    apply_lora(bundle.network, weights, scale, merge=merge)
+    if weights.text_encoders:
+        encoders = bundle.text_encoders()
+        for prefix, layers in weights.text_encoders.items():
+            apply_lora(encoders[prefix], layers, scale, merge=merge)
 
 
 def remove_lora(network: nn.Module) -> int:

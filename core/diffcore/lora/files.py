@@ -91,17 +91,75 @@ class _Names:
         return part_sizes(layer.out_features, layer.in_features, parts)
 
 
+def _text_encoders(bundle: Any, keys: list[str]) -> dict[str, nn.Module]:
+    """The bundle's text encoders by prefix, asked for only when the file has text-encoder keys
+    (reading them may load the encoders)."""
+    if not keys or not hasattr(bundle, "text_encoders"):
+        return {}
+    return bundle.text_encoders()
+
+
+def text_file_names(encoder: nn.Module) -> dict[str, str]:
+    """Module name in LoRA files -> the encoder's own, for each of its linear layers. transformers 5
+    dropped ``CLIPTextModel``'s ``text_model`` level, which the files people trade, diffusers and
+    ``CLIPTextModelWithProjection`` keep (``text_model.encoder.layers.0.self_attn.q_proj``)."""
+    flat = type(encoder).__name__.startswith("CLIPText") and not hasattr(encoder, "text_model")
+    return {(f"text_model.{n}" if flat else n): n for n in linear_layers(encoder)}
+
+
+def match_text(tensors: Mapping[str, Tensor], encoders: Mapping[str, nn.Module], *,
+               source: str = "the LoRA file") -> tuple[dict[str, dict[str, LoraLayer]], list[str], list[str]]:
+    """(prefix -> module -> LoRA, keys for encoders not in ``encoders``, keys that match no linear
+    layer of an encoder that is) for a file's text-encoder keys."""
+    skipped, unmatched = [], []
+    found: dict[tuple[str, str], dict[str, Tensor]] = {}
+    sources: dict[tuple[str, str], list[str]] = {}
+    linears = {prefix: linear_layers(encoder) for prefix, encoder in encoders.items()}
+    dotted = {prefix: {**{n: n for n in linears[prefix]}, **text_file_names(encoder)}
+              for prefix, encoder in encoders.items()}   # the file's name, or the encoder's own
+    underscored = {prefix: {n.replace(".", "_"): ours for n, ours in names.items()} for prefix, names in dotted.items()}
+    for key, tensor in tensors.items():
+        parsed = formats.parse_text(key)
+        if parsed is None or parsed[0] not in encoders:
+            skipped.append(key)
+            continue
+        prefix, module, role, naming = parsed
+        module = (underscored if naming == "ours_" else dotted)[prefix].get(module, "")
+        if module not in linears[prefix]:
+            unmatched.append(key)
+            continue
+        found.setdefault((prefix, module), {})[role] = tensor
+        sources.setdefault((prefix, module), []).append(key)
+    out: dict[str, dict[str, LoraLayer]] = {}
+    for (prefix, module), roles in found.items():
+        if "down" not in roles or "up" not in roles:
+            missing = "up" if "down" in roles else "down"
+            unmatched.extend(f"{key} (its {missing} matrix is missing)" for key in sources[prefix, module])
+            continue
+        down, up = roles["down"].float(), roles["up"].float()
+        linear = linears[prefix][module]
+        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1] or \
+                (up.shape[0], down.shape[1]) != (linear.out_features, linear.in_features):
+            raise ConfigError(f"{source}: the LoRA of {prefix}.{module} has down {tuple(down.shape)} and up "
+                              f"{tuple(up.shape)}; this model's layer is ({linear.out_features}, "
+                              f"{linear.in_features}): a LoRA for another text encoder")
+        alpha = float(roles["alpha"]) if "alpha" in roles else float(down.shape[0])
+        out.setdefault(prefix, {})[module] = LoraLayer(down=down, up=up, alpha=alpha)
+    return out, skipped, unmatched
+
+
 def match_lora(tensors: Mapping[str, Tensor], bundle: Any, *, format: str | None = None,
                source: str = "the LoRA file") -> tuple[LoraWeights, list[str]]:
-    """(what ``tensors`` apply to the bundle's network, the keys that match no layer)."""
+    """(what ``tensors`` apply to the bundle's network and text encoders, the keys that match no
+    layer). Keys of text encoders the bundle does not name (``text_encoders``) are ``not_applicable``."""
     format = formats.canonical(format) if format else formats.detect(tensors)
     names = _Names(bundle)
-    unmatched, skipped = [], []
+    text_keys = {k: v for k, v in tensors.items() if formats.not_applicable(k)}
+    text, skipped, unmatched = match_text(text_keys, _text_encoders(bundle, list(text_keys)), source=source)
     found: dict[tuple[str, int, int, str], dict[str, Tensor]] = {}
     sources: dict[tuple[str, int, int, str], list[str]] = {}
     for key, tensor in tensors.items():
-        if formats.not_applicable(key):
-            skipped.append(key)
+        if key in text_keys:
             continue
         place = None
         for module, role, naming in formats.parse(key, format) or []:
@@ -144,7 +202,7 @@ def match_lora(tensors: Mapping[str, Tensor], bundle: Any, *, format: str | None
                 per_part[i] = layer if per_part[i] is None else stack([per_part[i], layer])
             whole.append(fuse(per_part, names.sizes(ours, parts)))
         layers[ours] = stack(whole)
-    return LoraWeights(layers=layers, format=format, not_applicable=skipped), unmatched
+    return LoraWeights(layers=layers, format=format, not_applicable=skipped, text_encoders=text), unmatched
 
 
 def load_lora(path: str | Path, bundle: Any) -> LoraWeights:
@@ -156,20 +214,49 @@ def load_lora(path: str | Path, bundle: Any) -> LoraWeights:
         more = len(unmatched) - SHOWN
         shown = ", ".join(unmatched[:SHOWN]) + (f", ... ({more} more)" if more > 0 else "")
         raise ConfigError(f"{path}: {len(unmatched)} of its {len(tensors)} keys match no layer of "
-                          f"{type(bundle.network).__name__} (read as {weights.format} format): {shown}. "
+                          f"{type(bundle.network).__name__} or its text encoders (read as {weights.format} "
+                         f"format): {shown}. "
                           "A misspelled key, a LoRA for another model, or a format diffcore does not read")
-    if not weights:
+    if not weights and not weights.text_encoders:
         text = f" (only {len(weights.not_applicable)} text-encoder keys)" if weights.not_applicable else ""
         raise ConfigError(f"{path}: no LoRA for this model's network in it{text}")
     if weights.not_applicable:
+        names = getattr(bundle, "text_encoders", dict)()
+        having = f"this model's trainable text encoders are {', '.join(names)}" if names else \
+            "this model has no text encoders that take LoRAs"
         warnings.warn(f"{path}: {len(weights.not_applicable)} text-encoder keys (like {weights.not_applicable[0]}) "
-                      "are not applied: diffcore applies LoRAs to the diffusion network only", stacklevel=2)
+                      f"are not applied: {having}", stacklevel=2)
     return weights
 
 
-def _tensors(weights: Mapping[str, LoraLayer], bundle: Any, format: str) -> dict[str, Tensor]:
-    format = formats.canonical(format)
+def _text_tensors(text_encoders: Mapping[str, Mapping[str, LoraLayer]], bundle: Any,
+                  format: str) -> dict[str, Tensor]:
+    """The text encoders' LoRAs in ``format``'s keys, their modules named as files name them
+    (``text_file_names``, from the bundle's encoders); diffusers' without alpha, ``alpha / r`` folded into up."""
     out: dict[str, Tensor] = {}
+    encoders = bundle.text_encoders() if text_encoders and hasattr(bundle, "text_encoders") else {}
+    for prefix, layers in text_encoders.items():
+        names = {ours: theirs for theirs, ours in text_file_names(encoders[prefix]).items()} if prefix in encoders \
+            else {}
+        for module, layer in layers.items():
+            try:
+                keys = formats.text_keys_for(format, prefix, names.get(module, module))
+            except KeyError as exc:
+                raise ConfigError(f"{exc.args[0]}: save a LoRA with text encoders as diffusers, kohya, comfyui or "
+                                  "diffcore", path="save_format") from None
+            out[keys["down"]] = layer.down.float()
+            if "alpha" in keys:
+                out[keys["up"]] = layer.up.float()
+                out[keys["alpha"]] = torch.tensor(float(layer.alpha))
+            else:
+                out[keys["up"]] = layer.up.float() * layer.scale
+    return out
+
+
+def _tensors(weights: Mapping[str, LoraLayer], bundle: Any, format: str,
+             text_encoders: Mapping[str, Mapping[str, LoraLayer]] | None = None) -> dict[str, Tensor]:
+    format = formats.canonical(format)
+    out: dict[str, Tensor] = _text_tensors(text_encoders or {}, bundle, format)
     if format == "diffusers":
         names = _Names(bundle)
         prefix = getattr(bundle, "lora_prefix", "transformer")
@@ -200,8 +287,9 @@ def _tensors(weights: Mapping[str, LoraLayer], bundle: Any, format: str) -> dict
 
 
 def save_lora(path: str | Path, weights: Mapping[str, LoraLayer], bundle: Any = None, *,
-              format: str = "diffcore") -> Path:
-    """``weights`` as a ``format`` LoRA file, written atomically (a temporary file, then renamed)."""
+              format: str = "diffcore", text_encoders: Mapping[str, Mapping[str, LoraLayer]] | None = None) -> Path:
+    """``weights`` as a ``format`` LoRA file, written atomically (a temporary file, then renamed);
+    ``text_encoders`` (prefix -> module -> LoRA; default: a ``LoraWeights``' own) go in it too."""
     from diffcore.io.checkpoint import save_file_atomic
 
     if formats.canonical(format) not in formats.FORMATS:
@@ -209,11 +297,16 @@ def save_lora(path: str | Path, weights: Mapping[str, LoraLayer], bundle: Any = 
     if formats.canonical(format) == "diffusers" and bundle is None:
         raise ConfigError("saving a LoRA in diffusers' format needs the model (its module names)")
     path = Path(path)
-    tensors = {k: v.contiguous() for k, v in _tensors(weights, bundle, format).items()}
+    if text_encoders is None:
+        text_encoders = getattr(weights, "text_encoders", {})
+    text_encoders = {prefix: layers for prefix, layers in text_encoders.items() if layers}
+    tensors = {k: v.contiguous() for k, v in _tensors(weights, bundle, format, text_encoders).items()}
     ranks = sorted({layer.rank for layer in weights.values()})
     metadata = {"format": formats.canonical(format), "rank": ",".join(map(str, ranks)),
                 "targets": json.dumps(sorted(weights)),
                 "network": type(bundle.network).__name__ if bundle is not None else ""}
+    if text_encoders:
+        metadata["text_encoders"] = json.dumps({prefix: sorted(layers) for prefix, layers in text_encoders.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file_atomic(tensors, path, metadata=metadata)
     return path

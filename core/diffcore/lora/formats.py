@@ -12,6 +12,13 @@ other parts of a pipeline (text encoders).
 | comfyui   | ``diffusion_model.<our module>.lora_A.weight`` / ``lora_B`` or ``lora_down`` / ``lora_up`` | ``.alpha`` |
 | diffcore  | ``<our module>.lora_A.weight`` / ``lora_B`` (BFL names for FLUX; alias ``bfl``) | ``.alpha``  |
 | xlabs     | ``double_blocks.N.processor.qkv_lora1.down.weight`` / ``.up`` (``qkv_lora2``: text, ``proj_lora1/2``) | none |
+
+Text encoders (``ModelBundle.text_encoders``: the prefix names the encoder, the module is the
+transformers model's own): diffusers ``text_encoder.<module>.lora_A.weight`` / ``lora_B`` (``text_encoder_2.``
+...), diffcore / bfl the same with ``.alpha``; kohya and comfyui ``lora_te1_<module, _>.lora_down.weight``
+/ ``lora_up`` + ``.alpha`` (``lora_te2_`` / ``lora_te3_`` for ``text_encoder_2`` / ``_3``; ``lora_te_``,
+SD 1.x's single encoder, reads as ``text_encoder``); xlabs has none. Text-encoder keys are read the
+same way whatever the file's format, and the format is detected from the network's keys.
 """
 
 from __future__ import annotations
@@ -40,8 +47,10 @@ def canonical(format: str) -> str:
 
 
 def detect(keys: Iterable[str]) -> str:
-    """The format of a file from its key names (the first rule any key meets)."""
+    """The format of a file from its key names (the first rule any key meets), the network's keys
+    deciding when there are any: text-encoder keys look alike in several formats."""
     keys = list(keys)
+    keys = [k for k in keys if not not_applicable(k)] or keys
     if any(k.startswith(("lora_unet_", "lora_transformer_", *KOHYA_TEXT)) for k in keys):
         return "kohya"
     if any(_XLABS_KEY.match(k) for k in keys):
@@ -61,7 +70,46 @@ def _suffix(key: str) -> tuple[str, str] | None:
 
 
 def not_applicable(key: str) -> bool:
+    """Whether ``key`` is a text encoder's rather than the network's."""
     return key.startswith((*KOHYA_TEXT, *DIFFUSERS_TEXT))
+
+
+def kohya_text_prefix(prefix: str) -> str:
+    """kohya's key prefix for a text encoder's file prefix: ``text_encoder_2`` -> ``lora_te2_``."""
+    number = prefix.removeprefix("text_encoder").removeprefix("_") or "1"
+    return f"lora_te{number}_"
+
+
+def parse_text(key: str) -> tuple[str, str, str, str] | None:
+    """(encoder prefix, module, role, naming ``ours`` or ``ours_``) of a text-encoder key; None
+    for any other key."""
+    split = _suffix(key)
+    if split is None:
+        return None
+    module, role = split
+    for prefix in DIFFUSERS_TEXT:
+        if module.startswith(prefix):
+            return prefix[:-1], module.removeprefix(prefix), role, "ours"
+    for prefix in KOHYA_TEXT:
+        if module.startswith(prefix):
+            encoder = "text_encoder" if prefix in ("lora_te_", "lora_te1_") else f"text_encoder_{prefix[7]}"
+            return encoder, module.removeprefix(prefix), role, "ours_"
+    return None
+
+
+def text_keys_for(format: str, prefix: str, module: str) -> dict[str, str]:
+    """Role -> key for writing one text-encoder module's LoRA (``prefix``: ``text_encoder``...)."""
+    format = canonical(format)
+    if format == "diffusers":
+        base = f"{prefix}.{module}"
+        return {"down": f"{base}.lora_A.weight", "up": f"{base}.lora_B.weight"}
+    if format in ("kohya", "comfyui"):
+        base = kohya_text_prefix(prefix) + module.replace(".", "_")
+        return {"down": f"{base}.lora_down.weight", "up": f"{base}.lora_up.weight", "alpha": f"{base}.alpha"}
+    if format == "diffcore":
+        base = f"{prefix}.{module}"
+        return {"down": f"{base}.lora_A.weight", "up": f"{base}.lora_B.weight", "alpha": f"{base}.alpha"}
+    raise KeyError(f"the {format} format holds no text-encoder LoRAs")
 
 
 def parse(key: str, format: str) -> list[Parsed] | None:

@@ -37,8 +37,7 @@ def describe_lora(path: str | Path, bundle: Any = None) -> list[str]:
              f"targets: {len(modules)}"]
     groups = Counter(re.sub(r"(?<=[._])\d+(?=[._])", "N", m) for m in modules)
     lines += [f"  {g}" + (f"  x{n}" if n > 1 else "") for g, n in sorted(groups.items())]
-    if text:
-        lines.append(f"text-encoder keys (not applied): {len(text)}")
+    lines += _text_lines(text)
     if other:
         lines.append(f"keys of no LoRA tensor this format has: {len(other)}: {', '.join(other[:10])}")
     if bundle is not None:
@@ -46,5 +45,28 @@ def describe_lora(path: str | Path, bundle: Any = None) -> list[str]:
 
         weights, unmatched = match_lora(tensors, bundle, source=str(path))
         lines.append(f"on {type(bundle.network).__name__}: {len(weights)} layers of ours")
+        for prefix, layers in weights.text_encoders.items():
+            lines.append(f"on {prefix}: {len(layers)} layers")
+        if weights.not_applicable:
+            lines.append(f"text-encoder keys this model does not take: {len(weights.not_applicable)}")
         lines.append(f"unmatched keys: {len(unmatched)}" + (": " + ", ".join(unmatched[:10]) if unmatched else ""))
+    return lines
+
+
+def _text_lines(keys: list[str]) -> list[str]:
+    """Per text encoder (file prefix): its targets, grouped as the network's, with rank and alpha."""
+    modules: dict[str, dict[str, dict[str, Any]]] = {}
+    for key in keys:
+        parsed = formats.parse_text(key)
+        if parsed is not None:
+            prefix, module, role, _ = parsed
+            modules.setdefault(prefix, {}).setdefault(module, {})[role] = key
+    lines = []
+    for prefix, found in sorted(modules.items()):
+        groups = Counter(re.sub(r"(?<=[._])\d+(?=[._])", "N", m) for m in found)
+        lines.append(f"text-encoder targets: {prefix}: {len(found)}")
+        lines += [f"  {g}" + (f"  x{n}" if n > 1 else "") for g, n in sorted(groups.items())]
+    other = len(keys) - sum(len(r) for found in modules.values() for r in found.values())
+    if other:
+        lines.append(f"text-encoder keys of no LoRA tensor: {other}")
     return lines

@@ -39,12 +39,14 @@ class LoraLayer:
 
 @attrs.define(eq=False)
 class LoraWeights(Mapping):
-    """Module name of ours -> ``LoraLayer``; ``format``: the file's, ``not_applicable``: keys
-    for other parts of a pipeline (text encoders) that this network cannot take."""
+    """Module name of ours -> ``LoraLayer``; ``format``: the file's; ``text_encoders``: encoder
+    prefix (``text_encoder``, ``text_encoder_2``) -> its module names -> ``LoraLayer``;
+    ``not_applicable``: keys for text encoders this model does not have (or train)."""
 
     layers: dict[str, LoraLayer] = attrs.Factory(dict)
     format: str = "diffcore"
     not_applicable: list[str] = attrs.Factory(list)
+    text_encoders: dict[str, dict[str, LoraLayer]] = attrs.Factory(dict)
 
     def __getitem__(self, name: str) -> LoraLayer:
         return self.layers[name]
@@ -56,7 +58,11 @@ class LoraWeights(Mapping):
         return len(self.layers)
 
     def ranks(self) -> list[int]:
+        """The network's layers' ranks (``text_ranks``: the text encoders')."""
         return sorted({layer.rank for layer in self.layers.values()})
+
+    def text_ranks(self) -> list[int]:
+        return sorted({layer.rank for layers in self.text_encoders.values() for layer in layers.values()})
 
 
 def part_sizes(out_features: int, in_features: int, parts: int) -> list[int]:

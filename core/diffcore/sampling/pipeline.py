@@ -71,11 +71,12 @@ class Pipeline:
               device: str | torch.device = "auto", loras: Sequence[Any] = ()) -> Pipeline:
         """The pipeline of a job's component tables (``Spec``s): ``[model]``, ``[sampler]``,
         ``[schedule]`` (None: the bundle's default) and ``[[guidance]]``; ``loras``: ``[[lora]]``
-        tables (``path``, ``scale``, ``merge``), each loaded and applied to the network in order."""
+        tables (``path``, ``scale``, ``merge``), each loaded and applied in order to the network and,
+        for a file with text-encoder keys, the text encoders."""
         device = pick_device(device)
         bundle = model.build(device=device)
         if loras:
-            from diffcore.lora.apply import apply_lora
+            from diffcore.lora.apply import apply_lora_to_bundle
             from diffcore.lora.files import load_lora
 
             for i, table in enumerate(loras):
@@ -83,7 +84,7 @@ class Pipeline:
                     weights = load_lora(table.path, bundle)
                 except ConfigError as exc:
                     raise ConfigError(exc.detail, path=exc.path or f"lora[{i}].path") from None
-                apply_lora(bundle.network, weights, table.scale, merge=table.merge)
+                apply_lora_to_bundle(bundle, weights, table.scale, merge=table.merge)
         return cls(bundle=bundle, sampler=sampler.build(), schedule=build_schedule(bundle, schedule), device=device,
                    guidance=[spec.build() for spec in guidance])
 

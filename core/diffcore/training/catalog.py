@@ -59,6 +59,16 @@ def _lora_format(_: Any, attribute: attrs.Attribute, value: str) -> None:
                           f"one of: {', '.join(FORMATS)}", path=attribute.name)
 
 
+#: CLIP's attention projections: the text-encoder LoRA targets of diffusers' DreamBooth scripts
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def _text_targets(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not (isinstance(value, list) and value and all(isinstance(t, str) for t in value)):
+        raise ConfigError(f"text_encoder_targets is a non-empty list of module patterns (q_proj, "
+                          f"text_model.encoder.layers.*.mlp.fc1), got {value!r}", path=attribute.name)
+
+
 @attrs.frozen
 class LoraConfig(Objective):
     """Low-rank adapters on the network's linear layers, the base frozen (peft). ``rank`` r and
@@ -68,7 +78,16 @@ class LoraConfig(Objective):
     ``to_q``); ``init``: peft's ``init_lora_weights`` (true: A Kaiming-uniform and B zero, so training
     starts at the base model; "gaussian"); ``save_format`` of the ``lora.safetensors`` it writes
     (``diffcore.lora.FORMATS``);
-    ``cond_dropout``: the empty prompt's rate (kohya's ``caption_dropout_rate``)."""
+    ``cond_dropout``: the empty prompt's rate (kohya's ``caption_dropout_rate``).
+
+    Text encoders (diffusers' ``--train_text_encoder``, kohya's default without
+    ``--network_train_unet_only``): ``train_text_encoder`` adds adapters to the family's trainable
+    text encoders (``ModelBundle.text_encoders``: FLUX.1's CLIP-L, SDXL's CLIP-L and bigG; T5 never)
+    of rank ``text_encoder_rank`` and ``text_encoder_alpha`` (default: ``rank`` and ``alpha``) on
+    ``text_encoder_targets`` (peft patterns over the encoder's module names; default CLIP's attention
+    projections, as diffusers' scripts); ``text_encoder_lr`` their learning rate (default: the job's
+    ``lr``; the schedule scales both alike). Captions are then encoded with gradients at every step,
+    so ``job.cache_text_embeddings`` cannot be on."""
 
     rank: int = attrs.field(default=16, validator=v.gt(0))
     alpha: float | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
@@ -77,6 +96,11 @@ class LoraConfig(Objective):
     init: bool | Literal["gaussian"] = True
     save_format: str = attrs.field(default="diffcore", validator=_lora_format)
     cond_dropout: float = attrs.field(default=0.0, validator=[v.ge(0), v.le(1)])
+    train_text_encoder: bool = False
+    text_encoder_rank: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
+    text_encoder_alpha: float | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
+    text_encoder_targets: list[str] = attrs.field(factory=lambda: list(TEXT_ENCODER_TARGETS), validator=_text_targets)
+    text_encoder_lr: float | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
 
 
 def build_lora(config: LoraConfig, bundle: Any) -> Any:

@@ -49,8 +49,9 @@ class DreamBoothTrainer:
         return self.inner.trainable_parameters()
 
     def __getattr__(self, name: str) -> Any:
-        """``state_dict`` / ``load_state_dict`` / ``export`` are the inner trainer's, where it has them."""
-        if name in ("state_dict", "load_state_dict", "export") and hasattr(self.inner, name):
+        """``state_dict`` / ``load_state_dict`` / ``export`` / ``tracked`` / ``own_lr`` are the inner
+        trainer's, where it has them."""
+        if name in ("state_dict", "load_state_dict", "export", "tracked", "own_lr") and hasattr(self.inner, name):
             return getattr(self.inner, name)
         raise AttributeError(name)
 
@@ -114,7 +115,10 @@ class DreamBoothTrainer:
         if self.instance_text is not None:   # every instance image trains with the instance prompt
             b = _batch_size(batch)
             batch.pop("caption", None)
-            batch["text"] = {k: v.expand(b, *v.shape[1:]) for k, v in self.instance_text.items()}
+            if getattr(bundle, "train_text", False):   # the text encoders train: encoded each step, with gradients
+                batch["caption"] = [self.config.instance_prompt] * b
+            else:
+                batch["text"] = {k: v.expand(b, *v.shape[1:]) for k, v in self.instance_text.items()}
         loss = self.inner.loss(bundle, batch, generator)
         if not self.prior:
             return loss
@@ -127,8 +131,11 @@ class DreamBoothTrainer:
         """The objective on ``n`` class images drawn by ``generator``, with the class prompt."""
         pick = torch.randint(len(self.class_latents), (n,), generator=generator)
         x0 = self.class_latents[pick]
-        text = {k: v.expand(n, *v.shape[1:]) for k, v in self.class_text.items()}
-        cond = bundle.training_inputs({"text": text, "latents": x0}, dropout=0.0, generator=generator)
+        if getattr(bundle, "train_text", False):   # the text encoders train: the class prompt encoded with gradients
+            inputs = {"caption": [self.config.class_prompt] * n, "latents": x0}
+        else:
+            inputs = {"text": {k: v.expand(n, *v.shape[1:]) for k, v in self.class_text.items()}, "latents": x0}
+        cond = bundle.training_inputs(inputs, dropout=0.0, generator=generator)
         return diffusion_loss(bundle, x0, cond, generator, self.inner.timesteps)
 
 

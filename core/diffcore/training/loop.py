@@ -62,6 +62,7 @@ class TrainResult:
     checkpoint: Path | None                  # the last checkpoint written
     ema: EMA
     bundle: Any = None                       # the train job sets it: the trained model, for a caller to use
+    model: nn.Module | None = None           # what the EMA tracks: the network, or it with trained text encoders
 
 
 def train(s: Any, *, bundle: Any, trainer: Any, dataset: Any, output_dir: str | Path,
@@ -83,9 +84,11 @@ def train(s: Any, *, bundle: Any, trainer: Any, dataset: Any, output_dir: str | 
     micro_batch = s.batch_size // world
     end = s.steps if stop_after is None else min(stop_after, s.steps)
 
-    # model, optimizer, EMA
+    # model, optimizer, EMA; ``model``: what they track, the network, or it and the text encoders
+    # whose adapters train (``trainer.tracked``, a text-encoder LoRA)
     network: nn.Module = bundle.network.to(device)
-    network.train()
+    model: nn.Module = trainer.tracked(network) if hasattr(trainer, "tracked") else network
+    model.train()
     if s.gradient_checkpointing:
         if not hasattr(network, "gradient_checkpointing"):
             raise ConfigError(f"{type(network).__name__} has no gradient_checkpointing switch",
@@ -93,11 +96,13 @@ def train(s: Any, *, bundle: Any, trainer: Any, dataset: Any, output_dir: str | 
         network.gradient_checkpointing = True
     params = list(trainer.trainable_parameters())
     if world > 1:  # identical starting weights on every rank, as DDP would broadcast them
-        for t in network.state_dict().values():
+        for t in model.state_dict().values():
             dist.broadcast(t, src=0)
-    check_fits(network, params, s.optimizer, device)   # stops now, with the figure, a run that cannot fit
-    optimizer = build_optimizer(network, params, s.optimizer, lr=s.lr, weight_decay=s.weight_decay)
-    ema = EMA(network, decay=s.ema_decay, warmup=s.ema_warmup)
+    check_fits(model, params, s.optimizer, device)   # stops now, with the figure, a run that cannot fit
+    own_lr = getattr(trainer, "own_lr", None)   # a parameter's own rate (text_encoder_lr), None: the job's
+    optimizer = build_optimizer(model, params, s.optimizer, lr=s.lr, weight_decay=s.weight_decay,
+                                lr_scale=None if own_lr is None else lambda p: (own_lr(p) or s.lr) / s.lr)
+    ema = EMA(model, decay=s.ema_decay, warmup=s.ema_warmup)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.mixed_precision == "bf16")
 
     # data: each rank's share of every global batch, in an order fixed by the seed; a dataset
@@ -121,7 +126,7 @@ def train(s: Any, *, bundle: Any, trainer: Any, dataset: Any, output_dir: str | 
         saved = state.load(path, device)
         try:
             if hasattr(trainer, "load_state_dict"):
-                trainer.load_state_dict(network, saved["model"])
+                trainer.load_state_dict(model, saved["model"])
             else:
                 network.load_state_dict(saved["model"])
         except RuntimeError as exc:
@@ -157,8 +162,8 @@ def train(s: Any, *, bundle: Any, trainer: Any, dataset: Any, output_dir: str | 
     t0, logged_at = time.perf_counter(), step
     while step < end:
         lr = lr_at(step, lr=s.lr, warmup_steps=s.warmup_steps, schedule=s.lr_schedule, total_steps=s.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for group in optimizer.param_groups:   # a group's lr_scale: its own rate's ratio (text_encoder_lr)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
         # forward and backward over grad_accum micro batches, gradients summed in .grad
         loss_sum = torch.zeros((), device=device)
@@ -174,7 +179,7 @@ def train(s: Any, *, bundle: Any, trainer: Any, dataset: Any, output_dir: str | 
         grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm) if s.max_grad_norm > 0 else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        ema.update(network)
+        ema.update(model)
         step += 1
         progress.update(1)
 
@@ -195,17 +200,17 @@ def train(s: Any, *, bundle: Any, trainer: Any, dataset: Any, output_dir: str | 
             t0, logged_at = time.perf_counter(), step
 
         if main and preview is not None and s.validate_every and step % s.validate_every == 0:
-            network.eval()
-            with ema.applied(network), torch.no_grad(), autocast:
+            model.eval()
+            with ema.applied(model), torch.no_grad(), autocast:
                 preview(bundle, step)
-            network.train()
+            model.train()
 
         if (s.checkpoint_every and step % s.checkpoint_every == 0) or step == end:
-            last = save_checkpoint(root, step, s, network=network, trainer=trainer, ema=ema, optimizer=optimizer, lr=lr,
+            last = save_checkpoint(root, step, s, network=model, trainer=trainer, ema=ema, optimizer=optimizer, lr=lr,
                                    samples=step * s.grad_accum * s.batch_size, sampler=sampler,
                                    config=config or {}, accelerator=accelerator)
     progress.close()
-    return TrainResult(step=step, losses=losses, checkpoint=last, ema=ema)
+    return TrainResult(step=step, losses=losses, checkpoint=last, ema=ema, model=model)
 
 
 def save_checkpoint(root: Path, step: int, s: Any, *, network: nn.Module, trainer: Any, ema: EMA, optimizer: Any,

@@ -12,7 +12,7 @@ scales each matrix's step to AdamW's RMS, so one ``lr`` serves both optimizers.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -53,8 +53,11 @@ class Optimizers:
 
 
 def build_optimizer(network: nn.Module, params: Iterable[nn.Parameter], name: str, *, lr: float,
-                    weight_decay: float, betas: tuple[float, float] = (0.9, 0.999)) -> Optimizers:
-    """``adamw`` for everything, or ``muon`` for ``nn.Linear`` weights plus AdamW for the rest."""
+                    weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
+                    lr_scale: Callable[[nn.Parameter], float] | None = None) -> Optimizers:
+    """``adamw`` for everything, or ``muon`` for ``nn.Linear`` weights plus AdamW for the rest.
+    ``lr_scale(p)``: the ratio of ``p``'s learning rate to ``lr`` (a text encoder's own rate); the
+    parameters of each ratio go in their own groups, which carry it as ``lr_scale``."""
     params = [p for p in params if p.requires_grad]
     matrices: list[nn.Parameter] = []
     if name == "muon":
@@ -67,8 +70,14 @@ def build_optimizer(network: nn.Module, params: Iterable[nn.Parameter], name: st
         raise ConfigError(f"unknown optimizer {name!r}; expected adamw, adamw8bit or muon", path="job.optimizer")
     taken = {id(p) for p in matrices}
     rest = [p for p in params if id(p) not in taken]
-    groups = [g for g in ({"params": [p for p in rest if p.ndim >= 2], "weight_decay": weight_decay},
-                          {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0}) if g["params"]]
+    scales = [1.0 if lr_scale is None else float(lr_scale(p)) for p in rest]
+    groups = []
+    for scale in dict.fromkeys(scales):
+        mine = [p for p, k in zip(rest, scales) if k == scale]
+        extra = {} if lr_scale is None else {"lr_scale": scale}
+        groups += [g for g in ({"params": [p for p in mine if p.ndim >= 2], "weight_decay": weight_decay, **extra},
+                               {"params": [p for p in mine if p.ndim < 2], "weight_decay": 0.0, **extra})
+                   if g["params"]]
     if name == "adamw8bit":
         return Optimizers(adamw_8bit(groups, lr=lr, betas=betas))
     # CUDA: torch's fused kernel (one launch for every tensor); elsewhere the default implementation

@@ -292,9 +292,14 @@ class FluxBundle(ModelBundle):
             raise ConfigError("this FLUX.1 bundle has no text encoders: set text_encoders to a local diffusers "
                               "FLUX.1 folder, or cache the text embeddings", path="model.text_encoders")
         self.offload.use("text")
-        with torch.no_grad():
+        with self.text_grad():
             txt, vec = self.text.encode(list(captions), device=self.device)
         return {"txt": txt.float(), "vec": vec.float()}
+
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """CLIP-L as ``text_encoder`` (kohya's ``lora_te1_``); T5 is left out, as kohya's sd-scripts
+        and diffusers' FLUX DreamBooth script leave it."""
+        return {} if self.text is None else {"text_encoder": self.text.clip}
 
     def training_inputs(self, batch: dict[str, Any], *, dropout: float = 0.0,
                         generator: torch.Generator | None = None) -> dict[str, Any]:

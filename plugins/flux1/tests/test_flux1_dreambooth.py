@@ -144,3 +144,15 @@ def test_full_fine_tune_dreambooth_trains_every_weight(tiny_pipeline, tmp_path):
     changed = [k for k, v in base.state_dict().items() if not torch.equal(v, saved[k])]
     assert len(changed) > 0.5 * len(saved)
     assert len(list((tmp_path / "run" / "class_images").iterdir())) == 3
+
+
+def test_dreambooth_lora_trains_the_text_encoder_too(tiny_pipeline, tmp_path):
+    """``train_text_encoder`` with prior preservation: the instance and class prompts are encoded
+    through the training CLIP each step, so its adapters move; lora.safetensors holds them."""
+    from safetensors.torch import load_file
+
+    result = dreambooth_job(tiny_pipeline[0], instance_folder(tmp_path / "dog"), tmp_path / "run",
+                            train_text_encoder=True, target_modules="attention")
+    ups = [v for k, v in result.bundle.text.clip.state_dict().items() if "lora_B" in k]
+    assert len(ups) == 4 and all(v.abs().max() > 0 for v in ups)
+    assert sum(k.startswith("text_encoder.") for k in load_file(tmp_path / "run" / "lora.safetensors")) == 3 * 4

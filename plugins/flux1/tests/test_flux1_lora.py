@@ -160,9 +160,14 @@ def test_keys_that_match_nothing_are_an_error_naming_them(tiny_pipeline, tmp_pat
     (tmp_path / "x.ckpt").write_bytes(b"\x80\x04not read")
     with pytest.raises(ConfigError, match="safetensors only"):
         load_lora(tmp_path / "x.ckpt", bundle)
-    text = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 32), **load_file(path)}
+    # CLIP-L (lora_te1_) takes LoRAs: half of one is an error naming it; T5 (lora_te2_) none: warned, not applied
+    half = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 32), **load_file(path)}
+    save_file(half, tmp_path / "half.safetensors")
+    with pytest.raises(ConfigError, match=r"lora_te1_text_model_encoder_layers_0_mlp_fc1\.lora_down\.weight \(its up"):
+        load_lora(tmp_path / "half.safetensors", bundle)
+    text = {"lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": torch.zeros(2, 48), **load_file(path)}
     save_file(text, tmp_path / "te.safetensors")
-    with pytest.warns(UserWarning, match="1 text-encoder keys"):
+    with pytest.warns(UserWarning, match="1 text-encoder keys .* trainable text encoders are text_encoder"):
         assert set(load_lora(tmp_path / "te.safetensors", bundle)) == {"double_blocks.0.img_attn.proj"}
 
 
@@ -269,3 +274,28 @@ def test_a_lora_trainer_run_file_loads_back(tiny_pipeline, tmp_path, save_format
         torch.testing.assert_close(weights[name].delta(), expected.detach(), rtol=0, atol=1e-6)
     with safe_open(str(out / "lora.safetensors"), framework="pt") as f:
         assert f.metadata()["format"] == save_format and f.metadata()["rank"] == "4"
+
+
+def test_a_generate_job_applies_a_text_encoder_lora(tiny_pipeline, tmp_path):
+    """A ``[[lora]]`` file with CLIP-L keys only (kohya's ``lora_te1_``) changes the images through
+    the text encoder, merged and hooked alike; ``lora inspect`` lists the text-encoder targets."""
+    from diffcore.api import describe_lora
+
+    folder = tiny_pipeline[0]
+    bundle = bundle_of(folder)
+    clip = bundle.text_encoders()["text_encoder"]
+    g = torch.Generator().manual_seed(3)
+    layers = {n: LoraLayer(down=torch.randn(2, m.in_features, generator=g),
+                           up=torch.randn(m.out_features, 2, generator=g), alpha=2.0)
+              for n, m in clip.named_modules() if n.endswith(("self_attn.v_proj", "self_attn.out_proj"))}
+    path = save_lora(tmp_path / "te.safetensors", {}, bundle, format="kohya", text_encoders={"text_encoder": layers})
+    output = "\n".join(describe_lora(path))
+    assert "text-encoder targets: text_encoder: 2" in output
+    assert "text_model_encoder_layers_N_self_attn_v_proj" in output
+    job = dict(sampling_steps=2, height=32, width=32)
+    base, _ = run_job(tmp_path / "base", {"path": str(folder)}, **job)
+    merged, _ = run_job(tmp_path / "merged", {"path": str(folder)}, lora=[{"path": str(path), "scale": 2.0}], **job)
+    hooked, _ = run_job(tmp_path / "hooked", {"path": str(folder)},
+                        lora=[{"path": str(path), "scale": 2.0, "merge": False}], **job)
+    assert (merged[0] - base[0]).abs().max() > 1e-3
+    torch.testing.assert_close(merged[0], hooked[0], rtol=0, atol=1e-4)

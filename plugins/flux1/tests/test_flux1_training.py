@@ -284,3 +284,87 @@ def test_the_trained_lora_file_loads_back(tiny_pipeline, tmp_path, fmt):
     for name, layer in loaded.items():
         up, down = trained[f"{name}.lora_B.default.weight"], trained[f"{name}.lora_A.default.weight"]
         torch.testing.assert_close(layer.delta(), up @ down * (8 / 8), rtol=1e-6, atol=1e-6)
+
+
+TE = {"train_text_encoder": True, "text_encoder_rank": 4, "text_encoder_lr": 5e-3, "target_modules": "attention"}
+
+
+def split_adapters(result):
+    """(network adapters, CLIP adapters) of a run's bundle, by state-dict name."""
+    clip = {k: v for k, v in result.bundle.text.clip.state_dict().items() if ".lora_" in k}
+    return adapters(result.bundle), clip
+
+
+def test_text_encoder_lora_trains_clip_adapters_only_and_resumes_exactly(tiny_pipeline, tmp_path):
+    folder, data = tiny_pipeline[0], captioned_folder(tmp_path / "data")
+    straight = lora_job(folder, data, tmp_path / "straight", trainer=TE, steps=4, checkpoint_every=2)
+    lora_job(folder, data, tmp_path / "resumed", trainer=TE, steps=2, checkpoint_every=2)
+    resumed = lora_job(folder, data, tmp_path / "resumed", trainer=TE, steps=4, checkpoint_every=2, resume="latest")
+    (net_a, clip_a), (net_b, clip_b) = split_adapters(straight), split_adapters(resumed)
+    assert len(clip_a) == 2 * 4 and all(".self_attn." in k for k in clip_a)   # q, k, v, out of the one layer
+    for a, b in ((net_a, net_b), (clip_a, clip_b)):
+        assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(clip_a[k].abs().max() > 0 for k in clip_a if "lora_B" in k)   # B starts at zero: it trained
+    base = bundle_of(folder).text.clip.state_dict()
+    trained = {k.replace(".base_layer", ""): v for k, v in straight.bundle.text.clip.state_dict().items()
+               if ".lora_" not in k}
+    assert trained.keys() == base.keys() and all(torch.equal(trained[k], base[k]) for k in base)
+    assert all(not p.requires_grad for p in straight.bundle.text.t5.parameters())
+    checkpoint = tmp_path / "straight" / "checkpoints" / "step-000004"
+    model, ema = load_file(checkpoint / "model.safetensors"), load_file(checkpoint / "ema.safetensors")
+    text_keys = {f"text_encoder.{k}" for k in clip_a}
+    assert set(model) == set(ema) == set(net_a) | text_keys
+    resumed_ema = load_file(tmp_path / "resumed" / "checkpoints" / "step-000004" / "ema.safetensors")
+    assert all(torch.equal(resumed_ema[k], ema[k]) for k in ema)
+    exported = load_file(tmp_path / "straight" / "lora.safetensors")
+    assert torch.equal(exported["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight"],
+                       clip_a["encoder.layers.0.self_attn.q_proj.lora_B.default.weight"])
+    assert exported["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.alpha"].item() == 4
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_text_encoder_lora_file_gives_diffusers_prompt_embeddings(tiny_pipeline, tmp_path, fmt):
+    """The exported file in diffcore (merged or hooked) and, diffusers' format, in diffusers'
+    FluxPipeline (load_lora_weights) gives the trained encoder's embeddings; the keys are diffusers' /
+    kohya's (alpha kept: rank 3, alpha 1.5)."""
+    from diffusers import FluxPipeline
+
+    from diffcore.api import apply_lora_to_bundle, describe_lora, load_lora
+
+    folder = tiny_pipeline[0]
+    bundle = bundle_of(folder)
+    lora = trainer("lora", bundle, rank=2, alpha=4, target_modules="attention", train_text_encoder=True,
+                   text_encoder_rank=3, text_encoder_alpha=1.5, save_format=fmt)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in lora.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    path = lora.export(tmp_path, bundle=bundle)[0]
+    keys = set(load_file(path))
+    te_key = {"diffusers": "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight",
+              "kohya": "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha"}[fmt]
+    per_layer = 3 if fmt == "kohya" else 2   # down, up (and alpha)
+    assert te_key in keys and sum(k.startswith(("text_encoder.", "lora_te1_")) for k in keys) == 4 * per_layer
+    with torch.no_grad():
+        trained = bundle.encode_captions(CAPTIONS)["vec"]
+        base = bundle_of(folder).encode_captions(CAPTIONS)["vec"]
+    assert (trained - base).abs().max() > 1e-2
+    for merge in (True, False):
+        mine = bundle_of(folder)
+        apply_lora_to_bundle(mine, load_lora(path, mine), merge=merge)
+        with torch.no_grad():
+            torch.testing.assert_close(mine.encode_captions(CAPTIONS)["vec"], trained, rtol=0, atol=1e-5)
+    if fmt == "diffusers":   # (diffusers' kohya FLUX reader splits linear1 at the full model's sizes)
+        pipe = FluxPipeline.from_pretrained(folder, dtype=torch.float32)
+        pipe.load_lora_weights(str(path))
+        with torch.no_grad():
+            _, pooled, _ = pipe.encode_prompt(CAPTIONS, prompt_2=None, max_sequence_length=SEQ)
+        torch.testing.assert_close(pooled, trained, rtol=0, atol=1e-6)
+    output = "\n".join(describe_lora(path, bundle_of(folder)))
+    assert "text-encoder targets: text_encoder: 4" in output and "on text_encoder: 4 layers" in output
+
+
+def test_text_encoder_lora_refuses_the_text_cache(tiny_pipeline, tmp_path):
+    with pytest.raises(ConfigError, match=r"job\.cache_text_embeddings = true .* trainer\.train_text_encoder = true"):
+        lora_job(tiny_pipeline[0], captioned_folder(tmp_path / "data"), tmp_path / "run", trainer=TE, steps=1,
+                 cache_text_embeddings=True)

@@ -90,11 +90,16 @@ class SD3Bundle(ModelBundle):
         """The pooled [CLIP-L | CLIP-G] embedding."""
         return cond.get("y")
 
-    def encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+    def encode_text(self, prompts: list[str], *, grad: bool = False) -> tuple[Tensor, Tensor]:
         if self.text is None:
             raise ConfigError("this SD3 bundle has no text encoders (a single transformer file was loaded): set "
                               "text_encoders to a local diffusers SD3 folder", path="model.text_encoders")
-        return self.text.encode(prompts, device=self.device)
+        return self.text.encode(prompts, device=self.device, grad=grad)
+
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """CLIP-L as ``text_encoder`` and CLIP-G as ``text_encoder_2`` (kohya's ``lora_te1_`` /
+        ``lora_te2_``); T5 is left out, as diffusers' SD3 DreamBooth script leaves it."""
+        return {} if self.text is None else {"text_encoder": self.text.clip_l, "text_encoder_2": self.text.clip_g}
 
     # -- shapes and the autoencoder ---------------------------------------------------------------
     @property
@@ -145,7 +150,7 @@ class SD3Bundle(ModelBundle):
 
     def encode_captions(self, captions: list[str]) -> dict[str, Tensor]:
         """``context`` (B, 77 + max_length, width) and ``y`` (B, 768 + 1280), float32 on the bundle's device."""
-        context, y = self.encode_text(list(captions))
+        context, y = self.encode_text(list(captions), grad=self.train_text)
         return {"context": context.float(), "y": y.float()}
 
     def encoder_identity(self) -> dict[str, str]:

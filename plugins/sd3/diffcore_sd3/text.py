@@ -74,9 +74,14 @@ class SD3TextEncoder(nn.Module):
                                   f"{', '.join(d + '/' for d in missing)}{hint}")
         return path
 
-    @torch.no_grad()
-    def encode(self, prompts: list[str], device: str | torch.device | None = None) -> tuple[Tensor, Tensor]:
-        """``device``: where the encoders compute (under offload hooks parameters read as meta)."""
+    def encode(self, prompts: list[str], device: str | torch.device | None = None, *,
+               grad: bool = False) -> tuple[Tensor, Tensor]:
+        """``device``: where the encoders compute (under offload hooks parameters read as meta);
+        ``grad`` keeps the autograd graph (text-encoder LoRA training), else none is built."""
+        with torch.enable_grad() if grad else torch.no_grad():
+            return self._encode(prompts, device)
+
+    def _encode(self, prompts: list[str], device: str | torch.device | None) -> tuple[Tensor, Tensor]:
         device = device if device is not None else next(self.clip_l.parameters()).device
         l_tokens, l_pooled = self._clip(self.clip_l, self.clip_l_tokenizer, prompts, device)
         g_tokens, g_pooled = self._clip(self.clip_g, self.clip_g_tokenizer, prompts, device)

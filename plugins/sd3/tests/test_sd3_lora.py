@@ -61,3 +61,46 @@ def test_every_format_round_trips_exactly(tiny_pipeline, tmp_path, format):
     assert back.format == format and set(back) == set(lora)
     for n in lora:
         torch.testing.assert_close(back[n].delta(), lora[n].delta(), rtol=0, atol=1e-6)
+
+
+def test_text_encoder_lora_file_gives_diffusers_prompt_embeddings(tiny_pipeline, tmp_path):
+    """``train_text_encoder`` on SD3 puts adapters on CLIP-L and CLIP-G (T5 frozen, no adapters);
+    the exported diffusers file in StableDiffusion3Pipeline (load_lora_weights) gives the trained
+    encoders' embeddings, as diffcore gives with the file applied."""
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+
+    from diffcore.api import apply_lora_to_bundle, registry, structure
+    from diffcore.testing import plugins_for_test
+
+    folder = tiny_pipeline[0]
+    bundle = bundle_of(folder)
+    with plugins_for_test():
+        component = registry("trainers").get("lora")
+        lora = component.factory(structure({"rank": 2, "target_modules": "attention", "train_text_encoder": True,
+                                            "text_encoder_alpha": 3.0, "save_format": "diffusers"},
+                                           component.config), bundle)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in lora.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    assert set(lora.text_targets) == {"text_encoder", "text_encoder_2"}
+    assert not any(hasattr(m, "lora_A") for m in bundle.text.t5.modules())
+    path = lora.export(tmp_path, bundle=bundle)[0]
+    assert "text_encoder_2.text_model.encoder.layers.0.self_attn.k_proj.lora_B.weight" in load_file(path)
+    prompts = ["a red cat on a mat", "two dogs"]
+    with torch.no_grad():
+        trained = bundle.encode_captions(prompts)
+    mine = bundle_of(folder)
+    apply_lora_to_bundle(mine, load_lora(path, mine), merge=False)
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe.load_lora_weights(str(path))
+    with torch.no_grad():
+        again = mine.encode_captions(prompts)
+        context, _, pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False,
+                                                   max_sequence_length=8)
+    for ours in (trained, again):
+        torch.testing.assert_close(ours["context"], context, rtol=0, atol=1e-6)
+        torch.testing.assert_close(ours["y"], pooled, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        assert (bundle_of(folder).encode_captions(prompts)["y"] - pooled).abs().max() > 1e-2

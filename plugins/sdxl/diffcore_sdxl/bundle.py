@@ -231,7 +231,9 @@ class SDXLBundle(ModelBundle):
     def diffusers_modules(self, modules: list[str]) -> list[tuple[str, str]]:
         from diffcore_sdxl.convert import diffusers_modules
 
-        return diffusers_modules({k: tuple(v.shape) for k, v in self.network.state_dict().items()}, modules)
+        shapes = {k.replace(".base_layer.", "."): tuple(v.shape) for k, v in self.network.state_dict().items()
+                  if ".lora_" not in k}   # a peft-wrapped training network named as the plain one
+        return diffusers_modules(shapes, modules)
 
     def encode_captions(self, captions: list[str]) -> dict[str, Tensor]:
         """``context`` (B, 77, 2048: CLIP-L ‖ bigG penultimate states) and ``pooled`` (B, 1280: bigG's
@@ -239,13 +241,23 @@ class SDXLBundle(ModelBundle):
         micro-conditioning to ``pooled``. An empty caption is the model's unconditional input (zeros
         for base, as sampling's empty negative prompt)."""
         captions = [c or "" for c in ([captions] if isinstance(captions, str) else list(captions))]
-        context, pooled = self.text.encode(captions)
+        grad = self.train_text   # text-encoder LoRA: keep the graph through the encoders
+        context, pooled = self.text.encode(captions, grad=grad)
         if any(not c for c in captions):
             empty = torch.tensor([not c for c in captions], device=context.device)
-            neg_context, neg_pooled = self.text.encode_negative([""] * len(captions), (context, pooled))
+            neg_context, neg_pooled = self.text.encode_negative([""] * len(captions), (context, pooled), grad=grad)
             context = torch.where(empty[:, None, None], neg_context, context)
             pooled = torch.where(empty[:, None], neg_pooled, pooled)
         return {"context": context.float(), "pooled": pooled.float()}
+
+    def text_encoders(self) -> dict[str, nn.Module]:
+        """CLIP-L as ``text_encoder`` and bigG as ``text_encoder_2`` (kohya's ``lora_te1_`` /
+        ``lora_te2_``; the refiner has bigG alone), as diffusers' SDXL DreamBooth script trains them."""
+        if self.text is None:
+            return {}
+        encoders = list(self.text.encoders)
+        names = ["text_encoder", "text_encoder_2"][-len(encoders):]
+        return dict(zip(names, encoders))
 
     def training_inputs(self, batch: dict[str, Any], *, dropout: float = 0.0,
                         generator: torch.Generator | None = None) -> dict[str, Any]:
@@ -267,9 +279,8 @@ class SDXLBundle(ModelBundle):
         if dropout > 0:
             drop = (torch.rand(n, generator=generator) < dropout).to(device)
             if drop.any():
-                if self.empty_text is None:
-                    self.empty_text = {k: v.detach() for k, v in self.encode_captions([""]).items()}
-                empty_c, empty_p = (self.empty_text[k].to(device, context.dtype) for k in ("context", "pooled"))
+                empty_text = self.empty_caption_text()
+                empty_c, empty_p = (empty_text[k].to(device, context.dtype) for k in ("context", "pooled"))
                 if empty_c.shape[1:] != context.shape[1:]:
                     raise ConfigError(f"the empty caption's text embedding has shape {tuple(empty_c.shape[1:])}, the "
                                       f"captions' {tuple(context.shape[1:])}: a text cache written with other "

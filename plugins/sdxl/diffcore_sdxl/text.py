@@ -128,9 +128,13 @@ class SDXLText(nn.Module):
     def device(self) -> torch.device:
         return next(self.encoders.parameters()).device
 
-    @torch.no_grad()
-    def encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """(context (B, 77, sum of widths), pooled (B, projection dim)) for ``prompts``."""
+    def encode(self, prompts: Sequence[str], *, grad: bool = False) -> tuple[Tensor, Tensor]:
+        """(context (B, 77, sum of widths), pooled (B, projection dim)) for ``prompts``; ``grad``
+        keeps the autograd graph (text-encoder LoRA training), else none is built."""
+        with torch.enable_grad() if grad else torch.no_grad():
+            return self._encode(prompts)
+
+    def _encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         contexts, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.encoders):
             ids = tokenizer(list(prompts), padding="max_length", max_length=TOKENS, truncation=True,
@@ -142,13 +146,14 @@ class SDXLText(nn.Module):
             raise ValueError("the last text encoder must be a CLIPTextModelWithProjection (it gives the pooled vector)")
         return torch.cat(contexts, dim=-1), pooled
 
-    def encode_negative(self, negatives: Sequence[str | None], like: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def encode_negative(self, negatives: Sequence[str | None], like: tuple[Tensor, Tensor], *,
+                        grad: bool = False) -> tuple[Tensor, Tensor]:
         """The unconditional branch: zeros for empty negatives where the checkpoint wants them."""
         context, pooled = like
         texts = [n or "" for n in negatives]
         if self.zero_empty_negative and not any(texts):
             return torch.zeros_like(context), torch.zeros_like(pooled)
-        enc_context, enc_pooled = self.encode(texts)
+        enc_context, enc_pooled = self.encode(texts, grad=grad)
         if self.zero_empty_negative:   # a batch mixing empty and given negatives: zero the empty rows
             keep = torch.tensor([bool(t) for t in texts], device=enc_context.device)
             enc_context, enc_pooled = enc_context * keep[:, None, None], enc_pooled * keep[:, None]

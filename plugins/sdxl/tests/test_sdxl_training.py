@@ -111,3 +111,73 @@ def test_lora_train_job_with_caches_runs(tiny_pipelines, tmp_path):
     adapters = {k: v for k, v in result.bundle.network.state_dict().items() if "lora_B" in k}
     assert adapters and any(v.abs().sum() > 0 for v in adapters.values())
     assert (out / "lora.safetensors").is_file()
+
+
+def test_text_encoder_lora_trains_both_clips_and_its_file_gives_diffusers_embeddings(tiny_pipelines, tmp_path):
+    """A LoRA job with ``train_text_encoder``: adapters on CLIP-L and bigG train (their base stays),
+    lora.safetensors holds them as ``text_encoder.`` / ``text_encoder_2.``, and diffusers'
+    StableDiffusionXLPipeline with the file loaded gives the prompt embeddings of the trained
+    encoders, as diffcore does with it merged; the kohya form (lora_te1_ / lora_te2_) round-trips."""
+    import tomli_w
+    from diffusers import StableDiffusionXLPipeline
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from diffcore.api import apply_lora_to_bundle
+    from diffcore.testing import plugins_for_test, run_job_file
+
+    folder = tiny_pipelines["base"][0]
+    data = tmp_path / "data"
+    data.mkdir()
+    g = torch.Generator().manual_seed(1)
+    for i in range(2):
+        Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).byte().numpy()).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"image {i} of the set")
+    out = tmp_path / "run"
+    out.mkdir()
+    table = {"job": {"kind": "train", "output_dir": str(out), "device": "cpu", "seed": 3, "steps": 3, "batch_size": 1,
+                     "lr": 1e-2, "log_every": 1, "checkpoint_every": 0},
+             "model": {"family": "sdxl", "path": str(folder), "dtype": "float32"},
+             "dataset": {"name": "captioned", "path": str(data), "resolution": 16, "bucket_resolution_steps": 8,
+                         "min_bucket_resolution": 16, "max_bucket_resolution": 16},
+             "trainer": {"name": "lora", "rank": 4, "target_modules": "attention", "cond_dropout": 0.25,
+                         "train_text_encoder": True, "save_format": "diffusers"}}
+    (out / "job.toml").write_text(tomli_w.dumps(table))
+    with plugins_for_test():
+        result = run_job_file(out / "job.toml")
+    bundle = result.bundle
+    fresh = build_sdxl(SDXLConfig(path=str(folder), dtype="float32"))
+    for prefix, encoder in bundle.text_encoders().items():
+        state = encoder.state_dict()
+        ups = {k: v for k, v in state.items() if "lora_B" in k}
+        assert len(ups) == 4 * encoder.config.num_hidden_layers, prefix
+        # CLIP-L's last layer is unused (SDXL reads its penultimate states): its B stays at zero
+        last = f"layers.{encoder.config.num_hidden_layers - 1}."
+        assert all((v.abs().max() > 0) != (prefix == "text_encoder" and last in k) for k, v in ups.items()), prefix
+        base = {k.replace(".base_layer", ""): v for k, v in state.items() if ".lora_" not in k}
+        assert all(torch.equal(v, base[k]) for k, v in fresh.text_encoders()[prefix].state_dict().items())
+    keys = set(load_file(out / "lora.safetensors"))
+    assert {"text_encoder.text_model.encoder.layers.1.self_attn.out_proj.lora_A.weight",
+            "text_encoder_2.text_model.encoder.layers.2.self_attn.q_proj.lora_B.weight"} <= keys
+    captions = ["a red cat", "image 1 of the set"]
+    with torch.no_grad():
+        trained = bundle.encode_captions(captions)
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe.load_lora_weights(str(out / "lora.safetensors"))
+    with torch.no_grad():
+        context, _, pooled, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False)
+    torch.testing.assert_close(context, trained["context"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(pooled, trained["pooled"], rtol=0, atol=1e-6)
+
+    from diffcore.api import load_lora, save_lora
+
+    kohya = save_lora(tmp_path / "kohya.safetensors", load_lora(out / "lora.safetensors", fresh), fresh, format="kohya")
+    assert {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha",
+            "lora_te2_text_model_encoder_layers_2_self_attn_v_proj.lora_up.weight"} <= set(load_file(kohya))
+    for path in (out / "lora.safetensors", kohya):
+        mine = build_sdxl(SDXLConfig(path=str(folder), dtype="float32"))
+        apply_lora_to_bundle(mine, load_lora(path, mine))
+        with torch.no_grad():
+            again = mine.encode_captions(captions)
+        for key in ("context", "pooled"):
+            torch.testing.assert_close(again[key], trained[key], rtol=0, atol=1e-5)
