@@ -100,6 +100,22 @@ def test_stray_keys_pickles_and_shape_mismatches_are_errors(tmp_path):
         load_lora(tmp_path / "l.pt", bundle)
 
 
+@pytest.mark.parametrize("keys, kind", [
+    (["lora_unet_attn_to_q.hada_w1_a", "lora_unet_attn_to_q.hada_w1_b"], "LyCORIS LoHa"),
+    (["lora_unet_attn_to_q.lokr_w1", "lora_unet_attn_to_q.lokr_w2"], "LyCORIS LoKr"),
+    (["transformer.attn.to_q.lora_A.weight", "transformer.attn.to_q.lora_B.weight",
+      "transformer.attn.to_q.lora_magnitude_vector"], "DoRA"),
+    (["lora_unet_attn_to_q.lora_down.weight", "lora_unet_attn_to_q.lora_up.weight", "lora_unet_attn_to_q.dora_scale"],
+     "DoRA")])
+def test_other_adapter_kinds_are_named_and_refused(tmp_path, keys, kind):
+    """A LoHa, LoKr or DoRA file is not silently applied as a plain LoRA (or half of one)."""
+    from safetensors.torch import save_file
+
+    save_file({k: torch.zeros(2, 8) for k in keys}, tmp_path / "other.safetensors")
+    with pytest.raises(ConfigError, match=rf"other\.safetensors: a {kind} file; diffcore applies plain LoRAs only"):
+        load_lora(tmp_path / "other.safetensors", ToyBundle(network=Toy()))
+
+
 def test_the_trainer_config_checks_save_format():
     from diffcore.training.catalog import LoraConfig
 

@@ -152,6 +152,10 @@ def match_lora(tensors: Mapping[str, Tensor], bundle: Any, *, format: str | None
                source: str = "the LoRA file") -> tuple[LoraWeights, list[str]]:
     """(what ``tensors`` apply to the bundle's network and text encoders, the keys that match no
     layer). Keys of text encoders the bundle does not name (``text_encoders``) are ``not_applicable``."""
+    kind = formats.other_kind(tensors)
+    if kind is not None:
+        raise ConfigError(f"{source}: a {kind} file; diffcore applies plain LoRAs only (lora_down / lora_up or "
+                          f"lora_A / lora_B pairs), so it is refused rather than half applied")
     format = formats.canonical(format) if format else formats.detect(tensors)
     names = _Names(bundle)
     text_keys = {k: v for k, v in tensors.items() if formats.not_applicable(k)}

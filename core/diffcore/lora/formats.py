@@ -62,6 +62,20 @@ def detect(keys: Iterable[str]) -> str:
     return "diffcore"
 
 
+# key pieces of adapter kinds that are not a plain low-rank pair (what the file is, for the error)
+_OTHER_KINDS = ((".hada_w1_a", "LyCORIS LoHa"), (".lokr_w1", "LyCORIS LoKr"), (".oft_blocks", "OFT"),
+                (".dora_scale", "DoRA"), ("lora_magnitude_vector", "DoRA"), (".ia3_l", "IA3"))
+
+
+def other_kind(keys: Iterable[str]) -> str | None:
+    """The name of an adapter kind diffcore does not apply (LoHa, LoKr, OFT, DoRA), if a key shows one."""
+    for key in keys:
+        for piece, kind in _OTHER_KINDS:
+            if piece in key:
+                return kind
+    return None
+
+
 def _suffix(key: str) -> tuple[str, str] | None:
     for suffix, role in _PAIR_SUFFIXES.items():
         if key.endswith(suffix):
