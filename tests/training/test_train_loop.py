@@ -260,3 +260,23 @@ def test_resume_is_bit_exact_on_bucketed_captioned_data(tmp_path, num_workers):
     for name in ("model.safetensors", "ema.safetensors"):
         _assert_same_tensors(load_file(tmp_path / "a" / "checkpoints" / "step-000006" / name),
                              load_file(tmp_path / "b" / "checkpoints" / "step-000006" / name))
+
+
+def test_muon_keeps_each_learning_rate_ratio_in_its_own_group():
+    """A text encoder's own rate (``text_encoder_lr``) reaches its matrices under Muon too."""
+    import pytest
+    import torch
+    from torch import nn
+
+    from diffcore.training.optim import build_optimizer
+
+    if not hasattr(torch.optim, "Muon"):
+        pytest.skip("torch.optim.Muon needs torch >= 2.9")
+    net = nn.ModuleDict({"unet": nn.Linear(4, 4), "text": nn.Linear(4, 4)})
+    slow = {id(p) for p in net["text"].parameters()}
+    opt = build_optimizer(net, net.parameters(), "muon", lr=1e-3, weight_decay=0.0,
+                          lr_scale=lambda p: 0.1 if id(p) in slow else 1.0)
+    muon, adamw = opt.optimizers
+    by_scale = {g["lr_scale"]: g["params"] for g in muon.param_groups}
+    assert by_scale[0.1] == [net["text"].weight] and by_scale[1.0] == [net["unet"].weight]
+    assert {g["lr_scale"] for g in adamw.param_groups} == {0.1, 1.0}   # the biases

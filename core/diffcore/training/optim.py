@@ -70,14 +70,10 @@ def build_optimizer(network: nn.Module, params: Iterable[nn.Parameter], name: st
         raise ConfigError(f"unknown optimizer {name!r}; expected adamw, adamw8bit or muon", path="job.optimizer")
     taken = {id(p) for p in matrices}
     rest = [p for p in params if id(p) not in taken]
-    scales = [1.0 if lr_scale is None else float(lr_scale(p)) for p in rest]
-    groups = []
-    for scale in dict.fromkeys(scales):
-        mine = [p for p, k in zip(rest, scales) if k == scale]
-        extra = {} if lr_scale is None else {"lr_scale": scale}
-        groups += [g for g in ({"params": [p for p in mine if p.ndim >= 2], "weight_decay": weight_decay, **extra},
-                               {"params": [p for p in mine if p.ndim < 2], "weight_decay": 0.0, **extra})
-                   if g["params"]]
+    groups = [g for scale, mine in _by_scale(rest, lr_scale)
+              for g in ({"params": [p for p in mine if p.ndim >= 2], "weight_decay": weight_decay, **scale},
+                        {"params": [p for p in mine if p.ndim < 2], "weight_decay": 0.0, **scale})
+              if g["params"]]
     if name == "adamw8bit":
         return Optimizers(adamw_8bit(groups, lr=lr, betas=betas))
     # CUDA: torch's fused kernel (one launch for every tensor); elsewhere the default implementation
@@ -85,8 +81,19 @@ def build_optimizer(network: nn.Module, params: Iterable[nn.Parameter], name: st
     adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused else {}))
     if not matrices:
         return Optimizers(adamw)
-    muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+    muon = torch.optim.Muon([{"params": mine, **scale} for scale, mine in _by_scale(matrices, lr_scale)], lr=lr,
+                            weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
     return Optimizers(muon, adamw)
+
+
+def _by_scale(params: list[nn.Parameter], lr_scale: Callable[[nn.Parameter], float] | None
+              ) -> list[tuple[dict[str, float], list[nn.Parameter]]]:
+    """``params`` split by their learning-rate ratio, each part with the group entry carrying it
+    (none when no ratio is given: groups stay as plain as before)."""
+    if lr_scale is None:
+        return [({}, params)] if params else []
+    scales = [float(lr_scale(p)) for p in params]
+    return [({"lr_scale": k}, [p for p, q in zip(params, scales) if q == k]) for k in dict.fromkeys(scales)]
 
 
 def adamw_8bit(groups: list[dict[str, Any]], *, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
