@@ -264,8 +264,6 @@ def test_resume_is_bit_exact_on_bucketed_captioned_data(tmp_path, num_workers):
 
 def test_muon_keeps_each_learning_rate_ratio_in_its_own_group():
     """A text encoder's own rate (``text_encoder_lr``) reaches its matrices under Muon too."""
-    import pytest
-    import torch
     from torch import nn
 
     from diffcore.training.optim import build_optimizer
