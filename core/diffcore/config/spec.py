@@ -7,7 +7,7 @@ rest is structured into that component's own attrs config class. The result is a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 
@@ -19,6 +19,28 @@ NAME_KEY = {"models": "family"}
 
 
 @attrs.frozen
+class ModelOptions:
+    """``[model]`` keys that every family takes, handled by the core rather than each plugin's
+    config: ``compile = true`` runs the denoiser through ``torch.compile`` (``diffcore.nn.compile``)
+    with ``compile_mode`` and ``compile_dynamic`` (None: PyTorch's automatic dynamic shapes, which
+    recompile once, at the second size, then cover every size)."""
+
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    compile_dynamic: bool | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if not self.compile:
+            for key, unset in (("compile_mode", "default"), ("compile_dynamic", None)):
+                if getattr(self, key) != unset:
+                    raise ConfigError(f"{key} has no effect without compile = true", path=key)
+
+
+# kind -> the attrs class of the keys the core takes out of every component table of that kind
+COMMON_OPTIONS: dict[str, type] = {"models": ModelOptions}
+
+
+@attrs.frozen
 class Spec:
     """A chosen component and its structured config; ``build`` calls the factory. ``where`` is
     the table it came from (``model``, ``guidance[1]``), so a factory's error about one of its
@@ -27,6 +49,8 @@ class Spec:
     component: Component
     config: Any
     where: str = attrs.field(default="", eq=False, repr=False)
+    #: the kind's common keys (``COMMON_OPTIONS``), e.g. a model's ``ModelOptions``; None: defaults
+    options: Any = None
 
     @property
     def name(self) -> str:

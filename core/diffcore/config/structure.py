@@ -19,7 +19,7 @@ import attrs
 import cattrs
 
 from diffcore.config.loader import Document
-from diffcore.config.spec import NAME_KEY, Spec
+from diffcore.config.spec import COMMON_OPTIONS, NAME_KEY, Spec
 from diffcore.errors import ConfigError, DiffcoreError, did_you_mean
 from diffcore.registry import singular
 
@@ -95,16 +95,20 @@ class _Walk:
             raise self.error(path, f"expected a finite number, found {data!r}")
         return tp(data) if tp in (float, Path) else data
 
-    def attrs_class(self, data: Any, cls: type, path: str) -> Any:
+    def attrs_class(self, data: Any, cls: type, path: str, common: type | None = None) -> Any:
+        """``common``: the class of the keys the core took out of this table before (a model's
+        ``compile``); an unknown key's message lists them too."""
         if not isinstance(data, dict):
             raise self.error(path, f"expected a table, found {_found(data)}")
         fields = {a.name: a for a in attrs.fields(attrs.resolve_types(cls)) if a.init}
         keys = {(a.alias or a.name): a for a in fields.values()}
+        extra = _keys(common) if common is not None else []
         for key in data:
             if key not in keys:
                 where = f"{path}.{key}" if path else key
-                raise self.error(where, f"unknown key {key!r}{did_you_mean(key, keys)}; "
-                                        f"{_name(cls)} accepts: {', '.join(keys) or 'nothing'}")
+                also = f" (and the core: {', '.join(extra)})" if extra else ""
+                raise self.error(where, f"unknown key {key!r}{did_you_mean(key, [*keys, *extra])}; "
+                                        f"{_name(cls)} accepts: {', '.join(keys) or 'nothing'}{also}")
         kwargs = {}
         for key, field in keys.items():
             where = f"{path}.{key}" if path else key
@@ -175,7 +179,16 @@ class _Walk:
                                               f"; registered: {known} (see `diffcore list {kind}`)")
         comp = reg.get(name)
         rest = {k: v for k, v in data.items() if k != key}
-        return Spec(comp, self.attrs_class(rest, comp.config, path), where=path)
+        common = COMMON_OPTIONS.get(kind)
+        options = None
+        if common is not None:   # keys every component of this kind takes, before its own config sees the table
+            mine = {k: rest.pop(k) for k in _keys(common) if k in rest}
+            options = self.attrs_class(mine, common, path) if mine else None
+        return Spec(comp, self.attrs_class(rest, comp.config, path, common), where=path, options=options)
+
+
+def _keys(cls: type) -> list[str]:
+    return [a.alias or a.name for a in attrs.fields(cls) if a.init]
 
 
 def _validator_message(exc: Exception) -> str:
@@ -214,7 +227,8 @@ _converter.register_unstructure_hook(Path, str)
 
 def _unstructure_spec(spec: Spec) -> dict[str, Any]:
     key = NAME_KEY.get(spec.component.kind, "name")
-    return {key: spec.name, **unstructure(spec.config)}
+    options = {} if spec.options is None else unstructure(spec.options)
+    return {key: spec.name, **unstructure(spec.config), **options}
 
 
 _converter.register_unstructure_hook(Spec, _unstructure_spec)

@@ -106,6 +106,12 @@ class TrainJob:
                                          "job.sample_every": "job.validate_every"}
 
     def __attrs_post_init__(self) -> None:
+        if self.model.options is not None and self.model.options.compile:
+            from diffcore.errors import ConfigError
+
+            raise ConfigError("compile = true is for generate and serve jobs: training a compiled network (its "
+                              "backward, gradient checkpointing, peft adapters) is not supported yet; remove it "
+                              "from the train job's [model] table", path="model.compile")
         if self.job.cache_text_embeddings and getattr(self.trainer.config, "train_text_encoder", False):
             from diffcore.errors import ConfigError
 

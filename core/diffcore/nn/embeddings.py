@@ -29,13 +29,19 @@ def timestep_embedding(t: Tensor, dim: int = 256, *, max_period: float = 10000.0
     ``time_factor`` 1. The product ``time_factor * t`` is taken in ``t``'s dtype and the result
     has that dtype, as BFL does (pass float32 ``t`` for full precision)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
-                      / (half - freq_shift))
-    args = (time_factor * t).float()[:, None] * freqs[None]
+    args = (time_factor * t).float()[:, None] * _frequencies(half, max_period, freq_shift, t.device)[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb.to(t.dtype) if t.is_floating_point() else emb
+
+
+@torch.compiler.assume_constant_result
+def _frequencies(half: int, max_period: float, freq_shift: float, device: torch.device) -> Tensor:
+    """The sinusoid's frequencies (float32). A constant to ``torch.compile``: inductor's ``exp`` is
+    1 ulp off ATen's, which the time factor 1000 would turn into 5e-5 in the features."""
+    arange = torch.arange(half, dtype=torch.float32, device=device)
+    return torch.exp(-math.log(max_period) * arange / (half - freq_shift))
 
 
 def rope(ids: Tensor, axes_dim: tuple[int, ...], theta: float) -> Tensor:

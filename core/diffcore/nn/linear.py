@@ -78,6 +78,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: st
     """``activation(x @ weight.T + bias)``; ``activation`` is None, ``"gelu"`` or ``"gelu_tanh"``."""
     if activation not in _POST_OPS:
         raise ValueError(f"activation must be one of {sorted(map(str, _POST_OPS))}, got {activation!r}")
+    if torch.compiler.is_compiling():   # inductor lowers the oneDNN op only for frozen (constant) weights
+        return _fallback(x, weight, bias, activation)
     if (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() >= 2
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad)))):

@@ -25,6 +25,7 @@ import torch
 
 from diffcore.errors import ConfigError
 from diffcore.models import GenerationRequest, ModelBundle
+from diffcore.nn.compile import compile_bundle_network
 from diffcore.sampling.cfg import CFG
 from diffcore.sampling.denoisers import make_denoiser
 from diffcore.sampling.engine import sample
@@ -72,7 +73,8 @@ class Pipeline:
         """The pipeline of a job's component tables (``Spec``s): ``[model]``, ``[sampler]``,
         ``[schedule]`` (None: the bundle's default) and ``[[guidance]]``; ``loras``: ``[[lora]]``
         tables (``path``, ``scale``, ``merge``), each loaded and applied in order to the network and,
-        for a file with text-encoder keys, the text encoders."""
+        for a file with text-encoder keys, the text encoders; then the ``[model]`` table's
+        ``compile`` (``diffcore.nn.compile``)."""
         device = pick_device(device)
         bundle = model.build(device=device)
         if loras:
@@ -85,6 +87,7 @@ class Pipeline:
                 except ConfigError as exc:
                     raise ConfigError(exc.detail, path=exc.path or f"lora[{i}].path") from None
                 apply_lora_to_bundle(bundle, weights, table.scale, merge=table.merge)
+        compile_bundle_network(bundle, getattr(model, "options", None))   # last: it sees the LoRAs
         return cls(bundle=bundle, sampler=sampler.build(), schedule=build_schedule(bundle, schedule), device=device,
                    guidance=[spec.build() for spec in guidance])
 

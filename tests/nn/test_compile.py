@@ -1,0 +1,163 @@
+"""``compile_network``: the families' tiny networks compiled (inductor, CPU) equal eager, trace as
+one graph each (no graph breaks), keep their state-dict keys, recompile at most once over
+several sizes, and run eagerly while guidance patches attention."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+import torch
+import torch._dynamo as dynamo
+from torch._dynamo.utils import counters
+
+from diffcore.nn.attention import attention_layers, patch_attention
+from diffcore.nn.compile import compile_network, is_compiled, uncompiled
+
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test counts its own compiles."""
+    dynamo.reset()
+    counters.clear()
+    yield
+    dynamo.reset()
+
+
+def compiles() -> int:
+    """Graphs dynamo has compiled since the test began (one per compile of one frame)."""
+    return counters["stats"]["unique_graphs"]
+
+
+def dit():
+    pytest.importorskip("diffcore_dit")
+    from diffcore_dit.model import DiT2D
+    from diffcore_dit.params import DiTParams
+
+    torch.manual_seed(0)
+    model = DiT2D(DiTParams(hidden=32, depth=2, heads=4, patch=2, in_channels=3, image_size=8, num_classes=5)).eval()
+    with torch.no_grad():   # the zero init would make the output zero
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def flux1():
+    pytest.importorskip("diffcore_flux1")
+    from diffcore_flux1.model import VARIANTS, Flux
+
+    torch.manual_seed(0)   # one block of each kind: the compile time grows with the depth
+    return Flux(attrs.evolve(VARIANTS["tiny"], depth=1, depth_single_blocks=1)).eval()
+
+
+def flux1_inputs(h: int, w: int, batch: int = 2, txt: int = 7, seed: int = 0) -> dict:
+    from diffcore_flux1.sampling import prepare_img_ids, prepare_txt_ids
+
+    g = torch.Generator().manual_seed(seed)
+    return dict(img=torch.randn(batch, h * w, 64, generator=g), img_ids=prepare_img_ids(h, w)[0],
+                txt=torch.randn(batch, txt, 48, generator=g), txt_ids=prepare_txt_ids(txt)[0],
+                y=torch.randn(batch, 32, generator=g), timesteps=torch.rand(batch, generator=g),
+                guidance=torch.full((batch,), 3.5))
+
+
+def close(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return (got - expected).abs().max().item()
+
+
+@torch.no_grad()
+def test_dit_compiled_equals_eager_in_one_graph_with_the_same_keys():
+    model = dit()
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 4])
+    sigmas = [torch.full((2,), s) for s in (0.9, 0.5, 0.2)]
+    expected = [model(x, sigma, y) for sigma in sigmas]
+    keys = list(model.state_dict())
+    compile_network(model, fullgraph=True)   # a graph break would raise
+    assert is_compiled(model) and list(model.state_dict()) == keys
+    for sigma, want in zip(sigmas, expected):   # a sampling loop: new values, same shapes, no recompile
+        assert close(model(x, sigma, y), want) <= TOL and want.abs().max() > 0.1
+    assert compiles() == 1
+    assert compile_network(model) is model and compiles() == 1   # twice: a no-op
+    uncompiled(model)
+    assert not is_compiled(model) and "forward" not in model.__dict__
+    assert torch.equal(model(x, sigmas[0], y), expected[0])
+
+
+@torch.no_grad()
+def test_flux1_compiled_equals_eager():
+    model = flux1()
+    inputs = flux1_inputs(4, 5)
+    expected = model(**inputs)
+    compile_network(model, fullgraph=True)
+    assert (model(**inputs) - expected).abs().max().item() <= TOL
+    assert compiles() == 1
+
+
+@torch.no_grad()
+def test_flux1_recompiles_once_over_three_sizes():
+    """Three token grids, two steps each: the second size recompiles with dynamic sizes, the third
+    reuses that graph (dynamic=None, PyTorch's automatic dynamic shapes). Traced only: the count
+    is dynamo's, whatever the backend."""
+    model = compile_network(flux1(), fullgraph=True, backend="eager")
+    for size in [(4, 5), (6, 4), (3, 7)]:
+        for seed in range(2):
+            model(**flux1_inputs(*size, seed=seed))
+    assert compiles() == 2
+
+
+@torch.no_grad()
+def test_patched_attention_runs_eagerly_without_recompiling():
+    """PAG-like patches (a new callable each step) take the eager forward; unpatched steps the graph."""
+    model = dit()
+    x, sigma, y = torch.randn(2, 3, 8, 8), torch.tensor([0.9, 0.2]), torch.tensor([1, 4])
+    layers = attention_layers(model)
+    with patch_attention(layers, slice(1, 2), lambda q, k, v, attend: v):
+        expected_patched = model(x, sigma, y)
+    expected = model(x, sigma, y)
+    compile_network(model, fullgraph=True)
+    for step in range(3):
+        assert close(model(x, sigma, y), expected) <= TOL
+        with patch_attention(layers, slice(1, 2), lambda q, k, v, attend, step=step: v):
+            assert torch.equal(model(x, sigma, y), expected_patched)
+    assert compiles() == 1
+
+
+def assert_one_graph(model: torch.nn.Module, *args, **kwargs) -> None:
+    """Traced only (no inductor): the forward is one graph, with no break."""
+    with torch.no_grad():
+        explained = dynamo.explain(model)(*args, **kwargs)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_flux2_has_no_graph_breaks():
+    pytest.importorskip("diffcore_flux2")
+    from diffcore_flux2.model import VARIANTS, Flux2
+    from diffcore_flux2.sampling import image_ids, text_ids
+
+    p = attrs.evolve(VARIANTS["tiny"], depth=1, depth_single_blocks=1)
+    kw = dict(x=torch.randn(2, 24, 16), ctx=torch.randn(2, 7, 48), x_ids=image_ids(4, 6), ctx_ids=text_ids(7),
+              timesteps=torch.tensor([0.83, 0.31]))
+    if p.guidance_embed:
+        kw["guidance"] = torch.full((2,), 4.0)
+    assert_one_graph(Flux2(p).eval(), **kw)
+
+
+def test_sd3_has_no_graph_breaks():
+    pytest.importorskip("diffcore_sd3")
+    from diffcore_sd3.model import VARIANTS, MMDiT
+
+    assert_one_graph(MMDiT(VARIANTS["tiny"]).eval(), x=torch.randn(2, 16, 8, 6), context=torch.randn(2, 7, 48),
+                     y=torch.randn(2, 40), timesteps=torch.rand(2))
+
+
+def test_sdxl_has_no_graph_breaks():
+    pytest.importorskip("diffcore_sdxl")
+    from diffcore_sdxl.model import VARIANTS, UNet, label_vector
+
+    # every kind of block (res, attention, down, up, middle), one of each: tracing time grows with them
+    p = attrs.evolve(VARIANTS["tiny"], channel_mult=(1, 2), transformer_depth=(0, 1), transformer_depth_middle=1,
+                     num_res_blocks=1)
+    ids = torch.tensor([[64.0, 48.0, 0.0, 8.0, 64.0, 64.0][:(p.adm_in_channels - 32) // p.time_embed_scalar_dim]] * 2)
+    label = label_vector(torch.randn(2, 32), ids, p.time_embed_scalar_dim)
+    assert_one_graph(UNet(p).eval(), torch.randn(2, p.in_channels, 8, 8), torch.tensor([981.0, 7.5]),
+                     torch.randn(2, 5, p.context_dim), label)
