@@ -90,9 +90,11 @@ def setups():
 
 
 def step_memory(step, model: torch.nn.Module) -> int:
-    """Bytes of one step: CUDA's peak allocated, else the storages autograd saves for backward,
-    less the model's own weights (a matmul saves its frozen weight, or a transposed view of it:
-    that costs no memory the weights did not already take)."""
+    """Bytes of one step: CUDA's peak allocated, else the storages the forward pass saves for
+    backward, less the model's own weights (a matmul saves its frozen weight, or a transposed view
+    of it: that costs no memory the weights did not already take). What the backward pass saves
+    for itself (a checkpointed block's recomputation, a recomputed activation) lives for one block
+    or one layer and is left out on both sides."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         step()
@@ -102,7 +104,7 @@ def step_memory(step, model: torch.nn.Module) -> int:
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
+        if storage.data_ptr() not in weights and torch._C._current_graph_task_id() == -1:  # not in backward
             seen[storage.data_ptr()] = storage.nbytes()
         return t
 

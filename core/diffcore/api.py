@@ -59,6 +59,7 @@ _NAMES = {
     "GeluMLP": "diffcore.nn.linear",
     "linear": "diffcore.nn.linear",
     "plain": "diffcore.nn.linear",
+    "activated_linear": "diffcore.nn.recompute",
     # the family toolbox: layers every family is made of (diffcore.nn)
     "timestep_embedding": "diffcore.nn.embeddings",
     "rope": "diffcore.nn.embeddings",
@@ -79,6 +80,7 @@ _NAMES = {
     "SwiGLU": "diffcore.nn.mmdit",
     "swiglu": "diffcore.nn.mmdit",
     "swiglu_mlp": "diffcore.nn.mmdit",
+    "SwiGLUMLP": "diffcore.nn.mmdit",
     "AutoEncoderParams": "diffcore.nn.params",
     "AutoEncoder": "diffcore.nn.autoencoder",
     "patchify": "diffcore.nn.autoencoder",

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffcore.nn.recompute import activated_linear
+
 # activation name -> (oneDNN post-op, its algorithm)
 _POST_OPS = {None: ("none", ""), "gelu_tanh": ("gelu", "tanh"), "gelu": ("gelu", "none")}
 
@@ -106,7 +108,8 @@ class Linear(nn.Linear):
 
 class GeluMLP(nn.Sequential):
     """``Linear -> GELU -> Linear`` whose keys are ``0.*`` and ``2.*`` like ``nn.Sequential``'s,
-    with the GELU applied inside the first matmul when oneDNN runs it."""
+    with the GELU applied inside the first matmul when oneDNN runs it, and, under a LoRA on the
+    second, the GELU's output recomputed in backward instead of kept (``diffcore.nn.recompute``)."""
 
     def __init__(self, dim: int, hidden: int, *, approximate: str = "tanh", bias: bool = True):
         super().__init__(Linear(dim, hidden, bias=bias), nn.GELU(approximate=approximate),
@@ -115,6 +118,8 @@ class GeluMLP(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         up, act, down = self
+        if not plain(down):   # an adapter on the second: it may keep the GELU's input alone
+            return activated_linear(down, [(up(x), act)])
         if plain(up):
             return down(linear(x, up.weight, up.bias, self.activation))
         return down(act(up(x)))

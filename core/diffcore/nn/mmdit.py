@@ -25,10 +25,11 @@ from torch import Tensor, nn
 from diffcore.nn.attention import Attention
 from diffcore.nn.embeddings import apply_rope
 from diffcore.nn.linear import Linear, linear, plain
+from diffcore.nn.recompute import Activation, activated_linear
 from diffcore.nn.norms import QKNorm, layer_norm
 
 __all__ = ["DoubleStreamBlock", "FusedModulationOut", "LastLayer", "Modulation", "ModulationOut", "SelfAttention",
-           "SingleStreamBlock", "SwiGLU", "modulate", "swiglu", "swiglu_mlp"]
+           "SingleStreamBlock", "SwiGLU", "SwiGLUMLP", "modulate", "swiglu", "swiglu_mlp"]
 
 # kv(k, v) -> (k, v, mask): a hook that may change a block's keys and values and add an attention
 # mask (True = may attend) before the softmax; FLUX.2 klein-9b-kv's reference cache is one
@@ -121,6 +122,10 @@ class LastLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale, fused=self.fused))
 
 
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
 def swiglu(x: Tensor) -> Tensor:
     """silu(gate) * up over the two halves of a fused [gate | up] projection (Shazeer 2020)."""
     gate, up = x.chunk(2, dim=-1)
@@ -134,9 +139,21 @@ class SwiGLU(nn.Module):
         return swiglu(x)
 
 
-def swiglu_mlp(hidden: int, mlp_hidden: int, *, bias: bool = False) -> nn.Sequential:
-    """``Linear(hidden, 2 * mlp_hidden) -> SwiGLU -> Linear(mlp_hidden, hidden)``, keys ``0.*`` / ``2.*``."""
-    return nn.Sequential(Linear(hidden, 2 * mlp_hidden, bias=bias), SwiGLU(), Linear(mlp_hidden, hidden, bias=bias))
+class SwiGLUMLP(nn.Sequential):
+    """``Linear(hidden, 2 * mlp_hidden) -> SwiGLU -> Linear(mlp_hidden, hidden)``, keys ``0.*`` / ``2.*``;
+    under a LoRA on the second, the SwiGLU's output is recomputed in backward (``diffcore.nn.recompute``)."""
+
+    def __init__(self, hidden: int, mlp_hidden: int, *, bias: bool = False):
+        super().__init__(Linear(hidden, 2 * mlp_hidden, bias=bias), SwiGLU(), Linear(mlp_hidden, hidden, bias=bias))
+
+    def forward(self, x: Tensor) -> Tensor:
+        up, _, down = self
+        return activated_linear(down, [(up(x), swiglu)])
+
+
+def swiglu_mlp(hidden: int, mlp_hidden: int, *, bias: bool = False) -> SwiGLUMLP:
+    """FLUX.2's MLP (``SwiGLUMLP``)."""
+    return SwiGLUMLP(hidden, mlp_hidden, bias=bias)
 
 
 def _attend(attend: Attention, q: Tensor, k: Tensor, v: Tensor, kv: KVHook | None) -> Tensor:
@@ -214,7 +231,7 @@ class SingleStreamBlock(nn.Module):
     def forward(self, x: Tensor, pe: Tensor, vec: Tensor | None = None, mod: ModulationOut | None = None,
                 keep: slice | None = None, kv: KVHook | None = None) -> Tensor:
         mod = mod or self.modulation(vec)[0]
-        qkv, mlp = self.project_in(mod.modulate(self.pre_norm(x)), keep)
+        qkv, mlp, act = self.project_in(mod.modulate(self.pre_norm(x)), keep)
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k)
         attn = _attend(self.attend, apply_rope(q, pe), apply_rope(k, pe), v, kv)
@@ -222,20 +239,22 @@ class SingleStreamBlock(nn.Module):
             x, attn = x[:, keep], attn[:, keep]
             if mod.gate.shape[1] != 1:  # per-token modulation
                 mod = mod._replace(gate=mod.gate[:, keep])
-        return mod.residual(x, self.linear2(torch.cat((attn, mlp), dim=-1)))
+        return mod.residual(x, activated_linear(self.linear2, [(attn, None), (mlp, act)]))
 
-    def project_in(self, x: Tensor, keep: slice | None = None) -> tuple[Tensor, Tensor]:
-        """``linear1`` -> (qkv, act(mlp_in) of the kept tokens). When ``linear1`` is plain and it
-        saves work, as two matmuls on row blocks of its weight: a GELU then runs inside the
-        second (oneDNN post-op), and only the kept tokens go through the MLP half."""
+    def project_in(self, x: Tensor, keep: slice | None = None) -> tuple[Tensor, Tensor, Activation]:
+        """``linear1`` -> (qkv, mlp_in of the kept tokens, the activation still to apply to it).
+        When ``linear1`` is plain and it saves work, as two matmuls on row blocks of its weight: a
+        GELU then runs inside the second (oneDNN post-op), and only the kept tokens go through the
+        MLP half. Otherwise the activation is left to ``linear2`` (``activated_linear``), which
+        under a LoRA keeps its input alone for the backward pass."""
         sizes = [3 * self.hidden, self.mlp_in]
         gelu = self.mlp_act == "gelu_tanh"
+        act = _gelu_tanh if gelu else swiglu
         if plain(self.linear1) and (gelu or keep is not None):
             w_qkv, w_mlp = self.linear1.weight.split(sizes)
             b_qkv, b_mlp = self.linear1.bias.split(sizes) if self.linear1.bias is not None else (None, None)
             qkv = linear(x, w_qkv, b_qkv)
             mlp = linear(x if keep is None else x[:, keep], w_mlp, b_mlp, "gelu_tanh" if gelu else None)
-            return qkv, mlp if gelu else swiglu(mlp)
+            return qkv, mlp, None if gelu else act
         qkv, mlp = self.linear1(x).split(sizes, dim=-1)  # a hooked or adapter-wrapped linear1 runs as a module
-        mlp = mlp if keep is None else mlp[:, keep]
-        return qkv, F.gelu(mlp, approximate="tanh") if gelu else swiglu(mlp)
+        return qkv, mlp if keep is None else mlp[:, keep], act

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from diffcore.api import Attention, Linear, timestep_embedding
+from diffcore.api import Attention, Linear, activated_linear, timestep_embedding
 
 
 def timestep_sinusoid(t: Tensor, dim: int) -> Tensor:
@@ -101,8 +101,12 @@ class GEGLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # one matmul: splitting it to fuse the GELU into the gate's half changes the GEMM's rounding
         # (1e-6 per UNet call, 4e-5 after a 4-step CFG run), and SDXL's reference is exact
-        h, gate = self.proj(x).chunk(2, dim=-1)
-        return h * F.gelu(gate)
+        return geglu(self.proj(x))
+
+
+def geglu(projected: Tensor) -> Tensor:
+    h, gate = projected.chunk(2, dim=-1)
+    return h * F.gelu(gate)
 
 
 class FeedForward(nn.Module):
@@ -111,7 +115,9 @@ class FeedForward(nn.Module):
         self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Dropout(0.0), Linear(mult * dim, dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        # under a LoRA on the output layer, the GEGLU's output is recomputed in backward
+        geglu_layer, _, out = self.net   # the middle is a zero-rate dropout: the identity
+        return activated_linear(out, [(geglu_layer.proj(x), geglu)])
 
 
 class BasicTransformerBlock(nn.Module):
