@@ -59,7 +59,7 @@ _NAMES = {
     "GeluMLP": "diffcore.nn.linear",
     "linear": "diffcore.nn.linear",
     "plain": "diffcore.nn.linear",
-    "activated_linear": "diffcore.nn.recompute",
+    "activated_linear": "diffcore.nn.lora_linear",
     # the family toolbox: layers every family is made of (diffcore.nn)
     "timestep_embedding": "diffcore.nn.embeddings",
     "rope": "diffcore.nn.embeddings",

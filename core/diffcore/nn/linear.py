@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffcore.nn.recompute import activated_linear
+from diffcore.nn.lora_linear import activated_linear
 
 # activation name -> (oneDNN post-op, its algorithm)
 _POST_OPS = {None: ("none", ""), "gelu_tanh": ("gelu", "tanh"), "gelu": ("gelu", "none")}
@@ -109,7 +109,7 @@ class Linear(nn.Linear):
 class GeluMLP(nn.Sequential):
     """``Linear -> GELU -> Linear`` whose keys are ``0.*`` and ``2.*`` like ``nn.Sequential``'s,
     with the GELU applied inside the first matmul when oneDNN runs it, and, under a LoRA on the
-    second, the GELU's output recomputed in backward instead of kept (``diffcore.nn.recompute``)."""
+    second, the GELU's output recomputed in backward instead of kept (``diffcore.nn.lora_linear``)."""
 
     def __init__(self, dim: int, hidden: int, *, approximate: str = "tanh", bias: bool = True):
         super().__init__(Linear(dim, hidden, bias=bias), nn.GELU(approximate=approximate),

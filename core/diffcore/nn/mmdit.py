@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from diffcore.nn.attention import Attention
 from diffcore.nn.embeddings import apply_rope
 from diffcore.nn.linear import Linear, linear, plain
-from diffcore.nn.recompute import Activation, activated_linear
+from diffcore.nn.lora_linear import Activation, activated_linear
 from diffcore.nn.norms import QKNorm, layer_norm
 
 __all__ = ["DoubleStreamBlock", "FusedModulationOut", "LastLayer", "Modulation", "ModulationOut", "SelfAttention",
@@ -141,7 +141,7 @@ class SwiGLU(nn.Module):
 
 class SwiGLUMLP(nn.Sequential):
     """``Linear(hidden, 2 * mlp_hidden) -> SwiGLU -> Linear(mlp_hidden, hidden)``, keys ``0.*`` / ``2.*``;
-    under a LoRA on the second, the SwiGLU's output is recomputed in backward (``diffcore.nn.recompute``)."""
+    under a LoRA on the second, the SwiGLU's output is recomputed in backward (``diffcore.nn.lora_linear``)."""
 
     def __init__(self, hidden: int, mlp_hidden: int, *, bias: bool = False):
         super().__init__(Linear(hidden, 2 * mlp_hidden, bias=bias), SwiGLU(), Linear(mlp_hidden, hidden, bias=bias))

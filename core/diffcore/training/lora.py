@@ -5,6 +5,8 @@ peft wraps each target ``nn.Linear`` of the network so that ``y = W x + (alpha /
 Only ``A`` and ``B`` require gradients, so the optimizer, the EMA and every checkpoint hold the
 adapters alone (megabytes for a model of gigabytes), and a resumed run continues bit for bit.
 Targets are the family's presets or patterns in either naming (``ModelBundle.lora_targets``).
+The wrapped layers then run as one autograd function each (``diffcore.nn.lora_linear``): peft's
+numbers to rounding, with fewer passes over wide tensors.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from diffcore.errors import ConfigError
+from diffcore.nn.lora_linear import fuse_lora_layers
 from diffcore.training.trainers import FullTrainer
 
 ADAPTER = "default"   # peft's adapter name; one adapter per training run
@@ -39,6 +42,7 @@ class LoraTrainer(FullTrainer):
         peft_config = LoraConfig(r=config.rank, lora_alpha=self.alpha, lora_dropout=config.dropout,
                                  target_modules=self.targets, init_lora_weights=config.init)
         inject_adapter_in_model(peft_config, self.network, adapter_name=ADAPTER)
+        fuse_lora_layers(self.network)
         self.text_encoders: dict[str, nn.Module] = {}
         self.text_targets: dict[str, list[str]] = {}
         if getattr(config, "train_text_encoder", False):
@@ -82,6 +86,7 @@ class LoraTrainer(FullTrainer):
                 raise ConfigError(f"text_encoder_targets {self.config.text_encoder_targets} match no linear layer of "
                                   f"{prefix} ({type(encoder).__name__}: {', '.join(linears[:3])}, ...): {exc}",
                                   path="trainer.text_encoder_targets") from None
+            fuse_lora_layers(encoder)
             self.text_targets[prefix] = [n for n, m in encoder.named_modules() if hasattr(m, "lora_A")]
             self.text_encoders[prefix] = encoder
         bundle.train_text = True

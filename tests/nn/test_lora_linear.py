@@ -1,6 +1,7 @@
-"""``activated_linear``: a LoRA on a layer fed by an activation gives peft's outputs to the last
-bit and its gradients to rounding, while keeping less for the backward pass; anything it does
-not compute exactly as peft does (dropout, a merged adapter, no gradients) runs peft itself."""
+"""``diffcore.nn.lora_linear``: LoRA layers run as one function (``fuse_lora_layers``) and a
+LoRA on a layer fed by an activation (``activated_linear``) give peft's outputs and gradients to
+rounding while keeping less for the backward pass; anything they do not compute as peft does
+(dropout, a merged adapter, no gradients, autocast) runs peft itself."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from diffcore.nn.linear import GeluMLP
+from diffcore.nn.lora_linear import fuse_lora_layers
 from diffcore.nn.mmdit import SingleStreamBlock, SwiGLUMLP
 
 peft = pytest.importorskip("peft")
@@ -26,6 +28,7 @@ def with_lora(module: nn.Module, targets: list[str], dropout: float = 0.0) -> nn
     module = peft.inject_adapter_in_model(config, module)
     for name, p in module.named_parameters():
         p.requires_grad_("lora_" in name)
+    fuse_lora_layers(module)
     return module
 
 
@@ -34,18 +37,22 @@ def as_peft_runs_it(module: nn.Module) -> nn.Module:
     function, but not one ``activated_linear`` computes itself."""
     module = copy.deepcopy(module)
     for layer in module.modules():
+        layer.__dict__.pop("forward", None)   # fuse_lora_layers' forwards
         if hasattr(layer, "lora_dropout"):
             for name in layer.lora_dropout:
                 layer.lora_dropout[name] = nn.Dropout(0.0)
     return module
 
 
-def saved_bytes(run) -> int:
-    """Bytes autograd keeps for the backward pass of ``run()`` (each storage counted once)."""
+def saved_bytes(run, module: nn.Module | None = None) -> int:
+    """Bytes autograd keeps for the backward pass of ``run()``, each storage counted once and the
+    module's own weights left out (keeping a reference to a weight costs no memory)."""
+    weights = {p.untyped_storage().data_ptr() for p in module.parameters()} if module is not None else set()
     storages: dict[int, int] = {}
 
     def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in weights:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -118,8 +125,8 @@ def test_less_is_kept_for_backward(make, inputs):
     ours = make()
     theirs = as_peft_runs_it(ours)
     args = inputs()
-    _, kept = saved_bytes(lambda: ours(*args))
-    _, kept_by_peft = saved_bytes(lambda: theirs(*args))
+    _, kept = saved_bytes(lambda: ours(*args), ours)
+    _, kept_by_peft = saved_bytes(lambda: theirs(*args), theirs)
     assert kept < kept_by_peft
 
 
@@ -179,3 +186,27 @@ def test_under_autocast_it_runs_peft_itself():
     assert out.dtype == ref.dtype == torch.bfloat16
     assert torch.equal(out, ref)
     out.float().sum().backward()
+
+
+def test_a_deep_copy_of_a_fused_module_computes_with_its_own_weights():
+    ours = mlp()
+    twin = copy.deepcopy(ours)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(2)
+    (x,) = mlp_inputs()
+    out, twin_out = ours(x), twin(x)
+    assert not torch.allclose(out, twin_out)
+    assert torch.allclose(twin_out, as_peft_runs_it(twin)(x), atol=1e-6)
+
+
+def test_a_lone_lora_linear_on_two_dimensional_input_matches_peft():
+    torch.manual_seed(0)
+    ours = with_lora(nn.Sequential(nn.Linear(12, 20)), ["0"])
+    theirs = as_peft_runs_it(ours)
+    x = torch.randn(7, 12, requires_grad=True)
+    out, got = grads(ours, (x,))
+    ref, want = grads(theirs, (x,))
+    assert torch.allclose(out, ref, atol=1e-6)
+    for g, w in zip(got, want):
+        assert (g - w).abs().max() <= TOL * max(1.0, w.abs().max())
