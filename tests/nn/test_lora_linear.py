@@ -9,6 +9,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from diffcore.nn.linear import GeluMLP
@@ -210,3 +212,25 @@ def test_a_lone_lora_linear_on_two_dimensional_input_matches_peft():
     assert torch.allclose(out, ref, atol=1e-6)
     for g, w in zip(got, want):
         assert (g - w).abs().max() <= TOL * max(1.0, w.abs().max())
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(dims=st.tuples(st.integers(1, 24), st.integers(1, 24)), rank=st.integers(1, 6), alpha=st.sampled_from([1, 3, 16]),
+       lead=st.lists(st.integers(1, 5), min_size=0, max_size=2), bias=st.booleans(),
+       input_grad=st.booleans())
+def test_any_shape_rank_and_scaling_matches_peft(dims, rank, alpha, lead, bias, input_grad):
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["0"], init_lora_weights=False)
+    ours = peft.inject_adapter_in_model(config, nn.Sequential(nn.Linear(*dims, bias=bias)))
+    for name, p in ours.named_parameters():
+        p.requires_grad_("lora_" in name)
+    fuse_lora_layers(ours)
+    theirs = as_peft_runs_it(ours)
+    x = torch.randn(*lead, dims[0], requires_grad=input_grad)
+    out, ref = ours(x), theirs(x)
+    assert out.shape == ref.shape and (out - ref).abs().max() <= 1e-6 * max(1.0, ref.abs().max())
+    weight = torch.randn(ref.shape)
+    got = torch.autograd.grad((out * weight).sum(), [p for p in ours.parameters() if p.requires_grad] + ([x] if input_grad else []))
+    want = torch.autograd.grad((ref * weight).sum(), [p for p in theirs.parameters() if p.requires_grad] + ([x] if input_grad else []))
+    for g, w in zip(got, want):
+        assert (g - w).abs().max() <= 1e-5 * max(1.0, w.abs().max())
