@@ -58,6 +58,11 @@ _NAMES = {
     "Linear": "diffcore.nn.linear",
     "GeluMLP": "diffcore.nn.linear",
     "linear": "diffcore.nn.linear",
+    "linear_plus": "diffcore.nn.linear",
+    "linear_times": "diffcore.nn.linear",
+    "onednn_matmul": "diffcore.nn.linear",
+    "Conv2d": "diffcore.nn.conv",
+    "conv_plus": "diffcore.nn.conv",
     "plain": "diffcore.nn.linear",
     "activated_linear": "diffcore.nn.lora_linear",
     # the family toolbox: layers every family is made of (diffcore.nn)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import diffcore.nn.linear as linear_module
-from diffcore.nn.linear import GeluMLP, Linear, linear, plain, reference_matmuls
+from diffcore.nn.linear import GeluMLP, Linear, linear, linear_plus, linear_times, plain, reference_matmuls
 
 needs_onednn = pytest.mark.skipif(not linear_module.ONEDNN_USABLE, reason="this PyTorch build has no oneDNN")
 
@@ -115,3 +115,20 @@ def test_on_by_default_on_amd_only(monkeypatch):
         assert linear_module._onednn_chosen() == expected, vendor
     monkeypatch.setenv("DIFFCORE_ONEDNN_LINEAR", "on")
     assert linear_module._onednn_chosen() == linear_module.ONEDNN_USABLE
+
+
+@needs_onednn
+@torch.inference_mode()
+def test_sums_and_products_inside_the_matmul_equal_doing_them_after():
+    torch.manual_seed(0)
+    layer, x = Linear(32, 24), torch.randn(2, 40, 32)
+    other = torch.randn(2, 40, 24)
+    assert torch.equal(linear_plus(layer, x, other), layer(x) + other)
+    assert torch.equal(linear_times(x, layer.weight, layer.bias, other), layer(x) * other)
+    row = torch.randn(1, 32)   # one row: MKL's call, and the sum after it
+    assert torch.equal(linear_plus(layer, row, torch.ones(1, 24)), F.linear(row, layer.weight, layer.bias) + 1)
+    broadcast = torch.randn(24)   # not the output's shape: summed after the matmul
+    assert torch.equal(linear_plus(layer, x, broadcast), layer(x) + broadcast)
+    hooked = Linear(32, 24)
+    hooked.register_forward_hook(lambda module, args, out: out * 0)
+    assert torch.equal(linear_plus(hooked, x, other), other)

@@ -13,6 +13,12 @@ Only inference takes this path (no autograd formula exists for the oneDNN op): a
 needs gradients, any other dtype or device, non-AMD and non-x86 machines and builds without
 oneDNN use ``F.linear``. ``DIFFCORE_ONEDNN_LINEAR=0`` makes every call use ``F.linear``
 (bit-identical to code that does); ``=1`` turns the oneDNN path on whatever the CPU's vendor.
+The same switch covers ``diffcore.nn.conv``. Matmuls of fewer than ``ONEDNN_MIN_ROWS`` rows (an
+embedding MLP on one vector) stay on MKL: there oneDNN's fixed cost per call (~15 us) is most of it.
+
+``linear_plus`` and ``linear_times`` take a residual sum or a gate's product into the matmul
+(oneDNN binary post-ops, bit-identical to adding or multiplying after it), sparing one pass over
+the output and its allocation.
 """
 
 from __future__ import annotations
@@ -76,25 +82,62 @@ def _fallback(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | 
     return F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
 
 
+ONEDNN_MIN_ROWS = 16
+
+
+def onednn_takes(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether an op on these tensors may run through oneDNN: the switch is on, fp32 on CPU,
+    nothing needs gradients, and no compiler is tracing (inductor lowers oneDNN ops only for
+    frozen weights)."""
+    return (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad)))
+            and not torch.compiler.is_compiling())
+
+
+def onednn_matmul(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether ``linear(x, weight, bias)`` runs through oneDNN (so a caller may pick a oneDNN-only split)."""
+    return x.dim() >= 2 and x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1] and onednn_takes(x, weight, bias)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
     """``activation(x @ weight.T + bias)``; ``activation`` is None, ``"gelu"`` or ``"gelu_tanh"``."""
     if activation not in _POST_OPS:
         raise ValueError(f"activation must be one of {sorted(map(str, _POST_OPS))}, got {activation!r}")
-    if torch.compiler.is_compiling():   # inductor lowers the oneDNN op only for frozen (constant) weights
-        return _fallback(x, weight, bias, activation)
-    if (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() >= 2
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                                  or (bias is not None and bias.requires_grad)))):
+    if onednn_matmul(x, weight, bias):
         attr, algorithm = _POST_OPS[activation]
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
     return _fallback(x, weight, bias, activation)
 
 
+def _binary(x: Tensor, weight: Tensor, bias: Tensor | None, other: Tensor, op: str) -> Tensor | None:
+    """``x @ weight.T + bias`` then ``op`` with ``other`` inside oneDNN's matmul, or None where
+    oneDNN does not take it (``other`` must be an fp32 tensor of exactly the output's shape)."""
+    if (onednn_matmul(x, weight, bias) and other.dtype == torch.float32 and not other.requires_grad
+            and other.shape == (*x.shape[:-1], weight.shape[0])):
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, bias, op)
+    return None
+
+
+def linear_plus(layer: nn.Module, x: Tensor, other: Tensor) -> Tensor:
+    """``layer(x) + other`` (a residual), the sum taken inside the matmul where ``layer`` is plain."""
+    if plain(layer) and (y := _binary(x, layer.weight, layer.bias, other, "add")) is not None:
+        return y
+    return layer(x) + other
+
+
+def linear_times(x: Tensor, weight: Tensor, bias: Tensor | None, other: Tensor) -> Tensor:
+    """``(x @ weight.T + bias) * other`` (a gated unit), the product taken inside the matmul."""
+    y = _binary(x, weight, bias, other, "mul")
+    return F.linear(x, weight, bias) * other if y is None else y
+
+
 def plain(layer: nn.Module) -> bool:
     """Whether ``layer`` is a ``Linear`` with nothing wrapped around its forward (no peft adapter,
     no accelerate offload hook, no torch hook), so calling ``linear`` on its weight directly is
-    the same as calling the layer: only then may a caller fuse work into its matmul."""
-    return (type(layer) is Linear and "forward" not in layer.__dict__ and not layer._forward_hooks
+    the same as calling the layer: only then may a caller fuse work into its matmul. ``Conv2d``
+    (``diffcore.nn.conv``) counts too."""
+    return (type(layer) in FUSABLE and "forward" not in layer.__dict__ and not layer._forward_hooks
             and not layer._forward_pre_hooks)
 
 
@@ -104,6 +147,10 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
+
+
+# the layer classes whose forward is exactly their fused function's (never a subclass's own)
+FUSABLE: set[type[nn.Module]] = {Linear}
 
 
 class GeluMLP(nn.Sequential):

@@ -53,4 +53,21 @@ def run_cli(args: list[str]) -> Any:
     return CliRunner().invoke(cli, list(args))
 
 
-__all__ = ["Plugins", "get_plugins", "plugins_for_test", "reset_plugins", "run_cli", "run_job_file"]
+def assert_same_weights_output(got: Any, expected: Any, *, ulps: float = 8.0) -> None:
+    """The same weights loaded from two files computed the same output, to the last bits.
+
+    Not bit for bit: weights are used where the file maps them, so their addresses differ from
+    layout to layout, and MKL's matrix-vector kernel (one-row matmuls: the timestep and pooled-text
+    embeddings) rounds by the weight's 16-byte alignment on some CPUs (an AMD EPYC here: 1 ulp per
+    matmul; a whole job multiplies it: pass more ``ulps``). A converter error (a swapped scale /
+    shift, a transposed matrix) is orders larger."""
+    import torch
+
+    scale = expected.abs().max().item()
+    error = (got - expected).abs().max().item()
+    assert got.shape == expected.shape and error <= ulps * torch.finfo(expected.dtype).eps * max(scale, 1.0), \
+        f"outputs differ by {error:.3g} (outputs up to {scale:.3g})"
+
+
+__all__ = ["Plugins", "assert_same_weights_output", "get_plugins", "plugins_for_test", "reset_plugins", "run_cli",
+           "run_job_file"]

@@ -26,3 +26,14 @@ def reference_matmuls():
 
     with reference_matmuls():
         yield
+
+
+@pytest.fixture
+def onednn_matmuls(monkeypatch):
+    """Run the test's linears and convolutions on oneDNN whatever the CPU's vendor (on by default
+    only on AMD), to check the fast path's accuracy; skips where PyTorch has no oneDNN."""
+    import diffcore.nn.linear as switch
+
+    if not switch.ONEDNN_USABLE:
+        pytest.skip("this PyTorch build has no oneDNN")
+    monkeypatch.setattr(switch, "ONEDNN", True)

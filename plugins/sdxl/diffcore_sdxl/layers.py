@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from diffcore.api import Attention, Linear, activated_linear, timestep_embedding
+from diffcore.api import (Attention, Conv2d, Linear, activated_linear, conv_plus, linear, linear_plus, linear_times,
+                          onednn_matmul, plain, timestep_embedding)
 
 
 def timestep_sinusoid(t: Tensor, dim: int) -> Tensor:
@@ -36,21 +37,24 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, out_channels: int, emb_dim: int, groups: int):
         super().__init__()
         self.in_layers = nn.Sequential(group_norm(channels, groups), nn.SiLU(),
-                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+                                       Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), Linear(emb_dim, out_channels))
         self.out_layers = nn.Sequential(group_norm(out_channels, groups), nn.SiLU(), nn.Dropout(0.0),
-                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
-        self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+                                        Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = nn.Identity() if channels == out_channels else Conv2d(channels, out_channels, 1)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        # both sums go into the convolutions where oneDNN runs them (diffcore.nn.conv)
+        norm, act, conv = self.in_layers
+        h = conv_plus(conv, act(norm(x)), self.emb_layers(emb)[:, :, None, None])
+        norm, act, dropout, conv = self.out_layers
+        return conv_plus(conv, dropout(act(norm(h))), self.skip_connection(x))
 
 
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.op(x)
@@ -61,7 +65,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         up = F.interpolate(x, size=size, mode="nearest") if size is not None else \
@@ -83,12 +87,14 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(Linear(dim, dim), nn.Dropout(0.0))
         self.attend = Attention() if own_op else None
 
-    def forward(self, x: Tensor, context: Tensor | None = None, attend: Attention | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None, attend: Attention | None = None,
+                residual: Tensor | None = None) -> Tensor:
+        """The attention's output, plus ``residual`` (summed inside the output matmul) when given."""
         context = x if context is None else context
         q, k, v = (rearrange(t, "B L (H D) -> B H L D", H=self.heads)
                    for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
-        out = (attend or self.attend)(q, k, v)
-        return self.to_out(rearrange(out, "B H L D -> B L (H D)"))
+        out = rearrange((attend or self.attend)(q, k, v), "B H L D -> B L (H D)")
+        return self.to_out(out) if residual is None else linear_plus(self.to_out[0], out, residual)
 
 
 class GEGLU(nn.Module):
@@ -99,8 +105,8 @@ class GEGLU(nn.Module):
         self.proj = Linear(dim, 2 * inner)
 
     def forward(self, x: Tensor) -> Tensor:
-        # one matmul: splitting it to fuse the GELU into the gate's half changes the GEMM's rounding
-        # (1e-6 per UNet call, 4e-5 after a 4-step CFG run), and SDXL's reference is exact
+        # one matmul, as the reference: the split of FeedForward's oneDNN path rounds differently
+        # (1e-6 per UNet call, 4e-5 after a 4-step CFG run), so it is never taken on F.linear
         return geglu(self.proj(x))
 
 
@@ -114,10 +120,19 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Dropout(0.0), Linear(mult * dim, dim))
 
-    def forward(self, x: Tensor) -> Tensor:
-        # under a LoRA on the output layer, the GEGLU's output is recomputed in backward
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """The MLP's output, plus ``residual`` when given."""
         geglu_layer, _, out = self.net   # the middle is a zero-rate dropout: the identity
-        return activated_linear(out, [(geglu_layer.proj(x), geglu)])
+        proj = geglu_layer.proj
+        if plain(proj) and plain(out) and onednn_matmul(x, proj.weight, proj.bias):
+            # oneDNN: the GELU and the gate's product go into two half-width matmuls, the residual
+            # into the last (three passes over the 4x-wide hidden state fewer)
+            (w_x, w_gate), (b_x, b_gate) = proj.weight.chunk(2), proj.bias.chunk(2)
+            h = linear_times(x, w_x, b_x, linear(x, w_gate, b_gate, "gelu"))
+            return linear(h, out.weight, out.bias) if residual is None else linear_plus(out, h, residual)
+        # under a LoRA on the output layer, the GEGLU's output is recomputed in backward
+        y = activated_linear(out, [(proj(x), geglu)])
+        return y if residual is None else residual + y
 
 
 class BasicTransformerBlock(nn.Module):
@@ -133,9 +148,9 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, context: Tensor, self_attend: Attention) -> Tensor:
-        x = x + self.attn1(self.norm1(x), attend=self_attend)
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        x = self.attn1(self.norm1(x), attend=self_attend, residual=x)
+        x = self.attn2(self.norm2(x), context, residual=x)
+        return self.ff(self.norm3(x), residual=x)
 
 
 class SpatialTransformer(nn.Module):

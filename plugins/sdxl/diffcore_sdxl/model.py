@@ -15,7 +15,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from diffcore.api import Linear
+from diffcore.api import Conv2d, Linear
 
 from diffcore_sdxl.layers import Downsample, ResBlock, SpatialTransformer, Upsample, group_norm, timestep_sinusoid
 from diffcore_sdxl.params import VARIANTS, UNetParams
@@ -64,7 +64,7 @@ class UNet(nn.Module):
 
         self.time_embed = _mlp(p.model_channels, emb)
         self.label_emb = nn.Sequential(_mlp(p.adm_in_channels, emb))
-        self.input_blocks = nn.ModuleList([Step([nn.Conv2d(p.in_channels, p.model_channels, 3, padding=1)])])
+        self.input_blocks = nn.ModuleList([Step([Conv2d(p.in_channels, p.model_channels, 3, padding=1)])])
         ch, skips = p.model_channels, [p.model_channels]
         for level, (width, depth) in enumerate(zip(p.widths, p.transformer_depth)):
             for _ in range(p.num_res_blocks):
@@ -90,7 +90,7 @@ class UNet(nn.Module):
                 if level and i == p.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(Step(layers))
-        self.out = nn.Sequential(group_norm(ch, groups), nn.SiLU(), nn.Conv2d(ch, p.out_channels, 3, padding=1))
+        self.out = nn.Sequential(group_norm(ch, groups), nn.SiLU(), Conv2d(ch, p.out_channels, 3, padding=1))
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor, down_residuals: Sequence[Tensor] = (),
                 mid_residual: Tensor | None = None) -> Tensor:
@@ -118,7 +118,7 @@ class UNet(nn.Module):
             h = h + mid_residual
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb, context, size=hs[-1].shape[-2:] if hs else None)
-        return self.out(h)
+        return self.out(h).contiguous()   # oneDNN may leave its convolutions channels-last
 
 
 def label_vector(pooled: Tensor, scalars: Tensor, dim: int = 256) -> Tensor:

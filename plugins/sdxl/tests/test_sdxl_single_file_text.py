@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffcore.api import CheckpointError, ConfigError
+from diffcore.testing import assert_same_weights_output
 from diffcore_sdxl import clip_keys
 from diffcore_sdxl.plugin import SDXLConfig, build_sdxl
 from diffcore_sdxl.text import SDXLText
@@ -111,7 +112,9 @@ def test_a_job_from_the_single_file(tiny_pipelines, run_job, tmp_path):
         build_sdxl(SDXLConfig(path=str(file), vae=str(folder), dtype="float32"))
     expected, _ = run_job("folder", {"path": str(folder)})
     got, params = run_job("file", {"path": str(file), "vae": str(folder), "tokenizers": str(tokenizers)})
-    assert torch.equal(got, expected)
+    # the pooled text's 1-row projection rounds by its weight's address (1 ulp), and four CFG steps
+    # and the decoder carry it to ~1e-5 of the image
+    assert_same_weights_output(got, expected, ulps=256)
 
 
 def test_missing_tokenizer_folder_is_named(tiny_pipelines, tmp_path):
