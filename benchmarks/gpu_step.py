@@ -8,7 +8,9 @@ table gives median milliseconds, the ratio diffcore / diffusers, the activation 
 forward (peak allocated above the weights), and the fraction of the chip's bf16 matmul ceiling
 (measured in the same run on an 8192^3 matmul) that the forward's FLOPs reach (matmuls and
 attention, counted by torch's FlopCounterMode), and the largest difference of the two outputs.
-``--compile`` adds torch.compile (default mode) rows; ``--generate`` a whole 28-step FLUX.1-dev call from embeddings to latents (diffusers'
+``--compile`` adds torch.compile (default mode) rows; ``--fp8`` rows of diffcore with fp8 weights
+(``diffcore.nn.fp8``: stored in fp8 and multiplied in bf16, then fp8 matmuls; their label gives the
+weights' GiB, their difference column is the fp8 error against diffusers' bf16); ``--generate`` a whole 28-step FLUX.1-dev call from embeddings to latents (diffusers'
 ``FluxPipeline`` with ``output_type="latent"`` against diffcore's ``denoise``).
 
 It measures GPUs only: without CUDA it stops with a message. ``--tiny --device cpu`` runs the
@@ -272,10 +274,39 @@ def measure(name: str, args: argparse.Namespace, dtype: torch.dtype, ceiling: fl
             difference = (case.run_ours().float() - case.run_reference().float()).abs().max().item()
             lines.append(row(f"{name} compiled (both compiled in {warm:.0f} s)", ours, ref, memory, flops, ceiling,
                              difference))
+        if args.fp8:
+            lines += fp8_rows(name, case, args, flops, ceiling)
     del case
     gc.collect()
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
+    return lines
+
+
+def weight_gib(network: torch.nn.Module) -> float:
+    return sum(t.numel() * t.element_size() for t in (*network.parameters(), *network.buffers())) / 2**30
+
+
+def fp8_rows(name: str, case: Case, args: argparse.Namespace, flops: int, ceiling: float) -> list[str]:
+    """diffcore's network converted in place to fp8 storage, then to fp8 matmuls, each timed
+    against the unchanged reference (compiled if ``--compile`` compiled both)."""
+    from diffcore.nn.fp8 import MIN_FEATURES, Float8Linear, fp8_matmul_supported, store_fp8
+
+    lines, compiled = [], " compiled" if args.compile else ""
+    bf16 = weight_gib(case.ours)
+    store_fp8(case.ours, min_features=1 if args.tiny else MIN_FEATURES)   # tiny layers are all small
+    modes = [("fp8 weights, bf16 matmuls", False)]
+    if fp8_matmul_supported(args.device):
+        modes.append(("fp8 matmuls", True))
+    for label, matmul in modes:
+        for layer in case.ours.modules():
+            if isinstance(layer, Float8Linear):
+                layer.matmul = matmul
+        difference = (case.run_ours().float() - case.run_reference().float()).abs().max().item()
+        memory = activation_memory(case.run_ours, args.device), activation_memory(case.run_reference, args.device)
+        ours, ref = interleaved(case.run_ours, case.run_reference, iters=args.iters, warmup=2, device=args.device)
+        lines.append(row(f"{name} {label}{compiled} (weights {weight_gib(case.ours):.3g} of {bf16:.3g} GiB)", ours,
+                         ref, memory, flops, ceiling, difference))
     return lines
 
 
@@ -322,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd networks")
+    parser.add_argument("--fp8", action="store_true", help="also time diffcore with fp8 weights and fp8 matmuls")
     parser.add_argument("--generate", action="store_true", help="also time a 28-step FLUX.1-dev generate call")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="small configurations (to check the script on a CPU)")

@@ -28,11 +28,15 @@ def test_refuses_without_cuda():
 def test_tiny_run_on_cpu_prints_every_row():
     pytest.importorskip("diffusers")
     out = run("--tiny", "--device", "cpu", "--iters", "2", "--warmup", "0", "--cases", "flux1-dev", "sdxl-base",
-              "--generate")
+              "--generate", "--fp8")
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| flux1") or line.startswith("| sdxl")]
-    assert len(rows) == 3, out.stdout
-    for line in rows[:2]:
+    eager = [line for line in rows if " eager " in line]
+    fp8 = [line for line in rows if " fp8 " in line]
+    assert len(rows) == 7 and len(eager) == 2 and len(fp8) == 4, out.stdout
+    for line in eager:
         ratio, difference = line.split(" | ")[3], line.split(" | ")[5]
         assert float(ratio) > 0 and float(difference) < 1e-4   # the same weights on both sides
-    assert re.search(r"28-step generate.*\| \d+ ms \| \d+ ms \| [\d.]+ \|", rows[2])
+    for line in fp8:
+        assert float(line.split(" | ")[3]) > 0 and 1e-4 < float(line.split(" | ")[5]) < 1   # fp8's rounding
+    assert re.search(r"28-step generate.*\| \d+ ms \| \d+ ms \| [\d.]+ \|", rows[-1])

@@ -129,35 +129,7 @@ def assert_one_graph(model: torch.nn.Module, *args, **kwargs) -> None:
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
-def test_flux2_has_no_graph_breaks():
-    pytest.importorskip("diffcore_flux2")
-    from diffcore_flux2.model import VARIANTS, Flux2
-    from diffcore_flux2.sampling import image_ids, text_ids
-
-    p = attrs.evolve(VARIANTS["tiny"], depth=1, depth_single_blocks=1)
-    kw = dict(x=torch.randn(2, 24, 16), ctx=torch.randn(2, 7, 48), x_ids=image_ids(4, 6), ctx_ids=text_ids(7),
-              timesteps=torch.tensor([0.83, 0.31]))
-    if p.guidance_embed:
-        kw["guidance"] = torch.full((2,), 4.0)
-    assert_one_graph(Flux2(p).eval(), **kw)
-
-
-def test_sd3_has_no_graph_breaks():
-    pytest.importorskip("diffcore_sd3")
-    from diffcore_sd3.model import VARIANTS, MMDiT
-
-    assert_one_graph(MMDiT(VARIANTS["tiny"]).eval(), x=torch.randn(2, 16, 8, 6), context=torch.randn(2, 7, 48),
-                     y=torch.randn(2, 40), timesteps=torch.rand(2))
-
-
-def test_sdxl_has_no_graph_breaks():
-    pytest.importorskip("diffcore_sdxl")
-    from diffcore_sdxl.model import VARIANTS, UNet, label_vector
-
-    # every kind of block (res, attention, down, up, middle), one of each: tracing time grows with them
-    p = attrs.evolve(VARIANTS["tiny"], channel_mult=(1, 2), transformer_depth=(0, 1), transformer_depth_middle=1,
-                     num_res_blocks=1)
-    ids = torch.tensor([[64.0, 48.0, 0.0, 8.0, 64.0, 64.0][:(p.adm_in_channels - 32) // p.time_embed_scalar_dim]] * 2)
-    label = label_vector(torch.randn(2, 32), ids, p.time_embed_scalar_dim)
-    assert_one_graph(UNet(p).eval(), torch.randn(2, p.in_channels, 8, 8), torch.tensor([981.0, 7.5]),
-                     torch.randn(2, 5, p.context_dim), label)
+@pytest.mark.parametrize("family", ["flux2", "sd3", "sdxl"])
+def test_families_have_no_graph_breaks(family, tiny_case):
+    model, args, kw = tiny_case(family, **({"single_blocks": 1} if family == "flux2" else {}))
+    assert_one_graph(model, *args, **kw)

@@ -77,6 +77,20 @@ def test_norms():
     assert not ln.elementwise_affine and ln.eps == 1e-6
 
 
+def test_rms_norm_of_bf16_off_the_cpu_goes_to_the_fused_op_uncast(monkeypatch):
+    """On a GPU the fused kernel accumulates in float32 itself: no float32 copy of q and k is made
+    (meta stands in for the device). On the CPU the input is cast first, as BFL does."""
+    import diffcore.nn.norms as norms
+
+    seen = []
+    real = norms.F.rms_norm
+    monkeypatch.setattr(norms.F, "rms_norm", lambda x, *a: seen.append((x.device.type, x.dtype)) or real(x, *a))
+    for device in ("meta", "cpu"):
+        norm = RMSNorm(16).to(device, torch.bfloat16)
+        assert norm(torch.zeros(3, 5, 16, device=device, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    assert seen == [("meta", torch.bfloat16), ("cpu", torch.float32)]
+
+
 def test_modulation_sets_and_the_two_arithmetics():
     torch.manual_seed(0)
     vec = torch.randn(2, 8)

@@ -23,17 +23,35 @@ class ModelOptions:
     """``[model]`` keys that every family takes, handled by the core rather than each plugin's
     config: ``compile = true`` runs the denoiser through ``torch.compile`` (``diffcore.nn.compile``)
     with ``compile_mode`` and ``compile_dynamic`` (None: PyTorch's automatic dynamic shapes, which
-    recompile once, at the second size, then cover every size)."""
+    recompile once, at the second size, then cover every size). ``weight_dtype`` keeps the
+    denoiser's linear weights in fp8, ``fp8_matmul`` multiplies in fp8 too, ``fp8_skip`` names
+    layers kept as they are (``diffcore.nn.fp8``)."""
 
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     compile_dynamic: bool | None = None
+    weight_dtype: Literal["auto", "float8_e4m3fn", "float8_e5m2"] = "auto"
+    fp8_matmul: bool = False
+    fp8_skip: list[str] = attrs.field(factory=list)
 
     def __attrs_post_init__(self) -> None:
         if not self.compile:
             for key, unset in (("compile_mode", "default"), ("compile_dynamic", None)):
                 if getattr(self, key) != unset:
                     raise ConfigError(f"{key} has no effect without compile = true", path=key)
+        if self.fp8_matmul and self.weight_dtype == "float8_e5m2":
+            raise ConfigError("fp8_matmul = true multiplies float8_e4m3fn weights (GPUs have no e5m2 x e5m2 "
+                              "matmul); set weight_dtype = \"float8_e4m3fn\" or leave it out", path="weight_dtype")
+        if self.fp8_skip and not self.fp8:
+            raise ConfigError("fp8_skip has no effect without weight_dtype = \"float8_e4m3fn\" (or e5m2) or "
+                              "fp8_matmul = true", path="fp8_skip")
+
+    @property
+    def fp8(self) -> str | None:
+        """The fp8 dtype the denoiser's weights are stored in, or None."""
+        if self.weight_dtype != "auto":
+            return self.weight_dtype
+        return "float8_e4m3fn" if self.fp8_matmul else None
 
 
 # kind -> the attrs class of the keys the core takes out of every component table of that kind

@@ -112,6 +112,13 @@ class TrainJob:
             raise ConfigError("compile = true is for generate and serve jobs: training a compiled network (its "
                               "backward, gradient checkpointing, peft adapters) is not supported yet; remove it "
                               "from the train job's [model] table", path="model.compile")
+        if self.model.options is not None and self.model.options.fp8:
+            from diffcore.errors import ConfigError
+
+            key = "fp8_matmul" if self.model.options.fp8_matmul else "weight_dtype"
+            raise ConfigError(f"{key} stores the denoiser's weights in fp8 for generate and serve jobs; training "
+                              f"on fp8 base weights (kohya's --fp8_base) is not built yet: remove it from the "
+                              f"train job's [model] table", path=f"model.{key}")
         if self.job.cache_text_embeddings and getattr(self.trainer.config, "train_text_encoder", False):
             from diffcore.errors import ConfigError
 

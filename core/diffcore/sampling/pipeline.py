@@ -74,7 +74,7 @@ class Pipeline:
         ``[schedule]`` (None: the bundle's default) and ``[[guidance]]``; ``loras``: ``[[lora]]``
         tables (``path``, ``scale``, ``merge``), each loaded and applied in order to the network and,
         for a file with text-encoder keys, the text encoders; then the ``[model]`` table's
-        ``compile`` (``diffcore.nn.compile``)."""
+        ``weight_dtype`` / ``fp8_matmul`` (``diffcore.nn.fp8``) and ``compile`` (``diffcore.nn.compile``)."""
         device = pick_device(device)
         bundle = model.build(device=device)
         if loras:
@@ -87,7 +87,7 @@ class Pipeline:
                 except ConfigError as exc:
                     raise ConfigError(exc.detail, path=exc.path or f"lora[{i}].path") from None
                 apply_lora_to_bundle(bundle, weights, table.scale, merge=table.merge)
-        compile_bundle_network(bundle, getattr(model, "options", None))   # last: it sees the LoRAs
+        compile_bundle_network(bundle, getattr(model, "options", None), device)   # last: it sees the LoRAs
         return cls(bundle=bundle, sampler=sampler.build(), schedule=build_schedule(bundle, schedule), device=device,
                    guidance=[spec.build() for spec in guidance])
 

@@ -1,0 +1,165 @@
+"""fp8 weights: a network's linear layers stored in 8 bits, computed in the network's dtype or in fp8.
+
+Why: a 12B FLUX.1-dev transformer is 24 GB in bf16 and 12 GB in fp8, the difference between a 24 GB
+GPU holding it or not. Two modes, as ComfyUI's ``fp8_e4m3fn`` weight dtype and its ``fp8_fast``:
+
+- storage (``weight_dtype = "float8_e4m3fn"``): each weight is kept as fp8 with one power-of-two
+  scale per output row and turned back into the input's dtype just before its matmul (a 1-byte read
+  and a temporary the size of one layer's weight); the matmul itself is the usual bf16 / fp32 one.
+- fp8 matmuls (``fp8_matmul = true``): the input is also quantised, per token with its own absolute
+  maximum, and ``torch._scaled_mm`` multiplies fp8 by fp8 (twice the bf16 rate on Hopper and Ada
+  GPUs), applying both scales and the bias in its epilogue.
+
+Power-of-two scales multiply exactly in any dtype and keep a plain fp8 file's values unchanged:
+its weights (scale 1) come back bit for bit. Layers with fewer than ``MIN_FEATURES`` inputs or
+outputs (FLUX's 64-channel patch projections, the last layer) stay in full precision, where
+diffusers' layerwise casting keeps them too; ``skip`` names more (the adaLN modulations, say).
+
+The layer's state dict holds the dequantised weight under the usual keys, so saving, converting
+and loading a converted network is the same as for the original one. It is an inference
+option: the fp8 weight takes no gradient.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from diffcore.errors import ConfigError
+
+__all__ = ["FP8_DTYPES", "MIN_FEATURES", "Float8Linear", "fp8_matmul_supported", "quantize_rows", "store_bundle_fp8", "store_fp8"]
+
+FP8_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+MIN_FEATURES = 256
+
+
+def quantize_rows(weight: Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[Tensor, Tensor]:
+    """``weight`` (out, in) -> (fp8 weight, float32 scales (out, 1)) with ``weight ~= fp8 * scale``;
+    each scale the power of two that brings its row's largest magnitude within the fp8 range."""
+    top = torch.finfo(dtype).max
+    amax = weight.detach().abs().amax(dim=1, keepdim=True).float()
+    scale = torch.exp2(torch.ceil(torch.log2(amax / top))).where(amax > 0, torch.ones_like(amax))
+    return (weight.detach().float() / scale).clamp(-top, top).to(dtype), scale
+
+
+def fp8_matmul_supported(device: torch.device | str) -> bool:
+    """Whether ``torch._scaled_mm`` runs on ``device``: CPUs, and CUDA GPUs of compute capability 8.9
+    or above (Ada, Hopper, Blackwell)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return hasattr(torch, "_scaled_mm")
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_capability(device) >= (8, 9)
+    return False
+
+
+class Float8Linear(nn.Module):
+    """A linear layer whose weight is fp8 with per-row scales (see the module's docstring). ``weight``
+    reads as the dequantised weight in the original dtype (what code asking a layer for its dtype,
+    device or values expects); ``weight_fp8`` and ``scale`` are what is stored. ``in_features``,
+    ``out_features`` and ``bias`` are ``nn.Linear``'s."""
+
+    def __init__(self, layer: nn.Linear, dtype: torch.dtype = torch.float8_e4m3fn, *, matmul: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.matmul = layer.in_features, layer.out_features, matmul
+        self.compute_dtype = layer.weight.dtype
+        weight, scale = quantize_rows(layer.weight, dtype)
+        self.weight_fp8 = nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("scale", scale, persistent=False)
+        self.bias = layer.bias
+
+    @property
+    def weight(self) -> Tensor:
+        return self.dequantized()
+
+    def dequantized(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The weight in ``dtype`` (default: the original layer's)."""
+        dtype = dtype or self.compute_dtype
+        return self.weight_fp8.to(dtype) * self.scale.to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.matmul and x.numel() >= 16 * x.shape[-1]:
+            return self._scaled(x)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, self.dequantized(x.dtype), bias)
+
+    def _scaled(self, x: Tensor) -> Tensor:
+        """fp8 x fp8 through ``torch._scaled_mm``: the input quantised per token."""
+        rows = x.reshape(-1, x.shape[-1])
+        fp8 = self.weight_fp8.dtype
+        x_scale = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / torch.finfo(fp8).max
+        xq = (rows.float() / x_scale).to(fp8)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.scale.t(), bias=bias,
+                             out_dtype=x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.dequantized()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """A plain ``weight`` is quantised into ``weight_fp8`` and ``scale``."""
+        key, state = prefix + "weight", dict(state_dict)
+        weight = state.pop(key, None)
+        if weight is None:
+            missing_keys.append(key)
+        elif tuple(weight.shape) != (self.out_features, self.in_features):
+            error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(weight.shape)}, the "
+                              f"shape in current model is {(self.out_features, self.in_features)}")
+        else:
+            weight, scale = quantize_rows(weight.to(self.scale.device), self.weight_fp8.dtype)
+            with torch.no_grad():
+                self.scale.copy_(scale)
+            state[prefix + "weight_fp8"] = weight
+        state.setdefault(prefix + "weight_fp8", self.weight_fp8)
+        super()._load_from_state_dict(state, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"weight={str(self.weight_fp8.dtype).removeprefix('torch.')}, "
+                f"matmul={'fp8' if self.matmul else 'upcast'}")
+
+
+def store_fp8(network: nn.Module, dtype: str | torch.dtype = "float8_e4m3fn", *, matmul: bool = False,
+              skip: tuple[str, ...] = (), min_features: int = MIN_FEATURES) -> list[str]:
+    """Replace, in place, every ``nn.Linear`` of ``network`` (diffcore's ``Linear`` included, a peft
+    adapter's base layer too) by a ``Float8Linear``, except those with fewer than ``min_features``
+    inputs or outputs and those whose module name matches a shell pattern in ``skip``. Returns the
+    names converted. Apply it after merging LoRAs and before compiling. fp8 matmuls take e4m3 weights
+    (GPUs multiply no e5m2 by e5m2)."""
+    fp8 = FP8_DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if fp8 not in FP8_DTYPES.values():
+        raise ValueError(f"weight dtype must be one of {sorted(FP8_DTYPES)}, got {dtype!r}")
+    if matmul and fp8 != torch.float8_e4m3fn:
+        raise ValueError(f"fp8 matmuls take float8_e4m3fn weights, not {dtype!r}")
+    chosen = [(name, module) for name, module in network.named_modules()
+              if isinstance(module, nn.Linear) and min(module.in_features, module.out_features) >= min_features
+              and not any(part.startswith("lora_") for part in name.split("."))   # a peft adapter's own layers
+              and not any(fnmatch.fnmatchcase(name, pattern) for pattern in skip)]
+    for name, module in chosen:
+        parent, _, child = name.rpartition(".")
+        network.get_submodule(parent).register_module(child, Float8Linear(module, fp8, matmul=matmul))
+    return [name for name, _ in chosen]
+
+
+def store_bundle_fp8(bundle: Any, options: Any, device: torch.device | str | None = None) -> list[str]:
+    """``store_fp8`` on ``bundle.network`` as a ``[model]`` table's ``ModelOptions`` ask; errors name
+    the key: fp8 matmuls on a device without them, a ``fp8_skip`` pattern that matches no layer."""
+    device = torch.device(device) if device is not None else next(bundle.network.parameters()).device
+    if options.fp8_matmul and not fp8_matmul_supported(device):
+        raise ConfigError(f"fp8_matmul = true needs torch._scaled_mm on {device}: CPUs, or CUDA GPUs of compute "
+                          f"capability 8.9 or above (Ada, Hopper); use weight_dtype = \"float8_e4m3fn\" alone to "
+                          f"store fp8 weights and multiply in the model's dtype", path="model.fp8_matmul")
+    names = [name for name, _ in bundle.network.named_modules()]
+    for pattern in options.fp8_skip:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise ConfigError(f"fp8_skip pattern {pattern!r} matches no layer of the {type(bundle.network).__name__} "
+                              f"network", path="model.fp8_skip")
+    return store_fp8(bundle.network, options.fp8, matmul=options.fp8_matmul, skip=tuple(options.fp8_skip))

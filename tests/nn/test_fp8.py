@@ -1,0 +1,187 @@
+"""``diffcore.nn.fp8``: per-row power-of-two quantisation within e4m3's rounding, fp8 storage equal to
+the same network run on the rounded weights, fp8 matmuls equal to their float64 emulation, state
+dicts that keep the plain keys, and every family's network converted whole."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from diffcore.nn.fp8 import Float8Linear, quantize_rows, store_fp8
+from diffcore.nn.linear import reference_matmuls
+
+E4M3 = torch.float8_e4m3fn
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 9), cols=st.integers(1, 40), exponent=st.integers(-30, 30), seed=st.integers(0, 2**16),
+       zero_row=st.booleans())
+def test_rows_are_rounded_within_e4m3_precision(rows, cols, exponent, seed, zero_row):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g, dtype=torch.float64) * 2.0 ** exponent
+    if zero_row:
+        w[0] = 0
+    q, scale = quantize_rows(w.float())
+    assert q.dtype == E4M3 and scale.shape == (rows, 1) and scale.dtype == torch.float32
+    assert torch.equal(torch.exp2(torch.log2(scale).round()), scale)   # powers of two: exact in any dtype
+    top = q.float().abs().amax(dim=1)
+    assert (top <= 448).all() and ((top >= 224) | (top == 0)).all()    # each row's largest value uses the range
+    back = q.double() * scale.double()
+    assert ((back - w).abs() <= torch.maximum(w.abs() * 2 ** -4, scale.double() * 2 ** -10) * 1.0001).all()
+
+
+def test_a_plain_fp8_weight_comes_back_bit_for_bit():
+    w = (torch.randn(32, 48) * 3).to(E4M3).float()
+    q, scale = quantize_rows(w)
+    assert torch.equal(q.float() * scale, w)
+
+
+def layer(out=64, inp=96, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(inp, out, bias=bias)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stored_weights_compute_as_the_rounded_layer(bias, dtype):
+    original = layer(bias=bias).to(dtype)
+    fp8 = Float8Linear(original)
+    x = torch.randn(3, 5, 96).to(dtype)
+    q, scale = quantize_rows(original.weight)
+    rounded = (q.float() * scale).to(dtype)
+    assert torch.equal(fp8.weight, rounded) and fp8.weight.dtype == dtype and fp8.weight_fp8.dtype == E4M3
+    torch.testing.assert_close(fp8(x), nn.functional.linear(x, rounded, original.bias), rtol=0, atol=0)
+    error = (fp8(x).float() - original(x).float()).norm() / original(x).float().norm()
+    assert 1e-4 < error < 0.06
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fp8_matmuls_equal_their_float64_emulation(bias):
+    original = layer(bias=bias)
+    fp8 = Float8Linear(original, matmul=True)
+    x = torch.randn(2, 24, 96) * 5
+    rows = x.reshape(-1, 96).double()
+    x_scale = rows.abs().amax(dim=1, keepdim=True) / 448
+    xq = (rows / x_scale).float().to(E4M3).double() * x_scale
+    want = xq @ fp8.dequantized().double().T + (original.bias.double() if bias else 0)
+    got = fp8(x).reshape(-1, 64).double()
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert (fp8(x) - original(x)).norm() / original(x).norm() < 0.08
+    few = torch.randn(1, 3, 96)   # fewer than 16 rows: the input stays unquantised
+    torch.testing.assert_close(fp8(few), nn.functional.linear(few, fp8.dequantized(), original.bias), rtol=0, atol=0)
+
+
+def test_state_dicts_keep_the_plain_keys_and_values():
+    net = nn.Sequential(layer(), nn.GELU(), layer(96, 64, seed=1))
+    plain_keys = list(net.state_dict())
+    converted = copy.deepcopy(net)
+    assert store_fp8(converted, min_features=1) == ["0", "2"]
+    state = converted.state_dict()
+    assert list(state) == plain_keys and all(v.dtype == torch.float32 for v in state.values())
+    q, scale = quantize_rows(net[0].weight)
+    assert torch.equal(state["0.weight"], q.float() * scale)
+    fresh = copy.deepcopy(converted)                    # loading plain weights quantises them again
+    fresh.load_state_dict(net.state_dict())
+    assert torch.equal(fresh[0].weight_fp8, converted[0].weight_fp8) and torch.equal(fresh[0].scale, converted[0].scale)
+    reloaded = copy.deepcopy(net)
+    reloaded.load_state_dict(state)                     # and a plain network takes the converted one's
+    x = torch.randn(4, 96)
+    torch.testing.assert_close(reloaded(x), converted(x), rtol=1e-6, atol=1e-6)
+
+
+def test_small_and_skipped_layers_stay():
+    net = nn.ModuleDict({"proj_in": nn.Linear(64, 512), "body": nn.Linear(512, 512), "mod": nn.Linear(512, 1024)})
+    assert store_fp8(net, skip=("mo*",)) == ["body"]
+    assert type(net["proj_in"]) is nn.Linear and type(net["mod"]) is nn.Linear and type(net["body"]) is Float8Linear
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="weight dtype must be one of"):
+        store_fp8(nn.Linear(4, 4), "float16")
+    with pytest.raises(ValueError, match="fp8 matmuls take float8_e4m3fn weights"):
+        store_fp8(nn.Linear(4, 4), "float8_e5m2", matmul=True)
+
+
+def test_a_peft_adapter_keeps_working_over_an_fp8_base():
+    peft = pytest.importorskip("peft")
+    net = nn.Sequential(layer(), nn.GELU(), layer(96, 64, seed=1))
+    wrapped = peft.inject_adapter_in_model(peft.LoraConfig(r=4, target_modules=["0"], init_lora_weights=False), net)
+    x = torch.randn(5, 96)
+    with torch.no_grad():
+        want = wrapped(x)
+        delta = wrapped[0].lora_B["default"](wrapped[0].lora_A["default"](x)) * wrapped[0].scaling["default"]
+    store_fp8(wrapped, min_features=1)
+    assert type(wrapped[0].base_layer) is Float8Linear
+    with torch.no_grad():
+        got = wrapped(x)
+        base = wrapped[0].base_layer(x)
+    h = nn.functional.gelu(base + delta)
+    torch.testing.assert_close(got, wrapped[2](h), rtol=1e-6, atol=1e-6)
+    assert (got - want).norm() / want.norm() < 0.06
+
+
+# ---- every family's network, converted whole (min_features=1: the tiny configs' layers are small)
+
+def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.ndim == 1 and (p == 1).all() else 0.0))
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", ["dit", "flux1", "flux2", "sd3", "sdxl"])
+@torch.no_grad()
+def test_every_family_runs_whole_in_fp8(family, tiny_case):
+    """Storage: the converted network is the original one on rounded weights (so no layer reads the
+    raw fp8 tensor); fp8 matmuls: within the error of quantising the activations too."""
+    model, args, kw = tiny_case(family)
+    model = randomised(model)
+    linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+    stored, multiplied = copy.deepcopy(model), copy.deepcopy(model)
+    assert len(store_fp8(stored, min_features=1)) == linears > 0
+    store_fp8(multiplied, matmul=True, min_features=1)
+    rounded = copy.deepcopy(model)
+    rounded.load_state_dict(stored.state_dict())
+    with reference_matmuls():
+        want, original = rounded(*args, **kw), model(*args, **kw)
+        got, fast = stored(*args, **kw), multiplied(*args, **kw)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert 1e-4 < (got - original).norm() / original.norm() < 0.25   # random weights amplify errors
+    assert (fast - original).norm() / original.norm() < 0.3
+
+
+def test_fp8_matmuls_on_a_device_without_them_are_refused_by_key(monkeypatch):
+    from types import SimpleNamespace
+
+    import diffcore.nn.fp8 as fp8
+    from diffcore.config.spec import ModelOptions
+    from diffcore.errors import ConfigError
+
+    assert fp8.fp8_matmul_supported("cpu") and not fp8.fp8_matmul_supported("meta")
+    monkeypatch.setattr(fp8, "fp8_matmul_supported", lambda device: False)
+    with pytest.raises(ConfigError) as info:
+        fp8.store_bundle_fp8(SimpleNamespace(network=nn.Linear(256, 256)), ModelOptions(fp8_matmul=True), "cpu")
+    assert info.value.path == "model.fp8_matmul" and "compute capability 8.9" in str(info.value)
+
+
+@pytest.mark.parametrize("matmul", [False, True])
+@torch.no_grad()
+def test_an_fp8_network_compiles_in_one_graph_to_the_eager_output(matmul):
+    import torch._dynamo as dynamo
+
+    from diffcore.nn.compile import compile_network
+
+    net = nn.Sequential(layer(), nn.GELU(), layer(96, 64, seed=1)).eval()
+    store_fp8(net, matmul=matmul, min_features=1)
+    x = torch.randn(2, 16, 96)
+    eager = net(x)
+    dynamo.reset()
+    compile_network(net, fullgraph=True)   # a graph break would raise
+    assert (net(x) - eager).abs().max() <= 1e-5 * eager.abs().max()
+    dynamo.reset()
