@@ -10,7 +10,9 @@ forward (peak allocated above the weights), and the fraction of the chip's bf16 
 attention, counted by torch's FlopCounterMode), and the largest difference of the two outputs.
 ``--compile`` adds torch.compile (default mode) rows; ``--fp8`` rows of diffcore with fp8 weights
 (``diffcore.nn.fp8``: stored in fp8 and multiplied in bf16, then fp8 matmuls; their label gives the
-weights' GiB, their difference column is the fp8 error against diffusers' bf16); ``--generate`` a whole 28-step FLUX.1-dev call from embeddings to latents (diffusers'
+weights' GiB, their difference column is the fp8 error against diffusers' bf16); ``--profile`` a ``torch.profiler`` table of
+each forward's kernels, both sides (name, calls, total time; the largest first), to find where one
+side spends what the other does not; ``--generate`` a whole 28-step FLUX.1-dev call from embeddings to latents (diffusers'
 ``FluxPipeline`` with ``output_type="latent"`` against diffcore's ``denoise``).
 
 It measures GPUs only: without CUDA it stops with a message. ``--tiny --device cpu`` runs the
@@ -274,6 +276,8 @@ def measure(name: str, args: argparse.Namespace, dtype: torch.dtype, ceiling: fl
             difference = (case.run_ours().float() - case.run_reference().float()).abs().max().item()
             lines.append(row(f"{name} compiled (both compiled in {warm:.0f} s)", ours, ref, memory, flops, ceiling,
                              difference))
+        if args.profile:
+            lines += profile_rows(name, case, args)
         if args.fp8:
             lines += fp8_rows(name, case, args, flops, ceiling)
     del case
@@ -281,6 +285,37 @@ def measure(name: str, args: argparse.Namespace, dtype: torch.dtype, ceiling: fl
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     return lines
+
+
+def kernel_times(fn: Run, device: str) -> dict[str, tuple[int, float]]:
+    """kernel (CUDA) or ATen op (CPU) name -> (calls, total ms) over one call of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    fn()
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        fn()
+        synchronize(device)
+    table: dict[str, tuple[int, float]] = {}
+    for event in prof.key_averages():
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if us > 0:
+            table[event.key] = (event.count, us / 1e3)
+    return table
+
+
+def profile_rows(name: str, case: Case, args: argparse.Namespace, top: int = 25) -> list[str]:
+    """Both forwards' kernels side by side, the largest time on either side first."""
+    ours, ref = kernel_times(case.run_ours, args.device), kernel_times(case.run_reference, args.device)
+    total = sum(ms for _, ms in ours.values()), sum(ms for _, ms in ref.values())
+    lines = ["", f"{name}: kernels of one forward, {total[0]:.1f} ms (diffcore) / {total[1]:.1f} ms (diffusers)",
+             "| kernel | diffcore calls | diffcore ms | diffusers calls | diffusers ms |", "|---|---|---|---|---|"]
+    names = sorted(set(ours) | set(ref), key=lambda k: -max(ours.get(k, (0, 0.0))[1], ref.get(k, (0, 0.0))[1]))
+    for key in names[:top]:
+        (a, ta), (b, tb) = ours.get(key, (0, 0.0)), ref.get(key, (0, 0.0))
+        lines.append(f"| {key[:90]} | {a} | {ta:.2f} | {b} | {tb:.2f} |")
+    return lines + [""]
 
 
 def weight_gib(network: torch.nn.Module) -> float:
@@ -353,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd networks")
+    parser.add_argument("--profile", action="store_true", help="also list each forward's kernels, both sides")
     parser.add_argument("--fp8", action="store_true", help="also time diffcore with fp8 weights and fp8 matmuls")
     parser.add_argument("--generate", action="store_true", help="also time a 28-step FLUX.1-dev generate call")
     parser.add_argument("--device", default="cuda")

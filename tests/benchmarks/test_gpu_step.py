@@ -28,7 +28,7 @@ def test_refuses_without_cuda():
 def test_tiny_run_on_cpu_prints_every_row():
     pytest.importorskip("diffusers")
     out = run("--tiny", "--device", "cpu", "--iters", "2", "--warmup", "0", "--cases", "flux1-dev", "sdxl-base",
-              "--generate", "--fp8")
+              "--generate", "--fp8", "--profile")
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| flux1") or line.startswith("| sdxl")]
     eager = [line for line in rows if " eager " in line]
@@ -39,4 +39,6 @@ def test_tiny_run_on_cpu_prints_every_row():
         assert float(ratio) > 0 and float(difference) < 1e-4   # the same weights on both sides
     for line in fp8:
         assert float(line.split(" | ")[3]) > 0 and 1e-4 < float(line.split(" | ")[5]) < 1   # fp8's rounding
+    profiles = [line for line in out.stdout.splitlines() if "kernels of one forward" in line]
+    assert len(profiles) == 2 and re.search(r"\| aten::\w+ \| \d+ \| [\d.]+ \| \d+ \| [\d.]+ \|", out.stdout)
     assert re.search(r"28-step generate.*\| \d+ ms \| \d+ ms \| [\d.]+ \|", rows[-1])
