@@ -170,6 +170,20 @@ def test_fp8_matmuls_on_a_device_without_them_are_refused_by_key(monkeypatch):
     assert info.value.path == "model.fp8_matmul" and "compute capability 8.9" in str(info.value)
 
 
+def test_weights_held_outside_the_network_are_refused_by_key():
+    """Sequential offload leaves meta parameters behind accelerate's hooks: nothing to round."""
+    from types import SimpleNamespace
+
+    from diffcore.config.spec import ModelOptions
+    from diffcore.errors import ConfigError
+    from diffcore.nn.fp8 import store_bundle_fp8
+
+    bundle = SimpleNamespace(network=nn.Linear(256, 256, device="meta"))
+    with pytest.raises(ConfigError) as info:
+        store_bundle_fp8(bundle, ModelOptions(weight_dtype="float8_e4m3fn"), "cpu")
+    assert info.value.path == "model.weight_dtype" and 'use offload = "model"' in str(info.value)
+
+
 @pytest.mark.parametrize("matmul", [False, True])
 @torch.no_grad()
 def test_an_fp8_network_compiles_in_one_graph_to_the_eager_output(matmul):

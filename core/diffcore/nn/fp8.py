@@ -151,12 +151,18 @@ def store_fp8(network: nn.Module, dtype: str | torch.dtype = "float8_e4m3fn", *,
 
 def store_bundle_fp8(bundle: Any, options: Any, device: torch.device | str | None = None) -> list[str]:
     """``store_fp8`` on ``bundle.network`` as a ``[model]`` table's ``ModelOptions`` ask; errors name
-    the key: fp8 matmuls on a device without them, a ``fp8_skip`` pattern that matches no layer."""
+    the key: fp8 matmuls on a device without them, weights held elsewhere (sequential offload), a
+    ``fp8_skip`` pattern that matches no layer."""
     device = torch.device(device) if device is not None else next(bundle.network.parameters()).device
     if options.fp8_matmul and not fp8_matmul_supported(device):
         raise ConfigError(f"fp8_matmul = true needs torch._scaled_mm on {device}: CPUs, or CUDA GPUs of compute "
                           f"capability 8.9 or above (Ada, Hopper); use weight_dtype = \"float8_e4m3fn\" alone to "
                           f"store fp8 weights and multiply in the model's dtype", path="model.fp8_matmul")
+    if any(p.is_meta for p in bundle.network.parameters()):
+        key = "fp8_matmul" if options.fp8_matmul else "weight_dtype"
+        raise ConfigError(f"{key} needs the network's weights in memory to round them, and they are not (offload = "
+                          f"\"sequential\" keeps them in accelerate's hooks); use offload = \"model\" or \"none\"",
+                          path=f"model.{key}")
     names = [name for name, _ in bundle.network.named_modules()]
     for pattern in options.fp8_skip:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
