@@ -94,6 +94,18 @@ def test_state_dicts_keep_the_plain_keys_and_values():
     torch.testing.assert_close(reloaded(x), converted(x), rtol=1e-6, atol=1e-6)
 
 
+def test_a_dtype_move_keeps_the_weight_in_fp8():
+    fp8 = Float8Linear(layer())
+    stored, scale = fp8.weight_fp8.clone(), fp8.scale.clone()
+    fp8.to(torch.bfloat16)
+    assert fp8.weight_fp8.dtype == E4M3 and torch.equal(fp8.weight_fp8.float(), stored.float())
+    assert fp8.scale.dtype == torch.float32 and torch.equal(fp8.scale, scale)
+    assert fp8.weight.dtype == fp8.bias.dtype == torch.bfloat16
+    assert fp8(torch.randn(2, 96, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    fp8.float()
+    assert fp8.weight.dtype == torch.float32 and fp8.weight_fp8.dtype == E4M3
+
+
 def test_small_and_skipped_layers_stay():
     net = nn.ModuleDict({"proj_in": nn.Linear(64, 512), "body": nn.Linear(512, 512), "mod": nn.Linear(512, 1024)})
     assert store_fp8(net, skip=("mo*",)) == ["body"]

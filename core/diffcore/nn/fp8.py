@@ -97,6 +97,16 @@ class Float8Linear(nn.Module):
                              out_dtype=x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(dtype)`` / ``.half()`` change the compute dtype; the weight stays fp8, its scales float32."""
+        fp8 = self.weight_fp8.dtype
+        super()._apply(fn, recurse)
+        if self.weight_fp8.dtype != fp8:
+            self.compute_dtype = self.weight_fp8.dtype
+            self.weight_fp8 = nn.Parameter(self.weight_fp8.to(fp8), requires_grad=False)
+        self._buffers["scale"] = self.scale.float()
+        return self
+
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         destination[prefix + "weight"] = self.dequantized()
         if self.bias is not None:
