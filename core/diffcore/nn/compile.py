@@ -67,13 +67,9 @@ def uncompiled(network: nn.Module) -> nn.Module:
     return network
 
 
-def compile_bundle_network(bundle: Any, options: Any, device: Any = None) -> Any:
-    """Store ``bundle.network``'s weights in fp8 and compile it, as a ``[model]`` table's
-    ``ModelOptions`` ask (None: nothing); returns the bundle. fp8 first: the graph sees its layers."""
-    if options is not None and options.fp8:
-        from diffcore.nn.fp8 import store_bundle_fp8
-
-        store_bundle_fp8(bundle, options, device)
+def compile_bundle_network(bundle: Any, options: Any) -> Any:
+    """Compile ``bundle.network`` as a ``[model]`` table's ``ModelOptions`` ask (None or
+    ``compile = false``: nothing); returns the bundle."""
     if options is not None and options.compile:
         compile_network(bundle.network, mode=options.compile_mode, dynamic=options.compile_dynamic)
     return bundle

@@ -26,6 +26,7 @@ import torch
 from diffcore.errors import ConfigError
 from diffcore.models import GenerationRequest, ModelBundle
 from diffcore.nn.compile import compile_bundle_network
+from diffcore.nn.fp8 import store_bundle_fp8
 from diffcore.sampling.cfg import CFG
 from diffcore.sampling.denoisers import make_denoiser
 from diffcore.sampling.engine import sample
@@ -87,7 +88,10 @@ class Pipeline:
                 except ConfigError as exc:
                     raise ConfigError(exc.detail, path=exc.path or f"lora[{i}].path") from None
                 apply_lora_to_bundle(bundle, weights, table.scale, merge=table.merge)
-        compile_bundle_network(bundle, getattr(model, "options", None), device)   # last: it sees the LoRAs
+        options = getattr(model, "options", None)
+        if options is not None and options.fp8:   # after the LoRAs, before compiling: the graph sees fp8 layers
+            store_bundle_fp8(bundle, options, device)
+        compile_bundle_network(bundle, options)   # last: it sees the LoRAs
         return cls(bundle=bundle, sampler=sampler.build(), schedule=build_schedule(bundle, schedule), device=device,
                    guidance=[spec.build() for spec in guidance])
 
