@@ -135,6 +135,27 @@ def test_fp8_generate_draws_nearly_the_same_images(tmp_path, wide_checkpoint):
         assert 1e-5 < error < 0.05, error
 
 
+@pytest.mark.parametrize("merge", [False, True])
+def test_a_lora_over_fp8_weights_keeps_its_effect(tmp_path, wide_checkpoint, merge):
+    """The LoRA goes onto the fp8 layers (merged: rounded again; unmerged: a full-precision branch),
+    so its images stay those of the LoRA in full precision, within fp8's error."""
+    from diffcore.lora.files import save_lora
+    from diffcore.lora.weights import LoraLayer
+
+    g = torch.Generator().manual_seed(1)
+    adapter = save_lora(tmp_path / "lora.safetensors", {name: LoraLayer(
+        down=torch.randn(4, inp, generator=g) * 0.3, up=torch.randn(out, 4, generator=g) * 0.3, alpha=4.0)
+        for name, out, inp in [("blocks.0.attn.qkv", 768, 256), ("blocks.0.mlp.0", 1024, 256)]})
+    weights = f'checkpoint = "{wide_checkpoint.as_posix()}"'
+    fp8 = '\nweight_dtype = "float8_e4m3fn"'
+    table = f'\n[[lora]]\npath = "{adapter.as_posix()}"\nmerge = {str(merge).lower()}\n'
+    full = run(job(tmp_path, weights + table, "full.toml", hidden=256))
+    stored = run(job(tmp_path, weights + fp8 + table, "stored.toml", hidden=256))
+    without = run(job(tmp_path, weights + fp8, "without.toml", hidden=256))
+    error, effect = ((stored - full).norm() / full.norm()).item(), ((stored - without).norm() / without.norm()).item()
+    assert error < 0.05 and effect > 0.2, (error, effect)
+
+
 def test_fp8_layers_and_skips_in_a_built_pipeline(tmp_path, wide_checkpoint):
     from diffcore.nn.fp8 import Float8Linear
     from diffcore.sampling.pipeline import Pipeline

@@ -137,6 +137,50 @@ def test_a_peft_adapter_keeps_working_over_an_fp8_base():
     assert (got - want).norm() / want.norm() < 0.06
 
 
+def lora(out=64, inp=96, rank=4, seed=5):
+    from diffcore.lora.weights import LoraLayer
+
+    g = torch.Generator().manual_seed(seed)
+    return LoraLayer(down=torch.randn(rank, inp, generator=g) * 0.3, up=torch.randn(out, rank, generator=g) * 0.3,
+                     alpha=2.0)
+
+
+@torch.no_grad()
+def test_a_merged_lora_is_added_to_the_fp8_weight_and_rounded_again():
+    from diffcore.lora.apply import apply_lora
+
+    net = nn.Sequential(layer())
+    store_fp8(net, min_features=1)
+    before = net[0].dequantized(torch.float32)
+    apply_lora(net, {"0": lora()}, scale=0.7)
+    q, scale = quantize_rows(before + 0.7 * lora().delta())
+    assert type(net[0]) is Float8Linear and net[0].weight_fp8.dtype == E4M3
+    assert torch.equal(net[0].weight_fp8.float(), q.float()) and torch.equal(net[0].scale, scale)
+
+
+@torch.no_grad()
+def test_an_unmerged_lora_runs_beside_the_fp8_layer_in_full_precision():
+    from diffcore.lora.apply import apply_lora, remove_lora
+
+    net = nn.Sequential(layer())
+    store_fp8(net, min_features=1)
+    x = torch.randn(3, 96)
+    base = net(x)
+    apply_lora(net, {"0": lora()}, scale=0.7, merge=False)
+    torch.testing.assert_close(net(x), base + 0.7 * x @ lora().delta().T, rtol=1e-5, atol=1e-5)
+    assert remove_lora(net) == 1 and torch.equal(net(x), base)
+
+
+def test_layers_with_hooks_are_refused_rather_than_dropped():
+    """Replacing a hooked layer would silently lose what the hook adds (an unmerged LoRA)."""
+    from diffcore.lora.apply import apply_lora
+
+    net = nn.Sequential(layer())
+    apply_lora(net, {"0": lora()}, merge=False)
+    with pytest.raises(ValueError, match="forward hooks .* store fp8 first"):
+        store_fp8(net, min_features=1)
+
+
 # ---- every family's network, converted whole (min_features=1: the tiny configs' layers are small)
 
 def randomised(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -1,6 +1,8 @@
 """Putting a LoRA into a network: merged (the delta added to each weight, in place) or unmerged
 (a forward hook on the ``nn.Linear`` adding ``scale * up(down(x))``; several stack, and the
-hook makes ``diffcore.nn.linear.plain`` false, so no block fuses around the adapter)."""
+hook makes ``diffcore.nn.linear.plain`` false, so no block fuses around the adapter). Layers
+stored in fp8 (``diffcore.nn.fp8.Float8Linear``) take both: a merged delta is added to the
+dequantised weight and rounded again, an unmerged branch computes in the layer's own dtype."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from torch import Tensor, nn
 
 from diffcore.errors import ConfigError
 from diffcore.lora.weights import LoraLayer, LoraWeights
+from diffcore.nn.fp8 import Float8Linear
 
 SLOT = "diffcore_lora"   # the nn.ModuleList of branches on an adapted Linear
 
@@ -39,8 +42,12 @@ def apply_lora(network: nn.Module, weights: Mapping[str, LoraLayer], scale: floa
     modules = dict(network.named_modules())
     for name, layer in weights.items():
         linear = modules.get(name)
-        if not isinstance(linear, nn.Linear):
+        if not isinstance(linear, (nn.Linear, Float8Linear)):
             raise ConfigError(f"the LoRA targets {name}, which is no linear layer of {type(network).__name__}")
+        fp8 = isinstance(linear, Float8Linear)
+        if merge and fp8:
+            linear.add_(scale * layer.delta())
+            continue
         if merge:
             with torch.no_grad():
                 w = linear.weight
@@ -49,7 +56,8 @@ def apply_lora(network: nn.Module, weights: Mapping[str, LoraLayer], scale: floa
         if SLOT not in linear._modules:
             linear.add_module(SLOT, nn.ModuleList())
             linear._diffcore_lora_hook = linear.register_forward_hook(_hook)
-        getattr(linear, SLOT).append(LoraBranch(layer, scale, dtype=linear.weight.dtype, device=linear.weight.device))
+        dtype, device = (linear.compute_dtype, linear.scale.device) if fp8 else (linear.weight.dtype, linear.weight.device)
+        getattr(linear, SLOT).append(LoraBranch(layer, scale, dtype=dtype, device=device))
 
 
 def apply_lora_to_bundle(bundle: Any, weights: LoraWeights, scale: float = 1.0, *, merge: bool = True) -> None:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from diffcore.errors import ConfigError
 from diffcore.lora import formats
 from diffcore.lora.weights import LoraLayer, LoraWeights, fuse, part_sizes, split, stack
+from diffcore.nn.fp8 import Float8Linear
 
 PICKLES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 SHOWN = 10
@@ -49,11 +50,12 @@ def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 
 def linear_layers(network: nn.Module) -> dict[str, nn.Module]:
-    """The network's linear layers by name; one that peft wrapped for training (its ``base_layer``)
-    under the wrapper's name, so a training run's network names its layers as the plain one does."""
+    """The network's linear layers by name (fp8-stored ones too); one that peft wrapped for training
+    (its ``base_layer``) under the wrapper's name, so a training run's network names its layers as
+    the plain one does."""
     out = {}
     for name, module in network.named_modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, Float8Linear)):
             parent, _, child = name.rpartition(".")
             wrapped = child == "base_layer" and parent and hasattr(network.get_submodule(parent), "lora_A")
             out[parent if wrapped else name] = module

@@ -80,6 +80,15 @@ class Float8Linear(nn.Module):
         dtype = dtype or self.compute_dtype
         return self.weight_fp8.to(dtype) * self.scale.to(dtype)
 
+    @torch.no_grad()
+    def add_(self, delta: Tensor) -> None:
+        """Add ``delta`` (out, in) to the weight and round again, ``round(W8 * s + delta)``: a merged
+        LoRA, as ComfyUI patches its fp8 weights."""
+        weight, scale = quantize_rows(self.dequantized(torch.float32) + delta.to(self.scale.device, torch.float32),
+                                      self.weight_fp8.dtype)
+        self.weight_fp8.copy_(weight)
+        self.scale.copy_(scale)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.matmul and x.numel() >= 16 * x.shape[-1]:
             return self._scaled(x)
@@ -142,8 +151,9 @@ def store_fp8(network: nn.Module, dtype: str | torch.dtype = "float8_e4m3fn", *,
     """Replace, in place, every ``nn.Linear`` of ``network`` (diffcore's ``Linear`` included, a peft
     adapter's base layer too) by a ``Float8Linear``, except those with fewer than ``min_features``
     inputs or outputs and those whose module name matches a shell pattern in ``skip``. Returns the
-    names converted. Apply it after merging LoRAs and before compiling. fp8 matmuls take e4m3 weights
-    (GPUs multiply no e5m2 by e5m2)."""
+    names converted. Apply it before LoRAs (``diffcore.lora.apply`` merges into or hooks onto the
+    fp8 layers) and compiling; a layer that already has forward hooks is refused, as replacing it
+    would drop them. fp8 matmuls take e4m3 weights (GPUs multiply no e5m2 by e5m2)."""
     fp8 = FP8_DTYPES.get(dtype) if isinstance(dtype, str) else dtype
     if fp8 not in FP8_DTYPES.values():
         raise ValueError(f"weight dtype must be one of {sorted(FP8_DTYPES)}, got {dtype!r}")
@@ -153,6 +163,10 @@ def store_fp8(network: nn.Module, dtype: str | torch.dtype = "float8_e4m3fn", *,
               if isinstance(module, nn.Linear) and min(module.in_features, module.out_features) >= min_features
               and not any(part.startswith("lora_") for part in name.split("."))   # a peft adapter's own layers
               and not any(fnmatch.fnmatchcase(name, pattern) for pattern in skip)]
+    hooked = [name for name, module in chosen if module._forward_hooks or module._forward_pre_hooks]
+    if hooked:
+        raise ValueError(f"{len(hooked)} layer(s) have forward hooks (an unmerged LoRA?), which replacing them by "
+                         f"fp8 layers would drop: {', '.join(hooked[:5])}; store fp8 first, then add the hooks")
     for name, module in chosen:
         parent, _, child = name.rpartition(".")
         network.get_submodule(parent).register_module(child, Float8Linear(module, fp8, matmul=matmul))

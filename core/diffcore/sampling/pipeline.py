@@ -73,11 +73,14 @@ class Pipeline:
               device: str | torch.device = "auto", loras: Sequence[Any] = ()) -> Pipeline:
         """The pipeline of a job's component tables (``Spec``s): ``[model]``, ``[sampler]``,
         ``[schedule]`` (None: the bundle's default) and ``[[guidance]]``; ``loras``: ``[[lora]]``
-        tables (``path``, ``scale``, ``merge``), each loaded and applied in order to the network and,
-        for a file with text-encoder keys, the text encoders; then the ``[model]`` table's
-        ``weight_dtype`` / ``fp8_matmul`` (``diffcore.nn.fp8``) and ``compile`` (``diffcore.nn.compile``)."""
+        tables (``path``, ``scale``, ``merge``). The ``[model]`` table's ``weight_dtype`` / ``fp8_matmul``
+        (``diffcore.nn.fp8``) come first, then each LoRA is loaded and applied in order to the network
+        and, for a file with text-encoder keys, the text encoders; ``compile`` (``diffcore.nn.compile``) last."""
         device = pick_device(device)
         bundle = model.build(device=device)
+        options = getattr(model, "options", None)
+        if options is not None and options.fp8:   # before the LoRAs, which merge into or hook onto fp8 layers
+            store_bundle_fp8(bundle, options, device)
         if loras:
             from diffcore.lora.apply import apply_lora_to_bundle
             from diffcore.lora.files import load_lora
@@ -88,9 +91,6 @@ class Pipeline:
                 except ConfigError as exc:
                     raise ConfigError(exc.detail, path=exc.path or f"lora[{i}].path") from None
                 apply_lora_to_bundle(bundle, weights, table.scale, merge=table.merge)
-        options = getattr(model, "options", None)
-        if options is not None and options.fp8:   # after the LoRAs, before compiling: the graph sees fp8 layers
-            store_bundle_fp8(bundle, options, device)
         compile_bundle_network(bundle, options)   # last: it sees the LoRAs
         return cls(bundle=bundle, sampler=sampler.build(), schedule=build_schedule(bundle, schedule), device=device,
                    guidance=[spec.build() for spec in guidance])
