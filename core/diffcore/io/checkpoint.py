@@ -35,6 +35,7 @@ from torch import nn
 
 from diffcore.errors import CheckpointError
 from diffcore.io.headers import check_safetensors, plain_safetensors_error
+from diffcore.nn.fp8 import Float8Linear, rounding_while_loading
 
 PathLike = Union[str, "os.PathLike[str]"]
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -200,7 +201,7 @@ def _load_pickle(file: Path, device: str | torch.device) -> dict[str, torch.Tens
 def load_model(build: Callable[[], nn.Module], files: PathLike | Sequence[PathLike], *,
                rename: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
                dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-               strict: bool = True, copied: Callable[[str], bool] | None = None) -> nn.Module:
+               strict: bool = True, copied: Callable[[str], bool] | None = None, denoiser: bool = False) -> nn.Module:
     """Build ``build()`` on the meta device and fill it from ``files`` without a second copy.
 
     - ``rename`` maps the file's keys (and tensors: it may split or fuse them) to the module's;
@@ -213,13 +214,25 @@ def load_model(build: Callable[[], nn.Module], files: PathLike | Sequence[PathLi
     - ``copied(key)``: true for the file keys that ``rename`` turns into new tensors (fuses,
       splits); those come from a mapping of their own, unmapped once ``rename`` drops them, so
       the resident set ends at one copy of the weights.
+    - ``denoiser``: the module is a sampler's network. Inside ``diffcore.nn.fp8.rounding_on_load``
+      (a generate job's ``weight_dtype`` / ``fp8_matmul``) its linear layers are built as fp8 ones
+      and each weight is read on the CPU, moved and rounded on its own, so the full-precision
+      network never exists at once, on ``device`` or in the CPU's memory.
     - Modules defining ``init_buffers(device)`` get it called afterwards (non-persistent buffers).
     """
     where = str(files) if isinstance(files, (str, os.PathLike)) else ", ".join(map(str, files))
     with torch.device("meta"):
         model = build()
-    state = _read_all([files] if isinstance(files, (str, os.PathLike)) else list(files), device, copied)
+    rounding = rounding_while_loading() if denoiser else None
+    rounded = {}
+    if rounding is not None:
+        rounding.apply(model)
+        rounded = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, Float8Linear)}
+    state = _read_all([files] if isinstance(files, (str, os.PathLike)) else list(files),
+                      "cpu" if rounded else device, copied)
     for key, tensor in state.items():  # before renaming: cheaper, and fp8 tensors don't cat/split everywhere
+        if rounded and not (rename is not None and (copied is None or copied(key))):
+            continue   # only renamed, not transformed: cast one at a time below
         if dtype is not None and tensor.is_floating_point():
             state[key] = tensor.to(dtype)
         elif tensor.dtype in FP8_DTYPES:
@@ -242,11 +255,19 @@ def load_model(build: Callable[[], nn.Module], files: PathLike | Sequence[PathLi
                                         [(k, state[k].shape, expected[k].shape) for k in misshaped]))
     for key in unexpected:
         del state[key]
-    for key, tensor in state.items():
+    for key in list(state):
         target = dtype if dtype is not None else expected[key].dtype
+        if key in rounded:   # rounded where it will live, then let go: one layer's full precision at a time
+            weight = state.pop(key).to(device).to(target)   # through the compute dtype, as rounding after does
+            rounded[key].assign_(weight, compute_dtype=target)
+            continue
+        tensor = state[key]
         if tensor.is_floating_point() and target.is_floating_point and target not in FP8_DTYPES:
             tensor = tensor.to(dtype=target)
-        state[key] = tensor.to(device)
+        tensor = tensor.to(device)
+        if rounded and tensor.data_ptr() == state[key].data_ptr() and tensor.device.type == "cpu":
+            tensor = tensor.clone()   # not a view of the file: its mapping can close, with the rounded layers' pages
+        state[key] = tensor
     model.load_state_dict(state, strict=False, assign=True)
     del state
     if missing:

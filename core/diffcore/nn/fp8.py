@@ -18,19 +18,29 @@ diffusers' layerwise casting keeps them too; ``skip`` names more (the adaLN modu
 The layer's state dict holds the dequantised weight under the usual keys, so saving, converting
 and loading a converted network is the same as for the original one. It is an inference
 option: the fp8 weight takes no gradient.
+
+Rounding while loading: inside ``rounding_on_load`` (what a generate job's ``[model]`` keys open
+around building the model), ``diffcore.io.checkpoint.load_model(..., denoiser=True)`` builds
+the ``Float8Linear`` layers on the meta device and rounds each weight where it will live as it
+is read, so the full-precision network never exists at once: a 24 GB GPU takes FLUX.1-dev in
+fp8 without first holding it in bf16. The result is the same as loading, then ``store_fp8``.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from diffcore.errors import ConfigError
 
-__all__ = ["FP8_DTYPES", "MIN_FEATURES", "Float8Linear", "fp8_matmul_supported", "quantize_rows", "store_bundle_fp8", "store_fp8"]
+__all__ = ["FP8_DTYPES", "MIN_FEATURES", "Float8Linear", "Rounding", "fp8_matmul_supported", "quantize_rows",
+           "rounding_for", "rounding_on_load", "rounding_while_loading", "store_bundle_fp8", "store_fp8"]
 
 FP8_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 MIN_FEATURES = 256
@@ -40,9 +50,10 @@ def quantize_rows(weight: Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> t
     """``weight`` (out, in) -> (fp8 weight, float32 scales (out, 1)) with ``weight ~= fp8 * scale``;
     each scale the power of two that brings its row's largest magnitude within the fp8 range."""
     top = torch.finfo(dtype).max
-    amax = weight.detach().abs().amax(dim=1, keepdim=True).float()
+    weight = weight.detach().float()   # fp8 input too, which has no abs() on CPUs
+    amax = weight.abs().amax(dim=1, keepdim=True)
     scale = torch.exp2(torch.ceil(torch.log2(amax / top))).where(amax > 0, torch.ones_like(amax))
-    return (weight.detach().float() / scale).clamp(-top, top).to(dtype), scale
+    return (weight / scale).clamp(-top, top).to(dtype), scale
 
 
 def fp8_matmul_supported(device: torch.device | str) -> bool:
@@ -66,7 +77,11 @@ class Float8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.matmul = layer.in_features, layer.out_features, matmul
         self.compute_dtype = layer.weight.dtype
-        weight, scale = quantize_rows(layer.weight, dtype)
+        if layer.weight.is_meta:   # an empty layer for load_model to fill (assign_)
+            weight = torch.empty(layer.weight.shape, dtype=dtype, device="meta")
+            scale = torch.empty(layer.out_features, 1, device="meta")
+        else:
+            weight, scale = quantize_rows(layer.weight, dtype)
         self.weight_fp8 = nn.Parameter(weight, requires_grad=False)
         self.register_buffer("scale", scale, persistent=False)
         self.bias = layer.bias
@@ -79,6 +94,18 @@ class Float8Linear(nn.Module):
         """The weight in ``dtype`` (default: the original layer's)."""
         dtype = dtype or self.compute_dtype
         return self.weight_fp8.to(dtype) * self.scale.to(dtype)
+
+    @torch.no_grad()
+    def assign_(self, weight: Tensor, compute_dtype: torch.dtype) -> None:
+        """Take ``weight`` (out, in) as this layer's, rounded on the device it lies on, computing in
+        ``compute_dtype``: how ``load_model`` fills a layer that was built on the meta device."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"a weight of shape {tuple(weight.shape)} for a ({self.out_features}, "
+                             f"{self.in_features}) layer")
+        fp8, scale = quantize_rows(weight, self.weight_fp8.dtype)
+        self.weight_fp8 = nn.Parameter(fp8, requires_grad=False)
+        self._buffers["scale"] = scale
+        self.compute_dtype = compute_dtype
 
     @torch.no_grad()
     def add_(self, delta: Tensor) -> None:
@@ -173,15 +200,55 @@ def store_fp8(network: nn.Module, dtype: str | torch.dtype = "float8_e4m3fn", *,
     return [name for name, _ in chosen]
 
 
-def store_bundle_fp8(bundle: Any, options: Any, device: torch.device | str | None = None) -> list[str]:
-    """``store_fp8`` on ``bundle.network`` as a ``[model]`` table's ``ModelOptions`` ask; errors name
-    the key: fp8 matmuls on a device without them, weights held elsewhere (sequential offload), a
-    ``fp8_skip`` pattern that matches no layer."""
-    device = torch.device(device) if device is not None else next(bundle.network.parameters()).device
+class Rounding(NamedTuple):
+    """What ``store_fp8`` is asked for: its arguments, kept for the loader."""
+
+    dtype: str | torch.dtype = "float8_e4m3fn"
+    matmul: bool = False
+    skip: tuple[str, ...] = ()
+    min_features: int = MIN_FEATURES
+
+    def apply(self, network: nn.Module) -> list[str]:
+        return store_fp8(network, self.dtype, matmul=self.matmul, skip=self.skip, min_features=self.min_features)
+
+
+_WHILE_LOADING: ContextVar[Rounding | None] = ContextVar("diffcore_fp8_while_loading", default=None)
+
+
+def rounding_while_loading() -> Rounding | None:
+    """The rounding that ``load_model(..., denoiser=True)`` applies now (None: none)."""
+    return _WHILE_LOADING.get()
+
+
+def rounding_for(options: Any, device: torch.device | str) -> Rounding | None:
+    """The ``Rounding`` that a ``[model]`` table's ``ModelOptions`` ask for (None: no fp8), its fp8
+    matmuls checked against ``device`` (a ``ConfigError`` naming the key)."""
+    if options is None or not options.fp8:
+        return None
     if options.fp8_matmul and not fp8_matmul_supported(device):
         raise ConfigError(f"fp8_matmul = true needs torch._scaled_mm on {device}: CPUs, or CUDA GPUs of compute "
                           f"capability 8.9 or above (Ada, Hopper); use weight_dtype = \"float8_e4m3fn\" alone to "
                           f"store fp8 weights and multiply in the model's dtype", path="model.fp8_matmul")
+    return Rounding(options.fp8, options.fp8_matmul, tuple(options.fp8_skip))
+
+
+@contextmanager
+def rounding_on_load(rounding: Rounding | None) -> Iterator[None]:
+    """While active, a denoiser that ``load_model`` reads has its linear weights rounded to fp8 as
+    ``rounding`` says, each as it is read (None: nothing changes)."""
+    token = _WHILE_LOADING.set(rounding)
+    try:
+        yield
+    finally:
+        _WHILE_LOADING.reset(token)
+
+
+def store_bundle_fp8(bundle: Any, options: Any, device: torch.device | str | None = None) -> list[str]:
+    """``store_fp8`` on ``bundle.network`` as a ``[model]`` table's ``ModelOptions`` ask (the layers
+    ``rounding_on_load`` rounded already stay); errors name the key: fp8 matmuls on a device without
+    them, weights held elsewhere (sequential offload), a ``fp8_skip`` pattern that matches no layer."""
+    device = torch.device(device) if device is not None else next(bundle.network.parameters()).device
+    rounding = rounding_for(options, device)
     if any(p.is_meta for p in bundle.network.parameters()):
         key = "fp8_matmul" if options.fp8_matmul else "weight_dtype"
         raise ConfigError(f"{key} needs the network's weights in memory to round them, and they are not (offload = "
@@ -192,4 +259,4 @@ def store_bundle_fp8(bundle: Any, options: Any, device: torch.device | str | Non
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             raise ConfigError(f"fp8_skip pattern {pattern!r} matches no layer of the {type(bundle.network).__name__} "
                               f"network", path="model.fp8_skip")
-    return store_fp8(bundle.network, options.fp8, matmul=options.fp8_matmul, skip=tuple(options.fp8_skip))
+    return rounding.apply(bundle.network)

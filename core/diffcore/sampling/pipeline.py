@@ -26,7 +26,7 @@ import torch
 from diffcore.errors import ConfigError
 from diffcore.models import GenerationRequest, ModelBundle
 from diffcore.nn.compile import compile_bundle_network
-from diffcore.nn.fp8 import store_bundle_fp8
+from diffcore.nn.fp8 import rounding_for, rounding_on_load, store_bundle_fp8
 from diffcore.sampling.cfg import CFG
 from diffcore.sampling.denoisers import make_denoiser
 from diffcore.sampling.engine import sample
@@ -77,10 +77,11 @@ class Pipeline:
         (``diffcore.nn.fp8``) come first, then each LoRA is loaded and applied in order to the network
         and, for a file with text-encoder keys, the text encoders; ``compile`` (``diffcore.nn.compile``) last."""
         device = pick_device(device)
-        bundle = model.build(device=device)
         options = getattr(model, "options", None)
-        if options is not None and options.fp8:   # before the LoRAs, which merge into or hook onto fp8 layers
-            store_bundle_fp8(bundle, options, device)
+        with rounding_on_load(rounding_for(options, device)):   # the denoiser rounded to fp8 as it is read
+            bundle = model.build(device=device)
+        if options is not None and options.fp8:   # the rest (a family not loading through load_model), before
+            store_bundle_fp8(bundle, options, device)   # the LoRAs, which merge into or hook onto fp8 layers
         if loras:
             from diffcore.lora.apply import apply_lora_to_bundle
             from diffcore.lora.files import load_lora

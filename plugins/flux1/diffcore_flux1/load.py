@@ -137,7 +137,7 @@ def load_transformer(path: str | Path, *, variant: str | None = None, params: Fl
     else:
         check_safetensors(weights)
     return load_model(lambda: Flux(params), weights, rename=to_bfl, dtype=dtype, device=device,
-                      copied=fused_on_load).eval()
+                      copied=fused_on_load, denoiser=True).eval()
 
 
 def vae_params_from_diffusers_config(config: dict) -> AutoEncoderParams:

@@ -41,7 +41,8 @@ def load_transformer(path: PathLike, *, variant: str | None = None, dtype: torch
                      device: str | torch.device = "cpu") -> Flux2:
     """A ``Flux2`` from a file, sharded index or folder in BFL, diffusers or ComfyUI layout."""
     _, params = transformer_params(path, variant)
-    return load_model(lambda: Flux2(params), path, rename=to_bfl, dtype=dtype, device=device, copied=fused_on_load)
+    return load_model(lambda: Flux2(params), path, rename=to_bfl, dtype=dtype, device=device, copied=fused_on_load,
+                      denoiser=True)
 
 
 def load_ae(path: PathLike, *, variant: str = "flux2", dtype: torch.dtype | None = None,

@@ -146,3 +146,30 @@ def test_meta_state_from_shapes_detects_like_tensors():
     with torch.device("meta"):
         state = Flux2(VARIANTS["klein-9b"]).state_dict()
     assert detect_variant(meta_state(_shapes(state))) == "klein-9b"
+
+
+@torch.no_grad()
+def test_rounding_to_fp8_while_loading_every_layout(tmp_path, diffusers_transformer):
+    """A generate job's fp8 weights are rounded as the file is read: diffusers' split q/k/v are fused
+    first (the keys ``fused_on_load`` names), then rounded, and a ComfyUI fp8 file keeps its own
+    values; each equals loading in full precision and rounding after."""
+    from diffcore.api import Float8Linear, Rounding, rounding_on_load
+
+    theirs = diffusers_transformer(False, seed=3)
+    theirs.save_pretrained(tmp_path / "diffusers", safe_serialization=True)
+    bfl = diffusers_to_bfl(dict(theirs.state_dict()))
+    comfy = {COMFYUI_PREFIX + k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in bfl.items()}
+    save_file_atomic(comfy, tmp_path / "comfy.safetensors")
+    rounding = Rounding(min_features=1)
+    for path in (tmp_path / "diffusers", tmp_path / "comfy.safetensors"):
+        want = load_transformer(path, dtype=torch.bfloat16)
+        rounding.apply(want)
+        with rounding_on_load(rounding):
+            got = load_transformer(path, dtype=torch.bfloat16)
+        layers = {n: m for n, m in got.named_modules() if isinstance(m, Float8Linear)}
+        assert "double_blocks.0.img_attn.qkv" in layers and layers.keys() == {
+            n for n, m in want.named_modules() if isinstance(m, Float8Linear)}
+        for name, layer in want.named_modules():
+            if name in layers:
+                assert torch.equal(layers[name].dequantized(), layer.dequantized()), (path.name, name)
+        assert all(torch.equal(t, want.state_dict()[k]) for k, t in got.state_dict().items())

@@ -32,4 +32,6 @@ def test_train_guidance_job(tmp_path, objective, extra):
     trained = load_file(str(tmp_path / "out" / "guidance_model.safetensors"))
     results = {f"eval.{k}": torch.tensor(v, dtype=torch.float64) for k, v in summary["eval"].items()}
     results.update({f"final.{k}": torch.tensor(v, dtype=torch.float64) for k, v in summary["final"].items()})
-    check_golden(GOLDEN / f"guidance-train-{objective}.safetensors", {**trained, **results})
+    # bit for bit on the machine that recorded them; elsewhere five Adam steps carry the CPU kernels'
+    # float32 rounding into the trained weights (1.1e-4 seen on an AVX2 machine, against AVX-512)
+    check_golden(GOLDEN / f"guidance-train-{objective}.safetensors", {**trained, **results}, atol=5e-4)

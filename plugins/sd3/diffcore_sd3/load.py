@@ -86,7 +86,7 @@ def load_transformer(path: str | Path, *, variant: str | None = None, params: SD
     if params is None:
         _, params = transformer_params(path, variant)
     return load_model(lambda: MMDiT(params), weights, rename=to_original, dtype=dtype, device=device,
-                      copied=fused_on_load).eval()
+                      copied=fused_on_load, denoiser=True).eval()
 
 
 __all__ = ["component", "load_transformer", "transformer_params"]

@@ -111,4 +111,5 @@ def load_unet(path: str | Path, *, params: UNetParams | None = None, dtype: torc
         _, params = unet_params(path)
     else:
         check_files(weights)
-    return load_model(lambda: UNet(params), weights, rename=to_stability, dtype=dtype, device=device).eval()
+    return load_model(lambda: UNet(params), weights, rename=to_stability, dtype=dtype, device=device,
+                      denoiser=True).eval()

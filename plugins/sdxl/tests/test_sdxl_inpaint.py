@@ -79,9 +79,10 @@ def test_blending_from_noise_matches_pipeline(tiny_pipelines):
     assert (got - known).abs()[keep.expand_as(got)].max() < 1e-5   # the kept region is the image
     # After the first step the kept region is image + sigma_1 * noise to 3e-6 (float32 rounding of
     # a step from |x| ~ 40 at sigma_0 = 14.6, where diffusers writes the sum directly); the random
-    # UNet turns that into ~2.5e-5 in the repainted region by the end
+    # UNet turns that into 2.5e-5 (AVX-512 kernels) to 5.2e-5 (AVX2) in the repainted region by the
+    # end, against latents up to ~47: float32 rounding, relative 1e-6
     err = (got - expected).abs()
-    assert err.max() <= 5e-5, f"max abs err {err.max():.3g}"
+    assert err.max() <= 2e-6 * expected.abs().max(), f"max abs err {err.max():.3g}"
 
 
 @pytest.mark.usefixtures("reference_matmuls")

@@ -52,8 +52,9 @@ def test_a_peft_lora_in_diffusers_format_matches_diffusers(diffusers_unet, unet_
     for merge in (False, True):
         network = copy.deepcopy(bundle.network)
         apply_lora(network, weights, merge=merge)
-        # merged: the fp32 rounding of W + delta shows as 1.05e-5 on outputs of size ~3 (relative 4e-6)
-        torch.testing.assert_close(network(x, t, context, y), expected, rtol=0, atol=2e-5 if merge else 1e-5)
+        # float32 rounding (of W + delta merged, of peft's order of products hooked) shows as 1e-5 to
+        # 2e-5 on outputs of size ~3, depending on the CPU's kernels (AVX-512, AVX2): 1e-5 of their range
+        torch.testing.assert_close(network(x, t, context, y), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
 
 
 @pytest.mark.parametrize("format", ["diffusers", "kohya", "comfyui", "diffcore"])

@@ -88,5 +88,6 @@ def test_v_prediction_matches_pipeline(tiny_pipelines):
                  disable=True, x0=x)
     assert expected.abs().max() > 0.1
     # v's x0 (x / (s^2 + 1) - v s / sqrt(s^2 + 1)) rounds differently from diffusers' order of
-    # operations; the latents reach 1.6 here: 1e-5 absolute and relative
-    torch.testing.assert_close(got, expected, rtol=TOL, atol=TOL)
+    # operations; the latents reach 1.6 here, and differ by up to 1e-5 (AVX-512 kernels) to 2.5e-5
+    # (AVX2): 2e-5 of the latents' range
+    torch.testing.assert_close(got, expected, rtol=TOL, atol=2 * TOL * expected.abs().max().item())
