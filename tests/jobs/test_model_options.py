@@ -172,6 +172,26 @@ def test_fp8_layers_and_skips_in_a_built_pipeline(tmp_path, wide_checkpoint):
     assert info.value.path == "model.fp8_skip" and "'no_such_layer*' matches no layer" in str(info.value)
 
 
+def test_the_family_builds_its_model_inside_the_fp8_rounding(tmp_path, wide_checkpoint):
+    """What ``load_model(..., denoiser=True)`` reads to round each weight as it loads it."""
+    import attrs
+
+    from diffcore.nn.fp8 import Rounding, rounding_while_loading
+    from diffcore.sampling.pipeline import Pipeline
+
+    text = f'checkpoint = "{wide_checkpoint.as_posix()}"\nfp8_matmul = true\nfp8_skip = ["*modulation"]\n'
+    config = prepare(job(tmp_path, text, hidden=256)).config
+    seen, factory = [], config.model.component.factory
+
+    def build(*args, **kwargs):
+        seen.append(rounding_while_loading())
+        return factory(*args, **kwargs)
+
+    model = attrs.evolve(config.model, component=attrs.evolve(config.model.component, factory=build))
+    Pipeline.build(model, config.sampler, device="cpu")
+    assert seen == [Rounding("float8_e4m3fn", True, ("*modulation",))] and rounding_while_loading() is None
+
+
 def test_a_train_job_refuses_compile_by_key(tmp_path):
     text = TINY.replace('kind = "generate"', 'kind = "train"').replace("cfg_scale = 2.0\nnum_samples = 2\n", "")
     text = text.replace("sampling_steps = 3", "steps = 2").replace("progress = false\n", "")
