@@ -204,13 +204,47 @@ def test_a_train_job_refuses_compile_by_key(tmp_path):
     assert not (tmp_path / "train").exists()
 
 
-@pytest.mark.parametrize("key", ['weight_dtype = "float8_e4m3fn"', "fp8_matmul = true"])
-def test_a_train_job_refuses_fp8_by_key(tmp_path, key):
+def train_job(tmp_path, model: str, trainer: str = "", name: str = "train.toml", hidden: int = 32):
     text = TINY.replace('kind = "generate"', 'kind = "train"').replace("cfg_scale = 2.0\nnum_samples = 2\n", "")
-    text = text.replace("sampling_steps = 3", "steps = 2").replace("progress = false\n", "")
-    text = text.replace("{model}", key + "\n\n[dataset]\nname = \"digits\"")
-    path = tmp_path / "train.toml"
-    path.write_text(text.format(out=(tmp_path / "train").as_posix()))
+    text = text.replace("sampling_steps = 3", "steps = 3\nbatch_size = 8\nlr = 1e-3\n"
+                        "final_grid = {{ samples_per_class = 1, sampling_steps = 2 }}").replace("progress = false\n", "")
+    text = text.replace("{model}", model + "\n\n[dataset]\nname = \"digits\"\n" + trainer)
+    path = tmp_path / name
+    path.write_text(text.format(out=(tmp_path / name.replace(".toml", "")).as_posix()).replace("hidden = 32",
+                                                                                                f"hidden = {hidden}"))
+    return path
+
+
+@pytest.mark.parametrize("key, fragment", [('weight_dtype = "float8_e4m3fn"', "the full trainer trains them"),
+                                           ("fp8_matmul = true", "its backward pass is not built")])
+def test_a_train_job_refuses_fp8_it_cannot_train_by_key(tmp_path, key, fragment):
     with pytest.raises(ConfigError) as info:
-        prepare(path)
-    assert info.value.path == "model." + key.split(" ")[0] and "fp8_base" in str(info.value), str(info.value)
+        prepare(train_job(tmp_path, key))
+    assert info.value.path == "model." + key.split(" ")[0] and fragment in str(info.value), str(info.value)
+    assert not (tmp_path / "train").exists()
+
+
+def test_a_lora_trains_on_fp8_base_weights(tmp_path, wide_checkpoint):
+    """kohya's --fp8_base: the base frozen in fp8, the adapters trained through it in full
+    precision; they come out as a full-precision run on the same rounded weights makes them."""
+    from safetensors.torch import load_file, save_file
+
+    from diffcore.nn.fp8 import store_fp8
+    from diffcore_dit.model import DiT2D
+    from diffcore_dit.plugin import DiTConfig
+
+    network = DiT2D(DiTConfig(hidden=256, depth=1, heads=2).params())
+    network.load_state_dict(load_file(str(wide_checkpoint)))
+    assert store_fp8(network)
+    save_file(network.state_dict(), str(tmp_path / "rounded.safetensors"))   # the rounded values, float32
+    trainer = '[trainer]\nname = "lora"\nrank = 4\ninit = "gaussian"\ntarget_modules = ["attn.qkv", "mlp.0"]\n'
+    fp8 = f'checkpoint = "{wide_checkpoint.as_posix()}"\nweight_dtype = "float8_e4m3fn"'
+    run(train_job(tmp_path, fp8, trainer, "fp8.toml", hidden=256))
+    rounded = f'checkpoint = "{(tmp_path / "rounded.safetensors").as_posix()}"'
+    run(train_job(tmp_path, rounded, trainer, "rounded.toml", hidden=256))
+    got, want = (load_file(str(tmp_path / name / "lora.safetensors")) for name in ("fp8", "rounded"))
+    assert got.keys() == want.keys() and any("attn.qkv" in k for k in got)
+    ups = [k for k in got if "lora_B" in k]
+    assert ups and all(got[k].abs().max() > 0 for k in ups)   # trained: B starts at zero
+    error = max(((got[k] - want[k]).norm() / want[k].norm()).item() for k in ups)
+    assert error < 1e-3, error

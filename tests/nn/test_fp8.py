@@ -181,6 +181,31 @@ def test_layers_with_hooks_are_refused_rather_than_dropped():
         store_fp8(net, min_features=1)
 
 
+def test_gradients_flow_through_an_fp8_layer_keeping_only_its_fp8_weight():
+    """Training on an fp8 base: the input's and the bias's gradients are those of the rounded
+    layer, the weight takes none, and what autograd keeps is the 1-byte weight, not a copy."""
+    original = layer()
+    fp8 = Float8Linear(original)
+    rounded = copy.deepcopy(original)
+    with torch.no_grad():
+        rounded.weight.copy_(fp8.dequantized())
+    x = torch.randn(3, 5, 96, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = fp8(x)
+    assert saved and all(t.dtype == E4M3 or t.numel() <= 64 for t in saved)   # the fp8 weight and row scales
+    (y * y).sum().backward()
+    y_ref = rounded(x_ref)
+    (y_ref * y_ref).sum().backward()
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fp8.bias.grad, rounded.bias.grad, rtol=1e-6, atol=1e-6)
+    assert fp8.weight_fp8.grad is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fp8(x).dtype == torch.bfloat16
+
+
 # ---- every family's network, converted whole (min_features=1: the tiny configs' layers are small)
 
 def randomised(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -112,13 +112,18 @@ class TrainJob:
             raise ConfigError("compile = true is for generate and serve jobs: training a compiled network (its "
                               "backward, gradient checkpointing, peft adapters) is not supported yet; remove it "
                               "from the train job's [model] table", path="model.compile")
-        if self.model.options is not None and self.model.options.fp8:
+        if self.model.options is not None and self.model.options.fp8_matmul:
             from diffcore.errors import ConfigError
 
-            key = "fp8_matmul" if self.model.options.fp8_matmul else "weight_dtype"
-            raise ConfigError(f"{key} stores the denoiser's weights in fp8 for generate and serve jobs; training "
-                              f"on fp8 base weights (kohya's --fp8_base) is not built yet: remove it from the "
-                              f"train job's [model] table", path=f"model.{key}")
+            raise ConfigError("fp8_matmul = true multiplies in fp8 for generate and serve jobs; its backward pass is "
+                              "not built: train on fp8 base weights with weight_dtype = \"float8_e4m3fn\" alone "
+                              "(kohya's --fp8_base), which multiplies in the model's dtype", path="model.fp8_matmul")
+        if self.model.options is not None and self.model.options.fp8 and self.trainer.name == "full":
+            from diffcore.errors import ConfigError
+
+            raise ConfigError("weight_dtype keeps the base weights frozen in fp8, and the full trainer trains them: "
+                              "train adapters (trainer name = \"lora\", \"dreambooth\", \"controlnet\") on the fp8 "
+                              "base, or remove weight_dtype", path="model.weight_dtype")
         if self.job.cache_text_embeddings and getattr(self.trainer.config, "train_text_encoder", False):
             from diffcore.errors import ConfigError
 
@@ -148,6 +153,10 @@ def run_train(config: TrainJob, ctx: JobContext) -> Any:
     torch.manual_seed(s.seed)  # the same initial weights on every process
     bundle = config.model.build(device=state.device)
     trainer = config.trainer.build(bundle=bundle)
+    if config.model.options is not None and config.model.options.fp8:   # the frozen base, under the adapters
+        from diffcore.nn.fp8 import store_bundle_fp8
+
+        store_bundle_fp8(bundle, config.model.options, state.device, training=True)
     dataset = config.dataset.build()
     if s.cache_latents or s.cache_text_embeddings:   # encode once (data/cache.py), then train from disk
         from diffcore.data.cache import cache_for_job

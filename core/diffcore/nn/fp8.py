@@ -16,8 +16,10 @@ outputs (FLUX's 64-channel patch projections, the last layer) stay in full preci
 diffusers' layerwise casting keeps them too; ``skip`` names more (the adaLN modulations, say).
 
 The layer's state dict holds the dequantised weight under the usual keys, so saving, converting
-and loading a converted network is the same as for the original one. It is an inference
-option: the fp8 weight takes no gradient.
+and loading a converted network is the same as for the original one. The fp8 weight takes no
+gradient: a frozen base under adapters (kohya's ``--fp8_base``) is what it is for in training,
+where the input's gradient dequantises the weight again in the backward pass instead of keeping
+a full-precision copy of every layer alive from the forward pass.
 
 Rounding while loading: inside ``rounding_on_load`` (what a generate job's ``[model]`` keys open
 around building the model), ``diffcore.io.checkpoint.load_model(..., denoiser=True)`` builds
@@ -119,6 +121,10 @@ class Float8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.matmul and x.numel() >= 16 * x.shape[-1]:
             return self._scaled(x)
+        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            autocast = torch.is_autocast_enabled(x.device.type)
+            dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+            return _StoredLinear.apply(x, self.weight_fp8, self.scale, self.bias, dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return nn.functional.linear(x, self.dequantized(x.dtype), bias)
 
@@ -173,6 +179,24 @@ class Float8Linear(nn.Module):
                 f"matmul={'fp8' if self.matmul else 'upcast'}")
 
 
+class _StoredLinear(torch.autograd.Function):
+    """``x W^T + b`` with ``W`` dequantised from fp8 in ``dtype``, and again in the backward pass:
+    autograd keeps the 1-byte weight for the input's gradient, not a dequantised copy."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+        ctx.save_for_backward(weight, scale)
+        dense = weight.to(dtype) * scale.to(dtype)
+        return nn.functional.linear(x.to(dtype), dense, None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        weight, scale = ctx.saved_tensors
+        grad_x = grad @ (weight.to(grad.dtype) * scale.to(grad.dtype)) if ctx.needs_input_grad[0] else None
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
+        return grad_x, None, None, grad_bias, None
+
+
 def store_fp8(network: nn.Module, dtype: str | torch.dtype = "float8_e4m3fn", *, matmul: bool = False,
               skip: tuple[str, ...] = (), min_features: int = MIN_FEATURES) -> list[str]:
     """Replace, in place, every ``nn.Linear`` of ``network`` (diffcore's ``Linear`` included, a peft
@@ -186,10 +210,7 @@ def store_fp8(network: nn.Module, dtype: str | torch.dtype = "float8_e4m3fn", *,
         raise ValueError(f"weight dtype must be one of {sorted(FP8_DTYPES)}, got {dtype!r}")
     if matmul and fp8 != torch.float8_e4m3fn:
         raise ValueError(f"fp8 matmuls take float8_e4m3fn weights, not {dtype!r}")
-    chosen = [(name, module) for name, module in network.named_modules()
-              if isinstance(module, nn.Linear) and min(module.in_features, module.out_features) >= min_features
-              and not any(part.startswith("lora_") for part in name.split("."))   # a peft adapter's own layers
-              and not any(fnmatch.fnmatchcase(name, pattern) for pattern in skip)]
+    chosen = _chosen(network, skip, min_features)
     hooked = [name for name, module in chosen if module._forward_hooks or module._forward_pre_hooks]
     if hooked:
         raise ValueError(f"{len(hooked)} layer(s) have forward hooks (an unmerged LoRA?), which replacing them by "
@@ -198,6 +219,13 @@ def store_fp8(network: nn.Module, dtype: str | torch.dtype = "float8_e4m3fn", *,
         parent, _, child = name.rpartition(".")
         network.get_submodule(parent).register_module(child, Float8Linear(module, fp8, matmul=matmul))
     return [name for name, _ in chosen]
+
+
+def _chosen(network: nn.Module, skip: tuple[str, ...], min_features: int) -> list[tuple[str, nn.Linear]]:
+    return [(name, module) for name, module in network.named_modules()
+            if isinstance(module, nn.Linear) and min(module.in_features, module.out_features) >= min_features
+            and not any(part.startswith("lora_") for part in name.split("."))   # a peft adapter's own layers
+            and not any(fnmatch.fnmatchcase(name, pattern) for pattern in skip)]
 
 
 class Rounding(NamedTuple):
@@ -210,6 +238,10 @@ class Rounding(NamedTuple):
 
     def apply(self, network: nn.Module) -> list[str]:
         return store_fp8(network, self.dtype, matmul=self.matmul, skip=self.skip, min_features=self.min_features)
+
+    def trainable(self, network: nn.Module) -> list[str]:
+        """The layers ``apply`` would convert whose weight requires a gradient."""
+        return [name for name, m in _chosen(network, self.skip, self.min_features) if m.weight.requires_grad]
 
 
 _WHILE_LOADING: ContextVar[Rounding | None] = ContextVar("diffcore_fp8_while_loading", default=None)
@@ -243,10 +275,12 @@ def rounding_on_load(rounding: Rounding | None) -> Iterator[None]:
         _WHILE_LOADING.reset(token)
 
 
-def store_bundle_fp8(bundle: Any, options: Any, device: torch.device | str | None = None) -> list[str]:
+def store_bundle_fp8(bundle: Any, options: Any, device: torch.device | str | None = None, *,
+                     training: bool = False) -> list[str]:
     """``store_fp8`` on ``bundle.network`` as a ``[model]`` table's ``ModelOptions`` ask (the layers
     ``rounding_on_load`` rounded already stay); errors name the key: fp8 matmuls on a device without
-    them, weights held elsewhere (sequential offload), a ``fp8_skip`` pattern that matches no layer."""
+    them, weights held elsewhere (sequential offload), a ``fp8_skip`` pattern that matches no layer,
+    and, ``training``, a layer whose weight the trainer trains (fp8 weights take no gradient)."""
     device = torch.device(device) if device is not None else next(bundle.network.parameters()).device
     rounding = rounding_for(options, device)
     if any(p.is_meta for p in bundle.network.parameters()):
@@ -259,4 +293,10 @@ def store_bundle_fp8(bundle: Any, options: Any, device: torch.device | str | Non
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             raise ConfigError(f"fp8_skip pattern {pattern!r} matches no layer of the {type(bundle.network).__name__} "
                               f"network", path="model.fp8_skip")
+    trained = rounding.trainable(bundle.network) if training else []
+    if trained:
+        raise ConfigError(f"weight_dtype keeps the base weights frozen in fp8, and this trainer trains {len(trained)} "
+                          f"of them ({', '.join(trained[:3])}, ...): train adapters (trainer name = \"lora\", "
+                          f"\"dreambooth\", \"controlnet\") or leave these layers out with fp8_skip",
+                          path="model.weight_dtype")
     return rounding.apply(bundle.network)
