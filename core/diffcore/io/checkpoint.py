@@ -35,6 +35,7 @@ from torch import nn
 
 from diffcore.errors import CheckpointError
 from diffcore.io.headers import check_safetensors, plain_safetensors_error
+from diffcore.io.scaled_fp8 import dequantize, is_side_key, pop_scales
 from diffcore.nn.fp8 import Float8Linear, rounding_while_loading
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -97,7 +98,7 @@ def tensor_shapes(path: PathLike) -> dict[str, tuple[int, ...]]:
     for file in checkpoint_files(path):
         if file.suffix == ".safetensors":
             with _open_safetensors(file, "cpu") as f:
-                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if not is_side_key(k)})
         else:
             shapes.update({k: tuple(v.shape) for k, v in _load_pickle(file, "cpu").items()})
     return shapes
@@ -218,6 +219,8 @@ def load_model(build: Callable[[], nn.Module], files: PathLike | Sequence[PathLi
       (a generate job's ``weight_dtype`` / ``fp8_matmul``) its linear layers are built as fp8 ones
       and each weight is read on the CPU, moved and rounded on its own, so the full-precision
       network never exists at once, on ``device`` or in the CPU's memory.
+    - A scaled fp8 file (ComfyUI's ``weight_scale`` / ``scale_weight`` beside fp8 weights,
+      ``diffcore.io.scaled_fp8``) loads as its values, ``weight * scale``, its side keys dropped.
     - Modules defining ``init_buffers(device)`` get it called afterwards (non-persistent buffers).
     """
     where = str(files) if isinstance(files, (str, os.PathLike)) else ", ".join(map(str, files))
@@ -230,10 +233,17 @@ def load_model(build: Callable[[], nn.Module], files: PathLike | Sequence[PathLi
         rounded = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, Float8Linear)}
     state = _read_all([files] if isinstance(files, (str, os.PathLike)) else list(files),
                       "cpu" if rounded else device, copied)
+    scales = pop_scales(state, where)   # a scaled fp8 file's: weight key -> scale
+    later: dict[int, tuple[str, torch.Tensor, torch.Tensor]] = {}   # scaled ones left for the last loop: by
+    # identity (the tensor is held too, so no new tensor of rename's can take its id)
     for key, tensor in state.items():  # before renaming: cheaper, and fp8 tensors don't cat/split everywhere
         if rounded and not (rename is not None and (copied is None or copied(key))):
+            if key in scales:   # only renamed (the same tensor object comes back): scaled one at a time below
+                later[id(tensor)] = (key, scales[key], tensor)
             continue   # only renamed, not transformed: cast one at a time below
-        if dtype is not None and tensor.is_floating_point():
+        if key in scales:
+            state[key] = dequantize(tensor, scales[key], dtype or torch.float32)
+        elif dtype is not None and tensor.is_floating_point():
             state[key] = tensor.to(dtype)
         elif tensor.dtype in FP8_DTYPES:
             state[key] = tensor.to(torch.float32)
@@ -257,6 +267,9 @@ def load_model(build: Callable[[], nn.Module], files: PathLike | Sequence[PathLi
         del state[key]
     for key in list(state):
         target = dtype if dtype is not None else expected[key].dtype
+        scaled = later.pop(id(state[key]), None)
+        if scaled is not None:
+            state[key] = dequantize(state[key].to(device), scaled[1], target)
         if key in rounded:   # rounded where it will live, then let go: one layer's full precision at a time
             weight = state.pop(key).to(device).to(target)   # through the compute dtype, as rounding after does
             rounded[key].assign_(weight, compute_dtype=target)
@@ -268,6 +281,10 @@ def load_model(build: Callable[[], nn.Module], files: PathLike | Sequence[PathLi
         if rounded and tensor.data_ptr() == state[key].data_ptr() and tensor.device.type == "cpu":
             tensor = tensor.clone()   # not a view of the file: its mapping can close, with the rounded layers' pages
         state[key] = tensor
+    if later:
+        raise CheckpointError(f"{where}: the key converter for {type(model).__name__} made new tensors of "
+                              f"{len(later)} scaled fp8 weight(s) ({', '.join(k for k, *_ in later.values())}) without "
+                              f"marking them copied, so their scales cannot follow")
     model.load_state_dict(state, strict=False, assign=True)
     del state
     if missing:

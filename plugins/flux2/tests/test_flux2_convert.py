@@ -160,8 +160,19 @@ def test_rounding_to_fp8_while_loading_every_layout(tmp_path, diffusers_transfor
     bfl = diffusers_to_bfl(dict(theirs.state_dict()))
     comfy = {COMFYUI_PREFIX + k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in bfl.items()}
     save_file_atomic(comfy, tmp_path / "comfy.safetensors")
+    # Comfy-Org's flux2_dev_fp8mixed layout: per-tensor weight_scale, input_scale and comfy_quant
+    quant = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
+    mixed = {}
+    for k, v in bfl.items():
+        if v.ndim == 2:
+            scale = v.abs().amax().float() / 448
+            mixed |= {k: (v / scale).to(torch.float8_e4m3fn), k.replace(".weight", ".weight_scale"): scale,
+                      k.replace(".weight", ".input_scale"): torch.ones(()), k.replace(".weight", ".comfy_quant"): quant.clone()}
+        else:
+            mixed[k] = v
+    save_file_atomic({COMFYUI_PREFIX + k: v for k, v in mixed.items()}, tmp_path / "mixed.safetensors")
     rounding = Rounding(min_features=1)
-    for path in (tmp_path / "diffusers", tmp_path / "comfy.safetensors"):
+    for path in (tmp_path / "diffusers", tmp_path / "comfy.safetensors", tmp_path / "mixed.safetensors"):
         want = load_transformer(path, dtype=torch.bfloat16)
         rounding.apply(want)
         with rounding_on_load(rounding):

@@ -176,11 +176,13 @@ def detect_layout(keys: Iterable[str]) -> str:
 
 
 def check_not_scaled(keys: Iterable[str]) -> None:
-    """ComfyUI's scaled-fp8 files store per-tensor scales beside the weights; those are refused."""
+    """ComfyUI's scaled-fp8 files store per-tensor scales beside the weights. Loading a model reads
+    them (``load_model`` takes the scales out before converting); a key conversion alone refuses
+    them, as its output would lose the scales."""
     scaled = [k for k in keys if k.endswith((".scale_weight", ".weight_scale", "scaled_fp8"))]
     if scaled:
-        raise CheckpointError(f"a scaled-fp8 file (ComfyUI's per-tensor scales, e.g. {scaled[0]}): not supported; "
-                              f"use a plain fp8, bf16 or fp16 file")
+        raise CheckpointError(f"a scaled-fp8 file (ComfyUI's per-tensor scales, e.g. {scaled[0]}): its keys cannot "
+                              f"be converted without its values; load it as a model, or convert a bf16 file")
 
 
 def to_original(sd: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from diffcore.api import CheckpointError, load_model, tensor_shapes, read_config_json
-from diffcore_sd3.convert import check_not_scaled, detect_variant, fused_on_load, identify_foreign, infer_params, to_original
+from diffcore_sd3.convert import detect_variant, fused_on_load, identify_foreign, infer_params, to_original
 from diffcore_sd3.model import VARIANTS, MMDiT, SD3Params, params_from_diffusers_config
 
 PIPELINES = ("StableDiffusion3",)   # StableDiffusion3Pipeline, ...Img2ImgPipeline, ...InpaintPipeline
@@ -60,10 +60,6 @@ def transformer_params(path: str | Path, variant: str | None = None) -> tuple[st
     foreign = identify_foreign(shapes)
     if foreign is not None:
         raise CheckpointError(f"{path}: not an SD3 / SD3.5 MMDiT: the keys are those of {foreign}")
-    try:
-        check_not_scaled(shapes)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
     if config is not None:
         params = params_from_diffusers_config(config)
         detected = next((k for k, row in VARIANTS.items() if row == params), None)

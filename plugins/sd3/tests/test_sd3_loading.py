@@ -83,6 +83,29 @@ def test_fp8_storage_is_upcast(reference, tmp_path):
     assert (ours(**inputs) - expected).abs().max() <= 1e-4
 
 
+@torch.no_grad()
+def test_a_comfyui_scaled_fp8_file_loads_as_its_values(reference, tmp_path):
+    """``sd3.5_large_fp8_scaled.safetensors``'s layout: the prefix, fp8 weights with ``scale_weight``
+    and ``scale_input`` beside them and a ``scaled_fp8`` marker."""
+    ref, inputs = reference
+    scaled, values = {}, {}
+    for k, v in original_sd(ref).items():
+        if v.ndim == 2:
+            scale = v.abs().amax().float() / 448
+            q = (v / scale).to(torch.float8_e4m3fn)
+            values[k] = q.float() * scale
+            scaled |= {k: q, k.replace(".weight", ".scale_weight"): scale,
+                       k.replace(".weight", ".scale_input"): torch.ones(())}
+        else:
+            scaled[k], values[k] = v, v
+    scaled["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_file({f"model.diffusion_model.{k}": v for k, v in scaled.items()}, tmp_path / "scaled.safetensors")
+    save_file(values, tmp_path / "values.safetensors")
+    ours = load_transformer(tmp_path / "scaled.safetensors", dtype=torch.float32)
+    want = load_transformer(tmp_path / "values.safetensors", dtype=torch.float32)
+    assert all(torch.equal(t, want.state_dict()[k]) for k, t in ours.state_dict().items())
+
+
 def test_other_files_are_refused(reference, tmp_path):
     ref, _ = reference
     flux = {"double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2), "img_in.weight": torch.zeros(2, 4)}
@@ -93,11 +116,6 @@ def test_other_files_are_refused(reference, tmp_path):
         save_file(sd, tmp_path / name)
         with pytest.raises(CheckpointError, match=f"{name}: not an SD3 .*{what}"):
             load_transformer(tmp_path / name)
-    scaled = {f"model.diffusion_model.{k}": v for k, v in original_sd(ref).items()}
-    save_file({**scaled, "model.diffusion_model.context_embedder.scale_weight": torch.ones(())},
-              tmp_path / "scaled.safetensors")
-    with pytest.raises(CheckpointError, match="scaled.safetensors: a scaled-fp8 file"):
-        load_transformer(tmp_path / "scaled.safetensors", variant="tiny")
     data = (tmp_path / "bare.safetensors")
     save_file(original_sd(ref), data)
     blob = data.read_bytes()
