@@ -207,7 +207,8 @@ def test_a_train_job_refuses_compile_by_key(tmp_path):
 def train_job(tmp_path, model: str, trainer: str = "", name: str = "train.toml", hidden: int = 32):
     text = TINY.replace('kind = "generate"', 'kind = "train"').replace("cfg_scale = 2.0\nnum_samples = 2\n", "")
     text = text.replace("sampling_steps = 3", "steps = 3\nbatch_size = 8\nlr = 1e-3\n"
-                        "final_grid = {{ samples_per_class = 1, sampling_steps = 2 }}").replace("progress = false\n", "")
+                        "final_grid = {{ samples_per_class = 1, sampling_steps = 2 }}")
+    text = text.replace("progress = false\n", "")
     text = text.replace("{model}", model + "\n\n[dataset]\nname = \"digits\"\n" + trainer)
     path = tmp_path / name
     path.write_text(text.format(out=(tmp_path / name.replace(".toml", "")).as_posix()).replace("hidden = 32",

@@ -56,7 +56,8 @@ def apply_lora(network: nn.Module, weights: Mapping[str, LoraLayer], scale: floa
         if SLOT not in linear._modules:
             linear.add_module(SLOT, nn.ModuleList())
             linear._diffcore_lora_hook = linear.register_forward_hook(_hook)
-        dtype, device = (linear.compute_dtype, linear.scale.device) if fp8 else (linear.weight.dtype, linear.weight.device)
+        weight = linear.scale if fp8 else linear.weight   # a Float8Linear's weight would be dequantised
+        dtype, device = linear.compute_dtype if fp8 else weight.dtype, weight.device
         getattr(linear, SLOT).append(LoraBranch(layer, scale, dtype=dtype, device=device))
 
 
