@@ -1,7 +1,8 @@
 """Memory of loading a FLUX.2 klein-4b transformer into fp8 weights on the CPU: reading the file in
 bf16 and rounding after (``store_fp8``), against rounding each weight as it is read
 (``rounding_on_load``, what a generate job's ``weight_dtype`` does), from a bf16 file and from a
-ComfyUI-style fp8 file (linear weights in float8_e4m3fn, the rest bf16).
+ComfyUI-style fp8 file (linear weights in float8_e4m3fn, the rest bf16) and from a scaled one
+(the same with a per-tensor ``weight_scale``, as Comfy-Org's ``fp8mixed`` files).
 
 Each run is a fresh process with the file in the page cache; a thread samples the process's
 ``/proc/self/status`` every 2 ms. Reported: the load's seconds, the peak of anonymous memory
@@ -27,7 +28,8 @@ import time
 from pathlib import Path
 
 MODES = ("load, then round", "round while loading")
-FILES = {"bf16 file": "bf16.safetensors", "fp8 file (ComfyUI)": "fp8.safetensors"}
+FILES = {"bf16 file": "bf16.safetensors", "fp8 file (ComfyUI)": "fp8.safetensors",
+         "scaled fp8 file (ComfyUI)": "scaled.safetensors"}
 
 
 def write_files(root: Path, tiny: bool) -> None:
@@ -60,6 +62,20 @@ def write_files(root: Path, tiny: bool) -> None:
             state = {k: (t.to(torch.float8_e4m3fn) if t.ndim == 2 and min(t.shape) >= 256 else t)
                      for k in f.keys() for t in [f.get_tensor(k)]}
         save_file(state, str(fp8))
+        del state
+    scaled = root / FILES["scaled fp8 file (ComfyUI)"]
+    if not scaled.exists():
+        state = {}
+        with safe_open(str(bf16), framework="pt") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                if t.ndim == 2 and min(t.shape) >= 256:
+                    scale = t.abs().amax().float() / 448
+                    state |= {k: (t.float() / scale).to(torch.float8_e4m3fn),
+                              k.removesuffix(".weight") + ".weight_scale": scale}
+                else:
+                    state[k] = t
+        save_file(state, str(scaled))
         del state
 
 
