@@ -85,3 +85,21 @@ def test_what_cannot_be_read_is_refused_by_key(tmp_path):
     save_file({**state, "0.weight_scale": torch.ones(7)}, str(tmp_path / "rows.safetensors"))
     with pytest.raises(CheckpointError, match="0.weight_scale has 7 values for the 512 rows"):
         load_model(build, tmp_path / "rows.safetensors")
+
+
+def test_a_converter_that_remakes_a_scaled_weight_unannounced_is_an_error(tmp_path):
+    """Rounding while loading follows each scaled weight through the converter; a converter that
+    makes a new tensor of one without marking it ``copied`` would lose its scale: refused. (A
+    converter without ``copied`` has every tensor scaled before it runs.)"""
+    path, _ = scaled_file(tmp_path)
+
+    def remakes(state):
+        return {k: v.clone() if k == "2.weight" else v for k, v in state.items()}
+
+    with rounding_on_load(Rounding()), pytest.raises(CheckpointError, match=r"1 scaled fp8 weight\(s\) \(2.weight\)"):
+        load_model(build, path, rename=remakes, copied=lambda k: False, denoiser=True)
+    with rounding_on_load(Rounding()):   # marked: scaled before the converter runs
+        got = load_model(build, path, rename=remakes, copied=lambda k: k == "2.weight", denoiser=True)
+    want = load_model(build, path)
+    Rounding().apply(want)
+    assert torch.equal(got[2].dequantized(), want[2].dequantized())

@@ -264,7 +264,7 @@ def load_model(build: Callable[[], nn.Module], files: PathLike | Sequence[PathLi
         raise CheckpointError(_mismatch(where, model, missing if strict else [], unexpected if strict else [],
                                         [(k, state[k].shape, expected[k].shape) for k in misshaped]))
     for key in unexpected:
-        del state[key]
+        later.pop(id(state.pop(key)), None)
     for key in list(state):
         target = dtype if dtype is not None else expected[key].dtype
         scaled = later.pop(id(state[key]), None)
@@ -282,9 +282,10 @@ def load_model(build: Callable[[], nn.Module], files: PathLike | Sequence[PathLi
             tensor = tensor.clone()   # not a view of the file: its mapping can close, with the rounded layers' pages
         state[key] = tensor
     if later:
-        raise CheckpointError(f"{where}: the key converter for {type(model).__name__} made new tensors of "
-                              f"{len(later)} scaled fp8 weight(s) ({', '.join(k for k, *_ in later.values())}) without "
-                              f"marking them copied, so their scales cannot follow")
+        names = ", ".join(k for k, *_ in later.values())
+        raise CheckpointError(f"{where}: {len(later)} scaled fp8 weight(s) ({names}) did not come through the key "
+                              f"converter for {type(model).__name__} as they were (fused or split without being "
+                              f"marked copied, or dropped), so their scales cannot follow")
     model.load_state_dict(state, strict=False, assign=True)
     del state
     if missing:
