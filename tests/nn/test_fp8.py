@@ -35,6 +35,15 @@ def test_rows_are_rounded_within_e4m3_precision(rows, cols, exponent, seed, zero
     assert ((back - w).abs() <= torch.maximum(w.abs() * 2 ** -4, scale.double() * 2 ** -10) * 1.0001).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rounding_in_row_blocks_is_the_same_and_leaves_the_input(dtype):
+    w = (torch.randn(37, 24) * torch.logspace(-3, 3, 37)[:, None]).to(dtype)
+    kept = w.clone()
+    whole, blocks = quantize_rows(w), quantize_rows(w, block=5)
+    assert torch.equal(whole[0].view(torch.uint8), blocks[0].view(torch.uint8)) and torch.equal(whole[1], blocks[1])
+    assert torch.equal(w, kept)
+
+
 def test_a_plain_fp8_weight_comes_back_bit_for_bit():
     w = (torch.randn(32, 48) * 3).to(E4M3).float()
     q, scale = quantize_rows(w)

@@ -48,14 +48,21 @@ FP8_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_
 MIN_FEATURES = 256
 
 
-def quantize_rows(weight: Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[Tensor, Tensor]:
+def quantize_rows(weight: Tensor, dtype: torch.dtype = torch.float8_e4m3fn, *, block: int = 2048
+                  ) -> tuple[Tensor, Tensor]:
     """``weight`` (out, in) -> (fp8 weight, float32 scales (out, 1)) with ``weight ~= fp8 * scale``;
-    each scale the power of two that brings its row's largest magnitude within the fp8 range."""
+    each scale the power of two that brings its row's largest magnitude within the fp8 range.
+    ``block`` rows at a time, so the float32 temporaries stay small beside the widest layers."""
     top = torch.finfo(dtype).max
-    weight = weight.detach().float()   # fp8 input too, which has no abs() on CPUs
-    amax = weight.abs().amax(dim=1, keepdim=True)
-    scale = torch.exp2(torch.ceil(torch.log2(amax / top))).where(amax > 0, torch.ones_like(amax))
-    return (weight / scale).clamp(-top, top).to(dtype), scale
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    scales = torch.empty(weight.shape[0], 1, dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], block):
+        rows = weight[start:start + block].detach().to(torch.float32, copy=True)   # fp8 too (no abs() on CPUs)
+        amax = rows.abs().amax(dim=1, keepdim=True)
+        scale = torch.exp2(torch.ceil(torch.log2(amax / top))).where(amax > 0, torch.ones_like(amax))
+        out[start:start + block] = rows.div_(scale).clamp_(-top, top)
+        scales[start:start + block] = scale
+    return out, scales
 
 
 def fp8_matmul_supported(device: torch.device | str) -> bool:
