@@ -28,15 +28,16 @@ def interleaved(ours: Callable[[], Any], reference: Callable[[], Any], *, iters:
     return times
 
 
-def report(times: dict[str, dict[str, list[float]]], reference_name: str, target: float) -> None:
-    """One line per clock: medians, median ratio ours / reference, and its quartiles."""
+def report(times: dict[str, dict[str, list[float]]], reference_name: str, target: float | None) -> None:
+    """One line per clock: medians, median ratio ours / reference, and its quartiles (and the
+    target ratio, when there is one)."""
     for clock in ("wall", "cpu"):
         ours, ref = times["ours"][clock], times["reference"][clock]
         ratios = [a / b for a, b in zip(ours, ref)]
         low, _, high = statistics.quantiles(ratios, n=4)
         print(f"{clock:>4}: median diffcore {statistics.median(ours) * 1e3:.1f} ms, {reference_name} "
               f"{statistics.median(ref) * 1e3:.1f} ms; median ratio {statistics.median(ratios):.3f} "
-              f"(quartiles {low:.3f} .. {high:.3f}; target <= {target})")
+              f"(quartiles {low:.3f} .. {high:.3f}{'' if target is None else f'; target <= {target}'})")
 
 
 def accuracy_line(ours: Callable[[], Any], reference: Callable[[], Any], exact: Callable[[], Any]) -> str:

@@ -132,6 +132,29 @@ def main() -> None:
     report(times, "diffusers + peft", target=0.9)
     mine, reference = step_memory(ours, network), step_memory(theirs, ref)
     print(f"memory of one step ({what}): diffcore {mine / 2**20:.1f} MiB, diffusers + peft {reference / 2**20:.1f} MiB")
+    fp8_base(ours, theirs, network, ref, args)
+
+
+def fp8_base(ours, theirs, network: torch.nn.Module, ref: torch.nn.Module, args) -> None:
+    """diffcore's step again with the frozen base stored in fp8 (``weight_dtype``, kohya's
+    ``--fp8_base``): the weights' bytes, and what autograd saves, which must not grow by a
+    dequantised copy of each layer."""
+    from diffcore.nn.fp8 import store_fp8
+
+    network.gradient_checkpointing = False
+    ref.disable_gradient_checkpointing()
+
+    def weights() -> int:
+        return sum(t.numel() * t.element_size() for t in [*network.parameters(), *network.buffers()])
+
+    before, saved = weights(), step_memory(ours, network)
+    converted = store_fp8(network)
+    times = interleaved(ours, theirs, iters=args.iters, warmup=args.warmup)
+    print(f"diffcore on an fp8 base ({len(converted)} layers in float8_e4m3fn, float32 compute):")
+    report(times, "diffusers + peft (float32 base)", target=None)
+    after, saved_fp8 = weights(), step_memory(ours, network)
+    print(f"weights {before / 2**20:.1f} -> {after / 2**20:.1f} MiB; saved for backward {saved / 2**20:.1f} -> "
+          f"{saved_fp8 / 2**20:.1f} MiB")
 
 
 if __name__ == "__main__":

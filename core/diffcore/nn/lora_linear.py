@@ -15,7 +15,8 @@ activation memory in that step, ``benchmarks/lora_step.py``).
 
 Results equal peft's to rounding (``tests/nn/test_lora_linear.py``). Used only where it is the
 same computation: one active vanilla adapter (no DoRA or other variant, no dropout, no lora
-bias), unmerged, a frozen base ``nn.Linear``, one dtype, no autocast, and gradients being
+bias), unmerged, a frozen base ``nn.Linear`` (or ``Float8Linear``: an fp8 base, dequantised in
+the forward and again in the backward pass), one dtype, no autocast, and gradients being
 recorded; anything else runs peft's own forward. A block under gradient checkpointing keeps its
 activations (``keeping_activations``): it is recomputed whole already.
 """
@@ -30,6 +31,8 @@ from contextvars import ContextVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from diffcore.nn.fp8 import Float8Linear
 
 __all__ = ["Activation", "activated_linear", "fuse_lora_layers", "keeping_activations"]
 
@@ -78,15 +81,18 @@ def _fused_forward(layer: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
     return _LoRALinear.apply((None,), *adapter, x)
 
 
-def _vanilla_adapter(layer: nn.Module, parts: Sequence[Tensor]) -> tuple[Tensor, Tensor | None, Tensor, Tensor, float] | None:
-    """(base weight, base bias, A, B, scaling) when ``layer`` is a peft LoRA Linear that
-    ``_LoRALinear`` computes as peft would."""
+def _vanilla_adapter(layer: nn.Module, parts: Sequence[Tensor]
+                     ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor, Tensor, float] | None:
+    """(base weight, its fp8 row scales or None, base bias, A, B, scaling) when ``layer`` is a
+    peft LoRA Linear that ``_LoRALinear`` computes as peft would; the base an ``nn.Linear`` or
+    a ``Float8Linear`` storing its weight in fp8 (an fp8 base in training)."""
     if not torch.is_grad_enabled() or not hasattr(layer, "lora_A") or not hasattr(layer, "base_layer"):
         return None
     base = layer.base_layer
+    fp8 = type(base) is Float8Linear and not base.matmul
     if (type(layer).__name__ != "Linear" or layer.disable_adapters or layer.merged or getattr(layer, "lora_variant", {})
-            or not isinstance(base, nn.Linear) or base._forward_hooks or base._forward_pre_hooks
-            or "forward" in base.__dict__ or base.weight.requires_grad
+            or not (isinstance(base, nn.Linear) or fp8) or base._forward_hooks or base._forward_pre_hooks
+            or "forward" in base.__dict__ or (not fp8 and base.weight.requires_grad)
             or (base.bias is not None and base.bias.requires_grad)):
         return None
     active = [name for name in layer.active_adapters if name in layer.lora_A]
@@ -96,33 +102,40 @@ def _vanilla_adapter(layer: nn.Module, parts: Sequence[Tensor]) -> tuple[Tensor,
     lora_a, lora_b, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
     if not isinstance(dropout, nn.Identity) or lora_a.bias is not None or lora_b.bias is not None:
         return None
-    dtype = base.weight.dtype
+    dtype = base.compute_dtype if fp8 else base.weight.dtype
     if (any(t.dtype != dtype for t in (lora_a.weight, lora_b.weight, *parts))
-            or torch.is_autocast_enabled(base.weight.device.type)):
+            or torch.is_autocast_enabled(lora_a.weight.device.type)):
         return None
     if not any(t.requires_grad for t in (lora_a.weight, lora_b.weight, *parts)):
         return None
-    return base.weight, base.bias, lora_a.weight, lora_b.weight, layer.scaling[name]
+    weight, scale = (base.weight_fp8, base.scale) if fp8 else (base.weight, None)
+    return weight, scale, base.bias, lora_a.weight, lora_b.weight, layer.scaling[name]
+
+
+def _dense(weight: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """The base weight to multiply by: itself, or an fp8 one dequantised (again in backward, so
+    autograd keeps the 1-byte weight, not a copy)."""
+    return weight if scale is None else weight.to(dtype) * scale.to(dtype)
 
 
 class _LoRALinear(torch.autograd.Function):
     """y = W x + b + s B A x with x = cat(act(part)); saves the parts and A x (rank wide)."""
 
     @staticmethod
-    def forward(ctx, acts, weight, bias, lora_a, lora_b, scaling, *parts):
+    def forward(ctx, acts, weight, scale, bias, lora_a, lora_b, scaling, *parts):
         with torch.no_grad():
             x = _activated(parts, acts)
             down = F.linear(x, lora_a)
-            y = F.linear(x, weight, bias)
+            y = F.linear(x, _dense(weight, scale, x.dtype), bias)
             y.view(-1, y.shape[-1]).addmm_(down.reshape(-1, down.shape[-1]), lora_b.t(), alpha=scaling)
         ctx.acts, ctx.scaling = acts, scaling
-        ctx.save_for_backward(weight, lora_a, lora_b, down, *parts)
+        ctx.save_for_backward(weight, scale, lora_a, lora_b, down, *parts)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        weight, lora_a, lora_b, down, *parts = ctx.saved_tensors
-        needs_a, needs_b, needs_parts = ctx.needs_input_grad[3], ctx.needs_input_grad[4], ctx.needs_input_grad[6:]
+        weight, scale, lora_a, lora_b, down, *parts = ctx.saved_tensors
+        needs_a, needs_b, needs_parts = ctx.needs_input_grad[4], ctx.needs_input_grad[5], ctx.needs_input_grad[7:]
         flat_grad = grad.reshape(-1, grad.shape[-1])
         d_lora_b = flat_grad.t().mm(down.reshape(-1, down.shape[-1])).mul_(ctx.scaling) if needs_b else None
         d_down = flat_grad.mm(lora_b).mul_(ctx.scaling)   # rank wide: scaled here, not the output-wide grad
@@ -140,7 +153,7 @@ class _LoRALinear(torch.autograd.Function):
             d_lora_a = torch.cat([d_down.t().mm(x) for x in flat_xs], dim=1) if len(xs) > 1 else d_down.t().mm(flat_xs[0])
         d_parts: list[Tensor | None] = [None] * len(parts)
         if any(needs_parts):
-            d_x = flat_grad.mm(weight).addmm_(d_down, lora_a)
+            d_x = flat_grad.mm(_dense(weight, scale, grad.dtype)).addmm_(d_down, lora_a)
             start = 0
             for i, (x, act, need) in enumerate(zip(xs, ctx.acts, needs_parts)):
                 width = x.shape[-1]
@@ -149,7 +162,7 @@ class _LoRALinear(torch.autograd.Function):
                     g = g.reshape(x.shape)
                     d_parts[i] = g if act is None else torch.autograd.grad(x, inputs[i], g)[0]
                 start += width
-        return (None, None, None, d_lora_a, d_lora_b, None, *d_parts)
+        return (None, None, None, None, d_lora_a, d_lora_b, None, *d_parts)
 
 
 def _activated(parts: Sequence[Tensor], acts: Sequence[Activation]) -> Tensor:
