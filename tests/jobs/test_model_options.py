@@ -249,3 +249,19 @@ def test_a_lora_trains_on_fp8_base_weights(tmp_path, wide_checkpoint):
     assert ups and all(got[k].abs().max() > 0 for k in ups)   # trained: B starts at zero
     error = max(((got[k] - want[k]).norm() / want[k].norm()).item() for k in ups)
     assert error < 1e-3, error
+
+
+def test_text_weight_dtype_is_refused_where_it_cannot_apply(tmp_path, checkpoint):
+    """A model without text encoders (the DiT) names the key while building; a train job that
+    trains text-encoder adapters is refused before anything loads."""
+    from diffcore.sampling.pipeline import Pipeline
+
+    weights = f'checkpoint = "{checkpoint.as_posix()}"\ntext_weight_dtype = "float8_e4m3fn"'
+    config = prepare(job(tmp_path, weights)).config
+    with pytest.raises(ConfigError) as info:
+        Pipeline.build(config.model, config.sampler, device="cpu")
+    assert info.value.path == "model.text_weight_dtype" and "has none" in str(info.value)
+    trainer = '[trainer]\nname = "lora"\ntarget_modules = ["attn.qkv"]\ntrain_text_encoder = true\n'
+    with pytest.raises(ConfigError) as info:
+        prepare(train_job(tmp_path, 'text_weight_dtype = "float8_e4m3fn"', trainer))
+    assert info.value.path == "model.text_weight_dtype" and "train_text_encoder" in str(info.value)

@@ -25,7 +25,8 @@ class ModelOptions:
     with ``compile_mode`` and ``compile_dynamic`` (None: PyTorch's automatic dynamic shapes, which
     recompile once, at the second size, then cover every size). ``weight_dtype`` keeps the
     denoiser's linear weights in fp8, ``fp8_matmul`` multiplies in fp8 too, ``fp8_skip`` names
-    layers kept as they are (``diffcore.nn.fp8``)."""
+    layers kept as they are, ``text_weight_dtype`` stores the text encoders' in fp8
+    (``diffcore.nn.fp8``)."""
 
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
@@ -33,6 +34,7 @@ class ModelOptions:
     weight_dtype: Literal["auto", "float8_e4m3fn", "float8_e5m2"] = "auto"
     fp8_matmul: bool = False
     fp8_skip: list[str] = attrs.field(factory=list)
+    text_weight_dtype: Literal["auto", "float8_e4m3fn", "float8_e5m2"] = "auto"
 
     def __attrs_post_init__(self) -> None:
         if not self.compile:

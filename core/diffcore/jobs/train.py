@@ -124,6 +124,13 @@ class TrainJob:
             raise ConfigError("weight_dtype keeps the base weights frozen in fp8, and the full trainer trains them: "
                               "train adapters (trainer name = \"lora\", \"dreambooth\", \"controlnet\") on the fp8 "
                               "base, or remove weight_dtype", path="model.weight_dtype")
+        if (self.model.options is not None and self.model.options.text_weight_dtype != "auto"
+                and getattr(self.trainer.config, "train_text_encoder", False)):
+            from diffcore.errors import ConfigError
+
+            raise ConfigError("text_weight_dtype keeps the text encoders frozen in fp8, and trainer.train_text_encoder "
+                              "= true trains adapters on them, which is not built over fp8 encoders: turn one of them "
+                              "off", path="model.text_weight_dtype")
         if self.job.cache_text_embeddings and getattr(self.trainer.config, "train_text_encoder", False):
             from diffcore.errors import ConfigError
 
@@ -153,10 +160,15 @@ def run_train(config: TrainJob, ctx: JobContext) -> Any:
     torch.manual_seed(s.seed)  # the same initial weights on every process
     bundle = config.model.build(device=state.device)
     trainer = config.trainer.build(bundle=bundle)
-    if config.model.options is not None and config.model.options.fp8:   # the frozen base, under the adapters
+    options = config.model.options
+    if options is not None and options.fp8:   # the frozen base, under the adapters
         from diffcore.nn.fp8 import store_bundle_fp8
 
-        store_bundle_fp8(bundle, config.model.options, state.device, training=True)
+        store_bundle_fp8(bundle, options, state.device, training=True)
+    if options is not None and options.text_weight_dtype != "auto":   # frozen encoders, for captions
+        from diffcore.nn.fp8 import store_text_fp8
+
+        store_text_fp8(bundle, options.text_weight_dtype)
     dataset = config.dataset.build()
     if s.cache_latents or s.cache_text_embeddings:   # encode once (data/cache.py), then train from disk
         from diffcore.data.cache import cache_for_job

@@ -26,7 +26,7 @@ import torch
 from diffcore.errors import ConfigError
 from diffcore.models import GenerationRequest, ModelBundle
 from diffcore.nn.compile import compile_bundle_network
-from diffcore.nn.fp8 import rounding_for, rounding_on_load, store_bundle_fp8
+from diffcore.nn.fp8 import rounding_for, rounding_on_load, store_bundle_fp8, store_text_fp8
 from diffcore.sampling.cfg import CFG
 from diffcore.sampling.denoisers import make_denoiser
 from diffcore.sampling.engine import sample
@@ -73,15 +73,18 @@ class Pipeline:
               device: str | torch.device = "auto", loras: Sequence[Any] = ()) -> Pipeline:
         """The pipeline of a job's component tables (``Spec``s): ``[model]``, ``[sampler]``,
         ``[schedule]`` (None: the bundle's default) and ``[[guidance]]``; ``loras``: ``[[lora]]``
-        tables (``path``, ``scale``, ``merge``). The ``[model]`` table's ``weight_dtype`` / ``fp8_matmul``
-        (``diffcore.nn.fp8``) come first, then each LoRA is loaded and applied in order to the network
-        and, for a file with text-encoder keys, the text encoders; ``compile`` (``diffcore.nn.compile``) last."""
+        tables (``path``, ``scale``, ``merge``). The ``[model]`` table's ``weight_dtype``, ``fp8_matmul``
+        and ``text_weight_dtype`` (``diffcore.nn.fp8``) come first, then each LoRA is loaded and
+        applied in order to the network and, for a file with text-encoder keys, the text encoders;
+        ``compile`` (``diffcore.nn.compile``) last."""
         device = pick_device(device)
         options = getattr(model, "options", None)
         with rounding_on_load(rounding_for(options, device)):   # the denoiser rounded to fp8 as it is read
             bundle = model.build(device=device)
         if options is not None and options.fp8:   # the rest (a family not loading through load_model), before
             store_bundle_fp8(bundle, options, device)   # the LoRAs, which merge into or hook onto fp8 layers
+        if options is not None and options.text_weight_dtype != "auto":
+            store_text_fp8(bundle, options.text_weight_dtype)
         if loras:
             from diffcore.lora.apply import apply_lora_to_bundle
             from diffcore.lora.files import load_lora

@@ -299,3 +299,13 @@ def test_a_generate_job_applies_a_text_encoder_lora(tiny_pipeline, tmp_path):
                         lora=[{"path": str(path), "scale": 2.0, "merge": False}], **job)
     assert (merged[0] - base[0]).abs().max() > 1e-3
     torch.testing.assert_close(merged[0], hooked[0], rtol=0, atol=1e-4)
+
+
+def test_text_weight_dtype_reaches_the_lazily_loaded_encoders(tiny_pipeline, tmp_path):
+    """The core's ``text_weight_dtype`` wraps FLUX.1's text loader: the job runs, and the tiny
+    encoders (no layer of 256 features) give the same images as without it."""
+    folder = tiny_pipeline[0]
+    plain, _ = run_job(tmp_path / "plain", {"path": str(folder)}, sampling_steps=2)
+    stored, params = run_job(tmp_path / "fp8", {"path": str(folder), "text_weight_dtype": "float8_e4m3fn"},
+                             sampling_steps=2)
+    assert torch.equal(plain, stored)
