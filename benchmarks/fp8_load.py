@@ -8,13 +8,14 @@ Each run is a fresh process with the file in the page cache; a thread samples th
 ``/proc/self/status`` every 2 ms. Reported: the load's seconds, the peak of anonymous memory
 (``RssAnon``: what cannot be given back; the file's mapped pages are not in it), and once loaded
 the resident set (``VmRSS``, mapped pages included) and the anonymous part of it. On a GPU the
-same split decides the device's peak: rounding after first moves the whole bf16 network there.
+same split decides the device's peak: rounding after first moves the whole bf16 network there;
+``--device cuda`` loads onto the GPU and reports its peak allocated memory too.
 
 The checkpoint is benchmarks/load.py's (random weights, klein-4b shapes; written under DIR once,
 about 7.8 GB per layout); the fp8 file is made from it once. ``--tiny`` runs the same on a tiny
 configuration, as the test does.
 
-    python benchmarks/fp8_load.py [DIR] [--tiny]
+    python benchmarks/fp8_load.py [DIR] [--tiny] [--device cuda]
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def _status() -> dict[str, int]:
     return out
 
 
-def measure(path: Path, mode: str, tiny: bool) -> dict[str, float]:
+def measure(path: Path, mode: str, tiny: bool, device: str = "cpu") -> dict[str, float]:
     import torch
 
     from diffcore.nn.fp8 import Float8Linear, Rounding, rounding_on_load
@@ -108,12 +109,18 @@ def measure(path: Path, mode: str, tiny: bool) -> dict[str, float]:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     start = time.perf_counter()
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    variant = "tiny" if tiny else "klein-4b"
     if mode == "load, then round":
-        net = load_transformer(path, variant="tiny" if tiny else "klein-4b", dtype=torch.bfloat16)
+        net = load_transformer(path, variant=variant, dtype=torch.bfloat16, device=device)
         rounding.apply(net)
     else:
         with rounding_on_load(rounding):
-            net = load_transformer(path, variant="tiny" if tiny else "klein-4b", dtype=torch.bfloat16)
+            net = load_transformer(path, variant=variant, dtype=torch.bfloat16, device=device)
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     done.set()
     sampler.join()
@@ -121,23 +128,28 @@ def measure(path: Path, mode: str, tiny: bool) -> dict[str, float]:
     layers = [m for m in net.modules() if isinstance(m, Float8Linear)]
     weights = sum(t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()))
     return {"seconds": seconds, "peak_anon": max(peak[0], after["RssAnon"]) - before, "rss": after["VmRSS"],
-            "anon": after["RssAnon"] - before, "weights": weights, "layers": len(layers)}
+            "anon": after["RssAnon"] - before, "weights": weights, "layers": len(layers),
+            "device_peak": torch.cuda.max_memory_allocated() if cuda else None}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dir", nargs="?", default="/tmp", help="where the files are (or will be) written")
     parser.add_argument("--tiny", action="store_true", help="a tiny configuration (the test's)")
+    parser.add_argument("--device", default="cpu", help="where the network loads (cuda: its peak is reported too)")
     parser.add_argument("--measure", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     root = Path(args.dir) / ("fp8-load-tiny" if args.tiny else "fp8-load-klein-4b")
     if args.measure:
-        print(json.dumps(measure(Path(args.measure[0]), args.measure[1], args.tiny)))
+        print(json.dumps(measure(Path(args.measure[0]), args.measure[1], args.tiny, args.device)))
         return
     write_files(root, args.tiny)
     gb = 1 / 2 ** 30
-    print("| file | loading | seconds | peak anonymous | resident after | anonymous after | weights | fp8 layers |")
-    print("|---|---|---|---|---|---|---|---|")
+    gpu = args.device.startswith("cuda")
+    print(f"loading onto {args.device}")
+    print("| file | loading | seconds | peak anonymous | resident after | anonymous after | weights | fp8 layers |"
+          + (" device peak |" if gpu else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
     for label, name in FILES.items():
         path = root / name
         for mode in MODES:
@@ -145,12 +157,14 @@ def main() -> None:
                 while f.read(64 << 20):
                     pass
             done = subprocess.run([sys.executable, __file__, str(args.dir), "--measure", str(path), mode,
-                                   *(["--tiny"] if args.tiny else [])], capture_output=True, text=True)
+                                   "--device", args.device, *(["--tiny"] if args.tiny else [])],
+                                  capture_output=True, text=True)
             if done.returncode != 0:
                 raise SystemExit(f"{label}, {mode} failed:\n{done.stderr[-4000:]}")
             r = json.loads(done.stdout.strip().splitlines()[-1])
             print(f"| {label} | {mode} | {r['seconds']:.2f} | {r['peak_anon'] * gb:.3f} GiB | {r['rss'] * gb:.3f} GiB "
-                  f"| {r['anon'] * gb:.3f} GiB | {r['weights'] * gb:.3f} GiB | {r['layers']} |", flush=True)
+                  f"| {r['anon'] * gb:.3f} GiB | {r['weights'] * gb:.3f} GiB | {r['layers']} |"
+                  + (f" {r['device_peak'] * gb:.3f} GiB |" if gpu else ""), flush=True)
 
 
 if __name__ == "__main__":
