@@ -94,7 +94,8 @@ def _status() -> dict[str, int]:
 def measure(path: Path, mode: str, tiny: bool, device: str = "cpu") -> dict[str, float]:
     import torch
 
-    from diffcore.nn.fp8 import Float8Linear, Rounding, rounding_on_load
+    from diffcore.nn.fp8 import Float8Linear
+    from diffcore.nn.fp8_options import Rounding, rounding_on_load
     from diffcore_flux2.load import load_transformer
 
     rounding = Rounding(min_features=1) if tiny else Rounding()

@@ -325,7 +325,8 @@ def weight_gib(network: torch.nn.Module) -> float:
 def fp8_rows(name: str, case: Case, args: argparse.Namespace, flops: int, ceiling: float) -> list[str]:
     """diffcore's network converted in place to fp8 storage, then to fp8 matmuls, each timed
     against the unchanged reference (compiled if ``--compile`` compiled both)."""
-    from diffcore.nn.fp8 import MIN_FEATURES, Float8Linear, fp8_matmul_supported, store_fp8
+    from diffcore.nn.fp8 import MIN_FEATURES, Float8Linear, store_fp8
+    from diffcore.nn.fp8_options import fp8_matmul_supported
 
     lines, compiled = [], " compiled" if args.compile else ""
     bf16 = weight_gib(case.ours)

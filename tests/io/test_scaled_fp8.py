@@ -13,7 +13,8 @@ from torch import nn
 
 from diffcore.errors import CheckpointError
 from diffcore.io.checkpoint import load_model, tensor_shapes
-from diffcore.nn.fp8 import Float8Linear, Rounding, rounding_on_load
+from diffcore.nn.fp8 import Float8Linear
+from diffcore.nn.fp8_options import Rounding, rounding_on_load
 
 E4M3 = torch.float8_e4m3fn
 

@@ -176,7 +176,7 @@ def test_the_family_builds_its_model_inside_the_fp8_rounding(tmp_path, wide_chec
     """What ``load_model(..., denoiser=True)`` reads to round each weight as it loads it."""
     import attrs
 
-    from diffcore.nn.fp8 import Rounding, rounding_while_loading
+    from diffcore.nn.fp8_options import Rounding, rounding_while_loading
     from diffcore.sampling.pipeline import Pipeline
 
     text = f'checkpoint = "{wide_checkpoint.as_posix()}"\nfp8_matmul = true\nfp8_skip = ["*modulation"]\n'

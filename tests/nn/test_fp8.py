@@ -215,6 +215,32 @@ def test_gradients_flow_through_an_fp8_layer_keeping_only_its_fp8_weight():
         assert fp8(x).dtype == torch.bfloat16
 
 
+def test_convolutions_compute_as_the_rounded_ones_and_pass_gradients():
+    """A zero-padded ``nn.Conv2d`` becomes a ``Float8Conv2d`` (one scale per output channel): its
+    output and its input's and bias's gradients are the rounded convolution's; reflect padding
+    and small kernels stay as they are."""
+    from diffcore.nn.fp8 import Float8Conv2d
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(32, 256, 3, padding=1, stride=2),
+                        nn.Conv2d(256, 256, 3, padding=1, padding_mode="reflect"), nn.Conv2d(4, 8, 1))
+    rounded = copy.deepcopy(net)
+    assert store_fp8(net) == ["0"] and type(net[0]) is Float8Conv2d
+    with torch.no_grad():
+        rounded[0].weight.copy_(net[0].dequantized())
+    assert (net[0].scale.shape, net[0].weight.shape) == ((256, 1), (256, 32, 3, 3))
+    x = torch.randn(2, 32, 9, 9, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = net[0](x), rounded[0](x_ref)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    (y * y).sum().backward()
+    (y_ref * y_ref).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net[0].bias.grad, rounded[0].bias.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(net[0](x), y_ref, rtol=0, atol=0)
+
+
 # ---- every family's network, converted whole (min_features=1: the tiny configs' layers are small)
 
 def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -232,9 +258,10 @@ def test_every_family_runs_whole_in_fp8(family, tiny_case):
     raw fp8 tensor); fp8 matmuls: within the error of quantising the activations too."""
     model, args, kw = tiny_case(family)
     model = randomised(model)
-    linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+    layers = sum(isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.padding_mode == "zeros")
+                 for m in model.modules())
     stored, multiplied = copy.deepcopy(model), copy.deepcopy(model)
-    assert len(store_fp8(stored, min_features=1)) == linears > 0
+    assert len(store_fp8(stored, min_features=1)) == layers > 0
     store_fp8(multiplied, matmul=True, min_features=1)
     rounded = copy.deepcopy(model)
     rounded.load_state_dict(stored.state_dict())
@@ -244,34 +271,6 @@ def test_every_family_runs_whole_in_fp8(family, tiny_case):
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     assert 1e-4 < (got - original).norm() / original.norm() < 0.25   # random weights amplify errors
     assert (fast - original).norm() / original.norm() < 0.3
-
-
-def test_fp8_matmuls_on_a_device_without_them_are_refused_by_key(monkeypatch):
-    from types import SimpleNamespace
-
-    import diffcore.nn.fp8 as fp8
-    from diffcore.config.spec import ModelOptions
-    from diffcore.errors import ConfigError
-
-    assert fp8.fp8_matmul_supported("cpu") and not fp8.fp8_matmul_supported("meta")
-    monkeypatch.setattr(fp8, "fp8_matmul_supported", lambda device: False)
-    with pytest.raises(ConfigError) as info:
-        fp8.store_bundle_fp8(SimpleNamespace(network=nn.Linear(256, 256)), ModelOptions(fp8_matmul=True), "cpu")
-    assert info.value.path == "model.fp8_matmul" and "compute capability 8.9" in str(info.value)
-
-
-def test_weights_held_outside_the_network_are_refused_by_key():
-    """Sequential offload leaves meta parameters behind accelerate's hooks: nothing to round."""
-    from types import SimpleNamespace
-
-    from diffcore.config.spec import ModelOptions
-    from diffcore.errors import ConfigError
-    from diffcore.nn.fp8 import store_bundle_fp8
-
-    bundle = SimpleNamespace(network=nn.Linear(256, 256, device="meta"))
-    with pytest.raises(ConfigError) as info:
-        store_bundle_fp8(bundle, ModelOptions(weight_dtype="float8_e4m3fn"), "cpu")
-    assert info.value.path == "model.weight_dtype" and 'use offload = "model"' in str(info.value)
 
 
 @pytest.mark.parametrize("matmul", [False, True])

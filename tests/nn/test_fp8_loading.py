@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from diffcore.io.checkpoint import load_model
-from diffcore.nn.fp8 import Float8Linear, Rounding, rounding_on_load, rounding_while_loading
+from diffcore.nn.fp8 import Float8Linear
+from diffcore.nn.fp8_options import Rounding, rounding_on_load, rounding_while_loading
 from diffcore.nn.linear import reference_matmuls
 
 EVERY_LAYER = Rounding(min_features=1)   # the tiny configs' layers are all below 256 features

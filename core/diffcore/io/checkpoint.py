@@ -36,7 +36,8 @@ from torch import nn
 from diffcore.errors import CheckpointError
 from diffcore.io.headers import check_safetensors, plain_safetensors_error
 from diffcore.io.scaled_fp8 import dequantize, is_side_key, pop_scales
-from diffcore.nn.fp8 import Float8Linear, rounding_while_loading
+from diffcore.nn.fp8 import Float8Weight
+from diffcore.nn.fp8_options import rounding_while_loading
 
 PathLike = Union[str, "os.PathLike[str]"]
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -216,7 +217,7 @@ def load_model(build: Callable[[], nn.Module], files: PathLike | Sequence[PathLi
       splits); those come from a mapping of their own, unmapped once ``rename`` drops them, so
       the resident set ends at one copy of the weights.
     - ``denoiser``: the module is a sampler's network. Inside ``diffcore.nn.fp8.rounding_on_load``
-      (a generate job's ``weight_dtype`` / ``fp8_matmul``) its linear layers are built as fp8 ones
+      (a generate job's ``weight_dtype`` / ``fp8_matmul``) its linear and convolution layers are built as fp8 ones
       and each weight is read on the CPU, moved and rounded on its own, so the full-precision
       network never exists at once, on ``device`` or in the CPU's memory.
     - A scaled fp8 file (ComfyUI's ``weight_scale`` / ``scale_weight`` beside fp8 weights,
@@ -230,7 +231,7 @@ def load_model(build: Callable[[], nn.Module], files: PathLike | Sequence[PathLi
     rounded = {}
     if rounding is not None:
         rounding.apply(model)
-        rounded = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, Float8Linear)}
+        rounded = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, Float8Weight)}
     state = _read_all([files] if isinstance(files, (str, os.PathLike)) else list(files),
                       "cpu" if rounded else device, copied)
     scales = pop_scales(state, where)   # a scaled fp8 file's: weight key -> scale

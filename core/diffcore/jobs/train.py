@@ -162,11 +162,11 @@ def run_train(config: TrainJob, ctx: JobContext) -> Any:
     trainer = config.trainer.build(bundle=bundle)
     options = config.model.options
     if options is not None and options.fp8:   # the frozen base, under the adapters
-        from diffcore.nn.fp8 import store_bundle_fp8
+        from diffcore.nn.fp8_options import store_bundle_fp8
 
         store_bundle_fp8(bundle, options, state.device, training=True)
     if options is not None and options.text_weight_dtype != "auto":   # frozen encoders, for captions
-        from diffcore.nn.fp8 import store_text_fp8
+        from diffcore.nn.fp8_options import store_text_fp8
 
         store_text_fp8(bundle, options.text_weight_dtype)
     dataset = config.dataset.build()

@@ -1,4 +1,5 @@
-"""fp8 weights: a network's linear layers stored in 8 bits, computed in the network's dtype or in fp8.
+"""fp8 weights: a network's linear (and convolution) layers stored in 8 bits, computed in the
+network's dtype or in fp8.
 
 Why: a 12B FLUX.1-dev transformer is 24 GB in bf16 and 12 GB in fp8, the difference between a 24 GB
 GPU holding it or not. Two modes, as ComfyUI's ``fp8_e4m3fn`` weight dtype and its ``fp8_fast``:
@@ -31,19 +32,13 @@ fp8 without first holding it in bf16. The result is the same as loading, then ``
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from diffcore.errors import ConfigError
 
-__all__ = ["FP8_DTYPES", "MIN_FEATURES", "Float8Linear", "Rounding", "fp8_matmul_supported", "quantize_rows",
-           "rounding_for", "rounding_on_load", "rounding_while_loading", "store_bundle_fp8", "store_fp8",
-           "store_text_fp8"]
+__all__ = ["FP8_DTYPES", "MIN_FEATURES", "Float8Conv2d", "Float8Linear", "Float8Weight", "convertible",
+           "quantize_rows", "store_fp8"]
 
 FP8_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 MIN_FEATURES = 256
@@ -66,35 +61,21 @@ def quantize_rows(weight: Tensor, dtype: torch.dtype = torch.float8_e4m3fn, *, b
     return out, scales
 
 
-def fp8_matmul_supported(device: torch.device | str) -> bool:
-    """Whether ``torch._scaled_mm`` runs on ``device``: CPUs, and CUDA GPUs of compute capability 8.9
-    or above (Ada, Hopper, Blackwell)."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        return hasattr(torch, "_scaled_mm")
-    if device.type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_capability(device) >= (8, 9)
-    return False
+class Float8Weight(nn.Module):
+    """What ``Float8Linear`` and ``Float8Conv2d`` share: the layer's weight kept as ``weight_fp8``
+    with one float32 scale per output row (channel) in ``scale`` (out, 1). ``weight`` reads as the
+    dequantised weight in the original dtype (what code asking a layer for its dtype, device or
+    values expects); ``bias`` is the original layer's."""
 
-
-class Float8Linear(nn.Module):
-    """A linear layer whose weight is fp8 with per-row scales (see the module's docstring). ``weight``
-    reads as the dequantised weight in the original dtype (what code asking a layer for its dtype,
-    device or values expects); ``weight_fp8`` and ``scale`` are what is stored. ``in_features``,
-    ``out_features`` and ``bias`` are ``nn.Linear``'s."""
-
-    def __init__(self, layer: nn.Linear, dtype: torch.dtype = torch.float8_e4m3fn, *, matmul: bool = False):
-        super().__init__()
-        self.in_features, self.out_features, self.matmul = layer.in_features, layer.out_features, matmul
-        self.compute_dtype = layer.weight.dtype
-        if layer.weight.is_meta:   # an empty layer for load_model to fill (assign_)
-            weight = torch.empty(layer.weight.shape, dtype=dtype, device="meta")
-            scale = torch.empty(layer.out_features, 1, device="meta")
+    def _store(self, weight: Tensor, dtype: torch.dtype) -> None:
+        self.weight_shape, self.compute_dtype = tuple(weight.shape), weight.dtype
+        if weight.is_meta:   # an empty layer for load_model to fill (assign_)
+            fp8 = torch.empty(weight.shape, dtype=dtype, device="meta")
+            scale = torch.empty(weight.shape[0], 1, device="meta")
         else:
-            weight, scale = quantize_rows(layer.weight, dtype)
-        self.weight_fp8 = nn.Parameter(weight, requires_grad=False)
+            fp8, scale = _quantize(weight, dtype)
+        self.weight_fp8 = nn.Parameter(fp8, requires_grad=False)
         self.register_buffer("scale", scale, persistent=False)
-        self.bias = layer.bias
 
     @property
     def weight(self) -> Tensor:
@@ -102,50 +83,33 @@ class Float8Linear(nn.Module):
 
     def dequantized(self, dtype: torch.dtype | None = None) -> Tensor:
         """The weight in ``dtype`` (default: the original layer's)."""
-        dtype = dtype or self.compute_dtype
-        return self.weight_fp8.to(dtype) * self.scale.to(dtype)
+        return _dense(self.weight_fp8, self.scale, dtype or self.compute_dtype)
 
     @torch.no_grad()
     def assign_(self, weight: Tensor, compute_dtype: torch.dtype) -> None:
-        """Take ``weight`` (out, in) as this layer's, rounded on the device it lies on, computing in
+        """Take ``weight`` as this layer's, rounded on the device it lies on, computing in
         ``compute_dtype``: how ``load_model`` fills a layer that was built on the meta device."""
-        if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"a weight of shape {tuple(weight.shape)} for a ({self.out_features}, "
-                             f"{self.in_features}) layer")
-        fp8, scale = quantize_rows(weight, self.weight_fp8.dtype)
+        if tuple(weight.shape) != self.weight_shape:
+            raise ValueError(f"a weight of shape {tuple(weight.shape)} for a layer of {self.weight_shape}")
+        fp8, scale = _quantize(weight, self.weight_fp8.dtype)
         self.weight_fp8 = nn.Parameter(fp8, requires_grad=False)
         self._buffers["scale"] = scale
         self.compute_dtype = compute_dtype
 
     @torch.no_grad()
     def add_(self, delta: Tensor) -> None:
-        """Add ``delta`` (out, in) to the weight and round again, ``round(W8 * s + delta)``: a merged
-        LoRA, as ComfyUI patches its fp8 weights."""
-        weight, scale = quantize_rows(self.dequantized(torch.float32) + delta.to(self.scale.device, torch.float32),
-                                      self.weight_fp8.dtype)
+        """Add ``delta`` to the weight and round again, ``round(W8 * s + delta)``: a merged LoRA, as
+        ComfyUI patches its fp8 weights."""
+        delta = delta.to(self.scale.device, torch.float32).reshape(self.weight_shape)
+        weight, scale = _quantize(self.dequantized(torch.float32) + delta, self.weight_fp8.dtype)
         self.weight_fp8.copy_(weight)
         self.scale.copy_(scale)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.matmul and x.numel() >= 16 * x.shape[-1]:
-            return self._scaled(x)
-        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
-            autocast = torch.is_autocast_enabled(x.device.type)
-            dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-            return _StoredLinear.apply(x, self.weight_fp8, self.scale, self.bias, dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return nn.functional.linear(x, self.dequantized(x.dtype), bias)
+    def _compute_dtype(self, x: Tensor) -> torch.dtype:
+        return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
-    def _scaled(self, x: Tensor) -> Tensor:
-        """fp8 x fp8 through ``torch._scaled_mm``: the input quantised per token."""
-        rows = x.reshape(-1, x.shape[-1])
-        fp8 = self.weight_fp8.dtype
-        x_scale = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / torch.finfo(fp8).max
-        xq = (rows.float() / x_scale).to(fp8)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.scale.t(), bias=bias,
-                             out_dtype=x.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+    def _training(self, x: Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
 
     def _apply(self, fn, recurse: bool = True):
         """``.to(dtype)`` / ``.half()`` change the compute dtype; the weight stays fp8, its scales float32."""
@@ -169,11 +133,11 @@ class Float8Linear(nn.Module):
         weight = state.pop(key, None)
         if weight is None:
             missing_keys.append(key)
-        elif tuple(weight.shape) != (self.out_features, self.in_features):
+        elif tuple(weight.shape) != self.weight_shape:
             error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(weight.shape)}, the "
-                              f"shape in current model is {(self.out_features, self.in_features)}")
+                              f"shape in current model is {self.weight_shape}")
         else:
-            weight, scale = quantize_rows(weight.to(self.scale.device), self.weight_fp8.dtype)
+            weight, scale = _quantize(weight.to(self.scale.device), self.weight_fp8.dtype)
             with torch.no_grad():
                 self.scale.copy_(scale)
             state[prefix + "weight_fp8"] = weight
@@ -181,10 +145,76 @@ class Float8Linear(nn.Module):
         super()._load_from_state_dict(state, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+
+class Float8Linear(Float8Weight):
+    """A linear layer whose weight is fp8 with per-row scales (see the module's docstring);
+    ``in_features``, ``out_features`` and ``bias`` are ``nn.Linear``'s."""
+
+    def __init__(self, layer: nn.Linear, dtype: torch.dtype = torch.float8_e4m3fn, *, matmul: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.matmul = layer.in_features, layer.out_features, matmul
+        self._store(layer.weight, dtype)
+        self.bias = layer.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.matmul and x.numel() >= 16 * x.shape[-1]:
+            return self._scaled(x)
+        if self._training(x):
+            return _StoredLinear.apply(x, self.weight_fp8, self.scale, self.bias, self._compute_dtype(x))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, self.dequantized(x.dtype), bias)
+
+    def _scaled(self, x: Tensor) -> Tensor:
+        """fp8 x fp8 through ``torch._scaled_mm``: the input quantised per token."""
+        rows = x.reshape(-1, x.shape[-1])
+        fp8 = self.weight_fp8.dtype
+        x_scale = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / torch.finfo(fp8).max
+        xq = (rows.float() / x_scale).to(fp8)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.scale.t(), bias=bias,
+                             out_dtype=x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"weight={str(self.weight_fp8.dtype).removeprefix('torch.')}, "
                 f"matmul={'fp8' if self.matmul else 'upcast'}")
+
+
+class Float8Conv2d(Float8Weight):
+    """A 2-d convolution (zero padding) whose weight is fp8 with one scale per output channel,
+    computed in the input's dtype (SDXL's ResBlocks: an eighth of its UNet's weights). Its
+    geometry (``stride``, ``padding``, ``dilation``, ``groups``, the channels) is ``nn.Conv2d``'s."""
+
+    def __init__(self, layer: nn.Conv2d, dtype: torch.dtype = torch.float8_e4m3fn):
+        super().__init__()
+        self.in_channels, self.out_channels, self.kernel_size = layer.in_channels, layer.out_channels, layer.kernel_size
+        self.stride, self.padding = layer.stride, layer.padding
+        self.dilation, self.groups = layer.dilation, layer.groups
+        self._store(layer.weight, dtype)
+        self.bias = layer.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        geometry = (self.stride, self.padding, self.dilation, self.groups)
+        if self._training(x):
+            return _StoredConv.apply(x, self.weight_fp8, self.scale, self.bias, self._compute_dtype(x), geometry)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.conv2d(x, self.dequantized(x.dtype), bias, *geometry)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, bias={self.bias is not None}, "
+                f"weight={str(self.weight_fp8.dtype).removeprefix('torch.')}")
+
+
+def _quantize(weight: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``quantize_rows`` on the weight's output rows (channels), in its own shape."""
+    fp8, scale = quantize_rows(weight.reshape(weight.shape[0], -1), dtype)
+    return fp8.reshape(weight.shape), scale
+
+
+def _dense(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    return weight.to(dtype) * scale.to(dtype).reshape(-1, *[1] * (weight.ndim - 1))
 
 
 class _StoredLinear(torch.autograd.Function):
@@ -194,136 +224,78 @@ class _StoredLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
         ctx.save_for_backward(weight, scale)
-        dense = weight.to(dtype) * scale.to(dtype)
-        return nn.functional.linear(x.to(dtype), dense, None if bias is None else bias.to(dtype))
+        return nn.functional.linear(x.to(dtype), _dense(weight, scale, dtype), None if bias is None else bias.to(dtype))
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         weight, scale = ctx.saved_tensors
-        grad_x = grad @ (weight.to(grad.dtype) * scale.to(grad.dtype)) if ctx.needs_input_grad[0] else None
+        grad_x = grad @ _dense(weight, scale, grad.dtype) if ctx.needs_input_grad[0] else None
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
         return grad_x, None, None, grad_bias, None
+
+
+class _StoredConv(torch.autograd.Function):
+    """``Float8Conv2d``'s convolution with the weight dequantised again for the input's gradient,
+    as ``_StoredLinear``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, dtype: torch.dtype,
+                geometry: tuple) -> Tensor:
+        ctx.save_for_backward(weight, scale)
+        ctx.geometry, ctx.input_shape = geometry, x.shape
+        return nn.functional.conv2d(x.to(dtype), _dense(weight, scale, dtype), None if bias is None else bias.to(dtype),
+                                    *geometry)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        weight, scale = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.nn.grad.conv2d_input(ctx.input_shape, _dense(weight, scale, grad.dtype), grad, *ctx.geometry)
+        grad_bias = grad.sum((0, 2, 3)) if ctx.needs_input_grad[3] else None
+        return grad_x, None, None, grad_bias, None, None
 
 
 def store_fp8(network: nn.Module, dtype: str | torch.dtype = "float8_e4m3fn", *, matmul: bool = False,
               skip: tuple[str, ...] = (), min_features: int = MIN_FEATURES) -> list[str]:
     """Replace, in place, every ``nn.Linear`` of ``network`` (diffcore's ``Linear`` included, a peft
-    adapter's base layer too) by a ``Float8Linear``, except those with fewer than ``min_features``
-    inputs or outputs and those whose module name matches a shell pattern in ``skip``. Returns the
-    names converted. Apply it before LoRAs (``diffcore.lora.apply`` merges into or hooks onto the
-    fp8 layers) and compiling; a layer that already has forward hooks is refused, as replacing it
-    would drop them. fp8 matmuls take e4m3 weights (GPUs multiply no e5m2 by e5m2)."""
+    adapter's base layer too) by a ``Float8Linear`` and every zero-padded ``nn.Conv2d`` by a
+    ``Float8Conv2d``, except those with fewer than ``min_features`` outputs or inputs per output
+    (a convolution's in-channels times its kernel) and those whose module name matches a shell
+    pattern in ``skip``. Returns the names converted. Apply it before LoRAs (``diffcore.lora.apply``
+    merges into or hooks onto the fp8 layers) and compiling; a layer that already has forward hooks
+    is refused, as replacing it would drop them. fp8 matmuls take e4m3 weights (GPUs multiply no e5m2 by e5m2)."""
     fp8 = FP8_DTYPES.get(dtype) if isinstance(dtype, str) else dtype
     if fp8 not in FP8_DTYPES.values():
         raise ValueError(f"weight dtype must be one of {sorted(FP8_DTYPES)}, got {dtype!r}")
     if matmul and fp8 != torch.float8_e4m3fn:
         raise ValueError(f"fp8 matmuls take float8_e4m3fn weights, not {dtype!r}")
-    chosen = _chosen(network, skip, min_features)
+    chosen = convertible(network, skip, min_features)
     hooked = [name for name, module in chosen if module._forward_hooks or module._forward_pre_hooks]
     if hooked:
         raise ValueError(f"{len(hooked)} layer(s) have forward hooks (an unmerged LoRA?), which replacing them by "
                          f"fp8 layers would drop: {', '.join(hooked[:5])}; store fp8 first, then add the hooks")
     for name, module in chosen:
         parent, _, child = name.rpartition(".")
-        network.get_submodule(parent).register_module(child, Float8Linear(module, fp8, matmul=matmul))
+        linear = isinstance(module, nn.Linear)
+        stored = Float8Linear(module, fp8, matmul=matmul) if linear else Float8Conv2d(module, fp8)
+        network.get_submodule(parent).register_module(child, stored)
     return [name for name, _ in chosen]
 
 
-def _chosen(network: nn.Module, skip: tuple[str, ...], min_features: int) -> list[tuple[str, nn.Linear]]:
+def _features(module: nn.Module) -> int:
+    """The smaller of a layer's output rows and the inputs each row takes; 0: not convertible (a
+    convolution padding other than with zeros, or by a string)."""
+    if isinstance(module, nn.Linear):
+        return min(module.in_features, module.out_features)
+    if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        return min(module.out_channels, module.weight[0].numel())
+    return 0
+
+
+def convertible(network: nn.Module, skip: tuple[str, ...], min_features: int) -> list[tuple[str, nn.Module]]:
+    """The (name, layer) pairs ``store_fp8`` converts."""
     return [(name, module) for name, module in network.named_modules()
-            if isinstance(module, nn.Linear) and min(module.in_features, module.out_features) >= min_features
+            if _features(module) >= max(min_features, 1)
             and not any(part.startswith("lora_") for part in name.split("."))   # a peft adapter's own layers
             and not any(fnmatch.fnmatchcase(name, pattern) for pattern in skip)]
-
-
-class Rounding(NamedTuple):
-    """What ``store_fp8`` is asked for: its arguments, kept for the loader."""
-
-    dtype: str | torch.dtype = "float8_e4m3fn"
-    matmul: bool = False
-    skip: tuple[str, ...] = ()
-    min_features: int = MIN_FEATURES
-
-    def apply(self, network: nn.Module) -> list[str]:
-        return store_fp8(network, self.dtype, matmul=self.matmul, skip=self.skip, min_features=self.min_features)
-
-    def trainable(self, network: nn.Module) -> list[str]:
-        """The layers ``apply`` would convert whose weight requires a gradient."""
-        return [name for name, m in _chosen(network, self.skip, self.min_features) if m.weight.requires_grad]
-
-
-_WHILE_LOADING: ContextVar[Rounding | None] = ContextVar("diffcore_fp8_while_loading", default=None)
-
-
-def rounding_while_loading() -> Rounding | None:
-    """The rounding that ``load_model(..., denoiser=True)`` applies now (None: none)."""
-    return _WHILE_LOADING.get()
-
-
-def rounding_for(options: Any, device: torch.device | str) -> Rounding | None:
-    """The ``Rounding`` that a ``[model]`` table's ``ModelOptions`` ask for (None: no fp8), its fp8
-    matmuls checked against ``device`` (a ``ConfigError`` naming the key)."""
-    if options is None or not options.fp8:
-        return None
-    if options.fp8_matmul and not fp8_matmul_supported(device):
-        raise ConfigError(f"fp8_matmul = true needs torch._scaled_mm on {device}: CPUs, or CUDA GPUs of compute "
-                          f"capability 8.9 or above (Ada, Hopper); use weight_dtype = \"float8_e4m3fn\" alone to "
-                          f"store fp8 weights and multiply in the model's dtype", path="model.fp8_matmul")
-    return Rounding(options.fp8, options.fp8_matmul, tuple(options.fp8_skip))
-
-
-@contextmanager
-def rounding_on_load(rounding: Rounding | None) -> Iterator[None]:
-    """While active, a denoiser that ``load_model`` reads has its linear weights rounded to fp8 as
-    ``rounding`` says, each as it is read (None: nothing changes)."""
-    token = _WHILE_LOADING.set(rounding)
-    try:
-        yield
-    finally:
-        _WHILE_LOADING.reset(token)
-
-
-def store_bundle_fp8(bundle: Any, options: Any, device: torch.device | str | None = None, *,
-                     training: bool = False) -> list[str]:
-    """``store_fp8`` on ``bundle.network`` as a ``[model]`` table's ``ModelOptions`` ask (the layers
-    ``rounding_on_load`` rounded already stay); errors name the key: fp8 matmuls on a device without
-    them, weights held elsewhere (sequential offload), a ``fp8_skip`` pattern that matches no layer,
-    and, ``training``, a layer whose weight the trainer trains (fp8 weights take no gradient)."""
-    device = torch.device(device) if device is not None else next(bundle.network.parameters()).device
-    rounding = rounding_for(options, device)
-    if any(p.is_meta for p in bundle.network.parameters()):
-        key = "fp8_matmul" if options.fp8_matmul else "weight_dtype"
-        raise ConfigError(f"{key} needs the network's weights in memory to round them, and they are not (offload = "
-                          f"\"sequential\" keeps them in accelerate's hooks); use offload = \"model\" or \"none\"",
-                          path=f"model.{key}")
-    names = [name for name, _ in bundle.network.named_modules()]
-    for pattern in options.fp8_skip:
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
-            raise ConfigError(f"fp8_skip pattern {pattern!r} matches no layer of the {type(bundle.network).__name__} "
-                              f"network", path="model.fp8_skip")
-    trained = rounding.trainable(bundle.network) if training else []
-    if trained:
-        raise ConfigError(f"weight_dtype keeps the base weights frozen in fp8, and this trainer trains {len(trained)} "
-                          f"of them ({', '.join(trained[:3])}, ...): train adapters (trainer name = \"lora\", "
-                          f"\"dreambooth\", \"controlnet\") or leave these layers out with fp8_skip",
-                          path="model.weight_dtype")
-    return rounding.apply(bundle.network)
-
-
-def store_text_fp8(bundle: Any, dtype: str) -> None:
-    """The bundle's text encoders (its lazy ``text`` component) with their linear weights in fp8,
-    as ComfyUI's ``t5xxl_fp8_e4m3fn`` (T5-XXL's 9.5 GB in bf16 become 4.8): at once when they are
-    loaded, else as their loader returns them. A model without text encoders is a ``ConfigError``."""
-    if bundle.loaded("text"):
-        store_fp8(bundle.text, dtype)
-    elif "text" in bundle.loaders:
-        load = bundle.loaders["text"]
-
-        def rounded() -> nn.Module:
-            encoders = load()
-            store_fp8(encoders, dtype)
-            return encoders
-        bundle.loaders["text"] = rounded
-    else:
-        raise ConfigError(f"text_weight_dtype = {dtype!r} stores text encoders in fp8, and this model "
-                          f"({type(bundle).__name__}) has none", path="model.text_weight_dtype")

@@ -26,7 +26,7 @@ import torch
 from diffcore.errors import ConfigError
 from diffcore.models import GenerationRequest, ModelBundle
 from diffcore.nn.compile import compile_bundle_network
-from diffcore.nn.fp8 import rounding_for, rounding_on_load, store_bundle_fp8, store_text_fp8
+from diffcore.nn.fp8_options import rounding_for, rounding_on_load, store_bundle_fp8, store_text_fp8
 from diffcore.sampling.cfg import CFG
 from diffcore.sampling.denoisers import make_denoiser
 from diffcore.sampling.engine import sample
