@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 
 __all__ = ["FP8_DTYPES", "MIN_FEATURES", "Float8Conv2d", "Float8Linear", "Float8Weight", "convertible",
-           "quantize_rows", "store_fp8"]
+           "dequantize_rows", "quantize_rows", "store_fp8"]
 
 FP8_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 MIN_FEATURES = 256
@@ -83,7 +83,7 @@ class Float8Weight(nn.Module):
 
     def dequantized(self, dtype: torch.dtype | None = None) -> Tensor:
         """The weight in ``dtype`` (default: the original layer's)."""
-        return _dense(self.weight_fp8, self.scale, dtype or self.compute_dtype)
+        return dequantize_rows(self.weight_fp8, self.scale, dtype or self.compute_dtype)
 
     @torch.no_grad()
     def assign_(self, weight: Tensor, compute_dtype: torch.dtype) -> None:
@@ -105,7 +105,7 @@ class Float8Weight(nn.Module):
         self.weight_fp8.copy_(weight)
         self.scale.copy_(scale)
 
-    def _compute_dtype(self, x: Tensor) -> torch.dtype:
+    def _working_dtype(self, x: Tensor) -> torch.dtype:
         return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
     def _training(self, x: Tensor) -> bool:
@@ -160,7 +160,7 @@ class Float8Linear(Float8Weight):
         if self.matmul and x.numel() >= 16 * x.shape[-1]:
             return self._scaled(x)
         if self._training(x):
-            return _StoredLinear.apply(x, self.weight_fp8, self.scale, self.bias, self._compute_dtype(x))
+            return _StoredLinear.apply(x, self.weight_fp8, self.scale, self.bias, self._working_dtype(x))
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return nn.functional.linear(x, self.dequantized(x.dtype), bias)
 
@@ -197,7 +197,7 @@ class Float8Conv2d(Float8Weight):
     def forward(self, x: Tensor) -> Tensor:
         geometry = (self.stride, self.padding, self.dilation, self.groups)
         if self._training(x):
-            return _StoredConv.apply(x, self.weight_fp8, self.scale, self.bias, self._compute_dtype(x), geometry)
+            return _StoredConv.apply(x, self.weight_fp8, self.scale, self.bias, self._working_dtype(x), geometry)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return nn.functional.conv2d(x, self.dequantized(x.dtype), bias, *geometry)
 
@@ -213,7 +213,8 @@ def _quantize(weight: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return fp8.reshape(weight.shape), scale
 
 
-def _dense(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+def dequantize_rows(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """An fp8 weight times its per-row (per-channel) scales (out, 1), in ``dtype``."""
     return weight.to(dtype) * scale.to(dtype).reshape(-1, *[1] * (weight.ndim - 1))
 
 
@@ -224,12 +225,13 @@ class _StoredLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
         ctx.save_for_backward(weight, scale)
-        return nn.functional.linear(x.to(dtype), _dense(weight, scale, dtype), None if bias is None else bias.to(dtype))
+        bias = None if bias is None else bias.to(dtype)
+        return nn.functional.linear(x.to(dtype), dequantize_rows(weight, scale, dtype), bias)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         weight, scale = ctx.saved_tensors
-        grad_x = grad @ _dense(weight, scale, grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_x = grad @ dequantize_rows(weight, scale, grad.dtype) if ctx.needs_input_grad[0] else None
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
         return grad_x, None, None, grad_bias, None
 
@@ -243,15 +245,16 @@ class _StoredConv(torch.autograd.Function):
                 geometry: tuple) -> Tensor:
         ctx.save_for_backward(weight, scale)
         ctx.geometry, ctx.input_shape = geometry, x.shape
-        return nn.functional.conv2d(x.to(dtype), _dense(weight, scale, dtype), None if bias is None else bias.to(dtype),
-                                    *geometry)
+        bias = None if bias is None else bias.to(dtype)
+        return nn.functional.conv2d(x.to(dtype), dequantize_rows(weight, scale, dtype), bias, *geometry)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         weight, scale = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.nn.grad.conv2d_input(ctx.input_shape, _dense(weight, scale, grad.dtype), grad, *ctx.geometry)
+            dense = dequantize_rows(weight, scale, grad.dtype)
+            grad_x = torch.nn.grad.conv2d_input(ctx.input_shape, dense, grad, *ctx.geometry)
         grad_bias = grad.sum((0, 2, 3)) if ctx.needs_input_grad[3] else None
         return grad_x, None, None, grad_bias, None, None
 
@@ -264,7 +267,8 @@ def store_fp8(network: nn.Module, dtype: str | torch.dtype = "float8_e4m3fn", *,
     (a convolution's in-channels times its kernel) and those whose module name matches a shell
     pattern in ``skip``. Returns the names converted. Apply it before LoRAs (``diffcore.lora.apply``
     merges into or hooks onto the fp8 layers) and compiling; a layer that already has forward hooks
-    is refused, as replacing it would drop them. fp8 matmuls take e4m3 weights (GPUs multiply no e5m2 by e5m2)."""
+    is refused, as replacing it would drop them. fp8 matmuls take e4m3 weights (GPUs multiply no
+    e5m2 by e5m2)."""
     fp8 = FP8_DTYPES.get(dtype) if isinstance(dtype, str) else dtype
     if fp8 not in FP8_DTYPES.values():
         raise ValueError(f"weight dtype must be one of {sorted(FP8_DTYPES)}, got {dtype!r}")

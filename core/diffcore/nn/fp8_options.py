@@ -70,8 +70,8 @@ def rounding_for(options: Any, device: torch.device | str) -> Rounding | None:
 
 @contextmanager
 def rounding_on_load(rounding: Rounding | None) -> Iterator[None]:
-    """While active, a denoiser that ``load_model`` reads has its linear weights rounded to fp8 as
-    ``rounding`` says, each as it is read (None: nothing changes)."""
+    """While active, a denoiser that ``load_model`` reads has its linear and convolution weights
+    rounded to fp8 as ``rounding`` says, each as it is read (None: nothing changes)."""
     token = _WHILE_LOADING.set(rounding)
     try:
         yield

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffcore.nn.fp8 import Float8Linear
+from diffcore.nn.fp8 import Float8Linear, dequantize_rows
 
 __all__ = ["Activation", "activated_linear", "fuse_lora_layers", "keeping_activations"]
 
@@ -115,7 +115,7 @@ def _vanilla_adapter(layer: nn.Module, parts: Sequence[Tensor]
 def _dense(weight: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
     """The base weight to multiply by: itself, or an fp8 one dequantised (again in backward, so
     autograd keeps the 1-byte weight, not a copy)."""
-    return weight if scale is None else weight.to(dtype) * scale.to(dtype)
+    return weight if scale is None else dequantize_rows(weight, scale, dtype)
 
 
 class _LoRALinear(torch.autograd.Function):
