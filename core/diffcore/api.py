@@ -142,6 +142,7 @@ _NAMES = {
     "read_config_json": "diffcore.io.headers",
     "checkpoint_files": "diffcore.io.checkpoint",
     "load_model": "diffcore.io.checkpoint",
+    "load_pretrained": "diffcore.io.pretrained",
     "load_state_dict": "diffcore.io.checkpoint",
     "save_file_atomic": "diffcore.io.checkpoint",
     "save_converted": "diffcore.io.checkpoint",

@@ -37,7 +37,7 @@ from diffcore.errors import CheckpointError
 from diffcore.io.headers import check_safetensors, plain_safetensors_error
 from diffcore.io.scaled_fp8 import dequantize, is_side_key, pop_scales
 from diffcore.nn.fp8 import Float8Weight
-from diffcore.nn.fp8_options import rounding_while_loading
+from diffcore.nn.fp8_options import Rounding, rounding_while_loading
 
 PathLike = Union[str, "os.PathLike[str]"]
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -203,7 +203,8 @@ def _load_pickle(file: Path, device: str | torch.device) -> dict[str, torch.Tens
 def load_model(build: Callable[[], nn.Module], files: PathLike | Sequence[PathLike], *,
                rename: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
                dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-               strict: bool = True, copied: Callable[[str], bool] | None = None, denoiser: bool = False) -> nn.Module:
+               strict: bool = True, copied: Callable[[str], bool] | None = None, denoiser: bool = False,
+               rounding: Rounding | None = None) -> nn.Module:
     """Build ``build()`` on the meta device and fill it from ``files`` without a second copy.
 
     - ``rename`` maps the file's keys (and tensors: it may split or fuse them) to the module's;
@@ -220,6 +221,7 @@ def load_model(build: Callable[[], nn.Module], files: PathLike | Sequence[PathLi
       (a generate job's ``weight_dtype`` / ``fp8_matmul``) its linear and convolution layers are built as fp8 ones
       and each weight is read on the CPU, moved and rounded on its own, so the full-precision
       network never exists at once, on ``device`` or in the CPU's memory.
+    - ``rounding``: that rounding for any module (the text encoders' ``text_weight_dtype``).
     - A scaled fp8 file (ComfyUI's ``weight_scale`` / ``scale_weight`` beside fp8 weights,
       ``diffcore.io.scaled_fp8``) loads as its values, ``weight * scale``, its side keys dropped.
     - Modules defining ``init_buffers(device)`` get it called afterwards (non-persistent buffers).
@@ -227,7 +229,8 @@ def load_model(build: Callable[[], nn.Module], files: PathLike | Sequence[PathLi
     where = str(files) if isinstance(files, (str, os.PathLike)) else ", ".join(map(str, files))
     with torch.device("meta"):
         model = build()
-    rounding = rounding_while_loading() if denoiser else None
+    if rounding is None and denoiser:
+        rounding = rounding_while_loading()
     rounded = {}
     if rounding is not None:
         rounding.apply(model)

@@ -1,7 +1,8 @@
 """A job's fp8 keys applied to a bundle (``diffcore.nn.fp8`` holds the layers): ``[model]``'s
 ``weight_dtype`` / ``fp8_matmul`` / ``fp8_skip`` on the denoiser, rounded while its checkpoint is
 read (``rounding_on_load`` around the family's build, read by ``load_model(..., denoiser=True)``)
-or after the build; ``text_weight_dtype`` on the text encoders, as they load."""
+or after the build; ``text_weight_dtype`` on the text encoders, as they are read
+(``text_rounding_on_load`` around their loader, read by ``diffcore.io.pretrained.load_pretrained``)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from diffcore.errors import ConfigError
 from diffcore.nn.fp8 import MIN_FEATURES, convertible, store_fp8
 
 __all__ = ["Rounding", "fp8_matmul_supported", "rounding_for", "rounding_on_load", "rounding_while_loading",
-           "store_bundle_fp8", "store_text_fp8"]
+           "store_bundle_fp8", "store_text_fp8", "text_rounding_on_load", "text_rounding_while_loading"]
 
 
 def fp8_matmul_supported(device: torch.device | str) -> bool:
@@ -49,6 +50,7 @@ class Rounding(NamedTuple):
 
 
 _WHILE_LOADING: ContextVar[Rounding | None] = ContextVar("diffcore_fp8_while_loading", default=None)
+_TEXT_WHILE_LOADING: ContextVar[Rounding | None] = ContextVar("diffcore_text_fp8_while_loading", default=None)
 
 
 def rounding_while_loading() -> Rounding | None:
@@ -68,15 +70,30 @@ def rounding_for(options: Any, device: torch.device | str) -> Rounding | None:
     return Rounding(options.fp8, options.fp8_matmul, tuple(options.fp8_skip))
 
 
+def text_rounding_while_loading() -> Rounding | None:
+    """The rounding that ``load_pretrained`` applies to the text encoders it reads now (None: none)."""
+    return _TEXT_WHILE_LOADING.get()
+
+
 @contextmanager
-def rounding_on_load(rounding: Rounding | None) -> Iterator[None]:
-    """While active, a denoiser that ``load_model`` reads has its linear and convolution weights
-    rounded to fp8 as ``rounding`` says, each as it is read (None: nothing changes)."""
-    token = _WHILE_LOADING.set(rounding)
+def _setting(var: ContextVar, rounding: Rounding | None) -> Iterator[None]:
+    token = var.set(rounding)
     try:
         yield
     finally:
-        _WHILE_LOADING.reset(token)
+        var.reset(token)
+
+
+def rounding_on_load(rounding: Rounding | None):
+    """While active, a denoiser that ``load_model`` reads has its linear and convolution weights
+    rounded to fp8 as ``rounding`` says, each as it is read (None: nothing changes)."""
+    return _setting(_WHILE_LOADING, rounding)
+
+
+def text_rounding_on_load(rounding: Rounding | None):
+    """While active, the text encoders that ``diffcore.io.pretrained.load_pretrained`` reads have
+    their linear weights rounded as each is read (None: nothing changes)."""
+    return _setting(_TEXT_WHILE_LOADING, rounding)
 
 
 def store_bundle_fp8(bundle: Any, options: Any, device: torch.device | str | None = None, *,
@@ -109,15 +126,18 @@ def store_bundle_fp8(bundle: Any, options: Any, device: torch.device | str | Non
 def store_text_fp8(bundle: Any, dtype: str) -> None:
     """The bundle's text encoders (its lazy ``text`` component) with their linear weights in fp8,
     as ComfyUI's ``t5xxl_fp8_e4m3fn`` (T5-XXL's 9.5 GB in bf16 become 4.8): at once when they are
-    loaded, else as their loader returns them. A model without text encoders is a ``ConfigError``."""
+    loaded, else as their loader reads them (each weight rounded as it is read, where the loader
+    goes through ``load_pretrained``; after loading otherwise). A model without text encoders is
+    a ``ConfigError``."""
     if bundle.loaded("text"):
         store_fp8(bundle.text, dtype)
     elif "text" in bundle.loaders:
         load = bundle.loaders["text"]
 
         def rounded() -> nn.Module:
-            encoders = load()
-            store_fp8(encoders, dtype)
+            with text_rounding_on_load(Rounding(dtype)):
+                encoders = load()
+            store_fp8(encoders, dtype)   # what was read otherwise (rounded layers stay as they are)
             return encoders
         bundle.loaders["text"] = rounded
     else:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from diffcore.api import CheckpointError
+from diffcore.api import CheckpointError, load_pretrained
 
 CLIP_LENGTH = 77
 
@@ -32,9 +32,8 @@ class FluxTextEncoder(nn.Module):
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
         path = cls.check_folder(path)
-        kw = {"local_files_only": True, **({"dtype": dtype} if dtype is not None else {})}
-        clip = CLIPTextModel.from_pretrained(path / "text_encoder", **kw).to(device)
-        t5 = T5EncoderModel.from_pretrained(path / "text_encoder_2", **kw).to(device)
+        clip = load_pretrained(CLIPTextModel, path / "text_encoder", dtype=dtype, device=device)
+        t5 = load_pretrained(T5EncoderModel, path / "text_encoder_2", dtype=dtype, device=device)
         return cls(t5, AutoTokenizer.from_pretrained(path / "tokenizer_2", local_files_only=True),
                    clip, AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True), max_length)
 

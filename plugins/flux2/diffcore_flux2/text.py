@@ -20,7 +20,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from diffcore.api import CheckpointError
+from diffcore.api import CheckpointError, load_pretrained
 
 # BFL flux2 system_messages.py, the one dev's prompts are encoded under
 SYSTEM_MESSAGE = ("You are an AI that reasons about image descriptions. You give structured responses focusing on "
@@ -59,8 +59,7 @@ class Flux2TextEncoder(nn.Module):
         if model_class is None:
             raise CheckpointError(f"{path / 'text_encoder'}: its config names {arch!r}, which transformers "
                                   f"{transformers.__version__} does not have")
-        kw = {"local_files_only": True, **({"dtype": dtype} if dtype is not None else {})}
-        model = model_class.from_pretrained(path / "text_encoder", **kw).to(device)
+        model = load_pretrained(model_class, path / "text_encoder", dtype=dtype, device=device)
         load_tokenizer = transformers.AutoProcessor if spec.chat == "mistral3" else transformers.AutoTokenizer
         tokenizer = load_tokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
         return cls(model, tokenizer, spec, max_length)

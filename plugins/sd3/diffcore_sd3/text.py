@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffcore.api import CheckpointError
+from diffcore.api import CheckpointError, load_pretrained
 
 CLIP_LENGTH = 77
 FOLDERS = {"clip_l": ("text_encoder", "tokenizer"), "clip_g": ("text_encoder_2", "tokenizer_2"),
@@ -49,15 +49,13 @@ class SD3TextEncoder(nn.Module):
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
         path = cls.check_folder(path, t5=t5)
-        kw = {"local_files_only": True, **({"dtype": dtype} if dtype is not None else {})}
-
         def tokenizer(name: str):
             return AutoTokenizer.from_pretrained(path / FOLDERS[name][1], local_files_only=True)
 
         def clip(name: str) -> nn.Module:
-            return CLIPTextModelWithProjection.from_pretrained(path / FOLDERS[name][0], **kw).to(device)
+            return load_pretrained(CLIPTextModelWithProjection, path / FOLDERS[name][0], dtype=dtype, device=device)
 
-        encoder = T5EncoderModel.from_pretrained(path / FOLDERS["t5"][0], **kw).to(device) if t5 else None
+        encoder = load_pretrained(T5EncoderModel, path / FOLDERS["t5"][0], dtype=dtype, device=device) if t5 else None
         return cls(clip("clip_l"), tokenizer("clip_l"), clip("clip_g"), tokenizer("clip_g"), encoder,
                    tokenizer("t5") if t5 else None, max_length=max_length, width=width)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from diffcore.api import CheckpointError
+from diffcore.api import CheckpointError, load_pretrained
 
 TOKENS = 77
 
@@ -55,9 +55,9 @@ class SDXLText(nn.Module):
         tokenizers, encoders = [], []
         if (path / "text_encoder").is_dir():
             tokenizers.append(CLIPTokenizer.from_pretrained(path / "tokenizer"))
-            encoders.append(CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype))
+            encoders.append(load_pretrained(CLIPTextModel, path / "text_encoder", dtype=dtype))
         tokenizers.append(CLIPTokenizer.from_pretrained(path / "tokenizer_2"))
-        encoders.append(CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2", dtype=dtype))
+        encoders.append(load_pretrained(CLIPTextModelWithProjection, path / "text_encoder_2", dtype=dtype))
         if zero_empty_negative is None:
             import json
 
