@@ -91,14 +91,13 @@ def _status() -> dict[str, int]:
     return out
 
 
-def measure(path: Path, mode: str, tiny: bool, device: str = "cpu") -> dict[str, float]:
+def watched(load, device: str = "cpu") -> dict[str, float]:
+    """Run ``load()`` (which returns a module), sampling anonymous memory every 2 ms: its seconds, the
+    peak and what stays, the module's weight bytes and fp8 layers (and the GPU's peak on CUDA)."""
     import torch
 
-    from diffcore.nn.fp8 import Float8Linear
-    from diffcore.nn.fp8_options import Rounding, rounding_on_load
-    from diffcore_flux2.load import load_transformer
+    from diffcore.nn.fp8 import Float8Weight
 
-    rounding = Rounding(min_features=1) if tiny else Rounding()
     peak, done = [0], threading.Event()
 
     def sample():
@@ -109,28 +108,56 @@ def measure(path: Path, mode: str, tiny: bool, device: str = "cpu") -> dict[str,
     before = _status()["RssAnon"]
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    start = time.perf_counter()
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    variant = "tiny" if tiny else "klein-4b"
-    if mode == "load, then round":
-        net = load_transformer(path, variant=variant, dtype=torch.bfloat16, device=device)
-        rounding.apply(net)
-    else:
-        with rounding_on_load(rounding):
-            net = load_transformer(path, variant=variant, dtype=torch.bfloat16, device=device)
+    start = time.perf_counter()
+    net = load()
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     done.set()
     sampler.join()
     after = _status()
-    layers = [m for m in net.modules() if isinstance(m, Float8Linear)]
+    layers = [m for m in net.modules() if isinstance(m, Float8Weight)]
     weights = sum(t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()))
     return {"seconds": seconds, "peak_anon": max(peak[0], after["RssAnon"]) - before, "rss": after["VmRSS"],
             "anon": after["RssAnon"] - before, "weights": weights, "layers": len(layers),
             "device_peak": torch.cuda.max_memory_allocated() if cuda else None}
+
+
+def measure(path: Path, mode: str, tiny: bool, device: str = "cpu") -> dict[str, float]:
+    import torch
+
+    from diffcore.nn.fp8_options import Rounding, rounding_on_load
+    from diffcore_flux2.load import load_transformer
+
+    rounding = Rounding(min_features=1) if tiny else Rounding()
+    variant = "tiny" if tiny else "klein-4b"
+
+    def load():
+        if mode == "load, then round":
+            net = load_transformer(path, variant=variant, dtype=torch.bfloat16, device=device)
+            rounding.apply(net)
+            return net
+        with rounding_on_load(rounding):
+            return load_transformer(path, variant=variant, dtype=torch.bfloat16, device=device)
+    return watched(load, device)
+
+
+def table_row(label: str, mode: str, r: dict, gpu: bool) -> str:
+    gb = 1 / 2 ** 30
+    return (f"| {label} | {mode} | {r['seconds']:.2f} | {r['peak_anon'] * gb:.3f} GiB | {r['rss'] * gb:.3f} GiB "
+            f"| {r['anon'] * gb:.3f} GiB | {r['weights'] * gb:.3f} GiB | {r['layers']} |"
+            + (f" {r['device_peak'] * gb:.3f} GiB |" if gpu else ""))
+
+
+def warm(path: Path) -> None:
+    """Read ``path`` (a file, or every file of a folder) into the page cache: both modes read it warm."""
+    for file in ([path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())):
+        with open(file, "rb", buffering=0) as f:
+            while f.read(64 << 20):
+                pass
 
 
 def main() -> None:
@@ -145,7 +172,6 @@ def main() -> None:
         print(json.dumps(measure(Path(args.measure[0]), args.measure[1], args.tiny, args.device)))
         return
     write_files(root, args.tiny)
-    gb = 1 / 2 ** 30
     gpu = args.device.startswith("cuda")
     print(f"loading onto {args.device}")
     print("| file | loading | seconds | peak anonymous | resident after | anonymous after | weights | fp8 layers |"
@@ -154,18 +180,14 @@ def main() -> None:
     for label, name in FILES.items():
         path = root / name
         for mode in MODES:
-            with open(path, "rb", buffering=0) as f:   # into the page cache: both modes read it warm
-                while f.read(64 << 20):
-                    pass
+            warm(path)
             done = subprocess.run([sys.executable, __file__, str(args.dir), "--measure", str(path), mode,
                                    "--device", args.device, *(["--tiny"] if args.tiny else [])],
                                   capture_output=True, text=True)
             if done.returncode != 0:
                 raise SystemExit(f"{label}, {mode} failed:\n{done.stderr[-4000:]}")
             r = json.loads(done.stdout.strip().splitlines()[-1])
-            print(f"| {label} | {mode} | {r['seconds']:.2f} | {r['peak_anon'] * gb:.3f} GiB | {r['rss'] * gb:.3f} GiB "
-                  f"| {r['anon'] * gb:.3f} GiB | {r['weights'] * gb:.3f} GiB | {r['layers']} |"
-                  + (f" {r['device_peak'] * gb:.3f} GiB |" if gpu else ""), flush=True)
+            print(table_row(label, mode, r, gpu), flush=True)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import os
 import pickle
 import re
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Union
@@ -269,6 +270,9 @@ def load_model(build: Callable[[], nn.Module], files: PathLike | Sequence[PathLi
                                         [(k, state[k].shape, expected[k].shape) for k in misshaped]))
     for key in unexpected:
         later.pop(id(state.pop(key)), None)
+    keys_of = Counter(id(t) for t in state.values())
+    tied: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # one tensor under several keys (tied weights):
+    # the original (held, so its id stays its own) and what it became, cast and copied once
     for key in list(state):
         target = dtype if dtype is not None else expected[key].dtype
         scaled = later.pop(id(state[key]), None)
@@ -279,12 +283,18 @@ def load_model(build: Callable[[], nn.Module], files: PathLike | Sequence[PathLi
             rounded[key].assign_(weight, compute_dtype=target)
             continue
         tensor = state[key]
+        if id(tensor) in tied:
+            state[key] = tied[id(tensor)][1]
+            continue
         if tensor.is_floating_point() and target.is_floating_point and target not in FP8_DTYPES:
             tensor = tensor.to(dtype=target)
         tensor = tensor.to(device)
         if rounded and tensor.data_ptr() == state[key].data_ptr() and tensor.device.type == "cpu":
             tensor = tensor.clone()   # not a view of the file: its mapping can close, with the rounded layers' pages
+        if keys_of[id(state[key])] > 1:
+            tied[id(state[key])] = (state[key], tensor)
         state[key] = tensor
+    del tied
     if later:
         names = ", ".join(k for k, *_ in later.values())
         raise CheckpointError(f"{where}: {len(later)} scaled fp8 weight(s) ({names}) did not come through the key "
