@@ -6,9 +6,12 @@
 #   here, once:        bash benchmarks/gpu_session.sh wheels      (.whl/, ignored by git)
 #   device call 1:     bash benchmarks/gpu_session.sh eager       carry [".whl"], timeout_s 600
 #   device call 2:     bash benchmarks/gpu_session.sh compiled    carry [".whl"], timeout_s 600
+#   device call 3:     bash benchmarks/gpu_session.sh loads       carry [".whl"], timeout_s 600
 #
 # eager: FLUX.1-dev and FLUX.2 klein-4b / klein-9b eager, with fp8 rows and a kernel profile of each;
-# compiled: FLUX.1-dev and klein-4b compiled, and a 28-step FLUX.1-dev generate. Each call writes its
+# compiled: FLUX.1-dev and klein-4b compiled, and a 28-step FLUX.1-dev generate; loads: the GPU's
+# peak while loading into fp8 (fp8_load.py: klein-4b; text_fp8_load.py: T5-XXL, where the image has
+# transformers), each writing its checkpoint first (7.8 and 9.5 GB). Each call writes its
 # table to $OUT (or ./gpu_out). Extra arguments go to gpu_step.py (`eager --tiny --device cpu` checks
 # this script without a GPU).
 set -euo pipefail
@@ -23,7 +26,7 @@ if [[ "${1:-}" == wheels ]]; then
     exit 0
 fi
 
-part=${1:?"which part: wheels, eager or compiled"}
+part=${1:?"which part: wheels, eager, compiled or loads"}
 shift
 out=${OUT:-gpu_out}
 mkdir -p "$out"
@@ -41,7 +44,14 @@ case "$part" in
     compiled)
         python3 benchmarks/gpu_step.py --cases flux1-dev flux2-klein-4b --iters 20 --compile --generate "$@" \
             2>&1 | tee "$out/gpu_step_compiled.md" ;;
+    loads)
+        python3 benchmarks/fp8_load.py /tmp --device cuda 2>&1 | tee "$out/fp8_load_cuda.md"
+        if python3 -c "import transformers" 2>/dev/null; then
+            python3 benchmarks/text_fp8_load.py /tmp --device cuda 2>&1 | tee "$out/text_fp8_load_cuda.md"
+        else
+            echo "no transformers on this machine: text_fp8_load.py skipped" | tee "$out/text_fp8_load_cuda.md"
+        fi ;;
     *)
-        echo "unknown part $part: wheels, eager or compiled" >&2
+        echo "unknown part $part: wheels, eager, compiled or loads" >&2
         exit 2 ;;
 esac
