@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ from diffcore.errors import CheckpointError
 from diffcore.io.checkpoint import checkpoint_files, load_model, tensor_shapes
 from diffcore.nn.fp8_options import Rounding, text_rounding_while_loading
 
-__all__ = ["load_pretrained"]
+__all__ = ["empty_model", "file_sources", "fill", "load_pretrained"]
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,6 @@ def _load_rounded(model_class: type, folder: Path, dtype: torch.dtype, device: s
                   rounding: Rounding) -> nn.Module | None:
     """The model filled while rounding, or None (with the reason logged) where only
     ``from_pretrained`` reads the folder exactly."""
-    from accelerate import init_empty_weights
-
     try:
         files = checkpoint_files(folder)
     except CheckpointError as exc:
@@ -55,17 +54,35 @@ def _load_rounded(model_class: type, folder: Path, dtype: torch.dtype, device: s
     if any(f.suffix != ".safetensors" for f in files):
         return _declined(folder, "its weights are not safetensors")
     config = model_class.config_class.from_pretrained(folder, local_files_only=True)
-    with init_empty_weights():   # parameters on meta, buffers (RoPE frequencies, position ids) computed
-        model = model_class._from_config(config, dtype=dtype)
+    model = empty_model(model_class, config, dtype)
     if dtype == torch.float16 and (getattr(model, "_keep_in_fp32_modules", None)
                                    or getattr(model, "_keep_in_fp32_modules_strict", None)):
         return _declined(folder, "in float16 transformers keeps some of its modules in float32")
-    model.tie_weights()
-    tied = _tied_groups(model)
-    sources = _sources(model, set(tensor_shapes(folder)))
+    sources = file_sources(model, set(tensor_shapes(folder)))
     if isinstance(sources, str):
         return _declined(folder, sources)
-    rounding.apply(model)
+    return fill(model, files, sources, device, rounding)
+
+
+def empty_model(model_class: type, config: Any, dtype: torch.dtype) -> nn.Module:
+    """``model_class`` as ``from_pretrained`` builds it in ``dtype``: parameters on meta, buffers
+    (RoPE frequencies, position ids) computed, weights tied."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = model_class._from_config(config, dtype=dtype)
+    model.tie_weights()
+    return model
+
+
+def fill(model: nn.Module, files: list[Path], sources: dict[str, str], device: str | torch.device,
+         rounding: Rounding | None) -> nn.Module:
+    """``empty_model``'s ``model`` read from ``files`` through ``load_model`` (model key -> file key:
+    ``sources``), its linear weights rounded as they are read when ``rounding`` is given; the ties
+    restored, on ``device``, in eval mode."""
+    tied = _tied_groups(model)
+    if rounding is not None:
+        rounding.apply(model)
 
     def rename(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {key: state[file_key] for key, file_key in sources.items()}
@@ -94,12 +111,17 @@ def _tied_groups(model: nn.Module) -> list[list[str]]:
     return [names for names in groups.values() if len(names) > 1]
 
 
-def _sources(model: nn.Module, file_keys: set[str]) -> dict[str, str] | str:
+def file_sources(model: nn.Module, file_keys: set[str], ignored: tuple[str, ...] = ()) -> dict[str, str] | str:
     """Model key -> the file key it is read from (a tied key from whichever of its group the file
     has), or why there is no such map. File keys are the model's, or what transformers' own
-    renaming (``revert_weight_conversion``, v5) turns them into when it saves."""
+    renaming (``revert_weight_conversion``, v5) turns them into when it saves, or the model's under
+    one prefix that every file key has (transformers 5 names a ``CLIPTextModel``'s keys without the
+    ``text_model.`` its files carry); ``ignored`` file keys may be left over."""
     expected = model.state_dict(keep_vars=True)
     saved = _saved_names(model, expected)
+    heads = {key.split(".", 1)[0] for key in file_keys - set(ignored)}
+    if len(heads) == 1 and not any(key.startswith(next(iter(heads)) + ".") for key in expected):
+        saved = {key: f"{next(iter(heads))}.{saved.get(key, key)}" for key in expected}
     by_tensor: dict[int, list[str]] = {}
     for key, tensor in expected.items():
         by_tensor.setdefault(id(tensor), []).append(key)
@@ -109,7 +131,8 @@ def _sources(model: nn.Module, file_keys: set[str]) -> dict[str, str] | str:
         if not found:
             return f"no tensor of the file holds {keys[0]}"
         sources.update({k: found[0] for k in keys})
-    unused = file_keys - set(sources.values())
+        file_keys = file_keys - set(found[1:])   # a tied tensor saved under two names: one is read
+    unused = file_keys - set(sources.values()) - set(ignored)
     if unused:
         return f"{len(unused)} tensor(s) of the file match no parameter as they are named ({sorted(unused)[0]}, ...)"
     return sources

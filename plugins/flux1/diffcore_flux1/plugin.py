@@ -25,7 +25,8 @@ BFL_AE = "ae.safetensors"
 @attrs.frozen
 class Flux1Config:
     """``path``: diffusers folder or transformer file; ``vae`` / ``text_encoders`` override or
-    complete it. ``variant = "auto"`` reads it from the shapes (dev, schnell, fill-dev,
+    complete it; ``clip_l`` / ``t5xxl``: text encoders as single files (the tokenizers still come
+    from ``text_encoders`` or the diffusers folder). ``variant = "auto"`` reads it from the shapes (dev, schnell, fill-dev,
     canny-dev; name kontext-dev and depth-dev, whose shapes are dev's and canny-dev's); it sets
     the defaults below. ``guidance``: the embedded guidance (variant default: dev 3.5, Kontext
     2.5, Fill 30). ``dtype = "auto"``: bfloat16 on CUDA, float32 elsewhere. ``offload``: see
@@ -36,6 +37,8 @@ class Flux1Config:
     path: str = attrs.field(default="", validator=local_path)
     vae: str | None = attrs.field(default=None, validator=local_path)
     text_encoders: str | None = attrs.field(default=None, validator=local_path)
+    clip_l: str | None = attrs.field(default=None, validator=local_path)   # single files (ComfyUI, kohya)
+    t5xxl: str | None = attrs.field(default=None, validator=local_path)
     dtype: str = attrs.field(default="auto", validator=one_of(DTYPES))
     offload: str = attrs.field(default="none", validator=one_of(OFFLOAD))
     guidance: float | None = None
@@ -71,19 +74,30 @@ def build_flux1(config: Flux1Config, device: Any = "cpu") -> Any:
                           path="vae")
     check_safetensors(vae_path / "vae" if (vae_path / "vae").is_dir() else vae_path)
     text_path = config.text_encoders or (folder if folder and (folder / "text_encoder").is_dir() else None)
+    if text_path is None and (config.clip_l or config.t5xxl) and folder is not None and (folder / "tokenizer").is_dir():
+        text_path = folder
     if text_path is None:
         raise ConfigError(f"{root} has no text encoders: set text_encoders to a local diffusers FLUX.1 folder "
-                          f"(text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/)", path="text_encoders")
+                          f"(text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/; with clip_l and t5xxl set, "
+                          f"tokenizer/ and tokenizer_2/ are enough)", path="text_encoders")
+    files = {name: Path(p).expanduser() for name, p in (("clip_l", config.clip_l), ("t5xxl", config.t5xxl)) if p}
+    for name, file in files.items():
+        if not file.is_file():
+            raise ConfigError(f"{file}: no such file", path=name)
+        check_safetensors(file)
 
     dtype = resolve_dtype(config.dtype, device)
     offload = Offload(config.offload, device)
     max_length = config.max_sequence_length or defaults.max_sequence_length
     network = offload.add("network", load_transformer(root, params=params, dtype=dtype, device=offload.storage))
-    text_path = FluxTextEncoder.check_folder(Path(text_path).expanduser())
+    text_path = FluxTextEncoder.check_folder(Path(text_path).expanduser(), clip_l="clip_l" in files,
+                                             t5xxl="t5xxl" in files)
     loaders = {"text": lambda: offload.add("text", FluxTextEncoder.from_folder(
-                   text_path, max_length=max_length, dtype=dtype, device=offload.storage)),
+                   text_path, max_length=max_length, dtype=dtype, device=offload.storage, **files)),
                "vae": lambda: offload.add("vae", load_vae(vae_path, dtype=dtype, device=offload.storage))}
-    text_files = [text_path / d for d in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")]
+    replaced_by = {"text_encoder": "clip_l", "text_encoder_2": "t5xxl"}
+    text_files = [*(text_path / d for d in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+                    if replaced_by.get(d) not in files), *files.values()]
     identity = {"vae": fingerprint([vae_path], "flux1-ae"),
                 "text": fingerprint([f for f in text_files if f.exists()], "flux1-text", max_length)}
     return FluxBundle(network=network, loaders=loaders, identity=identity, offload=offload, dtype=dtype,
