@@ -144,6 +144,8 @@ _NAMES = {
     "load_model": "diffcore.io.checkpoint",
     "load_pretrained": "diffcore.io.pretrained",
     "load_text_file": "diffcore.io.text_files",
+    "load_text_encoder": "diffcore.io.text_files",
+    "single_files": "diffcore.io.text_files",
     "clip_config_fields": "diffcore.io.text_files",
     "t5_config_fields": "diffcore.io.text_files",
     "load_state_dict": "diffcore.io.checkpoint",

@@ -76,16 +76,17 @@ def empty_model(model_class: type, config: Any, dtype: torch.dtype) -> nn.Module
 
 
 def fill(model: nn.Module, files: list[Path], sources: dict[str, str], device: str | torch.device,
-         rounding: Rounding | None) -> nn.Module:
+         rounding: Rounding | None, given: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """``empty_model``'s ``model`` read from ``files`` through ``load_model`` (model key -> file key:
-    ``sources``), its linear weights rounded as they are read when ``rounding`` is given; the ties
-    restored, on ``device``, in eval mode."""
+    ``sources``; ``given``: tensors for keys the files lack), its linear weights rounded as they are
+    read when ``rounding`` is given; the ties restored, on ``device``, in eval mode."""
+    given = given or {}
     tied = _tied_groups(model)
     if rounding is not None:
         rounding.apply(model)
 
     def rename(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {key: state[file_key] for key, file_key in sources.items()}
+        return {key: state[file_key] if file_key in state else given[file_key] for key, file_key in sources.items()}
 
     model = load_model(lambda: model, files, rename=rename, copied=lambda key: False, device=device,
                        rounding=rounding)

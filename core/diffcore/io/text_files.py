@@ -10,18 +10,20 @@ fp8 files load as their values (upcast one tensor at a time, or kept in fp8 unde
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from diffcore.errors import CheckpointError
+from diffcore.errors import CheckpointError, ConfigError
+from diffcore.io.headers import check_safetensors
 from diffcore.io.checkpoint import checkpoint_files, tensor_shapes
-from diffcore.io.pretrained import empty_model, file_sources, fill
+from diffcore.io.pretrained import empty_model, file_sources, fill, load_pretrained
 from diffcore.nn.fp8_options import text_rounding_while_loading
 
-__all__ = ["clip_config_fields", "load_text_file", "t5_config_fields"]
+__all__ = ["clip_config_fields", "load_text_encoder", "load_text_file", "single_files", "t5_config_fields"]
 
 CLIP_HEAD_DIM = 64   # OpenAI's CLIP-L and OpenCLIP's bigG / H: heads of 64 channels
 # keys such files carry that no text model reads: CLIP's logit scale, old position-id buffers, CLIP-L's
@@ -29,9 +31,11 @@ CLIP_HEAD_DIM = 64   # OpenAI's CLIP-L and OpenCLIP's bigG / H: heads of 64 chan
 IGNORED = ("logit_scale", "text_model.embeddings.position_ids", "text_projection.weight")
 
 
-def clip_config_fields(shapes: dict[str, tuple[int, ...]], *, hidden_act: str) -> dict[str, Any]:
+def clip_config_fields(shapes: dict[str, tuple[int, ...]], *, hidden_act: str, tokenizer: Any = None
+                       ) -> dict[str, Any]:
     """``CLIPTextConfig`` fields read off a transformers-keyed CLIP text encoder's shapes.
-    ``hidden_act``: ``quick_gelu`` for OpenAI's CLIP-L, ``gelu`` for OpenCLIP's bigG."""
+    ``hidden_act``: ``quick_gelu`` for OpenAI's CLIP-L, ``gelu`` for OpenCLIP's bigG; the special
+    token ids from ``tokenizer`` where given (the pooled output is read at the end-of-text token)."""
     vocab, width = shapes["text_model.embeddings.token_embedding.weight"]
     layers = 1 + max(int(k.split(".")[3]) for k in shapes if k.startswith("text_model.encoder.layers."))
     if width % CLIP_HEAD_DIM:
@@ -42,6 +46,9 @@ def clip_config_fields(shapes: dict[str, tuple[int, ...]], *, hidden_act: str) -
                   max_position_embeddings=shapes["text_model.embeddings.position_embedding.weight"][0])
     if "text_projection.weight" in shapes:
         fields["projection_dim"] = shapes["text_projection.weight"][0]
+    if tokenizer is not None:
+        fields.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
     return fields
 
 
@@ -60,16 +67,54 @@ def t5_config_fields(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
 
 
 def load_text_file(model_class: type, file: str | Path, config: Any, *, dtype: torch.dtype,
-                   device: str | torch.device = "cpu") -> nn.Module:
+                   device: str | torch.device = "cpu", given: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """``model_class`` (a transformers text model) with ``config`` from the single file ``file``,
     in ``dtype`` on ``device``, eval mode; inside ``text_rounding_on_load`` its linear weights are
-    rounded to fp8 as they are read. Keys the model lacks or does not know are one
-    ``CheckpointError`` naming the file."""
-    file = Path(file)
+    rounded to fp8 as they are read. ``given``: tensors for model keys the file may lack. Keys the
+    model lacks or does not know are one ``CheckpointError`` naming the file."""
+    file, given = Path(file), given or {}
     files = checkpoint_files(file)
     model = empty_model(model_class, config, dtype)
-    sources = file_sources(model, set(tensor_shapes(file)), IGNORED)
+    in_file = set(tensor_shapes(file))
+    sources = file_sources(model, in_file | (set(given) - in_file), IGNORED)
     if isinstance(sources, str):
         raise CheckpointError(f"{file}: not a {model_class.__name__} file as transformers names its tensors: "
                               f"{sources}")
-    return fill(model, files, sources, device, text_rounding_while_loading())
+    return fill(model, files, sources, device, text_rounding_while_loading(), given)
+
+
+def load_text_encoder(model_class: type, folder: str | Path | None, file: str | Path | None = None, *,
+                      fields: Callable[[dict[str, tuple[int, ...]]], dict[str, Any]],
+                      dtype: torch.dtype | None, device: str | torch.device = "cpu",
+                      given: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """A family's text encoder: the diffusers component ``folder`` (``load_pretrained``), or the
+    single file ``file`` with the folder's ``config.json`` where it has one, else the config that
+    ``fields(shapes)`` reads off the file."""
+    if file is None:
+        return load_pretrained(model_class, folder, dtype=dtype, device=device)
+    config_class = model_class.config_class
+    if folder is not None and (Path(folder) / "config.json").is_file():
+        config = config_class.from_pretrained(folder, local_files_only=True)
+    else:
+        try:
+            config = config_class(**fields(tensor_shapes(file)))
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{file}: its shapes do not describe a {config_class.__name__.removesuffix('Config')}"
+                                  f" text encoder ({type(exc).__name__}: {exc}); put its config.json in "
+                                  f"{folder or 'the folder of the tokenizers'}") from None
+    return load_text_file(model_class, file, config, dtype=dtype or torch.float32, device=device, given=given)
+
+
+def single_files(**named: str | None) -> dict[str, Path]:
+    """The ``[model]`` keys naming text-encoder files (``clip_l = "..."``) that are set, as paths,
+    each checked to be a whole safetensors file before anything loads (a ``ConfigError`` naming
+    the key otherwise)."""
+    files = {key: Path(value).expanduser() for key, value in named.items() if value}
+    for key, file in files.items():
+        if not file.is_file():
+            raise ConfigError(f"{file}: no such file", path=key)
+        try:
+            check_safetensors(file)
+        except CheckpointError as exc:
+            raise ConfigError(str(exc), path=key) from None
+    return files

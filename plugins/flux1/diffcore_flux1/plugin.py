@@ -51,7 +51,7 @@ def build_flux1(config: Flux1Config, device: Any = "cpu") -> Any:
     """A ``FluxBundle`` computing on ``device`` from the local files ``config`` names. Paths and
     files are checked before anything loads; then the transformer loads, and the text encoders
     and autoencoder on first use (a run on cached latents and text never reads them)."""
-    from diffcore.api import Offload, fingerprint
+    from diffcore.api import Offload, fingerprint, single_files
     from diffcore_flux1.bundle import FluxBundle
     from diffcore_flux1.load import check_safetensors, load_transformer, load_vae, transformer_params
     from diffcore_flux1.text import FluxTextEncoder
@@ -80,11 +80,7 @@ def build_flux1(config: Flux1Config, device: Any = "cpu") -> Any:
         raise ConfigError(f"{root} has no text encoders: set text_encoders to a local diffusers FLUX.1 folder "
                           f"(text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/; with clip_l and t5xxl set, "
                           f"tokenizer/ and tokenizer_2/ are enough)", path="text_encoders")
-    files = {name: Path(p).expanduser() for name, p in (("clip_l", config.clip_l), ("t5xxl", config.t5xxl)) if p}
-    for name, file in files.items():
-        if not file.is_file():
-            raise ConfigError(f"{file}: no such file", path=name)
-        check_safetensors(file)
+    files = single_files(clip_l=config.clip_l, t5xxl=config.t5xxl)
 
     dtype = resolve_dtype(config.dtype, device)
     offload = Offload(config.offload, device)

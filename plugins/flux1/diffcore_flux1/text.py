@@ -10,8 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from diffcore.api import CheckpointError, clip_config_fields, load_pretrained, load_text_file, t5_config_fields
-from diffcore.api import tensor_shapes
+from diffcore.api import CheckpointError, clip_config_fields, load_text_encoder, t5_config_fields
 
 CLIP_LENGTH = 77
 
@@ -33,23 +32,18 @@ class FluxTextEncoder(nn.Module):
         ``text_encoder_2`` / ``tokenizer_2`` (T5), read locally only. ``clip_l`` / ``t5xxl``: single
         files (ComfyUI's and kohya's ``clip_l.safetensors``, ``t5xxl_fp8_e4m3fn.safetensors``) read
         instead of the folder's encoder, with its ``config.json`` where the folder has one."""
-        from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
         path = cls.check_folder(path, clip_l=clip_l is not None, t5xxl=t5xxl is not None)
         clip_tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
         t5_tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer_2", local_files_only=True)
-        if clip_l is None:
-            clip = load_pretrained(CLIPTextModel, path / "text_encoder", dtype=dtype, device=device)
-        else:
-            config = _config(path / "text_encoder", CLIPTextConfig, clip_l, lambda shapes: {
-                **clip_config_fields(shapes, hidden_act="quick_gelu"), "bos_token_id": clip_tokenizer.bos_token_id,
-                "eos_token_id": clip_tokenizer.eos_token_id, "pad_token_id": clip_tokenizer.pad_token_id})
-            clip = load_text_file(CLIPTextModel, clip_l, config, dtype=dtype or torch.float32, device=device)
-        if t5xxl is None:
-            t5 = load_pretrained(T5EncoderModel, path / "text_encoder_2", dtype=dtype, device=device)
-        else:
-            config = _config(path / "text_encoder_2", T5Config, t5xxl, t5_config_fields)
-            t5 = load_text_file(T5EncoderModel, t5xxl, config, dtype=dtype or torch.float32, device=device)
+        def clip_fields(shapes):
+            return clip_config_fields(shapes, hidden_act="quick_gelu", tokenizer=clip_tokenizer)
+
+        clip = load_text_encoder(CLIPTextModel, path / "text_encoder", clip_l, fields=clip_fields, dtype=dtype,
+                                 device=device)
+        t5 = load_text_encoder(T5EncoderModel, path / "text_encoder_2", t5xxl, fields=t5_config_fields, dtype=dtype,
+                               device=device)
         return cls(t5, t5_tokenizer, clip, clip_tokenizer, max_length)
 
     @staticmethod
@@ -79,13 +73,3 @@ class FluxTextEncoder(nn.Module):
         return tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
                          return_tensors="pt").input_ids.to(device)
 
-
-def _config(folder: Path, config_class, file: str | Path, from_shapes):
-    """The encoder's config: the folder's ``config.json`` if it has one, else read off ``file``'s shapes."""
-    if (folder / "config.json").is_file():
-        return config_class.from_pretrained(folder, local_files_only=True)
-    try:
-        return config_class(**from_shapes(tensor_shapes(file)))
-    except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"{file}: its shapes do not describe a {config_class.__name__[:-6]} text encoder "
-                              f"({type(exc).__name__}: {exc})") from None

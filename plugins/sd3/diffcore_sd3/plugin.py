@@ -20,8 +20,10 @@ from diffcore_sd3.params import DEFAULTS, VARIANTS
 @attrs.frozen
 class SD3Config:
     """``path``: diffusers folder or MMDiT file; ``vae`` / ``text_encoders`` override or complete
-    it. ``variant = "auto"`` reads it from the shapes (sd3-medium, sd3.5-large, sd3.5-medium;
-    name sd3.5-large-turbo, whose shapes are large's); it sets the step / CFG / shift defaults.
+    it; ``clip_l`` / ``clip_g`` / ``t5xxl``: text encoders as single files (the tokenizers still
+    come from ``text_encoders`` or the diffusers folder). ``variant = "auto"`` reads it from the
+    shapes (sd3-medium, sd3.5-large, sd3.5-medium; name sd3.5-large-turbo, whose shapes are
+    large's); it sets the step / CFG / shift defaults.
     ``text_encoder_3 = false`` runs without T5 (zeros in its place) and never loads it.
     ``max_sequence_length``: T5 tokens (256 as diffusers). ``dtype = "auto"``: bfloat16 on
     CUDA, float32 elsewhere."""
@@ -30,6 +32,9 @@ class SD3Config:
     path: str = attrs.field(default="", validator=local_path)
     vae: str | None = attrs.field(default=None, validator=local_path)
     text_encoders: str | None = attrs.field(default=None, validator=local_path)
+    clip_l: str | None = attrs.field(default=None, validator=local_path)   # single files (ComfyUI, kohya)
+    clip_g: str | None = attrs.field(default=None, validator=local_path)
+    t5xxl: str | None = attrs.field(default=None, validator=local_path)
     text_encoder_3: bool = True
     max_sequence_length: int = attrs.field(default=256, validator=attrs.validators.gt(0))
     dtype: str = attrs.field(default="auto", validator=one_of(DTYPES))
@@ -42,7 +47,7 @@ def build_sd3(config: SD3Config, device: Any = "cpu") -> Any:
     from diffcore_sd3.bundle import SD3Bundle
     from diffcore_sd3.load import component, load_transformer, transformer_params
     from diffcore_sd3.text import FOLDERS, SD3TextEncoder
-    from diffcore.api import fingerprint
+    from diffcore.api import fingerprint, single_files
     from diffcore_sd3.vae import load_vae, vae_params
 
     if not config.path:
@@ -53,20 +58,29 @@ def build_sd3(config: SD3Config, device: Any = "cpu") -> Any:
     defaults = DEFAULTS.get(variant, DEFAULTS["sd3.5-large"])
 
     vae_path = Path(config.vae).expanduser() if config.vae else (folder / "vae" if folder else root)
+    files = single_files(clip_l=config.clip_l, clip_g=config.clip_g,
+                         t5xxl=config.t5xxl if config.text_encoder_3 else None)
     text_path = config.text_encoders or (folder if folder and (folder / "text_encoder").is_dir() else None)
+    if text_path is None and files and folder is not None and (folder / "tokenizer").is_dir():
+        text_path = folder
     if text_path is None:
         raise ConfigError(f"{root} has no text encoders: set text_encoders to a local diffusers SD3 folder "
-                          f"(text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/, text_encoder_3/, tokenizer_3/)",
-                          path="text_encoders")
+                          f"(text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/, text_encoder_3/, tokenizer_3/; "
+                          f"the tokenizer folders are enough for encoders given as files)", path="text_encoders")
     dtype = resolve_dtype(config.dtype, device)
-    text_path = SD3TextEncoder.check_folder(Path(text_path).expanduser(), t5=config.text_encoder_3)
+    named = {"clip_l": "clip_l", "clip_g": "clip_g", "t5xxl": "t5"}   # [model] key -> FOLDERS name
+    text_path = SD3TextEncoder.check_folder(Path(text_path).expanduser(), t5=config.text_encoder_3,
+                                            files=[named[key] for key in files])
     ae = vae_params(vae_path)
     network = load_transformer(root, params=params, dtype=dtype, device=device)
     loaders = {"text": lambda: SD3TextEncoder.from_folder(text_path, t5=config.text_encoder_3,
                                                           max_length=config.max_sequence_length,
-                                                          width=params.context_in_dim, dtype=dtype, device=device),
+                                                          width=params.context_in_dim, dtype=dtype, device=device,
+                                                          **files),
                "vae": lambda: load_vae(vae_path, dtype=dtype, device=device)}
-    encoders = [text_path / d for name, pair in FOLDERS.items() if config.text_encoder_3 or name != "t5" for d in pair]
+    given = {named[key] for key in files}
+    encoders = [*(text_path / d for name, pair in FOLDERS.items() if config.text_encoder_3 or name != "t5"
+                  for d in (pair[1:] if name in given else pair)), *files.values()]
     identity = {"vae": fingerprint([component(vae_path, "vae")[0]], "sd3-vae", ae),
                 "text": fingerprint(encoders, "sd3-text", config.max_sequence_length, params.context_in_dim)}
     return SD3Bundle(network=network, loaders=loaders, vae_factor=ae.factor, identity=identity, dtype=dtype,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffcore.api import CheckpointError, load_pretrained
+from diffcore.api import CheckpointError, clip_config_fields, load_text_encoder, t5_config_fields, tensor_shapes
 
 CLIP_LENGTH = 77
 FOLDERS = {"clip_l": ("text_encoder", "tokenizer"), "clip_g": ("text_encoder_2", "tokenizer_2"),
@@ -43,28 +43,48 @@ class SD3TextEncoder(nn.Module):
 
     @classmethod
     def from_folder(cls, path: str | Path, *, t5: bool = True, max_length: int = 256, width: int = 4096,
-                    dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> SD3TextEncoder:
+                    dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                    clip_l: str | Path | None = None, clip_g: str | Path | None = None,
+                    t5xxl: str | Path | None = None) -> SD3TextEncoder:
         """From a diffusers SD3 folder (``text_encoder``/``tokenizer`` CLIP-L, ``..._2`` CLIP-G,
-        ``..._3`` T5), read locally only; ``t5 = False`` neither needs nor loads T5."""
+        ``..._3`` T5), read locally only; ``t5 = False`` neither needs nor loads T5. ``clip_l`` /
+        ``clip_g`` / ``t5xxl``: single files (ComfyUI's and kohya's) read instead of the folder's
+        encoder, with its ``config.json`` where the folder has one; a CLIP-L file without SD3's
+        projection gets the identity that diffusers' SD3 folders hold (its pooled output is read
+        unprojected)."""
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
-        path = cls.check_folder(path, t5=t5)
-        def tokenizer(name: str):
-            return AutoTokenizer.from_pretrained(path / FOLDERS[name][1], local_files_only=True)
+        files = {"clip_l": clip_l, "clip_g": clip_g, "t5": t5xxl}
+        path = cls.check_folder(path, t5=t5, files=[name for name, file in files.items() if file is not None])
+        tokenizers = {name: AutoTokenizer.from_pretrained(path / FOLDERS[name][1], local_files_only=True)
+                      for name in FOLDERS if t5 or name != "t5"}
 
         def clip(name: str) -> nn.Module:
-            return load_pretrained(CLIPTextModelWithProjection, path / FOLDERS[name][0], dtype=dtype, device=device)
+            def fields(shapes):
+                act = "quick_gelu" if name == "clip_l" else "gelu"
+                return {"projection_dim": shapes["text_model.embeddings.token_embedding.weight"][1],
+                        **clip_config_fields(shapes, hidden_act=act, tokenizer=tokenizers[name])}
 
-        encoder = load_pretrained(T5EncoderModel, path / FOLDERS["t5"][0], dtype=dtype, device=device) if t5 else None
-        return cls(clip("clip_l"), tokenizer("clip_l"), clip("clip_g"), tokenizer("clip_g"), encoder,
-                   tokenizer("t5") if t5 else None, max_length=max_length, width=width)
+            file, given = files[name], None
+            if file is not None and name == "clip_l":
+                width = tensor_shapes(file)["text_model.embeddings.token_embedding.weight"][1]
+                given = {"text_projection.weight": torch.eye(width)}
+            return load_text_encoder(CLIPTextModelWithProjection, path / FOLDERS[name][0], file, fields=fields,
+                                     dtype=dtype, device=device, given=given)
+
+        encoder = load_text_encoder(T5EncoderModel, path / FOLDERS["t5"][0], t5xxl, fields=t5_config_fields,
+                                    dtype=dtype, device=device) if t5 else None
+        return cls(clip("clip_l"), tokenizers["clip_l"], clip("clip_g"), tokenizers["clip_g"], encoder,
+                   tokenizers.get("t5"), max_length=max_length, width=width)
 
     @staticmethod
-    def check_folder(path: str | Path, *, t5: bool = True) -> Path:
-        """``path`` holds the folders ``from_folder`` reads, else a CheckpointError naming those
-        missing (checked before anything loads)."""
+    def check_folder(path: str | Path, *, t5: bool = True, files: list[str] = ()) -> Path:
+        """``path`` holds the folders ``from_folder`` reads (the tokenizers, and the encoders not
+        among ``files``: names of ``FOLDERS``), else a CheckpointError naming those missing (checked
+        before anything loads)."""
         path = Path(path)
-        needed = [d for name, pair in FOLDERS.items() if t5 or name != "t5" for d in pair]
+        needed = [d for name, pair in FOLDERS.items() if t5 or name != "t5"
+                  for d in (pair[1:] if name in files else pair)]
         missing = [d for d in needed if not (path / d).is_dir()]
         if missing:
             hint = "; or set text_encoder_3 = false to run without T5" if set(missing) <= set(FOLDERS["t5"]) else ""

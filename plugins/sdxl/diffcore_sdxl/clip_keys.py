@@ -21,7 +21,6 @@ from torch import Tensor
 
 EMBEDDERS = "conditioner.embedders."
 CLIP_L, BIG_G = "clip-l", "bigG"
-HEAD_DIM = 64
 
 # open_clip name piece -> transformers' (inside one layer)
 _LAYER_NAMES = (("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."), ("mlp.c_fc.", "mlp.fc1."),
@@ -122,19 +121,9 @@ def to_stability(sd: dict[str, Tensor], index: int, kind: str) -> dict[str, Tens
 
 
 def config_from_shapes(sd: dict[str, Tensor], kind: str, tokenizer: Any) -> dict[str, Any]:
-    """``CLIPTextConfig`` fields of transformers-keyed tensors ``sd`` (see the module's docstring)."""
-    vocab, width = sd["text_model.embeddings.token_embedding.weight"].shape
-    layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("text_model.encoder.layers."))
-    if width % HEAD_DIM:
-        raise ValueError(f"a {width}-wide text encoder has no 64-wide heads: give its config.json "
-                         f"(text_encoder*/config.json beside the tokenizers)")
-    fields = dict(vocab_size=int(vocab), hidden_size=int(width), num_hidden_layers=layers,
-                  num_attention_heads=int(width) // HEAD_DIM,
-                  intermediate_size=int(sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]),
-                  max_position_embeddings=int(sd["text_model.embeddings.position_embedding.weight"].shape[0]),
-                  hidden_act="quick_gelu" if kind == CLIP_L else "gelu", layer_norm_eps=1e-5,
-                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id)
-    if "text_projection.weight" in sd:
-        fields["projection_dim"] = int(sd["text_projection.weight"].shape[0])
-    return fields
+    """``CLIPTextConfig`` fields of transformers-keyed tensors ``sd`` (see the module's docstring):
+    the core's ``clip_config_fields``, with CLIP-L's quick GELU or bigG's GELU."""
+    from diffcore.api import clip_config_fields
+
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    return clip_config_fields(shapes, hidden_act="quick_gelu" if kind == CLIP_L else "gelu", tokenizer=tokenizer)
