@@ -1,7 +1,8 @@
 """Memory of loading T5-v1.1-XXL's encoder (FLUX.1's and SD3's, 4.8 B parameters) into fp8 weights
 on the CPU, as ``text_weight_dtype`` does: transformers' ``from_pretrained`` in bf16 and
 ``store_fp8`` after, against ``diffcore.io.pretrained.load_pretrained`` rounding each linear weight
-as it is read.
+as it is read; and from ComfyUI's single fp8 file (``t5xxl_fp8_e4m3fn.safetensors``: the linear
+weights cast to fp8) through ``load_text_file``, upcast to bf16 or kept in fp8.
 
 The folder is a diffusers-style ``text_encoder_2/`` (config.json, bf16 safetensors shards and their
 index; random weights, the real shapes: about 9.5 GB), written under DIR once, shard by shard.
@@ -24,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fp8_load import table_row, warm, watched  # noqa: E402
 
 MODES = ("load, then round", "round while loading")
+FILE_MODES = ("load (upcast to bf16)", "round while loading")
+FP8_FILE = "t5xxl_fp8_e4m3fn.safetensors"
 XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
            feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
 TINY = dict(vocab_size=320, d_model=256, d_kv=32, d_ff=512, num_layers=2, num_heads=8,
@@ -64,13 +67,44 @@ def write_folder(folder: Path, tiny: bool) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def measure(folder: Path, mode: str, tiny: bool, device: str) -> dict[str, float]:
+def write_fp8_file(folder: Path) -> Path:
+    """ComfyUI's t5xxl_fp8_e4m3fn layout: one file, 2-d weights of 256 features or more in fp8."""
     import torch
-    from transformers import T5EncoderModel
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    file = folder.parent / FP8_FILE
+    if not file.exists():
+        state = {}
+        for shard in sorted(folder.glob("model-*.safetensors")):
+            with safe_open(str(shard), framework="pt") as f:
+                for key in f.keys():
+                    t = f.get_tensor(key)
+                    fp8 = t.ndim == 2 and min(t.shape) >= 256 and key != "shared.weight"
+                    state[key] = t.to(torch.float8_e4m3fn) if fp8 else t
+        save_file(state, str(file))
+    return file
+
+
+def measure(path: Path, mode: str, tiny: bool, device: str) -> dict[str, float]:
+    import torch
+    from transformers import T5Config, T5EncoderModel
 
     from diffcore.io.pretrained import load_pretrained
+    from diffcore.io.text_files import load_text_file
     from diffcore.nn.fp8 import store_fp8
     from diffcore.nn.fp8_options import Rounding, text_rounding_on_load
+
+    folder = path
+    if path.is_file():   # the single fp8 file: its config is the folder's beside it
+        config = T5Config.from_pretrained(path.parent / "text_encoder_2")
+
+        def load():
+            if mode == FILE_MODES[0]:
+                return load_text_file(T5EncoderModel, path, config, dtype=torch.bfloat16, device=device)
+            with text_rounding_on_load(Rounding()):
+                return load_text_file(T5EncoderModel, path, config, dtype=torch.bfloat16, device=device)
+        return watched(load, device)
 
     def load():
         if mode == "load, then round":
@@ -100,13 +134,16 @@ def main() -> None:
           + (" device peak |" if gpu else ""))
     print("|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
     label = "T5 (tiny)" if args.tiny else "T5-v1.1-XXL, bf16 shards"
-    for mode in MODES:
-        warm(folder)
-        done = subprocess.run([sys.executable, __file__, str(args.dir), "--measure", str(folder), mode,
+    runs = [(folder, label, mode) for mode in MODES]
+    file = write_fp8_file(folder)
+    runs += [(file, f"{FP8_FILE} (ComfyUI)", mode) for mode in FILE_MODES]
+    for path, label, mode in runs:
+        warm(path)
+        done = subprocess.run([sys.executable, __file__, str(args.dir), "--measure", str(path), mode,
                                "--device", args.device, *(["--tiny"] if args.tiny else [])],
                               capture_output=True, text=True)
         if done.returncode != 0:
-            raise SystemExit(f"{mode} failed:\n{done.stderr[-4000:]}")
+            raise SystemExit(f"{label}, {mode} failed:\n{done.stderr[-4000:]}")
         print(table_row(label, mode, json.loads(done.stdout.strip().splitlines()[-1]), gpu), flush=True)
 
 

@@ -129,3 +129,15 @@ def test_a_file_of_another_encoder_is_refused_naming_it(tmp_path):
     file = write(clip(), tmp_path / "clip_l.safetensors")
     with pytest.raises(CheckpointError, match=r"clip_l\.safetensors: not a T5EncoderModel file .*shared\.weight"):
         load_text_file(transformers.T5EncoderModel, file, t5().config, dtype=torch.float32)
+
+
+def test_in_float16_the_modules_transformers_keeps_in_float32_stay(tmp_path):
+    """T5's ``wo`` overflows in fp16: ``from_pretrained`` keeps it in float32, and so does this."""
+    torch.manual_seed(0)
+    model = t5()
+    folder = tmp_path / "t5"
+    model.save_pretrained(folder)
+    got = load_text_file(type(model), write(model, tmp_path / "t5.safetensors"), model.config, dtype=torch.float16)
+    want = type(model).from_pretrained(folder, dtype=torch.float16)
+    assert {n: p.dtype for n, p in got.named_parameters()} == {n: p.dtype for n, p in want.named_parameters()}
+    assert got.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32

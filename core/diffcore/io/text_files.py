@@ -75,6 +75,12 @@ def load_text_file(model_class: type, file: str | Path, config: Any, *, dtype: t
     file, given = Path(file), given or {}
     files = checkpoint_files(file)
     model = empty_model(model_class, config, dtype)
+    if dtype == torch.float16:   # as from_pretrained: T5's wo stays float32, where fp16 would overflow
+        keep = {*(getattr(model, "_keep_in_fp32_modules", None) or ()),
+                *(getattr(model, "_keep_in_fp32_modules_strict", None) or ())}
+        for name, module in model.named_modules():
+            if keep.intersection(name.split(".")):
+                module.to(torch.float32)
     in_file = set(tensor_shapes(file))
     sources = file_sources(model, in_file | (set(given) - in_file), IGNORED)
     if isinstance(sources, str):
