@@ -242,12 +242,15 @@ def load_model(build: Callable[[], nn.Module], files: PathLike | Sequence[PathLi
     later: dict[int, tuple[str, torch.Tensor, torch.Tensor]] = {}   # scaled ones left for the last loop: by
     # identity (the tensor is held too, so no new tensor of rename's can take its id)
     for key, tensor in state.items():  # before renaming: cheaper, and fp8 tensors don't cat/split everywhere
-        if rounded and not (rename is not None and (copied is None or copied(key))):
+        untouched = not (rename is not None and (copied is None or copied(key)))   # renamed at most
+        if rounded and untouched:
             if key in scales:   # only renamed (the same tensor object comes back): scaled one at a time below
                 later[id(tensor)] = (key, scales[key], tensor)
             continue   # only renamed, not transformed: cast one at a time below
         if key in scales:
             state[key] = dequantize(tensor, scales[key], dtype or torch.float32)
+        elif tensor.dtype in FP8_DTYPES and untouched:
+            continue   # upcast one at a time below, straight to its dtype (exact: fp8 values are bf16 values)
         elif dtype is not None and tensor.is_floating_point():
             state[key] = tensor.to(dtype)
         elif tensor.dtype in FP8_DTYPES:
