@@ -160,34 +160,42 @@ def warm(path: Path) -> None:
                 pass
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(doc: str, what: str) -> argparse.Namespace:
+    """The command line both load benchmarks take (``--measure`` runs one row, in a fresh process)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("dir", nargs="?", default="/tmp", help="where the files are (or will be) written")
     parser.add_argument("--tiny", action="store_true", help="a tiny configuration (the test's)")
-    parser.add_argument("--device", default="cpu", help="where the network loads (cuda: its peak is reported too)")
+    parser.add_argument("--device", default="cpu", help=f"where the {what} loads (cuda: its peak is reported too)")
     parser.add_argument("--measure", nargs=2, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def print_table(script: str, args: argparse.Namespace, first: str, runs: list[tuple[Path, str, str]]) -> None:
+    """One row per (path, label, mode) of ``runs``, each measured by ``script --measure`` in a fresh
+    process with the file warm in the page cache."""
+    gpu = args.device.startswith("cuda")
+    print(f"loading onto {args.device}")
+    print(f"| {first} | loading | seconds | peak anonymous | resident after | anonymous after | weights | fp8 layers |"
+          + (" device peak |" if gpu else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
+    for path, label, mode in runs:
+        warm(path)
+        done = subprocess.run([sys.executable, script, str(args.dir), "--measure", str(path), mode,
+                               "--device", args.device, *(["--tiny"] if args.tiny else [])],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{label}, {mode} failed:\n{done.stderr[-4000:]}")
+        print(table_row(label, mode, json.loads(done.stdout.strip().splitlines()[-1]), gpu), flush=True)
+
+
+def main() -> None:
+    args = arguments(__doc__, "network")
     root = Path(args.dir) / ("fp8-load-tiny" if args.tiny else "fp8-load-klein-4b")
     if args.measure:
         print(json.dumps(measure(Path(args.measure[0]), args.measure[1], args.tiny, args.device)))
         return
     write_files(root, args.tiny)
-    gpu = args.device.startswith("cuda")
-    print(f"loading onto {args.device}")
-    print("| file | loading | seconds | peak anonymous | resident after | anonymous after | weights | fp8 layers |"
-          + (" device peak |" if gpu else ""))
-    print("|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
-    for label, name in FILES.items():
-        path = root / name
-        for mode in MODES:
-            warm(path)
-            done = subprocess.run([sys.executable, __file__, str(args.dir), "--measure", str(path), mode,
-                                   "--device", args.device, *(["--tiny"] if args.tiny else [])],
-                                  capture_output=True, text=True)
-            if done.returncode != 0:
-                raise SystemExit(f"{label}, {mode} failed:\n{done.stderr[-4000:]}")
-            r = json.loads(done.stdout.strip().splitlines()[-1])
-            print(table_row(label, mode, r, gpu), flush=True)
+    print_table(__file__, args, "file", [(root / name, label, mode) for label, name in FILES.items() for mode in MODES])
 
 
 if __name__ == "__main__":

@@ -15,14 +15,12 @@ be given back). ``--tiny`` runs the same on a tiny T5, as the test does.
 
 from __future__ import annotations
 
-import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fp8_load import table_row, warm, watched  # noqa: E402
+from fp8_load import arguments, print_table, watched  # noqa: E402
 
 MODES = ("load, then round", "round while loading")
 FILE_MODES = ("load (upcast to bf16)", "round while loading")
@@ -117,34 +115,16 @@ def measure(path: Path, mode: str, tiny: bool, device: str) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("dir", nargs="?", default="/tmp", help="where the folder is (or will be) written")
-    parser.add_argument("--tiny", action="store_true", help="a tiny T5 (the test's)")
-    parser.add_argument("--device", default="cpu", help="where the encoder loads (cuda: its peak is reported too)")
-    parser.add_argument("--measure", nargs=2, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = arguments(__doc__, "encoder")
     if args.measure:
         print(json.dumps(measure(Path(args.measure[0]), args.measure[1], args.tiny, args.device)))
         return
     folder = Path(args.dir) / ("t5-tiny" if args.tiny else "t5-xxl") / "text_encoder_2"
     write_folder(folder, args.tiny)
-    gpu = args.device.startswith("cuda")
-    print(f"loading onto {args.device}")
-    print("| encoder | loading | seconds | peak anonymous | resident after | anonymous after | weights | fp8 layers |"
-          + (" device peak |" if gpu else ""))
-    print("|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
     label = "T5 (tiny)" if args.tiny else "T5-v1.1-XXL, bf16 shards"
-    runs = [(folder, label, mode) for mode in MODES]
     file = write_fp8_file(folder)
-    runs += [(file, f"{FP8_FILE} (ComfyUI)", mode) for mode in FILE_MODES]
-    for path, label, mode in runs:
-        warm(path)
-        done = subprocess.run([sys.executable, __file__, str(args.dir), "--measure", str(path), mode,
-                               "--device", args.device, *(["--tiny"] if args.tiny else [])],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"{label}, {mode} failed:\n{done.stderr[-4000:]}")
-        print(table_row(label, mode, json.loads(done.stdout.strip().splitlines()[-1]), gpu), flush=True)
+    print_table(__file__, args, "encoder", [(folder, label, mode) for mode in MODES]
+                + [(file, f"{FP8_FILE} (ComfyUI)", mode) for mode in FILE_MODES])
 
 
 if __name__ == "__main__":
