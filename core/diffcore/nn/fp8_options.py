@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from typing import Any, NamedTuple
 
@@ -84,13 +84,13 @@ def _setting(var: ContextVar, rounding: Rounding | None) -> Iterator[None]:
         var.reset(token)
 
 
-def rounding_on_load(rounding: Rounding | None):
+def rounding_on_load(rounding: Rounding | None) -> AbstractContextManager[None]:
     """While active, a denoiser that ``load_model`` reads has its linear and convolution weights
     rounded to fp8 as ``rounding`` says, each as it is read (None: nothing changes)."""
     return _setting(_WHILE_LOADING, rounding)
 
 
-def text_rounding_on_load(rounding: Rounding | None):
+def text_rounding_on_load(rounding: Rounding | None) -> AbstractContextManager[None]:
     """While active, the text encoders that ``diffcore.io.pretrained.load_pretrained`` reads have
     their linear weights rounded as each is read (None: nothing changes)."""
     return _setting(_TEXT_WHILE_LOADING, rounding)
