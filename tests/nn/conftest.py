@@ -23,40 +23,43 @@ def dit_case() -> Case:
     return model, (torch.randn(2, 3, 8, 8), torch.full((2,), 0.6), torch.tensor([1, 4])), {}
 
 
-def flux1_case(single_blocks: int = 2) -> Case:
+def flux1_case(single_blocks: int = 2, size: tuple[int, int] = (4, 4)) -> Case:
     pytest.importorskip("diffcore_flux1")
     from diffcore_flux1.model import VARIANTS, Flux
     from diffcore_flux1.sampling import prepare_img_ids, prepare_txt_ids
 
-    kw = dict(img=torch.randn(2, 16, 64), img_ids=prepare_img_ids(4, 4)[0], txt=torch.randn(2, 7, 48),
+    kw = dict(img=torch.randn(2, size[0] * size[1], 64), img_ids=prepare_img_ids(*size)[0], txt=torch.randn(2, 7, 48),
               txt_ids=prepare_txt_ids(7)[0], y=torch.randn(2, 32), timesteps=torch.tensor([0.8, 0.3]),
               guidance=torch.full((2,), 3.5))
     return Flux(attrs.evolve(VARIANTS["tiny"], depth=1, depth_single_blocks=single_blocks)), (), kw
 
 
-def flux2_case(single_blocks: int = 2) -> Case:
+def flux2_case(single_blocks: int = 2, size: tuple[int, int] = (4, 6)) -> Case:
     pytest.importorskip("diffcore_flux2")
     from diffcore_flux2.model import VARIANTS, Flux2
     from diffcore_flux2.sampling import image_ids, text_ids
 
     p = attrs.evolve(VARIANTS["tiny"], depth=1, depth_single_blocks=single_blocks)
-    kw = dict(x=torch.randn(2, 24, 16), ctx=torch.randn(2, 7, 48), x_ids=image_ids(4, 6), ctx_ids=text_ids(7),
-              timesteps=torch.tensor([0.83, 0.31]))
+    kw = dict(x=torch.randn(2, size[0] * size[1], 16), ctx=torch.randn(2, 7, 48), x_ids=image_ids(*size),
+              ctx_ids=text_ids(7), timesteps=torch.tensor([0.83, 0.31]))
     if p.guidance_embed:
         kw["guidance"] = torch.full((2,), 4.0)
     return Flux2(p), (), kw
 
 
-def sd3_case() -> Case:
+def sd3_case(size: tuple[int, int] = (4, 3)) -> Case:
+    """``size``: the token grid (the latent is twice it, patch 2)."""
     pytest.importorskip("diffcore_sd3")
     from diffcore_sd3.model import VARIANTS, MMDiT
 
-    return MMDiT(VARIANTS["tiny"]), (), dict(x=torch.randn(2, 16, 8, 6), context=torch.randn(2, 7, 48),
+    latent = (2, 16, 2 * size[0], 2 * size[1])
+    return MMDiT(VARIANTS["tiny"]), (), dict(x=torch.randn(latent), context=torch.randn(2, 7, 48),
                                              y=torch.randn(2, 40), timesteps=torch.rand(2))
 
 
-def sdxl_case() -> Case:
-    """Every kind of block (res, attention, down, up, middle), one of each."""
+def sdxl_case(size: tuple[int, int] = (4, 4)) -> Case:
+    """Every kind of block (res, attention, down, up, middle), one of each; ``size``: half the
+    latent's (one downsampling)."""
     pytest.importorskip("diffcore_sdxl")
     from diffcore_sdxl.model import VARIANTS, UNet, label_vector
 
@@ -64,7 +67,8 @@ def sdxl_case() -> Case:
                      num_res_blocks=1)
     ids = torch.tensor([[64.0, 48.0, 0.0, 8.0, 64.0, 64.0][:(p.adm_in_channels - 32) // p.time_embed_scalar_dim]] * 2)
     label = label_vector(torch.randn(2, 32), ids, p.time_embed_scalar_dim)
-    return UNet(p), (torch.randn(2, p.in_channels, 8, 8), torch.tensor([981.0, 7.5]), torch.randn(2, 5, p.context_dim),
+    latent = (2, p.in_channels, 2 * size[0], 2 * size[1])
+    return UNet(p), (torch.randn(latent), torch.tensor([981.0, 7.5]), torch.randn(2, 5, p.context_dim),
                      label), {}
 
 

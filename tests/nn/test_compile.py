@@ -129,6 +129,21 @@ def assert_one_graph(model: torch.nn.Module, *args, **kwargs) -> None:
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["flux2", "sd3", "sdxl"])
+def test_recompiles_once_over_four_sizes(family, tiny_case):
+    """Every family as FLUX.1 above: the second size compiles a graph with dynamic sizes, which
+    the third and fourth (two steps each) reuse. FLUX.2's last single block keeps only the image
+    tokens, a slice of symbolic sizes: that once cost a compile per resolution."""
+    options = {"single_blocks": 1} if family == "flux2" else {}
+    model = compile_network(tiny_case(family, **options)[0], fullgraph=True, backend="eager")
+    for size in [(4, 5), (6, 4), (3, 7), (8, 8)]:
+        _, args, kw = tiny_case(family, size=size, **options)
+        for _ in range(2):
+            model(*args, **kw)
+    assert compiles() == 2
+
+
 @pytest.mark.parametrize("family", ["flux2", "sd3", "sdxl"])
 def test_families_have_no_graph_breaks(family, tiny_case):
     model, args, kw = tiny_case(family, **({"single_blocks": 1} if family == "flux2" else {}))

@@ -235,7 +235,7 @@ class SingleStreamBlock(nn.Module):
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k)
         attn = _attend(self.attend, apply_rope(q, pe), apply_rope(k, pe), v, kv)
-        if keep is not None:
+        if isinstance(keep, slice):
             x, attn = x[:, keep], attn[:, keep]
             if mod.gate.shape[1] != 1:  # per-token modulation
                 mod = mod._replace(gate=mod.gate[:, keep])
@@ -250,11 +250,14 @@ class SingleStreamBlock(nn.Module):
         sizes = [3 * self.hidden, self.mlp_in]
         gelu = self.mlp_act == "gelu_tanh"
         act = _gelu_tanh if gelu else swiglu
-        if plain(self.linear1) and (gelu or keep is not None):
+        # isinstance, never ``keep is None``: torch.compile turns a slice of symbolic sizes compared
+        # with None into constants, so each new resolution would compile the network again
+        kept = isinstance(keep, slice)
+        if plain(self.linear1) and (gelu or kept):
             w_qkv, w_mlp = self.linear1.weight.split(sizes)
             b_qkv, b_mlp = self.linear1.bias.split(sizes) if self.linear1.bias is not None else (None, None)
             qkv = linear(x, w_qkv, b_qkv)
-            mlp = linear(x if keep is None else x[:, keep], w_mlp, b_mlp, "gelu_tanh" if gelu else None)
+            mlp = linear(x[:, keep] if kept else x, w_mlp, b_mlp, "gelu_tanh" if gelu else None)
             return qkv, mlp, None if gelu else act
         qkv, mlp = self.linear1(x).split(sizes, dim=-1)  # a hooked or adapter-wrapped linear1 runs as a module
-        return qkv, mlp if keep is None else mlp[:, keep], act
+        return qkv, mlp[:, keep] if kept else mlp, act
