@@ -1,4 +1,4 @@
-"""What a FLUX block launches on a GPU, diffcore against diffusers, counted without one.
+"""What each family's blocks launch on a GPU, diffcore against diffusers, counted without one.
 
 Why: on an H100 diffcore's FLUX.1-dev transformer ran 1.08x slower than diffusers' in eager bf16
 while FLUX.2 klein ran faster. Eager CUDA launches about one kernel per ATen op that is not a view,
@@ -132,8 +132,21 @@ class KernelTrace(TorchDispatchMode):
         if base in MATMULS:
             left, right = args[MATMULS[base]], args[MATMULS[base] + 1]
             self.add(name, "matmul", read, written, 2 * left.numel() * (right.shape[-1] if right.ndim > 1 else 1))
+        elif base == "convolution":
+            self.convolution(name, args, outputs[0])
         else:
             self.add(name, "memory", read, written)
+
+
+    def convolution(self, name: str, args: tuple, out: torch.Tensor) -> None:
+        """cuDNN's convolution: a kernel at the matmul rate (2 FLOPs per multiply-add), then, as
+        ATen runs it on CUDA, the bias added in place by a kernel of its own."""
+        x, weight, bias = args[:3]
+        self.add(name, "matmul", footprint(x) + footprint(weight), footprint(out),
+                 2 * out.numel() * (weight.numel() // weight.shape[0]))
+        if bias is not None:
+            self.add(signature("add_ (convolution bias)", [out, bias], [out]), "memory",
+                     footprint(out) + footprint(bias), footprint(out))
 
 
 def with_layout_of(q: torch.Tensor, last: int) -> torch.Tensor:
@@ -335,6 +348,7 @@ class Pair:
 @dataclass
 class Family:
     name: str
+    inputs: str   # what one forward takes, for the report's heading
     blocks: list[Pair]
     whole: Pair
 
@@ -387,7 +401,7 @@ def flux1(tiny: bool) -> Family:
                                    img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False),
                  scopes=(block_scopes(ours.double_blocks, ours.single_blocks),
                          block_scopes(reference.transformer_blocks, reference.single_transformer_blocks)))
-    return Family("flux1-dev" if not tiny else "flux1 tiny", blocks, whole)
+    return Family("flux1-dev" if not tiny else "flux1 tiny", f"{image} image + {text} text tokens", blocks, whole)
 
 
 def flux2(variant: str) -> Callable[[bool], Family]:
@@ -436,11 +450,79 @@ def flux2(variant: str) -> Callable[[bool], Family]:
                                        txt_ids=ctx_ids, guidance=guidance, return_dict=False),
                      scopes=(block_scopes(ours.double_blocks, ours.single_blocks),
                              block_scopes(reference.transformer_blocks, reference.single_transformer_blocks)))
-        return Family(f"flux2-{variant}" if not tiny else "flux2 tiny-klein", blocks, whole)
+        return Family(f"flux2-{variant}" if not tiny else "flux2 tiny-klein", f"{image} image + {text} text tokens",
+                      blocks, whole)
     return build
 
 
-CASES: dict[str, Callable[[bool], Family]] = {"flux1-dev": flux1, "flux2-klein-4b": flux2("klein-4b")}
+def sd3(tiny: bool) -> Family:
+    """SD3.5-large (38 joint blocks) at 1024 x 1024 (4096 image tokens) with 333 text tokens (77 CLIP + 256 T5),
+    as ``benchmarks/gpu_step.py`` builds both."""
+    from diffusers import SD3Transformer2DModel
+
+    from diffcore_sd3.model import VARIANTS, MMDiT, diffusers_config
+
+    params = VARIANTS["tiny" if tiny else "sd3.5-large"]
+    config = diffusers_config(params)
+    size, text = (16, 16) if tiny else (128, 333)
+    with torch.device(META):
+        reference = SD3Transformer2DModel(**config).to(DTYPE).eval()
+        ours = MMDiT(params).to(DTYPE).eval()
+    image, h = (size // params.patch_size) ** 2, params.hidden_size
+    x, context, c = empty(1, image, h), empty(1, text, h), empty(1, h)
+    block, ref_block = ours.joint_blocks[0], reference.transformer_blocks[0]
+    blocks = [Pair("joint block", lambda: block(context, x, c),
+                   lambda: ref_block(hidden_states=x, encoder_hidden_states=context, temb=c), params.depth - 1)]
+    latents, ctx = empty(1, params.in_channels, size, size), empty(1, text, params.context_in_dim)
+    y, t = empty(1, params.pooled_dim), empty(1)
+    whole = Pair(f"whole forward ({params.depth} joint blocks)", lambda: ours(x=latents, timesteps=t, context=ctx, y=y),
+                 lambda: reference(hidden_states=latents, encoder_hidden_states=ctx, pooled_projections=y,
+                                   timestep=t, return_dict=False),
+                 scopes=({b: "joint blocks" for b in ours.joint_blocks},
+                         {b: "joint blocks" for b in reference.transformer_blocks}))
+    return Family("sd3.5-large" if not tiny else "sd3 tiny", f"{image} image + {text} text tokens", blocks, whole)
+
+
+def sdxl(tiny: bool) -> Family:
+    """SDXL base at 1024 x 1024 (a 128 x 128 latent) with 77 text tokens; the block rows are the
+    transformer block of the innermost level (32 x 32 tokens, 1280 wide: 60 of the UNet's 70)."""
+    from diffusers import UNet2DConditionModel
+
+    from diffcore_sdxl.model import VARIANTS, UNet, diffusers_config, label_vector
+
+    params = VARIANTS["tiny" if tiny else "base-1.0"]
+    config = diffusers_config(params)
+    size = 8 if tiny else 128
+    with torch.device(META):
+        reference = UNet2DConditionModel(**config).to(DTYPE).eval()
+        ours = UNet(params).to(DTYPE).eval()
+    inner = ours.middle_block[1]
+    width, tokens_inner = inner.proj_in.in_features, (size // 2 ** (len(params.channel_mult) - 1)) ** 2
+    x, context = empty(1, tokens_inner, width), empty(1, 77, params.context_dim)
+    block, ref_block = inner.transformer_blocks[0], reference.mid_block.attentions[0].transformer_blocks[0]
+    count = sum(len(t.transformer_blocks) for t in ours.modules() if t.__class__.__name__ == "SpatialTransformer"
+                and t.proj_in.in_features == width)
+    blocks = [Pair(f"transformer block ({width} wide)", lambda: block(x, context, inner.attend),
+                   lambda: ref_block(x, encoder_hidden_states=context), count)]
+    latents, t = empty(1, params.in_channels, size, size), empty(1)
+    pooled_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+    pooled, time_ids = empty(1, pooled_dim), empty(1, 6)
+    with torch.no_grad():
+        y = label_vector(pooled, time_ids, config["addition_time_embed_dim"])
+
+    def scopes(down: nn.ModuleList, mid: nn.Module, up: nn.ModuleList) -> dict[nn.Module, str]:
+        return {**{b: "down blocks" for b in down}, mid: "mid block", **{b: "up blocks" for b in up}}
+
+    whole = Pair("whole forward", lambda: ours(latents, t, context, y),
+                 lambda: reference(latents, t, encoder_hidden_states=context,
+                                   added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False),
+                 scopes=(scopes(ours.input_blocks, ours.middle_block, ours.output_blocks),
+                         scopes(reference.down_blocks, reference.mid_block, reference.up_blocks)))
+    return Family("sdxl-base" if not tiny else "sdxl tiny", f"a {size} x {size} latent, 77 text tokens", blocks, whole)
+
+
+CASES: dict[str, Callable[[bool], Family]] = {"flux1-dev": flux1, "flux2-klein-4b": flux2("klein-4b"),
+                                             "sd3.5-large": sd3, "sdxl-base": sdxl}
 
 
 # -- the report ---------------------------------------------------------------------------------------------------
@@ -459,9 +541,8 @@ def scope_table(ours: Sequence[Kernel], reference: Sequence[Kernel], machine: Ma
 
 
 def report(family: Family, machine: Machine, args: argparse.Namespace) -> list[str]:
-    grid, text = tokens(args.tiny)
     fused = not args.unfused_rms_norm
-    lines = [f"## {family.name}: {grid[0] * grid[1]} image + {text} text tokens, batch 1, {SHORT[DTYPE]}", ""]
+    lines = [f"## {family.name}: {family.inputs}, batch 1, {SHORT[DTYPE]}", ""]
     per_model: tuple[list[Totals], list[Totals]] = ([], [])
     for pair in family.blocks:
         ours, reference = trace(pair.ours, fused_norms=fused), trace(pair.reference, fused_norms=fused)

@@ -1,6 +1,6 @@
 """benchmarks/kernel_trace.py: the tracer counts kernels, bytes and FLOPs as eager CUDA would run
 them (checked on functions whose counts are known by hand), and the whole report runs on tiny
-configurations, every block of every case with its attention as one kernel."""
+configurations of every family, every block with each attention as one kernel."""
 
 from __future__ import annotations
 
@@ -81,6 +81,16 @@ def test_attention_is_one_kernel_whose_output_follows_the_layout_of_q():
     assert F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention   # restored after
 
 
+def test_a_convolution_runs_at_the_matmul_rate_and_adds_its_bias_after():
+    x, weight, bias = meta(1, 4, 16, 16), meta(8, 4, 3, 3), meta(8)
+    conv, add = kt.trace(lambda: F.conv2d(x, weight, bias, padding=1))
+    assert conv.kind == "matmul" and conv.flops == 2 * (8 * 16 * 16) * (4 * 3 * 3)
+    assert (conv.read, conv.written) == (4 * (x.numel() + weight.numel()), 4 * 8 * 16 * 16)
+    assert add.kind == "memory" and "bias" in add.op and add.written == conv.written
+    (strided,) = kt.trace(lambda: F.conv2d(x, weight, None, stride=2, padding=1))   # no bias: one kernel
+    assert strided.flops == 2 * (8 * 8 * 8) * (4 * 3 * 3)
+
+
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
 def test_rms_norm_is_one_fused_kernel_after_a_copy_of_a_strided_input():
     x, w = meta(4, 6, 8, dtype=torch.bfloat16), meta(8, dtype=torch.bfloat16)
@@ -106,10 +116,16 @@ def test_tiny_report_prints_every_case_and_block(capsys):
     pytest.importorskip("diffusers")
     assert kt.main(["--tiny", "--ops"]) == 0
     out = capsys.readouterr().out
-    for family in ("flux1 tiny", "flux2 tiny-klein"):
-        for table in ("double-stream block, one block", "single-stream block, one block", "blocks only",
-                      "whole forward"):
+    blocks = {"flux1 tiny": ["double-stream block", "single-stream block"],
+              "flux2 tiny-klein": ["double-stream block", "single-stream block"],
+              "sd3 tiny": ["joint block"], "sdxl tiny": ["transformer block (64 wide)"]}
+    for family, names in blocks.items():
+        for table in [f"{name}, one block" for name in names] + ["blocks only", "whole forward"]:
             assert f"### {family} {table}" in out, (family, table, out[-3000:])
-        assert f"{family} double-stream block: ATen ops" in out
-    assert out.count("|   attention kernels | 1 | 1 | 1.000 |") == 4   # one per block, both libraries
+        assert f"{family} {names[0]}: ATen ops" in out
+    # one attention per FLUX block; two in SDXL's (self, cross) and in tiny SD3's first (MMDiT-X's
+    # second attention); both libraries
+    assert out.count("|   attention kernels | 1 | 1 | 1.000 |") == 4
+    assert out.count("|   attention kernels | 2 | 2 | 1.000 |") == 2
     assert "does not run on meta" not in out and "model: lower bound (ms)" in out
+    assert "## sdxl tiny: a 8 x 8 latent, 77 text tokens, batch 1, bf16" in out
