@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from diffcore.nn.fp8 import Float8Linear, quantize_rows, store_fp8
+from diffcore.nn.fp8 import Float8Linear, quantize_rows, quantize_tokens, store_fp8
 from diffcore.nn.linear import reference_matmuls
 
 E4M3 = torch.float8_e4m3fn
@@ -83,6 +83,23 @@ def test_fp8_matmuls_equal_their_float64_emulation(bias):
     assert (fp8(x) - original(x)).norm() / original(x).norm() < 0.08
     few = torch.randn(1, 3, 96)   # fewer than 16 rows: the input stays unquantised
     torch.testing.assert_close(fp8(few), nn.functional.linear(few, fp8.dequantized(), original.bias), rtol=0, atol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 40), features=st.integers(1, 300), spread=st.floats(-6, 6),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+       fp8=st.sampled_from([E4M3, torch.float8_e5m2]), seed=st.integers(0, 2 ** 16))
+def test_token_quantisation_has_the_bits_of_its_plain_formula(rows, features, spread, dtype, fp8, seed):
+    """One reduction and a promoting division give exactly what abs, amax and a float32 copy give,
+    zero rows included (their scale is the clamp's)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, features, generator=g) * 10 ** (spread * torch.rand(rows, 1, generator=g))).to(dtype)
+    x[0] = 0
+    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / torch.finfo(fp8).max
+    want = (x.float() / scale).to(fp8)
+    got, got_scale = quantize_tokens(x, fp8)
+    assert got.dtype == fp8 and got_scale.dtype == torch.float32 and torch.equal(got_scale, scale)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
 
 
 def test_state_dicts_keep_the_plain_keys_and_values():

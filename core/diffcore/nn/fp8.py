@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 
 __all__ = ["FP8_DTYPES", "MIN_FEATURES", "Float8Conv2d", "Float8Linear", "Float8Weight", "convertible",
-           "dequantize_rows", "quantize_rows", "store_fp8"]
+           "dequantize_rows", "quantize_rows", "quantize_tokens", "store_fp8"]
 
 FP8_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 MIN_FEATURES = 256
@@ -166,10 +166,7 @@ class Float8Linear(Float8Weight):
 
     def _scaled(self, x: Tensor) -> Tensor:
         """fp8 x fp8 through ``torch._scaled_mm``: the input quantised per token."""
-        rows = x.reshape(-1, x.shape[-1])
-        fp8 = self.weight_fp8.dtype
-        x_scale = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / torch.finfo(fp8).max
-        xq = (rows.float() / x_scale).to(fp8)
+        xq, x_scale = quantize_tokens(x.reshape(-1, x.shape[-1]), self.weight_fp8.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.scale.t(), bias=bias,
                              out_dtype=x.dtype)
@@ -205,6 +202,19 @@ class Float8Conv2d(Float8Weight):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, bias={self.bias is not None}, "
                 f"weight={str(self.weight_fp8.dtype).removeprefix('torch.')}")
+
+
+def quantize_tokens(rows: Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[Tensor, Tensor]:
+    """fp8 ``rows`` (tokens, features) and float32 scales (tokens, 1), each row's absolute maximum
+    mapped to the format's largest value: ``rows ~ fp8 * scale``.
+
+    Why this arithmetic: the maximum comes from one reduction (an infinity norm) instead of
+    ``abs()`` then ``amax``, and the division reads the bf16 input itself, promoting to float32
+    inside the kernel, instead of an explicit float32 copy first. Same bits as that longer form
+    (the upcast is exact either way); 6 kernels and 13 bytes per element instead of 8 and 25."""
+    amax = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).float()
+    scale = amax.clamp(min=1e-12) / torch.finfo(dtype).max
+    return (rows / scale).to(dtype), scale
 
 
 def _quantize(weight: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
