@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,12 +100,43 @@ def signature(op: str, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.T
 
 
 class KernelTrace(TorchDispatchMode):
-    """Records a ``Kernel`` per ATen op that launches one; ``scope`` labels what runs now."""
+    """Records a ``Kernel`` per ATen op that launches one; ``scope`` labels what runs now. Also the
+    bytes of the tensors that ops create and that are still referenced (``live``) and their most
+    (``peak``): what a caching allocator holds for one call's activations, before rounding."""
 
     def __init__(self) -> None:
         super().__init__()
         self.kernels: list[Kernel] = []
         self.scope = ""
+        self.live = self.peak = 0
+        self._storages: dict[int, list[int]] = {}   # storage -> [tensors referring to it, its bytes]
+        self._tensors: set[int] = set()
+
+    def hold(self, t: torch.Tensor, view: bool = False) -> None:
+        """Count ``t``'s storage as live until the last tensor made here that refers to it is freed;
+        a ``view`` adds a reference to a storage made here, and nothing for a weight's or an input's."""
+        if id(t) in self._tensors:   # an in-place op hands back its input
+            return
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self._storages:
+            self._storages[key][0] += 1
+        elif view:
+            return
+        else:
+            self._storages[key] = [1, storage.nbytes()]
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+        self._tensors.add(id(t))
+        weakref.finalize(t, self._release, id(t), key)
+
+    def _release(self, tensor: int, key: int) -> None:
+        self._tensors.discard(tensor)
+        entry = self._storages[key]
+        entry[0] -= 1
+        if not entry[0]:
+            self.live -= entry[1]
+            del self._storages[key]
 
     def add(self, op: str, kind: str, read: int, written: int, flops: int = 0) -> None:
         self.kernels.append(Kernel(op, kind, read, written, flops, self.scope))
@@ -116,6 +148,8 @@ class KernelTrace(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        for t in tensors(out):
+            self.hold(t, is_view(func))
         self.record(func, args, kwargs, out)
         return out
 
@@ -208,6 +242,12 @@ def tracing(trace: KernelTrace, fused_norms: bool = True) -> Iterator[KernelTrac
 def trace(fn: Run, scopes: dict[nn.Module, str] | None = None, outside: str = "outside the blocks", *,
           fused_norms: bool = True) -> list[Kernel]:
     """The kernels of one call of ``fn``; those run inside a module of ``scopes`` carry its label."""
+    return traced(fn, scopes, outside, fused_norms=fused_norms).kernels
+
+
+def traced(fn: Run, scopes: dict[nn.Module, str] | None = None, outside: str = "outside the blocks", *,
+           fused_norms: bool = True) -> KernelTrace:
+    """``trace``'s recorder after the call: its kernels, and the peak of the bytes its ops held."""
     recorder = KernelTrace()
     recorder.scope = outside if scopes else ""
     handles = []
@@ -220,7 +260,7 @@ def trace(fn: Run, scopes: dict[nn.Module, str] | None = None, outside: str = "o
     finally:
         for handle in handles:
             handle.remove()
-    return recorder.kernels
+    return recorder
 
 
 @dataclass(frozen=True)
@@ -570,13 +610,16 @@ def add(parts: Sequence[Totals]) -> Totals:
 def whole_forward(family: Family, machine: Machine, fused_norms: bool) -> list[str]:
     pair = family.whole
     try:
-        ours = trace(pair.ours, pair.scopes[0], fused_norms=fused_norms)
-        reference = trace(pair.reference, pair.scopes[1], fused_norms=fused_norms)
+        ours = traced(pair.ours, pair.scopes[0], fused_norms=fused_norms)
+        reference = traced(pair.reference, pair.scopes[1], fused_norms=fused_norms)
     except Exception as e:  # noqa: BLE001 - a forward that meta cannot run: the block rows above stand
         return [f"({family.name} {pair.label} does not run on meta: {type(e).__name__}: {e}; "
                 f"use the blocks-only rows)", ""]
-    lines = comparison(f"{family.name} {pair.label}", totals(ours, machine), totals(reference, machine))
-    return lines + scope_table(ours, reference, machine)
+    lines = comparison(f"{family.name} {pair.label}", totals(ours.kernels, machine),
+                       totals(reference.kernels, machine))
+    peak = f"| activations: peak GiB held | {ours.peak / 2 ** 30:.3f} | {reference.peak / 2 ** 30:.3f} | " \
+           f"{ours.peak / reference.peak:.3f} |"
+    return lines[:-1] + [peak, ""] + scope_table(ours.kernels, reference.kernels, machine)
 
 
 def main(argv: list[str] | None = None) -> int:

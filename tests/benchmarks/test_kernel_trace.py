@@ -81,6 +81,22 @@ def test_attention_is_one_kernel_whose_output_follows_the_layout_of_q():
     assert F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention   # restored after
 
 
+def test_the_peak_counts_what_ops_made_and_is_still_referenced():
+    x, weight = meta(64, 32), meta(16, 32)   # made outside: never counted, nor are views of them
+
+    def step():
+        a = x * 2                    # 8 KiB
+        b = a + 1                    # 8 KiB more: 16 at once
+        del a
+        c = b.t().contiguous()       # a view of b holds nothing new; the copy 8 KiB: 16 again
+        weight.t()
+        return b.add_(1), c
+
+    recorder = kt.traced(step)
+    assert recorder.peak == 2 * 64 * 32 * 4
+    assert recorder.live == 0        # the results were dropped once the call returned
+
+
 def test_a_convolution_runs_at_the_matmul_rate_and_adds_its_bias_after():
     x, weight, bias = meta(1, 4, 16, 16), meta(8, 4, 3, 3), meta(8)
     conv, add = kt.trace(lambda: F.conv2d(x, weight, bias, padding=1))

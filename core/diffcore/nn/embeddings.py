@@ -64,9 +64,13 @@ def rope(ids: Tensor, axes_dim: tuple[int, ...], theta: float) -> Tensor:
 def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
     """Rotate the adjacent channel pairs ``(x[2k], x[2k+1])`` of ``x`` (..., head_dim) by ``pe``
     (complex, broadcastable to (..., head_dim / 2)): one complex multiply per pair, in float32,
-    the same arithmetic as BFL's 2x2 rotation matrices and diffusers' cos / sin tables."""
+    the same arithmetic as BFL's 2x2 rotation matrices and diffusers' cos / sin tables. A bf16 /
+    fp16 ``x`` is rotated in place in its float32 copy: one float32 tensor the size of ``x`` the
+    fewer at once (the attention's inputs are an eager forward's peak)."""
     pairs = torch.view_as_complex(rearrange(x.float(), "... (d two) -> ... d two", two=2).contiguous())
-    return rearrange(torch.view_as_real(pairs * pe), "... d two -> ... (d two)").type_as(x)
+    in_place = x.dtype != torch.float32 and torch.broadcast_shapes(pairs.shape, pe.shape) == pairs.shape
+    rotated = pairs.mul_(pe) if in_place else pairs * pe
+    return rearrange(torch.view_as_real(rotated), "... d two -> ... (d two)").type_as(x)
 
 
 class EmbedND(nn.Module):

@@ -190,18 +190,24 @@ class DoubleStreamBlock(nn.Module):
                 mods: tuple[list[ModulationOut], list[ModulationOut]] | None = None,
                 kv: KVHook | None = None) -> tuple[Tensor, Tensor]:
         (img_mod1, img_mod2), (txt_mod1, txt_mod2) = mods or (self.img_mod(vec), self.txt_mod(vec))
-        img_q, img_k, img_v = self.img_attn.heads(img_mod1.modulate(self.img_norm1(img)))
-        txt_q, txt_k, txt_v = self.txt_attn.heads(txt_mod1.modulate(self.txt_norm1(txt)))
-        q = apply_rope(torch.cat((txt_q, img_q), dim=2), pe)
-        k = apply_rope(torch.cat((txt_k, img_k), dim=2), pe)
-        attn = _attend(self.attend, q, k, torch.cat((txt_v, img_v), dim=2), kv)
-        txt_attn, img_attn = attn[:, :txt.shape[1]], attn[:, txt.shape[1]:]
-
+        txt_attn, img_attn = self._attention(img, txt, pe, img_mod1, txt_mod1, kv)
         img = img_mod1.residual(img, self.img_attn.proj(img_attn))
         img = img_mod2.residual(img, self.img_mlp(img_mod2.modulate(self.img_norm2(img))))
         txt = txt_mod1.residual(txt, self.txt_attn.proj(txt_attn))
         txt = txt_mod2.residual(txt, self.txt_mlp(txt_mod2.modulate(self.txt_norm2(txt))))
         return img, txt
+
+    def _attention(self, img: Tensor, txt: Tensor, pe: Tensor, img_mod: ModulationOut, txt_mod: ModulationOut,
+                   kv: KVHook | None) -> tuple[Tensor, Tensor]:
+        """The joint attention's output at the text and at the image tokens. A method of its own
+        so that its q, k and v are freed on return, before the MLPs make the block's widest
+        tensors: locals would hold them to the end of ``forward`` (the peak of an eager forward)."""
+        img_q, img_k, img_v = self.img_attn.heads(img_mod.modulate(self.img_norm1(img)))
+        txt_q, txt_k, txt_v = self.txt_attn.heads(txt_mod.modulate(self.txt_norm1(txt)))
+        q = apply_rope(torch.cat((txt_q, img_q), dim=2), pe)
+        k = apply_rope(torch.cat((txt_k, img_k), dim=2), pe)
+        attn = _attend(self.attend, q, k, torch.cat((txt_v, img_v), dim=2), kv)
+        return attn[:, :txt.shape[1]], attn[:, txt.shape[1]:]
 
 
 class SingleStreamBlock(nn.Module):
@@ -231,33 +237,40 @@ class SingleStreamBlock(nn.Module):
     def forward(self, x: Tensor, pe: Tensor, vec: Tensor | None = None, mod: ModulationOut | None = None,
                 keep: slice | None = None, kv: KVHook | None = None) -> Tensor:
         mod = mod or self.modulation(vec)[0]
-        qkv, mlp, act = self.project_in(mod.modulate(self.pre_norm(x)), keep)
-        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
-        q, k = self.norm(q, k)
-        attn = _attend(self.attend, apply_rope(q, pe), apply_rope(k, pe), v, kv)
+        attn, mlp, act = self._attention(mod.modulate(self.pre_norm(x)), pe, keep, kv)
         if isinstance(keep, slice):
             x, attn = x[:, keep], attn[:, keep]
             if mod.gate.shape[1] != 1:  # per-token modulation
                 mod = mod._replace(gate=mod.gate[:, keep])
         return mod.residual(x, activated_linear(self.linear2, [(attn, None), (mlp, act)]))
 
-    def project_in(self, x: Tensor, keep: slice | None = None) -> tuple[Tensor, Tensor, Activation]:
-        """``linear1`` -> (qkv, mlp_in of the kept tokens, the activation still to apply to it).
+    def _attention(self, x: Tensor, pe: Tensor, keep: slice | None, kv: KVHook | None
+                   ) -> tuple[Tensor, Tensor, Activation]:
+        """``linear1`` and the attention -> (attention output, MLP input of the kept tokens, the
+        activation still to apply to it).
+
         When ``linear1`` is plain and it saves work, as two matmuls on row blocks of its weight: a
-        GELU then runs inside the second (oneDNN post-op), and only the kept tokens go through the
-        MLP half. Otherwise the activation is left to ``linear2`` (``activated_linear``), which
-        under a LoRA keeps its input alone for the backward pass."""
+        GELU then runs inside the second (oneDNN post-op), only the kept tokens go through the MLP
+        half, and that half runs after the attention, whose q, k, v are freed by then (an eager
+        forward's peak memory is here). Otherwise the activation is left to ``linear2``
+        (``activated_linear``), which under a LoRA keeps its input alone for the backward pass."""
         sizes = [3 * self.hidden, self.mlp_in]
         gelu = self.mlp_act == "gelu_tanh"
-        act = _gelu_tanh if gelu else swiglu
         # isinstance, never ``keep is None``: torch.compile turns a slice of symbolic sizes compared
         # with None into constants, so each new resolution would compile the network again
         kept = isinstance(keep, slice)
         if plain(self.linear1) and (gelu or kept):
             w_qkv, w_mlp = self.linear1.weight.split(sizes)
             b_qkv, b_mlp = self.linear1.bias.split(sizes) if self.linear1.bias is not None else (None, None)
-            qkv = linear(x, w_qkv, b_qkv)
+            attn = self._qkv_attention(linear(x, w_qkv, b_qkv), pe, kv)
             mlp = linear(x[:, keep] if kept else x, w_mlp, b_mlp, "gelu_tanh" if gelu else None)
-            return qkv, mlp, None if gelu else act
+            return attn, mlp, None if gelu else swiglu
         qkv, mlp = self.linear1(x).split(sizes, dim=-1)  # a hooked or adapter-wrapped linear1 runs as a module
-        return qkv, mlp[:, keep] if kept else mlp, act
+        return self._qkv_attention(qkv, pe, kv), mlp[:, keep] if kept else mlp, _gelu_tanh if gelu else swiglu
+
+    def _qkv_attention(self, qkv: Tensor, pe: Tensor, kv: KVHook | None) -> Tensor:
+        """softmax(qk)v of the projection ``qkv``; its q, k, v are freed on return."""
+        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
+        q, k = self.norm(q, k)
+        q, k = apply_rope(q, pe), apply_rope(k, pe)   # the normed ones freed as the rotated are made
+        return _attend(self.attend, q, k, v, kv)

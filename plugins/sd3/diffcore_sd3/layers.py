@@ -148,12 +148,22 @@ class JointBlock(nn.Module):
     def forward(self, context: Tensor, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         cb, xb = self.context_block, self.x_block
         c_mods, x_mods = cb.modulation(c), xb.modulation(c)
-        c_q, c_k, c_v = cb.attn.heads(c_mods[0].modulate(cb.norm1(context)))
-        x_normed = xb.norm1(x)
-        x_q, x_k, x_v = xb.attn.heads(x_mods[0].modulate(x_normed))
-        attn = self.attend(torch.cat((c_q, x_q), dim=2), torch.cat((c_k, x_k), dim=2), torch.cat((c_v, x_v), dim=2))
-        c_attn, x_attn = rearrange(attn, "B H L D -> B L (H D)").split([context.shape[1], x.shape[1]], dim=1)
+        c_attn, x_attn, x_normed = self._attention(context, x, c_mods[0], x_mods[0])
         x = xb.post_attention(x, x_attn, x_mods, x_normed)
         if cb.pre_only:           # the last block: the context stream ends here
             return context, x
         return cb.post_attention(context, c_attn, c_mods, None), x
+
+    def _attention(self, context: Tensor, x: Tensor, c_mod: ModulationOut, x_mod: ModulationOut
+                   ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The joint attention's output at the context and at the image tokens, and the normed
+        image tokens where MMDiT-X's ``attn2`` reads them again (None otherwise). A method of its
+        own so that q, k and v are freed on return, before the MLPs make the block's widest
+        tensors: locals would hold them to the end of ``forward`` (the peak of an eager forward)."""
+        cb, xb = self.context_block, self.x_block
+        c_q, c_k, c_v = cb.attn.heads(c_mod.modulate(cb.norm1(context)))
+        x_normed = xb.norm1(x)
+        x_q, x_k, x_v = xb.attn.heads(x_mod.modulate(x_normed))
+        attn = self.attend(torch.cat((c_q, x_q), dim=2), torch.cat((c_k, x_k), dim=2), torch.cat((c_v, x_v), dim=2))
+        c_attn, x_attn = rearrange(attn, "B H L D -> B L (H D)").split([context.shape[1], x.shape[1]], dim=1)
+        return c_attn, x_attn, x_normed if xb.dual else None
