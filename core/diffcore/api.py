@@ -58,6 +58,7 @@ _NAMES = {
     "Linear": "diffcore.nn.linear",
     "GeluMLP": "diffcore.nn.linear",
     "linear": "diffcore.nn.linear",
+    "fresh_gelu": "diffcore.nn.linear",
     "linear_plus": "diffcore.nn.linear",
     "linear_times": "diffcore.nn.linear",
     "onednn_matmul": "diffcore.nn.linear",

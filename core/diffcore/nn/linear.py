@@ -79,7 +79,16 @@ def _fallback(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | 
     y = F.linear(x, weight, bias)
     if activation is None:
         return y
-    return F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
+    return fresh_gelu(y, "tanh" if activation == "gelu_tanh" else "none")
+
+
+def fresh_gelu(y: Tensor, approximate: str = "none") -> Tensor:
+    """``F.gelu(y)`` of a tensor that only the caller holds (a fresh matmul output), overwriting it
+    where autograd does not need it instead of making a second tensor its size (an MLP's hidden state is a
+    block's widest, so an eager forward's peak memory is often here). Same values either way."""
+    if torch.is_grad_enabled() and y.requires_grad:
+        return F.gelu(y, approximate=approximate)
+    return torch._C._nn.gelu_(y, approximate=approximate)
 
 
 ONEDNN_MIN_ROWS = 16

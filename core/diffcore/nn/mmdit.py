@@ -249,17 +249,18 @@ class SingleStreamBlock(nn.Module):
         """``linear1`` and the attention -> (attention output, MLP input of the kept tokens, the
         activation still to apply to it).
 
-        When ``linear1`` is plain and it saves work, as two matmuls on row blocks of its weight: a
-        GELU then runs inside the second (oneDNN post-op), only the kept tokens go through the MLP
-        half, and that half runs after the attention, whose q, k, v are freed by then (an eager
-        forward's peak memory is here). Otherwise the activation is left to ``linear2``
-        (``activated_linear``), which under a LoRA keeps its input alone for the backward pass."""
+        When ``linear1`` is plain, as two matmuls on row blocks of its weight: the MLP half runs
+        after the attention, whose q, k, v are freed by then (an eager forward's peak memory is
+        here), only the kept tokens go through it, and a GELU runs inside it (oneDNN's post-op, or
+        in place). Otherwise ``linear1`` runs as a module (a hook or an adapter on it). A SwiGLU
+        is left to ``linear2`` (``activated_linear``), which under a LoRA keeps its input alone
+        for the backward pass."""
         sizes = [3 * self.hidden, self.mlp_in]
         gelu = self.mlp_act == "gelu_tanh"
         # isinstance, never ``keep is None``: torch.compile turns a slice of symbolic sizes compared
         # with None into constants, so each new resolution would compile the network again
         kept = isinstance(keep, slice)
-        if plain(self.linear1) and (gelu or kept):
+        if plain(self.linear1):
             w_qkv, w_mlp = self.linear1.weight.split(sizes)
             b_qkv, b_mlp = self.linear1.bias.split(sizes) if self.linear1.bias is not None else (None, None)
             attn = self._qkv_attention(linear(x, w_qkv, b_qkv), pe, kv)

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from diffcore.api import (Attention, Conv2d, Linear, activated_linear, conv_plus, linear, linear_plus, linear_times,
-                          onednn_matmul, plain, timestep_embedding)
+from diffcore.api import (Attention, Conv2d, Linear, activated_linear, conv_plus, fresh_gelu, linear, linear_plus,
+                          linear_times, onednn_matmul, plain, timestep_embedding)
 
 
 def timestep_sinusoid(t: Tensor, dim: int) -> Tensor:
@@ -110,9 +110,11 @@ class GEGLU(nn.Module):
         return geglu(self.proj(x))
 
 
-def geglu(projected: Tensor) -> Tensor:
+def geglu(projected: Tensor, in_place: bool = False) -> Tensor:
+    """``in_place``: the gate half's GELU overwrites it where autograd does not need it (only for a
+    projection nothing else holds)."""
     h, gate = projected.chunk(2, dim=-1)
-    return h * F.gelu(gate)
+    return h * (fresh_gelu(gate) if in_place else F.gelu(gate))
 
 
 class FeedForward(nn.Module):
@@ -130,8 +132,10 @@ class FeedForward(nn.Module):
             (w_x, w_gate), (b_x, b_gate) = proj.weight.chunk(2), proj.bias.chunk(2)
             h = linear_times(x, w_x, b_x, linear(x, w_gate, b_gate, "gelu"))
             return linear(h, out.weight, out.bias) if residual is None else linear_plus(out, h, residual)
-        # under a LoRA on the output layer, the GEGLU's output is recomputed in backward
-        y = activated_linear(out, [(proj(x), geglu)])
+        if plain(out):   # the projection is this call's alone: its gate is activated in place
+            y = out(geglu(proj(x), in_place=True))
+        else:            # under a LoRA on the output layer, the GEGLU's output is recomputed in backward
+            y = activated_linear(out, [(proj(x), geglu)])
         return y if residual is None else residual + y
 
 
