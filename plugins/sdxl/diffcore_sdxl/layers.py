@@ -132,7 +132,7 @@ class FeedForward(nn.Module):
             (w_x, w_gate), (b_x, b_gate) = proj.weight.chunk(2), proj.bias.chunk(2)
             h = linear_times(x, w_x, b_x, linear(x, w_gate, b_gate, "gelu"))
             return linear(h, out.weight, out.bias) if residual is None else linear_plus(out, h, residual)
-        if plain(out):   # the projection is this call's alone: its gate is activated in place
+        if plain(proj) and plain(out):   # no hook keeps the projection: its gate is activated in place
             y = out(geglu(proj(x), in_place=True))
         else:            # under a LoRA on the output layer, the GEGLU's output is recomputed in backward
             y = activated_linear(out, [(proj(x), geglu)])
