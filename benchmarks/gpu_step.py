@@ -13,7 +13,9 @@ attention, counted by torch's FlopCounterMode), and the largest difference of th
 weights' GiB, their difference column is the fp8 error against diffusers' bf16); ``--profile`` a ``torch.profiler`` table of
 each forward's kernels, both sides (name, calls, total time; the largest first), to find where one
 side spends what the other does not; ``--generate`` a whole 28-step FLUX.1-dev call from embeddings to latents (diffusers'
-``FluxPipeline`` with ``output_type="latent"`` against diffcore's ``denoise``).
+``FluxPipeline`` with ``output_type="latent"`` against diffcore's ``denoise``). On CUDA, each eager
+row comes again with q and k prepared by ATen ops instead of the fused Triton kernel
+(``DIFFCORE_FUSED_QK=0``), with the kernel's difference from those ops.
 
 It measures GPUs only: without CUDA it stops with a message. ``--tiny --device cpu`` runs the
 same code on small configurations, to check the script itself (the test suite does).
@@ -33,6 +35,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from diffcore.nn import qk_norm_rope
 
 Run = Callable[[], Any]
 
@@ -263,6 +267,8 @@ def measure(name: str, args: argparse.Namespace, dtype: torch.dtype, ceiling: fl
                                 device=args.device)
         lines.append(row(f"{name} eager ({flops / 1e12:.1f} TFLOP)", ours, ref, memory, flops, ceiling,
                          difference))
+        if qk_norm_rope.ENABLED and qk_norm_rope.triton is not None and args.device.startswith("cuda"):
+            lines.append(without_qk_kernel(name, case, args, flops, ceiling))
         if args.compile:
             began = time.perf_counter()
             case.ours.compile()
@@ -285,6 +291,22 @@ def measure(name: str, args: argparse.Namespace, dtype: torch.dtype, ceiling: fl
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     return lines
+
+
+def without_qk_kernel(name: str, case: Case, args: argparse.Namespace, flops: int, ceiling: float) -> str:
+    """The eager row again with q and k prepared by ATen ops instead of the fused Triton kernel
+    (``diffcore.nn.qk_norm_rope``); its difference column is the kernel's against those ops."""
+    fused = case.run_ours().float()
+    qk_norm_rope.ENABLED = False
+    try:
+        difference = (case.run_ours().float() - fused).abs().max().item()
+        memory = activation_memory(case.run_ours, args.device), activation_memory(case.run_reference, args.device)
+        ours, ref = interleaved(case.run_ours, case.run_reference, iters=args.iters, warmup=args.warmup,
+                                device=args.device)
+    finally:
+        qk_norm_rope.ENABLED = True
+    return row(f"{name} eager, q/k by ATen ops (difference: against the kernel)", ours, ref, memory, flops,
+               ceiling, difference)
 
 
 def kernel_times(fn: Run, device: str) -> dict[str, tuple[int, float]]:

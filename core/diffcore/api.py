@@ -75,6 +75,7 @@ _NAMES = {
     "RMSNorm": "diffcore.nn.norms",
     "QKNorm": "diffcore.nn.norms",
     "layer_norm": "diffcore.nn.norms",
+    "attention_heads": "diffcore.nn.qk_norm_rope",
     "modulate": "diffcore.nn.mmdit",
     "Modulation": "diffcore.nn.mmdit",
     "ModulationOut": "diffcore.nn.mmdit",

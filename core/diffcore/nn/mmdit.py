@@ -23,10 +23,10 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from diffcore.nn.attention import Attention
-from diffcore.nn.embeddings import apply_rope
 from diffcore.nn.linear import Linear, linear, plain
 from diffcore.nn.lora_linear import Activation, activated_linear
 from diffcore.nn.norms import QKNorm, layer_norm
+from diffcore.nn.qk_norm_rope import Stream, attention_heads
 
 __all__ = ["DoubleStreamBlock", "FusedModulationOut", "LastLayer", "Modulation", "ModulationOut", "SelfAttention",
            "SingleStreamBlock", "SwiGLU", "SwiGLUMLP", "modulate", "swiglu", "swiglu_mlp"]
@@ -98,11 +98,13 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // num_heads)
         self.proj = Linear(dim, dim, bias=proj_bias)
 
+    def stream(self, x: Tensor) -> Stream:
+        """(batch, tokens, dim) -> this stream's part of a joint attention (``attention_heads``)."""
+        return self.qkv(x), self.norm.query_norm, self.norm.key_norm
+
     def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(batch, tokens, dim) -> normalised q, k and v, each (batch, heads, tokens, head_dim)."""
-        q, k, v = rearrange(self.qkv(x), "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
-        q, k = self.norm(q, k)
-        return q, k, v
+        return attention_heads([self.stream(x)], self.num_heads)
 
 
 class LastLayer(nn.Module):
@@ -202,11 +204,9 @@ class DoubleStreamBlock(nn.Module):
         """The joint attention's output at the text and at the image tokens. A method of its own
         so that its q, k and v are freed on return, before the MLPs make the block's widest
         tensors: locals would hold them to the end of ``forward`` (the peak of an eager forward)."""
-        img_q, img_k, img_v = self.img_attn.heads(img_mod.modulate(self.img_norm1(img)))
-        txt_q, txt_k, txt_v = self.txt_attn.heads(txt_mod.modulate(self.txt_norm1(txt)))
-        q = apply_rope(torch.cat((txt_q, img_q), dim=2), pe)
-        k = apply_rope(torch.cat((txt_k, img_k), dim=2), pe)
-        attn = _attend(self.attend, q, k, torch.cat((txt_v, img_v), dim=2), kv)
+        img_part = self.img_attn.stream(img_mod.modulate(self.img_norm1(img)))
+        txt_part = self.txt_attn.stream(txt_mod.modulate(self.txt_norm1(txt)))
+        attn = _attend(self.attend, *attention_heads([txt_part, img_part], self.img_attn.num_heads, pe), kv)
         return attn[:, :txt.shape[1]], attn[:, txt.shape[1]:]
 
 
@@ -271,7 +271,5 @@ class SingleStreamBlock(nn.Module):
 
     def _qkv_attention(self, qkv: Tensor, pe: Tensor, kv: KVHook | None) -> Tensor:
         """softmax(qk)v of the projection ``qkv``; its q, k, v are freed on return."""
-        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
-        q, k = self.norm(q, k)
-        q, k = apply_rope(q, pe), apply_rope(k, pe)   # the normed ones freed as the rotated are made
+        q, k, v = attention_heads([(qkv, self.norm.query_norm, self.norm.key_norm)], self.num_heads, pe)
         return _attend(self.attend, q, k, v, kv)

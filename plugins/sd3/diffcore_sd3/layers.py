@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from diffcore.api import Attention, Linear, ModulationOut, layer_norm, linear, plain
+from diffcore.api import Attention, Linear, ModulationOut, attention_heads, layer_norm, linear, plain
 
 
 def sincos_table(dim: int, size: int, base: int) -> Tensor:
@@ -85,10 +85,13 @@ class SelfAttention(nn.Module):
         self.ln_k = nn.RMSNorm(dim // num_heads, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Identity() if pre_only else Linear(dim, dim)
 
+    def stream(self, x: Tensor) -> tuple[Tensor, nn.Module, nn.Module]:
+        """(batch, tokens, dim) -> this stream's part of the joint attention (``attention_heads``)."""
+        return self.qkv(x), self.ln_q, self.ln_k
+
     def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(batch, tokens, dim) -> q, k, v, each (batch, heads, tokens, head_dim), q and k normed."""
-        q, k, v = rearrange(self.qkv(x), "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
-        return self.ln_q(q).to(v), self.ln_k(k).to(v), v
+        return attention_heads([self.stream(x)], self.num_heads)
 
 
 class ImageAttention(SelfAttention):
@@ -161,9 +164,9 @@ class JointBlock(nn.Module):
         own so that q, k and v are freed on return, before the MLPs make the block's widest
         tensors: locals would hold them to the end of ``forward`` (the peak of an eager forward)."""
         cb, xb = self.context_block, self.x_block
-        c_q, c_k, c_v = cb.attn.heads(c_mod.modulate(cb.norm1(context)))
+        c_part = cb.attn.stream(c_mod.modulate(cb.norm1(context)))
         x_normed = xb.norm1(x)
-        x_q, x_k, x_v = xb.attn.heads(x_mod.modulate(x_normed))
-        attn = self.attend(torch.cat((c_q, x_q), dim=2), torch.cat((c_k, x_k), dim=2), torch.cat((c_v, x_v), dim=2))
+        x_part = xb.attn.stream(x_mod.modulate(x_normed))
+        attn = self.attend(*attention_heads([c_part, x_part], xb.attn.num_heads))
         c_attn, x_attn = rearrange(attn, "B H L D -> B L (H D)").split([context.shape[1], x.shape[1]], dim=1)
         return c_attn, x_attn, x_normed if xb.dual else None
