@@ -129,3 +129,26 @@ def test_composite_heads_is_split_norm_join_rotate():
     pairs = torch.view_as_complex(expected.unflatten(-1, (8, 2)).contiguous()) * pe[:, :, :3]
     torch.testing.assert_close(q[:, :, :3], torch.view_as_real(pairs).flatten(-2), rtol=0, atol=1e-6)
     torch.testing.assert_close(v[:, :, 3:], parts[1][0][..., 64:].unflatten(-1, (2, 16)).transpose(1, 2))
+
+
+def test_a_kernel_that_fails_turns_itself_off_with_a_warning(monkeypatch):
+    """A Triton or GPU that cannot build the kernel costs speed, never a forward."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(qk_norm_rope, "ENABLED", True)
+    monkeypatch.setattr(qk_norm_rope, "KERNEL_DEVICES", {"cuda", "cpu"})
+    tries = []
+
+    def failing(*args):
+        tries.append(1)
+        raise RuntimeError("PTX assembly failed")
+
+    monkeypatch.setattr(qk_norm_rope, "run_kernel", failing)
+    parts, pe = streams(device="cpu"), torch.polar(torch.ones(1, 1, 8, 8), torch.rand(1, 1, 8, 8))
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="PTX assembly failed"):
+            got = qk_norm_rope.attention_heads(parts, 2, pe)
+        again = qk_norm_rope.attention_heads(parts, 2, pe)
+        expected = qk_norm_rope.composite_heads(parts, 2, pe)
+    assert len(tries) == 1 and not qk_norm_rope.ENABLED
+    for a, b, c in zip(got, again, expected):
+        assert torch.equal(a, c) and torch.equal(b, c)

@@ -16,13 +16,15 @@ of bf16 / fp16 where the composite's float32 result lies on a rounding boundary
 The kernel runs on CUDA tensors in bf16 / fp16 with Triton installed (PyTorch's CUDA wheels bring
 it), power-of-two head sizes, diffcore's ``RMSNorm`` or ``nn.RMSNorm`` without hooks, and nothing
 that needs gradients. Under ``torch.compile`` the composite is traced instead: inductor fuses it
-itself. ``DIFFCORE_FUSED_QK=0`` turns the kernel off (the composite, bit for bit as before).
+itself. ``DIFFCORE_FUSED_QK=0`` turns the kernel off (the composite, bit for bit as before); a
+kernel that fails to build or launch turns itself off with a warning.
 On the meta device the op's shape function runs, so ``kernel_trace.py`` counts what CUDA runs.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -58,8 +60,14 @@ def attention_heads(streams: Sequence[Stream], heads: int, pe: Tensor | None = N
     if not _fusable(streams, norms, heads, pe):
         return composite_heads(streams, heads, pe)
     width = streams[0][0].shape[-1] // 3
-    qk = torch.ops.diffcore.qk_norm_rope([s[0][..., :2 * width] for s in streams], [w for w, _ in norms],
-                                         [eps for _, eps in norms], pe, heads)
+    try:
+        qk = torch.ops.diffcore.qk_norm_rope([s[0][..., :2 * width] for s in streams], [w for w, _ in norms],
+                                             [eps for _, eps in norms], pe, heads)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as error:  # a Triton or a GPU that cannot build the kernel: the ATen ops from now on
+        _give_up(error)
+        return composite_heads(streams, heads, pe)
     vs = [rearrange(s[0][..., 2 * width:], "B L (H D) -> B H L D", H=heads) for s in streams]
     return qk[0], qk[1], vs[0] if len(vs) == 1 else torch.cat(vs, dim=2)
 
@@ -76,6 +84,14 @@ def composite_heads(streams: Sequence[Stream], heads: int, pe: Tensor | None = N
         q = apply_rope(q, pe)
         k = apply_rope(k, pe)   # one at a time: the normed q is freed as its rotation is made
     return q, k, v
+
+
+def _give_up(error: Exception) -> None:
+    global ENABLED
+    ENABLED = False
+    warnings.warn(f"diffcore's fused q/k kernel failed ({type(error).__name__}: {error}); q and k are "
+                  "prepared by ATen ops from now on (the same values, more memory traffic)", RuntimeWarning,
+                  stacklevel=3)
 
 
 def _norm_params(norm: nn.Module) -> tuple[Tensor, float] | None:
@@ -174,7 +190,8 @@ if triton is not None:
         """One program: ``ROWS`` tokens of one head of q or of k (program_id(1) = batch, q|k, head).
         Channels are read as the pairs RoPE rotates, (2j, 2j + 1), so no tile is reshaped."""
         row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        batch, head = tl.program_id(1) // (2 * heads), tl.program_id(1) % (2 * heads)
+        batch = (tl.program_id(1) // (2 * heads)).to(tl.int64)   # offsets past 2^31 at large batches
+        head = tl.program_id(1) % (2 * heads)
         is_q = head < heads
         pair = tl.arange(0, HALF)
         live = (row < tokens)[:, None]
@@ -192,7 +209,7 @@ if triton is not None:
             cos = tl.load(at, mask=live, other=0.0)
             sin = tl.load(at + 1, mask=live, other=0.0)
             even, odd = even * cos - odd * sin, even * sin + odd * cos
-        dst = (out + (head // heads) * out_qk + batch * out_batch + (head % heads) * out_head
+        dst = (out + (head // heads).to(tl.int64) * out_qk + batch * out_batch + (head % heads) * out_head
                + (offset + row[:, None]) * 2 * HALF + 2 * pair[None, :])
         dtype = out.dtype.element_ty
         tl.store(dst, _rounded(even, BF16).to(dtype), mask=live)   # exact: already representable
