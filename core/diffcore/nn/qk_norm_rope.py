@@ -68,8 +68,9 @@ def attention_heads(streams: Sequence[Stream], heads: int, pe: Tensor | None = N
     except Exception as error:  # a Triton or a GPU that cannot build the kernel: the ATen ops from now on
         _give_up(error)
         return composite_heads(streams, heads, pe)
+    q, k = rearrange(qk, "K B L H D -> K B H L D")   # tokens-major memory, as v's: SDPA's output too
     vs = [rearrange(s[0][..., 2 * width:], "B L (H D) -> B H L D", H=heads) for s in streams]
-    return qk[0], qk[1], vs[0] if len(vs) == 1 else torch.cat(vs, dim=2)
+    return q, k, vs[0] if len(vs) == 1 else torch.cat(vs, dim=2)
 
 
 def composite_heads(streams: Sequence[Stream], heads: int, pe: Tensor | None = None
@@ -135,7 +136,7 @@ def _fusable(streams: Sequence[Stream], norms: list, heads: int, pe: Tensor | No
 @torch.library.custom_op("diffcore::qk_norm_rope", mutates_args=())
 def _qk_norm_rope(qks: list[Tensor], scales: list[Tensor], eps: list[float], pe: Tensor | None,
                   heads: int) -> Tensor:
-    """q and k of the joined streams, normed and rotated: (2, batch, heads, tokens, head_dim).
+    """q and k of the joined streams, normed and rotated: (2, batch, tokens, heads, head_dim).
     ``qks``: each stream's [q | k] columns (batch, tokens, 2 * dim); ``scales`` / ``eps``: its
     query's then its key's norm."""
     out = _empty_heads(qks, heads)
@@ -151,13 +152,13 @@ def _(qks: list[Tensor], scales: list[Tensor], eps: list[float], pe: Tensor | No
 def _empty_heads(qks: list[Tensor], heads: int) -> Tensor:
     batch, width = qks[0].shape[0], qks[0].shape[-1] // 2
     tokens = sum(x.shape[1] for x in qks)
-    return qks[0].new_empty((2, batch, heads, tokens, width // heads))
+    return qks[0].new_empty((2, batch, tokens, heads, width // heads))
 
 
 def run_kernel(qks: Sequence[Tensor], scales: Sequence[Tensor], eps: Sequence[float], pe: Tensor | None,
                heads: int, out: Tensor) -> None:
-    """Launch the kernel once per stream, each writing its tokens' rows of ``out`` (contiguous,
-    (2, batch, heads, tokens, head_dim)). Any device Triton runs on (its interpreter: the CPU)."""
+    """Launch the kernel once per stream, each writing its tokens' rows of ``out`` ((2, batch, tokens,
+    heads, head_dim), head_dim contiguous). Any device Triton runs on (its interpreter: the CPU)."""
     head_dim = out.shape[-1]
     angles = torch.view_as_real(pe) if pe is not None else out   # (.., tokens, head_dim / 2, 2) float32
     batch_stride = angles.stride(0) if pe is not None and pe.shape[0] > 1 else 0
@@ -166,7 +167,7 @@ def run_kernel(qks: Sequence[Tensor], scales: Sequence[Tensor], eps: Sequence[fl
         grid = (triton.cdiv(x.shape[1], ROWS), x.shape[0] * 2 * heads)
         _kernel[grid](x, scales[2 * i], scales[2 * i + 1], angles, out, x.shape[1], offset, heads,
                       x.stride(0), x.stride(1), batch_stride, angles.stride(2) if pe is not None else 0,
-                      out.stride(0), out.stride(1), out.stride(2), eps[2 * i], eps[2 * i + 1],
+                      out.stride(0), out.stride(1), out.stride(2), out.stride(3), eps[2 * i], eps[2 * i + 1],
                       HALF=head_dim // 2, ROTATE=pe is not None, BF16=out.dtype == torch.bfloat16, ROWS=ROWS)
         offset += x.shape[1]
 
@@ -185,7 +186,7 @@ if triton is not None:
 
     @triton.jit
     def _kernel(x, q_scale, k_scale, angles, out, tokens, offset, heads, x_batch, x_token, pe_batch, pe_token,
-                out_qk, out_batch, out_head, q_eps, k_eps, HALF: tl.constexpr, ROTATE: tl.constexpr,
+                out_qk, out_batch, out_token, out_head, q_eps, k_eps, HALF: tl.constexpr, ROTATE: tl.constexpr,
                 BF16: tl.constexpr, ROWS: tl.constexpr):
         """One program: ``ROWS`` tokens of one head of q or of k (program_id(1) = batch, q|k, head).
         Channels are read as the pairs RoPE rotates, (2j, 2j + 1), so no tile is reshaped."""
@@ -210,7 +211,7 @@ if triton is not None:
             sin = tl.load(at + 1, mask=live, other=0.0)
             even, odd = even * cos - odd * sin, even * sin + odd * cos
         dst = (out + (head // heads).to(tl.int64) * out_qk + batch * out_batch + (head % heads) * out_head
-               + (offset + row[:, None]) * 2 * HALF + 2 * pair[None, :])
+               + (offset + row[:, None]) * out_token + 2 * pair[None, :])
         dtype = out.dtype.element_ty
         tl.store(dst, _rounded(even, BF16).to(dtype), mask=live)   # exact: already representable
         tl.store(dst + 1, _rounded(odd, BF16).to(dtype), mask=live)
