@@ -2,10 +2,10 @@
 head, join the streams' tokens, rotate q and k by RoPE. On a GPU, q and k in one Triton kernel.
 
 Why a kernel: as ATen ops, an eager CUDA forward makes q and k contiguous, normalises them, joins
-the streams (``torch.cat``), copies them to float32, rotates them and rounds them back: 8-14
-launches per block, each a pass over q and k. FLUX.1-dev at 1024x1024 moves ~42 GB that way per
-forward, a third of its non-matmul traffic (``benchmarks/kernel_trace.py``). The kernel reads q
-and k once from the projection's output and writes them once, already joined.
+the streams (``torch.cat``), copies them to float32, rotates them and rounds them back: 10-16
+launches per block, each a pass over q and k. A 1024x1024 FLUX.1-dev forward moved 48 of its
+99.5 GB of non-matmul traffic that way (``benchmarks/kernel_trace.py``, modelled). The kernel
+reads q and k once from the projection's output and writes them once, already joined (6.6 GB).
 
 Arithmetic: the composite path's (``composite_heads``, which runs everywhere else): float32
 statistics, the normed value rounded to the input's dtype, its rotation in float32 rounded again.
@@ -23,6 +23,7 @@ On the meta device the op's shape function runs, so ``kernel_trace.py`` counts w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Sequence
@@ -158,18 +159,20 @@ def _empty_heads(qks: list[Tensor], heads: int) -> Tensor:
 def run_kernel(qks: Sequence[Tensor], scales: Sequence[Tensor], eps: Sequence[float], pe: Tensor | None,
                heads: int, out: Tensor) -> None:
     """Launch the kernel once per stream, each writing its tokens' rows of ``out`` ((2, batch, tokens,
-    heads, head_dim), head_dim contiguous). Any device Triton runs on (its interpreter: the CPU)."""
-    head_dim = out.shape[-1]
-    angles = torch.view_as_real(pe) if pe is not None else out   # (.., tokens, head_dim / 2, 2) float32
-    batch_stride = angles.stride(0) if pe is not None and pe.shape[0] > 1 else 0
+    heads, head_dim), head_dim contiguous). Any device Triton runs on (its interpreter: the CPU);
+    on the tensors' GPU, as Triton launches on the current one."""
+    rotate = pe is not None
+    angles = torch.view_as_real(pe) if rotate else out   # (.., tokens, head_dim / 2, 2) float32
+    batch_stride = angles.stride(0) if rotate and pe.shape[0] > 1 else 0
     offset = 0
-    for i, x in enumerate(qks):
-        grid = (triton.cdiv(x.shape[1], ROWS), x.shape[0] * 2 * heads)
-        _kernel[grid](x, scales[2 * i], scales[2 * i + 1], angles, out, x.shape[1], offset, heads,
-                      x.stride(0), x.stride(1), batch_stride, angles.stride(2) if pe is not None else 0,
-                      out.stride(0), out.stride(1), out.stride(2), out.stride(3), eps[2 * i], eps[2 * i + 1],
-                      HALF=head_dim // 2, ROTATE=pe is not None, BF16=out.dtype == torch.bfloat16, ROWS=ROWS)
-        offset += x.shape[1]
+    with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
+        for i, x in enumerate(qks):
+            grid = (triton.cdiv(x.shape[1], ROWS), x.shape[0] * 2 * heads)
+            _kernel[grid](x, scales[2 * i], scales[2 * i + 1], angles, out, x.shape[1], offset, heads,
+                          x.stride(0), x.stride(1), batch_stride, angles.stride(2) if rotate else 0,
+                          out.stride(0), out.stride(1), out.stride(2), out.stride(3), eps[2 * i], eps[2 * i + 1],
+                          HALF=out.shape[-1] // 2, ROTATE=rotate, BF16=out.dtype == torch.bfloat16, ROWS=ROWS)
+            offset += x.shape[1]
 
 
 if triton is not None:
