@@ -57,8 +57,8 @@ def attention_heads(streams: Sequence[Stream], heads: int, pe: Tensor | None = N
     query and key norms -> q, k, v of the streams' tokens joined in order, each (batch, heads,
     tokens, head_dim); q and k normed per head, then rotated by ``pe`` ((1 or batch, 1, tokens,
     head_dim / 2) complex) where given. v stays a view of ``qkv`` for a single stream."""
-    norms = [_norm_params(n) for _, *pair in streams for n in pair]
-    if not _fusable(streams, norms, heads, pe):
+    norms = _kernel_norms(streams, heads, pe)
+    if norms is None:
         return composite_heads(streams, heads, pe)
     width = streams[0][0].shape[-1] // 3
     try:
@@ -96,42 +96,45 @@ def _give_up(error: Exception) -> None:
                   stacklevel=3)
 
 
-def _norm_params(norm: nn.Module) -> tuple[Tensor, float] | None:
-    """(scale, eps) of an RMS norm the kernel computes as its module does, else None."""
+def _norm_params(norm: nn.Module, dtype: torch.dtype) -> tuple[Tensor, float] | None:
+    """(scale, eps) of an RMS norm the kernel computes as its module does for ``dtype`` input, else
+    None (``nn.RMSNorm`` multiplies by its weight in the weight's dtype: only where that is q's)."""
     if norm._forward_hooks or norm._forward_pre_hooks or "forward" in norm.__dict__:
         return None
     if type(norm) is RMSNorm:
         return norm.scale, norm.eps
-    if type(norm) is nn.RMSNorm and norm.weight is not None and norm.eps is not None:
+    if type(norm) is nn.RMSNorm and norm.weight is not None and norm.eps is not None and norm.weight.dtype == dtype:
         return norm.weight, norm.eps
     return None
 
 
-def _fusable(streams: Sequence[Stream], norms: list, heads: int, pe: Tensor | None) -> bool:
+def _kernel_norms(streams: Sequence[Stream], heads: int, pe: Tensor | None) -> list[tuple[Tensor, float]] | None:
+    """Each stream's query and key norm as (scale, eps) where the kernel may run on these inputs;
+    None where the ATen ops must."""
     first = streams[0][0]
-    if not ENABLED or torch.compiler.is_compiling() or any(n is None for n in norms):
-        return False
+    if not ENABLED or torch.compiler.is_compiling():
+        return None
     if not (first.device.type == "meta" or (first.device.type in KERNEL_DEVICES and triton is not None)):
-        return False
+        return None
     head_dim = first.shape[-1] // (3 * heads)
     if first.dtype not in (torch.bfloat16, torch.float16) or head_dim < 16 or head_dim & (head_dim - 1):
-        return False
-    tensors = [s[0] for s in streams] + [w for w, _ in norms] + ([pe] if pe is not None else [])
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
+        return None
     for qkv, *_ in streams:
         if (qkv.dim() != 3 or qkv.shape[0] != first.shape[0] or qkv.shape[-1] != 3 * heads * head_dim
                 or qkv.dtype != first.dtype or qkv.device != first.device or qkv.stride(-1) != 1):
-            return False
-    # nn.RMSNorm multiplies by its weight in the weight's dtype: the kernel only where that is q's
-    if any(type(n) is nn.RMSNorm and w.dtype != first.dtype for n, (w, _) in zip(
-            (n for _, *pair in streams for n in pair), norms)):
-        return False
-    if pe is None:
-        return True
-    tokens = sum(s[0].shape[1] for s in streams)
-    return (pe.dtype == torch.complex64 and pe.dim() == 4 and pe.shape[0] in (1, first.shape[0])
-            and tuple(pe.shape[1:]) == (1, tokens, head_dim // 2) and pe.stride(-1) == 1)
+            return None
+    norms = [_norm_params(n, first.dtype) for _, *pair in streams for n in pair]
+    if any(n is None for n in norms):
+        return None
+    tensors = [s[0] for s in streams] + [w for w, _ in norms] + ([pe] if pe is not None else [])
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    if pe is not None:
+        tokens = sum(s[0].shape[1] for s in streams)
+        if not (pe.dtype == torch.complex64 and pe.dim() == 4 and pe.shape[0] in (1, first.shape[0])
+                and tuple(pe.shape[1:]) == (1, tokens, head_dim // 2) and pe.stride(-1) == 1):
+            return None
+    return norms
 
 
 @torch.library.custom_op("diffcore::qk_norm_rope", mutates_args=())
